@@ -1,0 +1,15 @@
+//! Tether's core: the domain types every other crate speaks, with no I/O, no async, no
+//! Kubernetes client and no WebAssembly runtime.
+//!
+//! - [`workload`]: the pod asking for an address and the owner objects that explain it.
+//! - [`decision`]: what a policy decided (ephemeral, pinned under an identity, abstain) and the
+//!   rules that validate a decision before the allocator trusts it.
+//! - [`manifest`]: reading workloads and owner chains out of Kubernetes objects (JSON values),
+//!   shared by the standalone daemon, the policy test tool and the Kubernetes backend.
+
+pub mod decision;
+pub mod manifest;
+pub mod workload;
+
+pub use decision::{Decision, DecisionError, IdentityKind, ObjectKey, Pinned, ReleaseCondition};
+pub use workload::{Object, OwnerReference, PolicyRequest, Workload};
