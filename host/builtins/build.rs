@@ -36,7 +36,10 @@ fn run() -> Result<(), String> {
     for dir in ["policies", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("Cargo.lock").display()
+    );
     println!("cargo:rerun-if-env-changed=TETHER_WASM_TARGET_DIR");
 
     let target_dir = match env::var_os("TETHER_WASM_TARGET_DIR") {
@@ -74,7 +77,9 @@ fn run() -> Result<(), String> {
         .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1");
     let status = cmd.status().map_err(|e| format!("running cargo: {e}"))?;
     if !status.success() {
-        return Err(format!("cargo build --target wasm32-unknown-unknown exited with {status}"));
+        return Err(format!(
+            "cargo build --target wasm32-unknown-unknown exited with {status}"
+        ));
     }
 
     let mut consts = String::new();

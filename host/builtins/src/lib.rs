@@ -22,9 +22,18 @@ pub struct Builtin {
 
 /// The built-in policies, in the order of the default chain.
 pub const BUILTINS: &[Builtin] = &[
-    Builtin { name: "kubevirt", wasm: generated::KUBEVIRT },
-    Builtin { name: "statefulset", wasm: generated::STATEFULSET },
-    Builtin { name: "stateless", wasm: generated::STATELESS },
+    Builtin {
+        name: "kubevirt",
+        wasm: generated::KUBEVIRT,
+    },
+    Builtin {
+        name: "statefulset",
+        wasm: generated::STATEFULSET,
+    },
+    Builtin {
+        name: "stateless",
+        wasm: generated::STATELESS,
+    },
 ];
 
 /// Looks a built-in up by name.

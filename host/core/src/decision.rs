@@ -105,10 +105,14 @@ pub enum DecisionError {
     #[error("identity contains control characters")]
     IdentityControlChars,
     /// No release condition.
-    #[error("pinned decision has no release condition (use `never` to keep it until an operator frees it)")]
+    #[error(
+        "pinned decision has no release condition (use `never` to keep it until an operator frees it)"
+    )]
     NoReleaseCondition,
     /// Too many conditions.
-    #[error("pinned decision has {count} release conditions; the limit is {MAX_RELEASE_CONDITIONS}")]
+    #[error(
+        "pinned decision has {count} release conditions; the limit is {MAX_RELEASE_CONDITIONS}"
+    )]
     TooManyReleaseConditions {
         /// How many.
         count: usize,

@@ -9,6 +9,7 @@
 
 pub mod decision;
 pub mod manifest;
+pub mod samples;
 pub mod workload;
 
 pub use decision::{Decision, DecisionError, IdentityKind, ObjectKey, Pinned, ReleaseCondition};

@@ -185,7 +185,13 @@ impl ObjectIndex {
     }
 
     /// Removes an object; returns it if it was there.
-    pub fn remove(&mut self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Object> {
+    pub fn remove(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Object> {
         self.objects.remove(&(
             api_group(api_version).to_owned(),
             kind.to_owned(),
@@ -278,7 +284,10 @@ mod tests {
         let chain = idx.owner_chain(&w.namespace, &w.owner_references);
         let kinds: Vec<_> = chain.iter().map(|o| o.kind.as_str()).collect();
         assert_eq!(kinds, ["VirtualMachineInstance", "VirtualMachine"]);
-        assert!(idx.remove("kubevirt.io/v1", "VirtualMachine", "default", "vm-cirros").is_some());
+        assert!(
+            idx.remove("kubevirt.io/v1", "VirtualMachine", "default", "vm-cirros")
+                .is_some()
+        );
         assert_eq!(idx.owner_chain(&w.namespace, &w.owner_references).len(), 1);
     }
 
@@ -296,12 +305,19 @@ mod tests {
     fn errors_name_the_field() {
         let e = object_from_value(&json!({"kind": "Pod"})).expect_err("no apiVersion");
         assert_eq!(e.to_string(), "/apiVersion is missing or not a string");
-        let e = workload_from_pod(&json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}}))
-            .expect_err("not a pod");
+        let e = workload_from_pod(
+            &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}}),
+        )
+        .expect_err("not a pod");
         assert!(e.to_string().contains("expected a Pod"));
-        let e = object_from_value(&json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": [1]}}))
-            .expect_err("bad labels");
+        let e = object_from_value(
+            &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", "labels": [1]}}),
+        )
+        .expect_err("bad labels");
         assert!(e.to_string().contains("/metadata/labels"));
-        assert_eq!(object_from_value(&json!([])), Err(ManifestError::NotAnObject));
+        assert_eq!(
+            object_from_value(&json!([])),
+            Err(ManifestError::NotAnObject)
+        );
     }
 }

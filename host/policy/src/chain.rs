@@ -78,7 +78,11 @@ impl Chain {
 
     /// Evaluates the chain. An error of any policy ends the evaluation: a broken policy must
     /// not silently hand its pods to the next one.
-    pub fn evaluate(&self, rt: &Runtime, request: &PolicyRequest) -> Result<ChainOutcome, PolicyError> {
+    pub fn evaluate(
+        &self,
+        rt: &Runtime,
+        request: &PolicyRequest,
+    ) -> Result<ChainOutcome, PolicyError> {
         let mut steps = Vec::with_capacity(self.entries.len());
         for entry in &self.entries {
             let name = &entry.policy.metadata.name;

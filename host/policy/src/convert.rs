@@ -76,7 +76,9 @@ pub(crate) fn decision(d: wit::Decision) -> Decision {
                 .into_iter()
                 .map(|c| match c {
                     wit::ReleaseCondition::Never => ReleaseCondition::Never,
-                    wit::ReleaseCondition::OwnerDeleted(k) => ReleaseCondition::OwnerDeleted(key(k)),
+                    wit::ReleaseCondition::OwnerDeleted(k) => {
+                        ReleaseCondition::OwnerDeleted(key(k))
+                    }
                     wit::ReleaseCondition::ScaledBelow(s) => ReleaseCondition::ScaledBelow {
                         owner: key(s.owner),
                         ordinal: s.ordinal,

@@ -16,7 +16,9 @@ pub enum PolicyError {
         limit: Duration,
     },
     /// The guest tried to grow its memory past the limit.
-    #[error("policy {policy}: tried to grow its memory to {requested} bytes, over its limit of {limit} bytes")]
+    #[error(
+        "policy {policy}: tried to grow its memory to {requested} bytes, over its limit of {limit} bytes"
+    )]
     MemoryLimit {
         /// Policy name.
         policy: String,
@@ -44,7 +46,9 @@ pub enum PolicyError {
         reason: String,
     },
     /// The component imports something the host does not provide.
-    #[error("policy {policy}: imports `{import}`; policies may import only tether:policy/host (no WASI, no network, no files)")]
+    #[error(
+        "policy {policy}: imports `{import}`; policies may import only tether:policy/host (no WASI, no network, no files)"
+    )]
     ForbiddenImport {
         /// Policy name.
         policy: String,
@@ -52,7 +56,9 @@ pub enum PolicyError {
         import: String,
     },
     /// The component was built against a contract this host does not speak.
-    #[error("policy {policy}: built against contract {found}; this tetherd supports tether:policy@{supported}")]
+    #[error(
+        "policy {policy}: built against contract {found}; this tetherd supports tether:policy@{supported}"
+    )]
     ContractMismatch {
         /// Policy name.
         policy: String,

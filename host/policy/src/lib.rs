@@ -9,7 +9,7 @@
 //! checks the contract version, pre-instantiates it, and calls its `metadata` export.
 //!
 //! Every evaluation ([`Runtime::evaluate`]) gets a fresh `Store` and instance, so nothing leaks
-//! from one pod's decision into the next; a CPU deadline (epochs) and a memory limit bound it,
+//! from one pod's decision into the next; a wall-clock time limit (epochs) and a memory limit bound it,
 //! and a semaphore bounds how many run at once. A [`Chain`] evaluates policies in order: the
 //! first decision that is not `abstain` wins; when all abstain, the answer is ephemeral.
 //!

@@ -35,7 +35,7 @@ const MAX_REFUSAL: usize = 1024;
 /// Limits and sizing of the runtime.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// CPU deadline of one evaluation.
+    /// Time limit (wall clock) of one evaluation.
     pub timeout: Duration,
     /// Most linear memory one evaluation may use, in bytes.
     pub memory_limit: usize,
@@ -108,7 +108,10 @@ impl ResourceLimiter for HostState {
     ) -> wasmtime::Result<bool> {
         if desired > self.memory_limit {
             self.memory_requested = Some(desired);
-            return Err(wasmtime::format_err!("memory limit of {} bytes reached", self.memory_limit));
+            return Err(wasmtime::format_err!(
+                "memory limit of {} bytes reached",
+                self.memory_limit
+            ));
         }
         Ok(true)
     }
@@ -247,7 +250,12 @@ impl Runtime {
     /// errors until its metadata is known (a file name, `builtin:kubevirt`, a ConfigMap key).
     pub fn load(&self, source: &str, bytes: &[u8]) -> Result<Arc<LoadedPolicy>, PolicyError> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        if let Some(p) = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(&sha256) {
+        if let Some(p) = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&sha256)
+        {
             return Ok(p.clone());
         }
         let component = compile(&self.engine, source, bytes)?;
@@ -300,7 +308,11 @@ impl Runtime {
         store
     }
 
-    fn call_metadata(&self, source: &str, pre: &PolicyPre<HostState>) -> Result<PolicyMetadata, PolicyError> {
+    fn call_metadata(
+        &self,
+        source: &str,
+        pre: &PolicyPre<HostState>,
+    ) -> Result<PolicyMetadata, PolicyError> {
         let _permit = self.slots.acquire();
         let mut store = self.store(source);
         let meta = pre
@@ -340,10 +352,10 @@ impl Runtime {
         let input = convert::request(request, settings);
         let _permit = self.slots.acquire();
         let mut store = self.store(name);
-        let outcome = policy
-            .pre
-            .instantiate(&mut store)
-            .and_then(|p| p.tether_policy_evaluator().call_evaluate(&mut store, &input));
+        let outcome = policy.pre.instantiate(&mut store).and_then(|p| {
+            p.tether_policy_evaluator()
+                .call_evaluate(&mut store, &input)
+        });
         match outcome {
             Ok(Ok(d)) => {
                 let d = convert::decision(d);
@@ -390,7 +402,11 @@ impl Runtime {
     }
 }
 
-pub(crate) fn compile(engine: &Engine, source: &str, bytes: &[u8]) -> Result<Component, PolicyError> {
+pub(crate) fn compile(
+    engine: &Engine,
+    source: &str,
+    bytes: &[u8],
+) -> Result<Component, PolicyError> {
     let invalid = |reason: String| PolicyError::InvalidModule {
         policy: source.to_owned(),
         reason,
@@ -448,12 +464,15 @@ fn check_exports(engine: &Engine, c: &Component, source: &str) -> Result<String,
     let mut found = Vec::new();
     for (name, item) in c.component_type().exports(engine) {
         if let Some((PACKAGE, "evaluator", version)) = split_name(name) {
-            if matches!(item.ty, ComponentItem::ComponentInstance(_)) && version == CONTRACT_VERSION {
+            if matches!(item.ty, ComponentItem::ComponentInstance(_)) && version == CONTRACT_VERSION
+            {
                 return Ok(version.to_owned());
             }
             if compatible(version) {
                 // Same contract class, other patch: bindings look up the exact name, so say so.
-                found.push(format!("{name} (this tetherd looks up @{CONTRACT_VERSION})"));
+                found.push(format!(
+                    "{name} (this tetherd looks up @{CONTRACT_VERSION})"
+                ));
             } else {
                 found.push(name.to_owned());
             }
@@ -476,8 +495,14 @@ mod tests {
 
     #[test]
     fn names_and_versions() {
-        assert_eq!(split_name("tether:policy/host@0.1.0"), Some(("tether:policy", "host", "0.1.0")));
-        assert_eq!(split_name("wasi:cli/environment@0.2.0"), Some(("wasi:cli", "environment", "0.2.0")));
+        assert_eq!(
+            split_name("tether:policy/host@0.1.0"),
+            Some(("tether:policy", "host", "0.1.0"))
+        );
+        assert_eq!(
+            split_name("wasi:cli/environment@0.2.0"),
+            Some(("wasi:cli", "environment", "0.2.0"))
+        );
         assert_eq!(split_name("log"), None);
         assert!(compatible("0.1.0"));
         assert!(compatible("0.1.7"));

@@ -1,1 +1,16 @@
-fn main() {}
+//! `tetherd`: Tether's node daemon and its policy tools. This file only wires.
+
+mod chain;
+mod cli;
+mod manifests;
+mod policy_cmd;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_tracing(&cli.log);
+    match cli.command {
+        cli::Command::Policy(cmd) => policy_cmd::run(cmd),
+    }
+}

@@ -85,17 +85,26 @@ mod tests {
 
     fn launcher(pod: &str, migration: bool) -> tether_policy_sdk::Workload {
         let mut w = workload("default", pod);
-        w.labels.push(("kubevirt.io".into(), "virt-launcher".into()));
+        w.labels
+            .push(("kubevirt.io".into(), "virt-launcher".into()));
         if migration {
             w.labels.push((MIGRATION_JOB_LABEL.into(), "mig-1".into()));
         }
-        w.owner_references
-            .push(controller("kubevirt.io/v1", "VirtualMachineInstance", "vm-cirros"));
+        w.owner_references.push(controller(
+            "kubevirt.io/v1",
+            "VirtualMachineInstance",
+            "vm-cirros",
+        ));
         w
     }
 
     fn vmi_owned_by_vm() -> tether_policy_sdk::Object {
-        let mut vmi = object("kubevirt.io/v1", "VirtualMachineInstance", "default", "vm-cirros");
+        let mut vmi = object(
+            "kubevirt.io/v1",
+            "VirtualMachineInstance",
+            "default",
+            "vm-cirros",
+        );
         vmi.owner_references
             .push(controller("kubevirt.io/v1", "VirtualMachine", "vm-cirros"));
         vmi
@@ -123,38 +132,64 @@ mod tests {
 
     #[test]
     fn new_launcher_pod_gets_same_identity() {
-        let a = pinned(decide(&request(launcher("virt-launcher-vm-cirros-aaaaa", false), vec![vmi_owned_by_vm()])));
-        let b = pinned(decide(&request(launcher("virt-launcher-vm-cirros-bbbbb", false), vec![vmi_owned_by_vm()])));
+        let a = pinned(decide(&request(
+            launcher("virt-launcher-vm-cirros-aaaaa", false),
+            vec![vmi_owned_by_vm()],
+        )));
+        let b = pinned(decide(&request(
+            launcher("virt-launcher-vm-cirros-bbbbb", false),
+            vec![vmi_owned_by_vm()],
+        )));
         assert_eq!(a.identity, b.identity);
     }
 
     #[test]
     fn migration_target_may_share() {
-        let p = pinned(decide(&request(launcher("virt-launcher-vm-cirros-zzzzz", true), vec![vmi_owned_by_vm()])));
+        let p = pinned(decide(&request(
+            launcher("virt-launcher-vm-cirros-zzzzz", true),
+            vec![vmi_owned_by_vm()],
+        )));
         assert!(p.may_share);
         assert_eq!(p.identity, "default/vm-cirros");
     }
 
     #[test]
     fn standalone_vmi_released_with_vmi() {
-        let vmi = object("kubevirt.io/v1", "VirtualMachineInstance", "default", "vm-cirros");
-        let p = pinned(decide(&request(launcher("virt-launcher-vm-cirros-q", false), vec![vmi.clone()])));
+        let vmi = object(
+            "kubevirt.io/v1",
+            "VirtualMachineInstance",
+            "default",
+            "vm-cirros",
+        );
+        let p = pinned(decide(&request(
+            launcher("virt-launcher-vm-cirros-q", false),
+            vec![vmi.clone()],
+        )));
         assert_eq!(p.release, vec![ReleaseCondition::OwnerDeleted(vmi.key())]);
     }
 
     #[test]
     fn unresolved_vmi_released_with_vmi() {
-        let p = pinned(decide(&request(launcher("virt-launcher-vm-cirros-q", false), vec![])));
+        let p = pinned(decide(&request(
+            launcher("virt-launcher-vm-cirros-q", false),
+            vec![],
+        )));
         assert_eq!(p.identity, "default/vm-cirros");
-        let ReleaseCondition::OwnerDeleted(k) = &p.release[0] else { panic!("owner-deleted") };
+        let ReleaseCondition::OwnerDeleted(k) = &p.release[0] else {
+            panic!("owner-deleted")
+        };
         assert_eq!(k.kind, "VirtualMachineInstance");
     }
 
     #[test]
     fn other_pods_abstain() {
-        assert_eq!(decide(&request(workload("default", "web-0"), vec![])), Decision::Abstain);
+        assert_eq!(
+            decide(&request(workload("default", "web-0"), vec![])),
+            Decision::Abstain
+        );
         let mut w = workload("default", "imposter");
-        w.owner_references.push(controller("example.com/v1", "VirtualMachineInstance", "x"));
+        w.owner_references
+            .push(controller("example.com/v1", "VirtualMachineInstance", "x"));
         assert_eq!(decide(&request(w, vec![])), Decision::Abstain);
         // A VMI that owns the pod without being its controller does not count.
         let mut w = launcher("p", false);

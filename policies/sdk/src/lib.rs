@@ -31,13 +31,14 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "export_policy",
         default_bindings_module: "tether_policy_sdk::bindings",
+        additional_derives: [PartialEq, Eq],
     });
 }
 
 pub use bindings::tether::policy::host::Level;
 pub use bindings::tether::policy::types::{
-    Decision, IdentityKind, Object, ObjectKey, OwnerReference, Pinned, ReleaseCondition,
-    Request, ScaleDown, Workload, PolicyMetadata as Metadata,
+    Decision, IdentityKind, Object, ObjectKey, OwnerReference, Pinned, PolicyMetadata as Metadata,
+    ReleaseCondition, Request, ScaleDown, Workload,
 };
 
 /// The version of the contract this SDK builds against.
@@ -74,7 +75,7 @@ macro_rules! export {
                     <$policy as $crate::Policy>::evaluate(&request)
                 }
             }
-            $crate::bindings::export_policy!(__TetherExport with_types_in $crate::bindings);
+    $crate::bindings::export_policy!(__TetherExport with_types_in $crate::bindings);
         };
     };
 }
@@ -213,7 +214,10 @@ impl ObjectKey {
 /// The ordinal of a StatefulSet pod: `web-3` of StatefulSet `web` is 3.
 pub fn statefulset_ordinal(statefulset: &str, pod: &str) -> Option<u32> {
     let rest = pod.strip_prefix(statefulset)?.strip_prefix('-')?;
-    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) || (rest.len() > 1 && rest.starts_with('0')) {
+    if rest.is_empty()
+        || !rest.bytes().all(|b| b.is_ascii_digit())
+        || (rest.len() > 1 && rest.starts_with('0'))
+    {
         return None;
     }
     rest.parse().ok()

@@ -78,7 +78,8 @@ mod tests {
 
     fn replica(name: &str) -> tether_policy_sdk::Workload {
         let mut w = workload("db", name);
-        w.owner_references.push(controller("apps/v1", "StatefulSet", "web"));
+        w.owner_references
+            .push(controller("apps/v1", "StatefulSet", "web"));
         w
     }
 
@@ -95,7 +96,10 @@ mod tests {
             p.release,
             vec![
                 ReleaseCondition::OwnerDeleted(sts.key()),
-                ReleaseCondition::ScaledBelow(ScaleDown { owner: sts.key(), ordinal: 2 }),
+                ReleaseCondition::ScaledBelow(ScaleDown {
+                    owner: sts.key(),
+                    ordinal: 2
+                }),
             ]
         );
     }
@@ -103,7 +107,8 @@ mod tests {
     #[test]
     fn annotation_keeps_addresses_across_scale_down() {
         let mut sts = object("apps/v1", "StatefulSet", "db", "web");
-        sts.annotations.push((KEEP_ON_SCALE_DOWN.into(), "true".into()));
+        sts.annotations
+            .push((KEEP_ON_SCALE_DOWN.into(), "true".into()));
         let Ok(Decision::Pinned(p)) = decide(&request(replica("web-0"), vec![sts.clone()])) else {
             panic!("pinned");
         };
@@ -119,7 +124,8 @@ mod tests {
     #[test]
     fn others_abstain() {
         let mut w = workload("db", "web-abc12");
-        w.owner_references.push(controller("apps/v1", "ReplicaSet", "web-abc"));
+        w.owner_references
+            .push(controller("apps/v1", "ReplicaSet", "web-abc"));
         assert_eq!(decide(&request(w, vec![])), Ok(Decision::Abstain));
     }
 }

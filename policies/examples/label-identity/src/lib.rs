@@ -7,7 +7,9 @@
 //!
 //! docs/policy-authoring.md walks through this file.
 
-use tether_policy_sdk::{Decision, IdentityKind, Metadata, Pinned, Policy, ReleaseCondition, Request};
+use tether_policy_sdk::{
+    Decision, IdentityKind, Metadata, Pinned, Policy, ReleaseCondition, Request,
+};
 
 /// The label read when the settings name none.
 pub const DEFAULT_LABEL: &str = "ipam.tether.dev/identity";
@@ -69,15 +71,27 @@ mod tests {
         let mut w = workload("shop", "cart");
         w.labels.push(("team/id".into(), "x".into()));
         let mut r = request(w, vec![]);
-        r.settings = vec![("label".into(), "team/id".into()), ("idle-seconds".into(), "60".into())];
-        let Ok(Decision::Pinned(p)) = LabelIdentity::evaluate(&r) else { panic!("pinned") };
+        r.settings = vec![
+            ("label".into(), "team/id".into()),
+            ("idle-seconds".into(), "60".into()),
+        ];
+        let Ok(Decision::Pinned(p)) = LabelIdentity::evaluate(&r) else {
+            panic!("pinned")
+        };
         assert_eq!(p.release, vec![ReleaseCondition::IdleFor(60)]);
         r.settings[1].1 = "soon".into();
-        assert!(LabelIdentity::evaluate(&r).expect_err("bad setting").contains("idle-seconds"));
+        assert!(
+            LabelIdentity::evaluate(&r)
+                .expect_err("bad setting")
+                .contains("idle-seconds")
+        );
     }
 
     #[test]
     fn unlabelled_abstains() {
-        assert_eq!(LabelIdentity::evaluate(&request(workload("a", "b"), vec![])), Ok(Decision::Abstain));
+        assert_eq!(
+            LabelIdentity::evaluate(&request(workload("a", "b"), vec![])),
+            Ok(Decision::Abstain)
+        );
     }
 }

@@ -1,0 +1,144 @@
+//! Command-line interface (clap derive; every flag also reads an environment variable).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tether_policy::RuntimeConfig;
+
+/// Tether IPAM node daemon and tools.
+#[derive(Debug, Parser)]
+#[command(name = "tetherd", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Author and inspect policies: test, inspect, export.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_policy=debug`.
+    #[arg(long, env = "TETHER_LOG", default_value = "warn", global = true)]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr: stdout carries command output (and, for the CNI plugin, the protocol).
+pub fn init_tracing(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Limits of the policy sandbox.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Time limit (wall clock) of one policy evaluation, in milliseconds.
+    #[arg(long, env = "TETHER_POLICY_TIMEOUT_MS", default_value_t = 100)]
+    pub policy_timeout_ms: u64,
+    /// Memory limit of one policy evaluation, in MiB.
+    #[arg(long, env = "TETHER_POLICY_MEMORY_MIB", default_value_t = 16)]
+    pub policy_memory_mib: usize,
+}
+
+impl SandboxArgs {
+    pub fn runtime_config(&self) -> RuntimeConfig {
+        RuntimeConfig {
+            timeout: Duration::from_millis(self.policy_timeout_ms.max(1)),
+            memory_limit: self.policy_memory_mib.max(1) << 20,
+            ..RuntimeConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Evaluate policies for a pod described by manifests; prints the decision as JSON.
+    Test(TestArgs),
+    /// Print a component's metadata, contract version, imports, exports and sha256 as JSON.
+    Inspect(InspectArgs),
+    /// Write the built-in policies to DIR as kubevirt.wasm, statefulset.wasm, stateless.wasm.
+    Export(ExportArgs),
+    /// Build a policy crate into a component: cargo build for wasm32-unknown-unknown, then
+    /// wrap the module as a component and check that tetherd accepts it.
+    Build(BuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The policy crate's Cargo.toml.
+    #[arg(long, default_value = "Cargo.toml")]
+    pub manifest_path: PathBuf,
+    /// The package, when the manifest is a workspace.
+    #[arg(long, short)]
+    pub package: Option<String>,
+    /// Where to write the component. Default: ./<crate>.wasm
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Cargo's target directory.
+    #[arg(long, env = "CARGO_TARGET_DIR")]
+    pub target_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// A policy: a .wasm component file or `builtin:NAME`. Repeat to test a chain, in order.
+    /// Default: the built-in chain (kubevirt, statefulset, stateless).
+    #[arg(long = "policy", value_name = "FILE|builtin:NAME")]
+    pub policies: Vec<String>,
+    /// The Pod manifest (YAML or JSON; the first Pod in the file).
+    #[arg(long)]
+    pub pod: PathBuf,
+    /// Owner objects (VMI, VM, StatefulSet, ...): files of one or more YAML documents.
+    #[arg(long = "object", value_name = "FILE")]
+    pub objects: Vec<PathBuf>,
+    /// A setting passed to every policy under test, KEY=VALUE. Repeatable.
+    #[arg(long = "setting", value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
+    /// CNI network name the pod asks on.
+    #[arg(long, default_value = "default")]
+    pub network: String,
+    /// Interface name inside the pod.
+    #[arg(long, default_value = "eth0")]
+    pub interface: String,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The component file.
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Directory to write into (created if missing).
+    pub dir: PathBuf,
+}

@@ -1,0 +1,95 @@
+//! Reading Kubernetes manifests (YAML, one or more documents per file) as JSON values.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+use thiserror::Error;
+
+/// A manifest file that cannot be used.
+#[derive(Debug, Error)]
+pub enum ManifestFileError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: document {index} is not valid YAML: {source}")]
+    Yaml {
+        path: PathBuf,
+        index: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: document {index}: {source}")]
+    Object {
+        path: PathBuf,
+        index: usize,
+        source: tether_core::manifest::ManifestError,
+    },
+    #[error("{path}: no Pod in the file")]
+    NoPod { path: PathBuf },
+}
+
+/// Every non-empty document of a file, as JSON values. A `kind: List` is flattened.
+pub fn read_documents(path: &Path) -> Result<Vec<Value>, ManifestFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let v = Value::deserialize(doc).map_err(|source| ManifestFileError::Yaml {
+            path: path.to_owned(),
+            index,
+            source,
+        })?;
+        match v {
+            Value::Null => {}
+            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                if let Some(items) = m.get("items").and_then(Value::as_array) {
+                    out.extend(items.iter().cloned());
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
+/// The first Pod of a file.
+pub fn read_pod(path: &Path) -> Result<tether_core::Workload, ManifestFileError> {
+    for (index, doc) in read_documents(path)?.iter().enumerate() {
+        if doc.get("kind").and_then(Value::as_str) == Some("Pod") {
+            return tether_core::manifest::workload_from_pod(doc).map_err(|source| {
+                ManifestFileError::Object {
+                    path: path.to_owned(),
+                    index,
+                    source,
+                }
+            });
+        }
+    }
+    Err(ManifestFileError::NoPod {
+        path: path.to_owned(),
+    })
+}
+
+/// Every object of the files, for owner-chain resolution.
+pub fn read_objects(
+    paths: &[PathBuf],
+) -> Result<tether_core::manifest::ObjectIndex, ManifestFileError> {
+    let mut index = tether_core::manifest::ObjectIndex::new();
+    for path in paths {
+        for (i, doc) in read_documents(path)?.iter().enumerate() {
+            let o = tether_core::manifest::object_from_value(doc).map_err(|source| {
+                ManifestFileError::Object {
+                    path: path.clone(),
+                    index: i,
+                    source,
+                }
+            })?;
+            index.insert(o);
+        }
+    }
+    Ok(index)
+}

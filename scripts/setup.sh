@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything Tether's build, demo and tests need on a fresh machine. Idempotent:
+# a second run only checks. Needs root for Debian packages (skipped with a note otherwise).
+#
+#   scripts/setup.sh            toolchain + wasm target + Debian packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+# Rust: the toolchain pinned in rust-toolchain.toml, with the wasm target policies build for.
+if ! command -v rustup >/dev/null; then
+  say "rustup not found: install Rust (https://rustup.rs) first"; exit 1
+fi
+channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup toolchain list | grep -q "^$channel"; then
+  say "installing Rust $channel"; rustup toolchain install "$channel" --profile minimal -c rustfmt -c clippy
+fi
+if ! rustup target list --installed --toolchain "$channel" | grep -qx wasm32-unknown-unknown; then
+  say "adding the wasm32-unknown-unknown target"; rustup target add --toolchain "$channel" wasm32-unknown-unknown
+fi
+for c in rustfmt clippy; do
+  rustup component list --installed --toolchain "$channel" | grep -q "^$c" || rustup component add --toolchain "$channel" "$c"
+done
+
+# Debian packages (the test suites' real peers). Kept in one list, installed once.
+PKGS=(${TETHER_EXTRA_PKGS:-})
+missing=()
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    say "not root: skipping Debian packages ${missing[*]} (tests that need them say so and skip)"
+  fi
+fi
+say "ready"
