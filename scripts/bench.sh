@@ -9,6 +9,7 @@ bash scripts/setup.sh
 target=${CARGO_TARGET_DIR:-target}
 rm -rf "$target/criterion"
 cargo bench --locked -p tether-policy --bench policy -- --noplot >&2
+cargo bench --locked -p tether-core --bench alloc -- --noplot >&2
 
 python3 - "$target/criterion" <<'PY' > docs/benchmarks.md
 import json, os, platform, subprocess, sys
@@ -46,5 +47,18 @@ print("| case | median |")
 print("|---|---|")
 print(f"| compile + check + pre-instantiate + metadata call, kubevirt component | {fmt(median('compile', 'kubevirt'))} |")
 print("\nCompilation happens once per component digest; evaluations never compile.")
+print("\n## Allocation in huge pools\n")
+print("One iteration = plan an ADD, apply it, plan the DEL, apply it, in memory (no store). Free")
+print("addresses are kept as intervals, so the cost depends on the number of free intervals")
+print("(log n), not on the pool's size. *Packed*: the first million addresses are taken;")
+print("*fragmented*: every 2nd (or 3rd) address is taken, a million free intervals.\n")
+print("| pool | in use | median |")
+print("|---|---|---|")
+for b, pool, used in [("v4-slash8-1M-used-packed", "10.0.0.0/8 (2^24)", "1,000,000 packed"),
+                      ("v4-slash8-1M-used-fragmented", "10.0.0.0/8 (2^24)", "1,000,000 fragmented"),
+                      ("v6-slash64-1M-used-fragmented", "fd00::/64 (2^64)", "1,000,000 fragmented"),
+                      ("v4-slash24-100-used", "10.6.0.0/24", "100")]:
+    print(f"| {pool} | {used} | {fmt(median('allocate', b))} |")
+print("\nFor scale: Spiderpool issue #3541 reports over a minute per pod on a /10.")
 PY
 cat docs/benchmarks.md

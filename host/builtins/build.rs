@@ -33,7 +33,7 @@ fn run() -> Result<(), String> {
         .ok_or("host/builtins has no workspace root above it")?
         .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    for dir in ["policies", "wit"] {
+    for dir in ["policies", "wit", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!(

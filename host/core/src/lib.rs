@@ -7,8 +7,11 @@
 //! - [`manifest`]: reading workloads and owner chains out of Kubernetes objects (JSON values),
 //!   shared by the standalone daemon, the policy test tool and the Kubernetes backend.
 
+pub mod alloc;
 pub mod decision;
 pub mod manifest;
+pub mod net;
+pub mod pool;
 pub mod samples;
 pub mod workload;
 

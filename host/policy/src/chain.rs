@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tether_core::{Decision, PolicyRequest};
 
-use crate::{LoadedPolicy, PolicyError, Runtime, Settings};
+use crate::{LoadedPolicy, PolicyError, Prepared, Runtime, Settings};
 
 /// One policy of a chain with its settings.
 #[derive(Debug, Clone)]
@@ -84,10 +84,11 @@ impl Chain {
         request: &PolicyRequest,
     ) -> Result<ChainOutcome, PolicyError> {
         let mut steps = Vec::with_capacity(self.entries.len());
+        let mut input = Prepared::new(request);
         for entry in &self.entries {
             let name = &entry.policy.metadata.name;
             let started = Instant::now();
-            let result = rt.evaluate(&entry.policy, request, &entry.settings);
+            let result = rt.evaluate_prepared(&entry.policy, &mut input, &entry.settings);
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let decision = match result {
                 Ok(d) => d,

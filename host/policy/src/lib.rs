@@ -35,7 +35,9 @@ mod semaphore;
 pub use chain::{Chain, ChainEntry, ChainOutcome, Step};
 pub use error::PolicyError;
 pub use inspect::{Inspection, inspect};
-pub use runtime::{CONTRACT_VERSION, LoadedPolicy, PolicyMetadata, Runtime, RuntimeConfig};
+pub use runtime::{
+    CONTRACT_VERSION, LoadedPolicy, PolicyMetadata, Prepared, Runtime, RuntimeConfig,
+};
 
 /// Per-policy settings from the chain configuration.
 pub type Settings = Vec<(String, String)>;

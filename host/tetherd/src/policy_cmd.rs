@@ -150,6 +150,11 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         ("CARGO_PROFILE_RELEASE_STRIP", "debuginfo"),
         ("CARGO_PROFILE_RELEASE_LTO", "true"),
         ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1"),
+        // A 64 KiB shadow stack keeps each instance's memory small (see .cargo/config.toml).
+        (
+            "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS",
+            "-Clink-arg=-zstack-size=65536",
+        ),
     ] {
         if std::env::var_os(var).is_none() {
             cmd.env(var, value);

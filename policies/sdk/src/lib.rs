@@ -22,6 +22,13 @@
 
 #![allow(unsafe_code)] // the generated canonical-ABI glue is unsafe by nature
 
+#[cfg(target_family = "wasm")]
+pub mod arena;
+
+#[cfg(target_family = "wasm")]
+#[global_allocator]
+static ALLOC: arena::BumpAlloc = arena::BumpAlloc::new();
+
 /// Bindings generated from wit/policy.wit. Most policies only need the re-exports below.
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {

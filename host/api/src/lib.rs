@@ -1,0 +1,186 @@
+//! The HTTP/JSON API tetherd serves on its unix socket (default `/run/tether/tether.sock`,
+//! mode 0600), shared by the daemon and the `tether` CNI plugin. Only serde here, so the
+//! plugin stays small and starts fast.
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | POST | `/v1/cni/add` | [`CniRequest`] | [`CniResult`] |
+//! | POST | `/v1/cni/del` | [`CniRequest`] | `{}` |
+//! | POST | `/v1/cni/check` | [`CniRequest`] | `{}` |
+//! | POST | `/v1/cni/gc` | [`CniRequest`] with `valid_attachments` | [`GcResult`] |
+//! | GET | `/v1/cni/status` | | `{}` or an error with code 50 |
+//! | GET | `/v1/pools` | | [`PoolList`] |
+//! | GET | `/v1/allocations` | | list of allocations |
+//! | POST | `/v1/reconcile` | | [`ReconcileResult`] |
+//! | GET | `/readyz`, `/healthz` | | 200 or 503 |
+//! | GET | `/metrics` | | Prometheus text |
+//!
+//! Every error is an [`ErrorBody`] carrying the CNI error code the plugin reports.
+
+use serde::{Deserialize, Serialize};
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/tether/tether.sock";
+
+/// CNI error codes (CNI spec 1.1, "Error"), plus Tether's own from 100.
+pub mod codes {
+    /// Incompatible CNI version.
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// Unsupported field in network configuration.
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    /// Container unknown or does not exist.
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    /// Invalid necessary environment variables.
+    pub const INVALID_ENV: u32 = 4;
+    /// I/O failure.
+    pub const IO_FAILURE: u32 = 5;
+    /// Failed to decode content.
+    pub const DECODE_FAILURE: u32 = 6;
+    /// Invalid network config.
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later.
+    pub const TRY_AGAIN: u32 = 11;
+    /// Plugin not available (STATUS).
+    pub const NOT_AVAILABLE: u32 = 50;
+    /// Every candidate pool of a family is exhausted.
+    pub const POOL_EXHAUSTED: u32 = 100;
+    /// A policy failed (timeout, trap, memory, invalid decision) or refused the pod.
+    pub const POLICY_FAILED: u32 = 101;
+    /// The pod's pool selection is wrong: unknown pool, bad annotation, address not in pool.
+    pub const BAD_POOL_SELECTION: u32 = 102;
+    /// A requested address is held by someone else.
+    pub const ADDRESS_IN_USE: u32 = 103;
+    /// The store failed.
+    pub const STORE_FAILURE: u32 = 104;
+}
+
+/// What the plugin forwards of a CNI call.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CniRequest {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+    /// CNI_NETNS (empty on DEL/GC when gone).
+    #[serde(default)]
+    pub netns: String,
+    /// The network config's `name`.
+    pub network: String,
+    /// The caller's `cniVersion`.
+    pub cni_version: String,
+    /// CNI_ARGS, split into pairs (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID, IP, ...).
+    #[serde(default)]
+    pub args: Vec<(String, String)>,
+    /// `ipam.pools` of the network config.
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// Addresses asked for by `ipam.ips`, `args.cni.ips`, runtimeConfig `ips` or CNI_ARGS `IP=`.
+    #[serde(default)]
+    pub requested_ips: Vec<String>,
+    /// GC: the attachments that are still valid (`cni.dev/valid-attachments`).
+    #[serde(default)]
+    pub valid_attachments: Vec<Attachment>,
+}
+
+impl CniRequest {
+    /// A CNI_ARGS value.
+    pub fn arg(&self, key: &str) -> Option<&str> {
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One entry of `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    /// Container ID.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name.
+    pub ifname: String,
+}
+
+/// One address in a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpConfig {
+    /// `10.6.168.101/16`.
+    pub address: String,
+    /// Gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
+/// One route in a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    /// Destination CIDR.
+    pub dst: String,
+    /// Gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<String>,
+}
+
+/// The version-neutral ADD result; the plugin renders it in the caller's `cniVersion`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniResult {
+    /// Addresses, one per family.
+    pub ips: Vec<IpConfig>,
+    /// Routes.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The answer to a GC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcResult {
+    /// Addresses released.
+    pub released: Vec<String>,
+}
+
+/// The answer to a reconcile.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileResult {
+    /// Pinned addresses released because a release condition fired.
+    pub released: Vec<String>,
+    /// Ephemeral addresses freed because their pod is gone.
+    pub freed: Vec<String>,
+}
+
+/// One pool in `/v1/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolInfo {
+    /// Name.
+    pub name: String,
+    /// Subnet.
+    pub subnet: String,
+    /// Allocated addresses (as text: a pool may hold more than 2^64).
+    pub allocated: String,
+    /// Allocatable addresses.
+    pub total: String,
+    /// Cluster default.
+    pub default: bool,
+}
+
+/// `/v1/pools`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolList {
+    /// Pools by name.
+    pub pools: Vec<PoolInfo>,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The CNI error code.
+    pub code: u32,
+    /// One line a person can act on.
+    pub msg: String,
+    /// More context.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub details: String,
+}

@@ -1,0 +1,929 @@
+//! The allocator: in-memory state of every pool and allocation, and pure planning of ADD, DEL,
+//! GC and release.
+//!
+//! # Expected flow
+//!
+//! The daemon asks [`Ipam::plan_add`] (or `plan_del`, `plan_gc`, `plan_release`) for a
+//! [`Plan`]: the [`Change`]s to persist and, for ADD, the addresses to return. It commits the
+//! changes to its store, then [`Ipam::apply`]s them, then answers the caller.
+//!
+//! # Guarantees
+//!
+//! - An address is in at most one [`Allocation`]; an allocation belongs to one owner (an
+//!   attachment, or a pinned identity). Several pods hold a pinned address at once only when
+//!   the newcomer's policy allowed sharing (`may_share`, the live-migration target).
+//! - Every allocatable address is either in the pool's [`FreeSet`] or in an allocation, never
+//!   both; planning never hands out an address that is not free.
+//! - Planning is O(log n) in the number of free intervals: no scan of the pool.
+//!
+//! # Assumptions
+//!
+//! One writer applies plans in order (the daemon serializes them). Plans are computed against
+//! the current state and must be applied before the next plan is computed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::decision::{Decision, IdentityKind, ReleaseCondition};
+use crate::net::{Family, to_u128};
+use crate::pool::{FreeSet, Pool, Route, addr};
+
+/// Pod annotation naming the pools of every interface: `pool-a` or `pool-v4,pool-v6`.
+pub const ANNOTATION_POOL: &str = "ipam.tether.dev/ippool";
+/// Pod annotation naming pools per interface:
+/// `[{"interface": "net1", "pools": ["pool-a", "pool-b"]}]`.
+pub const ANNOTATION_POOLS: &str = "ipam.tether.dev/ippools";
+/// Namespace annotation naming the namespace's default pools.
+pub const ANNOTATION_NS_DEFAULT: &str = "ipam.tether.dev/default-ippool";
+
+/// One interface of one pod: what CNI calls an attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    /// CNI_CONTAINERID.
+    pub container_id: String,
+    /// CNI_IFNAME.
+    pub ifname: String,
+    /// Pod namespace (empty outside Kubernetes).
+    #[serde(default)]
+    pub namespace: String,
+    /// Pod name.
+    #[serde(default)]
+    pub pod: String,
+    /// Pod UID.
+    #[serde(default)]
+    pub pod_uid: String,
+}
+
+impl Attachment {
+    fn key(&self) -> (String, String) {
+        (self.container_id.clone(), self.ifname.clone())
+    }
+
+    /// `namespace/pod (container id, ifname)`, for messages.
+    pub fn describe(&self) -> String {
+        if self.pod.is_empty() {
+            format!("container {} ({})", self.container_id, self.ifname)
+        } else {
+            format!(
+                "pod {}/{} (container {}, {})",
+                self.namespace, self.pod, self.container_id, self.ifname
+            )
+        }
+    }
+}
+
+/// A pod holding an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    /// The attachment.
+    pub attachment: Attachment,
+    /// It joined while another pod held the address (a migration target).
+    #[serde(default)]
+    pub shared: bool,
+    /// When it started holding (unix seconds).
+    pub since: u64,
+}
+
+/// Who owns an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum Owner {
+    /// Released with its only holder.
+    Ephemeral,
+    /// Kept for an identity until a release condition fires.
+    #[serde(rename_all = "camelCase")]
+    Pinned {
+        /// Identity key.
+        identity: String,
+        /// What it stands for.
+        kind: IdentityKind,
+        /// When to release.
+        release: Vec<ReleaseCondition>,
+    },
+}
+
+/// One allocated address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    /// Pool.
+    pub pool: String,
+    /// Address.
+    pub ip: IpAddr,
+    /// CNI network name.
+    pub network: String,
+    /// The interface (CNI_IFNAME) it was allocated for: a pinned identity keeps one address
+    /// per network and interface.
+    pub interface: String,
+    /// Owner.
+    pub owner: Owner,
+    /// Pods holding it now: one for ephemeral; zero (kept), one, or two (migration) for pinned.
+    pub holders: Vec<Holder>,
+    /// Since when no pod holds it (pinned only; unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<u64>,
+}
+
+impl Allocation {
+    /// The pinned identity, if any.
+    pub fn identity(&self) -> Option<&str> {
+        match &self.owner {
+            Owner::Pinned { identity, .. } => Some(identity),
+            Owner::Ephemeral => None,
+        }
+    }
+
+    fn key(&self) -> AllocKey {
+        AllocKey {
+            pool: self.pool.clone(),
+            ip: self.ip,
+        }
+    }
+
+    /// The pin index key of a pinned allocation: one pin per identity, network and interface.
+    fn pin_key(&self) -> Option<PinKey> {
+        Some(PinKey {
+            identity: self.identity()?.to_owned(),
+            network: self.network.clone(),
+            ifname: self.interface.clone(),
+        })
+    }
+}
+
+/// What a plan asks the store to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Change {
+    /// Create or replace the allocation of `(pool, ip)`.
+    Put(Allocation),
+    /// Remove the allocation of `(pool, ip)`.
+    Delete {
+        /// Pool.
+        pool: String,
+        /// Address.
+        ip: IpAddr,
+    },
+}
+
+impl Change {
+    /// The pool this change touches.
+    pub fn pool(&self) -> &str {
+        match self {
+            Change::Put(a) => &a.pool,
+            Change::Delete { pool, .. } => pool,
+        }
+    }
+}
+
+/// An address handed to a pod, with what CNI returns about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assigned {
+    /// Pool.
+    pub pool: String,
+    /// Address.
+    pub ip: IpAddr,
+    /// Prefix length of the pool's subnet.
+    pub prefix: u8,
+    /// Gateway.
+    pub gateway: Option<IpAddr>,
+    /// Routes.
+    pub routes: Vec<Route>,
+}
+
+/// The outcome of planning.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// What to persist, in order.
+    pub changes: Vec<Change>,
+    /// For ADD: the addresses, one per family.
+    pub assigned: Vec<Assigned>,
+}
+
+/// Why an allocation cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AllocError {
+    /// A named pool does not exist.
+    #[error("pool {pool:?} does not exist{}", hint(.known))]
+    UnknownPool {
+        /// The name.
+        pool: String,
+        /// Pools that exist.
+        known: Vec<String>,
+    },
+    /// Nothing names a pool and there is no default pool.
+    #[error(
+        "no pool selected for this pod: annotate it with {ANNOTATION_POOL}, annotate its namespace with {ANNOTATION_NS_DEFAULT}, list pools in the CNI config, or mark a pool `default: true`"
+    )]
+    NoPool,
+    /// Every candidate pool of a family is full.
+    #[error(
+        "{family} pools {pools:?} are exhausted: every address is allocated (see `tetherd pools`); add addresses or free some"
+    )]
+    PoolExhausted {
+        /// Family.
+        family: Family,
+        /// The pools tried.
+        pools: Vec<String>,
+    },
+    /// A requested address is in none of the candidate pools.
+    #[error("requested address {ip} is not allocatable in pools {pools:?}")]
+    AddressNotInPool {
+        /// Address.
+        ip: IpAddr,
+        /// Candidate pools.
+        pools: Vec<String>,
+    },
+    /// A requested address is taken.
+    #[error("requested address {ip} is already held by {holder}")]
+    AddressInUse {
+        /// Address.
+        ip: IpAddr,
+        /// Who holds it.
+        holder: String,
+    },
+    /// A pinned address is held by another live pod and this pod may not share it.
+    #[error(
+        "address {ip} of identity {identity} is held by {holder}; another pod of the identity may hold it at the same time only when its policy allows sharing (a live-migration target). Retry once the old pod is gone"
+    )]
+    IdentityBusy {
+        /// Identity.
+        identity: String,
+        /// Address.
+        ip: IpAddr,
+        /// Current holder.
+        holder: String,
+    },
+    /// A pool annotation cannot be read.
+    #[error("annotation {annotation}: {reason}")]
+    BadAnnotation {
+        /// Annotation key.
+        annotation: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The decision cannot be allocated (abstain reached the allocator).
+    #[error("the policy chain returned no decision")]
+    NoDecision,
+}
+
+fn hint(known: &[String]) -> String {
+    if known.is_empty() {
+        "; no pools are defined".into()
+    } else {
+        format!("; known pools: {}", known.join(", "))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AllocKey {
+    pool: String,
+    ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PinKey {
+    identity: String,
+    network: String,
+    ifname: String,
+}
+
+#[derive(Debug, Clone)]
+struct PoolState {
+    pool: Pool,
+    free: FreeSet,
+}
+
+/// Usage of one pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolUsage {
+    /// Name.
+    pub name: String,
+    /// Subnet.
+    pub subnet: String,
+    /// Allocated addresses.
+    pub allocated: u128,
+    /// Allocatable addresses.
+    pub total: u128,
+    /// Cluster default.
+    pub default: bool,
+}
+
+/// An ADD to plan.
+#[derive(Debug, Clone)]
+pub struct AddRequest<'a> {
+    /// Who asks.
+    pub attachment: Attachment,
+    /// CNI network name.
+    pub network: String,
+    /// The policy chain's decision (ephemeral or pinned).
+    pub decision: &'a Decision,
+    /// Candidate pools, in order (see [`select_pools`]).
+    pub pools: Vec<String>,
+    /// Specific addresses asked for (CNI `IP=` args); one per family at most.
+    pub requested: Vec<IpAddr>,
+    /// Now, unix seconds.
+    pub now: u64,
+}
+
+/// The state of every pool and allocation.
+#[derive(Debug, Clone, Default)]
+pub struct Ipam {
+    pools: BTreeMap<String, PoolState>,
+    allocs: HashMap<AllocKey, Allocation>,
+    by_attachment: HashMap<(String, String), Vec<AllocKey>>,
+    by_pin: HashMap<PinKey, Vec<AllocKey>>,
+}
+
+impl Ipam {
+    /// Builds the state from pools and persisted allocations. Allocations outside every pool
+    /// (a pool deleted or shrunk) are kept, so nothing is silently lost; see [`Ipam::orphans`].
+    pub fn new(pools: Vec<Pool>, allocations: Vec<Allocation>) -> Self {
+        let mut ipam = Ipam::default();
+        ipam.set_pools(pools);
+        for a in allocations {
+            ipam.insert(a);
+        }
+        ipam
+    }
+
+    /// Replaces the pool definitions, keeping every allocation.
+    pub fn set_pools(&mut self, pools: Vec<Pool>) {
+        self.pools = pools
+            .into_iter()
+            .map(|p| {
+                let free = FreeSet::new(&p.ranges);
+                (p.name.clone(), PoolState { pool: p, free })
+            })
+            .collect();
+        for a in self.allocs.values() {
+            if let Some(ps) = self.pools.get_mut(&a.pool)
+                && ps.pool.contains(a.ip)
+            {
+                ps.free.take(to_u128(a.ip));
+            }
+        }
+    }
+
+    /// A pool by name.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.get(name).map(|s| &s.pool)
+    }
+
+    /// Pool names, sorted.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    /// Names of the pools marked `default: true`.
+    pub fn default_pools(&self) -> Vec<String> {
+        self.pools
+            .values()
+            .filter(|s| s.pool.default)
+            .map(|s| s.pool.name.clone())
+            .collect()
+    }
+
+    /// Usage per pool, by name.
+    pub fn usage(&self) -> Vec<PoolUsage> {
+        self.pools
+            .values()
+            .map(|s| PoolUsage {
+                name: s.pool.name.clone(),
+                subnet: s.pool.subnet.to_string(),
+                allocated: s.pool.total - s.free.count(),
+                total: s.pool.total,
+                default: s.pool.default,
+            })
+            .collect()
+    }
+
+    /// Every allocation (unordered).
+    pub fn allocations(&self) -> impl Iterator<Item = &Allocation> {
+        self.allocs.values()
+    }
+
+    /// Allocations whose address is in no current pool.
+    pub fn orphans(&self) -> Vec<&Allocation> {
+        self.allocs
+            .values()
+            .filter(|a| {
+                !self
+                    .pools
+                    .get(&a.pool)
+                    .is_some_and(|p| p.pool.contains(a.ip))
+            })
+            .collect()
+    }
+
+    /// The allocations an attachment holds.
+    pub fn held_by(&self, container_id: &str, ifname: &str) -> Vec<&Allocation> {
+        self.by_attachment
+            .get(&(container_id.to_owned(), ifname.to_owned()))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.allocs.get(k))
+            .collect()
+    }
+
+    /// The allocation of an address, if any.
+    pub fn get(&self, pool: &str, ip: IpAddr) -> Option<&Allocation> {
+        self.allocs.get(&AllocKey {
+            pool: pool.to_owned(),
+            ip,
+        })
+    }
+
+    fn assigned(&self, a: &Allocation) -> Assigned {
+        let pool = self.pools.get(&a.pool).map(|s| &s.pool);
+        Assigned {
+            pool: a.pool.clone(),
+            ip: a.ip,
+            prefix: pool.map(|p| p.subnet.prefix).unwrap_or(match a.ip {
+                IpAddr::V4(_) => 32,
+                IpAddr::V6(_) => 128,
+            }),
+            gateway: pool.and_then(|p| p.gateway),
+            routes: pool.map(|p| p.routes.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Plans an ADD. `is_live` says whether a current holder's pod still exists; a holder of
+    /// the same pod name with another UID is stale whatever it says (the pod was recreated).
+    pub fn plan_add(
+        &self,
+        req: &AddRequest<'_>,
+        is_live: &dyn Fn(&Attachment) -> bool,
+    ) -> Result<Plan, AllocError> {
+        // A retried ADD returns what the attachment already holds.
+        let held = self.held_by(&req.attachment.container_id, &req.attachment.ifname);
+        if !held.is_empty() {
+            return Ok(Plan {
+                changes: vec![],
+                assigned: held.iter().map(|a| self.assigned(a)).collect(),
+            });
+        }
+        let pinned = match req.decision {
+            Decision::Abstain => return Err(AllocError::NoDecision),
+            Decision::Ephemeral => None,
+            Decision::Pinned(p) => Some(p),
+        };
+        let mut candidates: Vec<&PoolState> = Vec::with_capacity(req.pools.len());
+        for name in &req.pools {
+            let ps = self
+                .pools
+                .get(name)
+                .ok_or_else(|| AllocError::UnknownPool {
+                    pool: name.clone(),
+                    known: self.pool_names(),
+                })?;
+            candidates.push(ps);
+        }
+        if candidates.is_empty() {
+            return Err(AllocError::NoPool);
+        }
+        let mut families: Vec<Family> = Vec::new();
+        for c in &candidates {
+            if !families.contains(&c.pool.family()) {
+                families.push(c.pool.family());
+            }
+        }
+        let holder = Holder {
+            attachment: req.attachment.clone(),
+            shared: pinned.is_some_and(|p| p.may_share),
+            since: req.now,
+        };
+        let mut plan = Plan::default();
+        for family in families {
+            let of_family: Vec<&PoolState> = candidates
+                .iter()
+                .copied()
+                .filter(|c| c.pool.family() == family)
+                .collect();
+            let requested = req
+                .requested
+                .iter()
+                .copied()
+                .find(|ip| Family::of(*ip) == family);
+
+            // A pinned identity reuses its address when a candidate pool still holds it.
+            if let Some(p) = pinned {
+                let key = PinKey {
+                    identity: p.identity.clone(),
+                    network: req.network.clone(),
+                    ifname: req.attachment.ifname.clone(),
+                };
+                let existing = self
+                    .by_pin
+                    .get(&key)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| self.allocs.get(k))
+                    .find(|a| Family::of(a.ip) == family);
+                if let Some(old) = existing {
+                    let live: Vec<&Holder> = old
+                        .holders
+                        .iter()
+                        .filter(|h| !stale(h, &req.attachment) && is_live(&h.attachment))
+                        .collect();
+                    let reusable = of_family
+                        .iter()
+                        .any(|c| c.pool.name == old.pool && c.pool.contains(old.ip))
+                        && requested.is_none_or(|r| r == old.ip);
+                    if reusable {
+                        if let Some(first) = live.first()
+                            && !p.may_share
+                        {
+                            return Err(AllocError::IdentityBusy {
+                                identity: p.identity.clone(),
+                                ip: old.ip,
+                                holder: first.attachment.describe(),
+                            });
+                        }
+                        let mut updated = old.clone();
+                        updated.holders = live.into_iter().cloned().collect();
+                        updated.holders.push(holder.clone());
+                        updated.owner = Owner::Pinned {
+                            identity: p.identity.clone(),
+                            kind: p.kind,
+                            release: p.release.clone(),
+                        };
+                        updated.idle_since = None;
+                        plan.assigned.push(self.assigned(&updated));
+                        plan.changes.push(Change::Put(updated));
+                        continue;
+                    }
+                    // The pod now selects pools that do not hold the old address: the pin
+                    // moves, unless a live pod still uses the old address.
+                    if let Some(first) = live.first() {
+                        return Err(AllocError::IdentityBusy {
+                            identity: p.identity.clone(),
+                            ip: old.ip,
+                            holder: first.attachment.describe(),
+                        });
+                    }
+                    plan.changes.push(Change::Delete {
+                        pool: old.pool.clone(),
+                        ip: old.ip,
+                    });
+                }
+            }
+
+            let (pool, ip) = match requested {
+                Some(ip) => self.check_requested(ip, &of_family)?,
+                None => of_family
+                    .iter()
+                    .find_map(|c| c.free.peek_next().map(|n| (*c, addr(&c.pool, n))))
+                    .ok_or_else(|| AllocError::PoolExhausted {
+                        family,
+                        pools: of_family.iter().map(|c| c.pool.name.clone()).collect(),
+                    })?,
+            };
+            let a = Allocation {
+                pool: pool.pool.name.clone(),
+                ip,
+                network: req.network.clone(),
+                interface: req.attachment.ifname.clone(),
+                owner: match pinned {
+                    None => Owner::Ephemeral,
+                    Some(p) => Owner::Pinned {
+                        identity: p.identity.clone(),
+                        kind: p.kind,
+                        release: p.release.clone(),
+                    },
+                },
+                holders: vec![Holder {
+                    shared: false,
+                    ..holder.clone()
+                }],
+                idle_since: None,
+            };
+            plan.assigned.push(self.assigned(&a));
+            plan.changes.push(Change::Put(a));
+        }
+        Ok(plan)
+    }
+
+    fn check_requested<'s>(
+        &self,
+        ip: IpAddr,
+        of_family: &[&'s PoolState],
+    ) -> Result<(&'s PoolState, IpAddr), AllocError> {
+        let Some(pool) = of_family.iter().copied().find(|c| c.pool.contains(ip)) else {
+            return Err(AllocError::AddressNotInPool {
+                ip,
+                pools: of_family.iter().map(|c| c.pool.name.clone()).collect(),
+            });
+        };
+        if !pool.free.is_free(to_u128(ip)) {
+            let holder = self
+                .get(&pool.pool.name, ip)
+                .map(|a| match (&a.owner, a.holders.first()) {
+                    (Owner::Pinned { identity, .. }, _) => format!("identity {identity}"),
+                    (_, Some(h)) => h.attachment.describe(),
+                    _ => "another allocation".into(),
+                })
+                .unwrap_or_else(|| "another allocation".into());
+            return Err(AllocError::AddressInUse { ip, holder });
+        }
+        Ok((pool, ip))
+    }
+
+    /// Plans a DEL: ephemeral addresses are freed, pinned ones lose this holder and stay.
+    /// Idempotent: an unknown attachment plans nothing.
+    pub fn plan_del(&self, container_id: &str, ifname: &str, now: u64) -> Plan {
+        let mut plan = Plan::default();
+        for a in self.held_by(container_id, ifname) {
+            plan.changes
+                .push(release_holder(a, container_id, ifname, now));
+        }
+        plan
+    }
+
+    /// Plans a CNI GC for `network`: every attachment of that network not in `valid` is
+    /// deleted as by DEL.
+    pub fn plan_gc(&self, network: &str, valid: &HashSet<(String, String)>, now: u64) -> Plan {
+        let mut plan = Plan::default();
+        let mut seen = HashSet::new();
+        for a in self.allocs.values().filter(|a| a.network == network) {
+            for h in &a.holders {
+                let key = h.attachment.key();
+                if !valid.contains(&key) && seen.insert(key.clone()) {
+                    plan.changes
+                        .extend(self.plan_del(&key.0, &key.1, now).changes);
+                }
+            }
+        }
+        plan
+    }
+
+    /// Plans the release of pinned addresses that no pod holds and whose release condition
+    /// fired. `fires` answers for owner-deleted and scaled-below; idle-for is judged here.
+    pub fn plan_release(&self, now: u64, fires: &dyn Fn(&ReleaseCondition) -> bool) -> Plan {
+        let mut plan = Plan::default();
+        for a in self.allocs.values() {
+            let Owner::Pinned { release, .. } = &a.owner else {
+                continue;
+            };
+            if !a.holders.is_empty() {
+                continue;
+            }
+            let fired = release.iter().any(|c| match c {
+                ReleaseCondition::Never => false,
+                ReleaseCondition::IdleForSeconds(s) => {
+                    a.idle_since.is_some_and(|t| now.saturating_sub(t) >= *s)
+                }
+                other => fires(other),
+            });
+            if fired {
+                plan.changes.push(Change::Delete {
+                    pool: a.pool.clone(),
+                    ip: a.ip,
+                });
+            }
+        }
+        plan
+    }
+
+    /// Applies persisted changes.
+    pub fn apply(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::Put(a) => {
+                    self.remove(&a.key());
+                    self.insert(a.clone());
+                }
+                Change::Delete { pool, ip } => {
+                    self.remove(&AllocKey {
+                        pool: pool.clone(),
+                        ip: *ip,
+                    });
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, a: Allocation) {
+        let key = a.key();
+        if let Some(ps) = self.pools.get_mut(&a.pool)
+            && ps.pool.contains(a.ip)
+        {
+            ps.free.take(to_u128(a.ip));
+        }
+        for h in &a.holders {
+            self.by_attachment
+                .entry(h.attachment.key())
+                .or_default()
+                .push(key.clone());
+        }
+        if let Some(pk) = a.pin_key() {
+            self.by_pin.entry(pk).or_default().push(key.clone());
+        }
+        self.allocs.insert(key, a);
+    }
+
+    fn remove(&mut self, key: &AllocKey) -> Option<Allocation> {
+        let a = self.allocs.remove(key)?;
+        if let Some(ps) = self.pools.get_mut(&a.pool)
+            && ps.pool.contains(a.ip)
+        {
+            ps.free.put(to_u128(a.ip));
+        }
+        for h in &a.holders {
+            let k = h.attachment.key();
+            if let Some(v) = self.by_attachment.get_mut(&k) {
+                v.retain(|x| x != key);
+                if v.is_empty() {
+                    self.by_attachment.remove(&k);
+                }
+            }
+        }
+        if let Some(pk) = a.pin_key()
+            && let Some(v) = self.by_pin.get_mut(&pk)
+        {
+            v.retain(|x| x != key);
+            if v.is_empty() {
+                self.by_pin.remove(&pk);
+            }
+        }
+        Some(a)
+    }
+
+    /// Checks the internal invariants; for tests. Returns what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        let mut per_pool: HashMap<&str, u128> = HashMap::new();
+        for (k, a) in &self.allocs {
+            if k.pool != a.pool || k.ip != a.ip {
+                return Err(format!("allocation {a:?} filed under {k:?}"));
+            }
+            if let Some(ps) = self.pools.get(&a.pool)
+                && ps.pool.contains(a.ip)
+            {
+                if ps.free.is_free(to_u128(a.ip)) {
+                    return Err(format!("{} is allocated and free at once", a.ip));
+                }
+                *per_pool.entry(&a.pool).or_default() += 1;
+            }
+            match &a.owner {
+                Owner::Ephemeral if a.holders.len() != 1 => {
+                    return Err(format!(
+                        "ephemeral {} has {} holders",
+                        a.ip,
+                        a.holders.len()
+                    ));
+                }
+                _ => {}
+            }
+            for h in &a.holders {
+                let listed = self
+                    .by_attachment
+                    .get(&h.attachment.key())
+                    .is_some_and(|v| v.contains(k));
+                if !listed {
+                    return Err(format!("holder index misses {}", a.ip));
+                }
+            }
+        }
+        for (name, ps) in &self.pools {
+            let used = per_pool.get(name.as_str()).copied().unwrap_or(0);
+            if used + ps.free.count() != ps.pool.total {
+                return Err(format!(
+                    "pool {name}: {used} allocated + {} free != {} total",
+                    ps.free.count(),
+                    ps.pool.total
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A holder of the same pod name with another UID: the pod was deleted and recreated.
+fn stale(h: &Holder, new: &Attachment) -> bool {
+    h.attachment.key() == new.key()
+        || (!new.pod.is_empty()
+            && h.attachment.namespace == new.namespace
+            && h.attachment.pod == new.pod
+            && h.attachment.pod_uid != new.pod_uid)
+}
+
+fn release_holder(a: &Allocation, container_id: &str, ifname: &str, now: u64) -> Change {
+    match a.owner {
+        Owner::Ephemeral => Change::Delete {
+            pool: a.pool.clone(),
+            ip: a.ip,
+        },
+        Owner::Pinned { .. } => {
+            let mut kept = a.clone();
+            kept.holders.retain(|h| {
+                !(h.attachment.container_id == container_id && h.attachment.ifname == ifname)
+            });
+            if kept.holders.is_empty() {
+                kept.idle_since = Some(now);
+            }
+            Change::Put(kept)
+        }
+    }
+}
+
+/// Where the pools of an ADD came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolSource {
+    /// `ipam.tether.dev/ippools` or `ipam.tether.dev/ippool` on the pod.
+    PodAnnotation,
+    /// The policy's pool hints.
+    Policy,
+    /// `ipam.tether.dev/default-ippool` on the namespace.
+    NamespaceAnnotation,
+    /// `pools` in the CNI config.
+    CniConfig,
+    /// Pools marked `default: true`.
+    ClusterDefault,
+}
+
+/// What pool selection looks at.
+#[derive(Debug, Clone, Default)]
+pub struct PoolInputs<'a> {
+    /// The pod's annotations.
+    pub pod_annotations: &'a [(String, String)],
+    /// The interface being configured.
+    pub ifname: &'a str,
+    /// The policy decision's pool hints.
+    pub policy_hints: &'a [String],
+    /// The namespace's annotations.
+    pub namespace_annotations: &'a [(String, String)],
+    /// `pools` of the CNI config.
+    pub cni_pools: &'a [String],
+    /// Pools marked default.
+    pub cluster_defaults: &'a [String],
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterfacePools {
+    interface: String,
+    pools: Vec<String>,
+}
+
+/// Chooses the candidate pools: pod annotation (per interface, then for all interfaces) >
+/// policy hints > namespace annotation > CNI config > pools marked default. The first source
+/// that names any pool decides alone.
+pub fn select_pools(inputs: &PoolInputs<'_>) -> Result<(Vec<String>, PoolSource), AllocError> {
+    if let Some(raw) = get(inputs.pod_annotations, ANNOTATION_POOLS) {
+        let list: Vec<InterfacePools> =
+            serde_json::from_str(raw).map_err(|e| AllocError::BadAnnotation {
+                annotation: ANNOTATION_POOLS,
+                reason: format!(
+                    "{e}; expected e.g. [{{\"interface\": \"net1\", \"pools\": [\"pool-a\"]}}]"
+                ),
+            })?;
+        if let Some(entry) = list.into_iter().find(|e| e.interface == inputs.ifname)
+            && !entry.pools.is_empty()
+        {
+            return Ok((entry.pools, PoolSource::PodAnnotation));
+        }
+    }
+    let layers: [(Vec<String>, PoolSource); 5] = [
+        (
+            get(inputs.pod_annotations, ANNOTATION_POOL)
+                .map(split_list)
+                .unwrap_or_default(),
+            PoolSource::PodAnnotation,
+        ),
+        (inputs.policy_hints.to_vec(), PoolSource::Policy),
+        (
+            get(inputs.namespace_annotations, ANNOTATION_NS_DEFAULT)
+                .map(split_list)
+                .unwrap_or_default(),
+            PoolSource::NamespaceAnnotation,
+        ),
+        (inputs.cni_pools.to_vec(), PoolSource::CniConfig),
+        (inputs.cluster_defaults.to_vec(), PoolSource::ClusterDefault),
+    ];
+    layers
+        .into_iter()
+        .find(|(pools, _)| !pools.is_empty())
+        .ok_or(AllocError::NoPool)
+}

@@ -1,0 +1,423 @@
+//! IP pools: the `IPPool` resource's spec, its validation, and the set of free addresses.
+//!
+//! The spec has the shape users know from Spiderpool's SpiderIPPool: `subnet`, `ips` (single
+//! addresses, `a-b` ranges or CIDR blocks; the whole subnet when empty), `excludeIPs`, `gateway`,
+//! `routes`, `default`. The gateway is never allocated.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::net::{Cidr, Family, IpRange, NetError, from_u128, normalize, subtract, to_u128};
+
+/// API group/version of the IPPool resource.
+pub const API_VERSION: &str = "ipam.tether.dev/v1alpha1";
+/// Kind of the IPPool resource.
+pub const KIND: &str = "IPPool";
+
+/// A route as written in a pool spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Destination CIDR.
+    pub dst: String,
+    /// Gateway; the pool's gateway when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<String>,
+}
+
+/// `spec` of an IPPool, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpPoolSpec {
+    /// The subnet, e.g. `10.6.0.0/16`.
+    pub subnet: String,
+    /// Allocatable addresses: `10.6.168.101`, `10.6.168.101-10.6.168.110`, `10.6.168.0/28`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// Addresses never allocated.
+    #[serde(default, rename = "excludeIPs", skip_serializing_if = "Vec::is_empty")]
+    pub exclude_ips: Vec<String>,
+    /// The gateway given to pods (never allocated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Routes given to pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    /// A cluster default pool: used when nothing else names a pool.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// A validated route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// Destination.
+    pub dst: Cidr,
+    /// Gateway.
+    pub gw: Option<IpAddr>,
+}
+
+/// A pool spec that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PoolError {
+    /// Bad pool name.
+    #[error("pool name {0:?} must be 1-253 characters of a-z, 0-9, '-' and '.'")]
+    BadName(String),
+    /// Bad address text.
+    #[error("pool {pool}: {field}: {source}")]
+    Net {
+        /// Pool.
+        pool: String,
+        /// Field.
+        field: &'static str,
+        /// What is wrong.
+        source: NetError,
+    },
+    /// Address outside the subnet.
+    #[error("pool {pool}: {field} {value} is outside subnet {subnet}")]
+    OutsideSubnet {
+        /// Pool.
+        pool: String,
+        /// Field.
+        field: &'static str,
+        /// Offending value.
+        value: String,
+        /// The subnet.
+        subnet: String,
+    },
+    /// Nothing left to allocate.
+    #[error("pool {0}: no allocatable address (ips minus excludeIPs and the gateway is empty)")]
+    Empty(String),
+}
+
+/// A validated pool: what the allocator works with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    /// Name.
+    pub name: String,
+    /// Subnet.
+    pub subnet: Cidr,
+    /// Gateway.
+    pub gateway: Option<IpAddr>,
+    /// Routes.
+    pub routes: Vec<Route>,
+    /// Cluster default.
+    pub default: bool,
+    /// Allocatable addresses: sorted, disjoint, non-adjacent, inclusive.
+    pub ranges: Vec<(u128, u128)>,
+    /// How many addresses the ranges hold.
+    pub total: u128,
+    /// The spec it came from.
+    pub spec: IpPoolSpec,
+}
+
+impl Pool {
+    /// Validates a spec.
+    pub fn new(name: &str, spec: &IpPoolSpec) -> Result<Pool, PoolError> {
+        if !crate::decision::is_dns_label_ish(name) {
+            return Err(PoolError::BadName(name.to_owned()));
+        }
+        let net = |field: &'static str| {
+            move |source: NetError| PoolError::Net {
+                pool: name.to_owned(),
+                field,
+                source,
+            }
+        };
+        let subnet: Cidr = spec.subnet.parse().map_err(net("subnet"))?;
+        let outside = |field: &'static str, value: &str| PoolError::OutsideSubnet {
+            pool: name.to_owned(),
+            field,
+            value: value.to_owned(),
+            subnet: subnet.to_string(),
+        };
+        let (lo, hi) = subnet.bounds();
+        let parse_ranges =
+            |field: &'static str, list: &[String]| -> Result<Vec<(u128, u128)>, PoolError> {
+                let mut out = Vec::with_capacity(list.len());
+                for text in list {
+                    let r: IpRange = text.parse().map_err(net(field))?;
+                    if r.family != subnet.family() || r.start < lo || r.end > hi {
+                        return Err(outside(field, text));
+                    }
+                    out.push((r.start, r.end));
+                }
+                Ok(normalize(out))
+            };
+        let gateway = match &spec.gateway {
+            None => None,
+            Some(g) => {
+                let ip: IpAddr = g
+                    .parse()
+                    .map_err(|_| net("gateway")(NetError::BadAddress(g.clone())))?;
+                if !subnet.contains(ip) {
+                    return Err(outside("gateway", g));
+                }
+                Some(ip)
+            }
+        };
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        for r in &spec.routes {
+            let dst: Cidr = r.dst.parse().map_err(net("routes.dst"))?;
+            let gw = match &r.gw {
+                None => gateway,
+                Some(g) => Some(
+                    g.parse::<IpAddr>()
+                        .map_err(|_| net("routes.gw")(NetError::BadAddress(g.clone())))?,
+                ),
+            };
+            routes.push(Route { dst, gw });
+        }
+        let ips = if spec.ips.is_empty() {
+            vec![subnet.host_range()]
+        } else {
+            parse_ranges("ips", &spec.ips)?
+        };
+        let mut holes = parse_ranges("excludeIPs", &spec.exclude_ips)?;
+        if let Some(g) = gateway {
+            let g = to_u128(g);
+            holes.push((g, g));
+            holes = normalize(holes);
+        }
+        let ranges = subtract(&ips, &holes);
+        if ranges.is_empty() {
+            return Err(PoolError::Empty(name.to_owned()));
+        }
+        let total = ranges.iter().map(|(a, b)| b - a + 1).sum();
+        Ok(Pool {
+            name: name.to_owned(),
+            subnet,
+            gateway,
+            routes,
+            default: spec.default,
+            ranges,
+            total,
+            spec: spec.clone(),
+        })
+    }
+
+    /// The family.
+    pub fn family(&self) -> Family {
+        self.subnet.family()
+    }
+
+    /// Whether `ip` is allocatable in this pool (ignoring whether it is free).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        if Family::of(ip) != self.family() {
+            return false;
+        }
+        let n = to_u128(ip);
+        let i = self.ranges.partition_point(|&(_, end)| end < n);
+        self.ranges.get(i).is_some_and(|&(start, _)| start <= n)
+    }
+}
+
+/// The free addresses of a pool as disjoint intervals, allocated next-fit: every operation is
+/// O(log n) in the number of intervals, whatever the pool's size.
+#[derive(Debug, Clone, Default)]
+pub struct FreeSet {
+    free: BTreeMap<u128, u128>,
+    count: u128,
+    cursor: u128,
+}
+
+impl FreeSet {
+    /// All of `ranges` free.
+    pub fn new(ranges: &[(u128, u128)]) -> Self {
+        let free: BTreeMap<u128, u128> = ranges.iter().copied().collect();
+        let count = ranges.iter().map(|(a, b)| b - a + 1).sum();
+        FreeSet {
+            free,
+            count,
+            cursor: ranges.first().map(|r| r.0).unwrap_or(0),
+        }
+    }
+
+    /// Free addresses.
+    pub fn count(&self) -> u128 {
+        self.count
+    }
+
+    /// Number of intervals (a measure of fragmentation).
+    pub fn intervals(&self) -> usize {
+        self.free.len()
+    }
+
+    fn interval_of(&self, n: u128) -> Option<(u128, u128)> {
+        self.free
+            .range(..=n)
+            .next_back()
+            .filter(|&(_, &end)| end >= n)
+            .map(|(&s, &e)| (s, e))
+    }
+
+    /// Whether `n` is free.
+    pub fn is_free(&self, n: u128) -> bool {
+        self.interval_of(n).is_some()
+    }
+
+    /// The address the next [`FreeSet::take_next`] would return, without taking it.
+    pub fn peek_next(&self) -> Option<u128> {
+        if self.interval_of(self.cursor).is_some() {
+            return Some(self.cursor);
+        }
+        self.free
+            .range(self.cursor..)
+            .next()
+            .or_else(|| self.free.iter().next())
+            .map(|(&s, _)| s)
+    }
+
+    /// Takes the next free address at or after the cursor, wrapping around: recently freed
+    /// addresses are not handed out again at once (stale ARP and conntrack entries age out).
+    pub fn take_next(&mut self) -> Option<u128> {
+        let n = self.peek_next()?;
+        self.take(n);
+        self.cursor = n.wrapping_add(1);
+        Some(n)
+    }
+
+    /// Takes a specific address (the cursor stays); false when it was not free.
+    pub fn take(&mut self, n: u128) -> bool {
+        let Some((s, e)) = self.interval_of(n) else {
+            return false;
+        };
+        self.free.remove(&s);
+        if s < n {
+            self.free.insert(s, n - 1);
+        }
+        if n < e {
+            self.free.insert(n + 1, e);
+        }
+        self.count -= 1;
+        true
+    }
+
+    /// Gives an address back; false when it was already free.
+    pub fn put(&mut self, n: u128) -> bool {
+        if self.is_free(n) {
+            return false;
+        }
+        let mut start = n;
+        let mut end = n;
+        if let Some((&ls, &le)) = self.free.range(..n).next_back()
+            && le.checked_add(1) == Some(n)
+        {
+            start = ls;
+        }
+        if let Some(re) = n.checked_add(1).and_then(|r| self.free.get(&r).copied()) {
+            self.free.remove(&(n + 1));
+            end = re;
+        }
+        self.free.insert(start, end);
+        self.count += 1;
+        true
+    }
+
+    /// Every free address, in order (for tests and small pools).
+    pub fn iter(&self) -> impl Iterator<Item = u128> + '_ {
+        self.free.iter().flat_map(|(&s, &e)| s..=e)
+    }
+}
+
+/// The address `n` of `pool`'s family.
+pub fn addr(pool: &Pool, n: u128) -> IpAddr {
+    from_u128(pool.family(), n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(subnet: &str, ips: &[&str]) -> IpPoolSpec {
+        IpPoolSpec {
+            subnet: subnet.into(),
+            ips: ips.iter().map(|s| (*s).into()).collect(),
+            ..IpPoolSpec::default()
+        }
+    }
+
+    #[test]
+    fn seed_pool() {
+        let mut s = spec("10.6.0.0/16", &["10.6.168.101-10.6.168.110"]);
+        s.gateway = Some("10.6.0.1".into());
+        s.routes = vec![RouteSpec {
+            dst: "0.0.0.0/0".into(),
+            gw: None,
+        }];
+        let p = Pool::new("test-ippool", &s).expect("valid");
+        assert_eq!(p.total, 10);
+        assert_eq!(p.routes[0].gw, Some("10.6.0.1".parse().expect("ip")));
+        assert!(p.contains("10.6.168.105".parse().expect("ip")));
+        assert!(!p.contains("10.6.168.111".parse().expect("ip")));
+        assert!(!p.contains("fd00::1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn whole_subnet_minus_gateway_and_excludes() {
+        let mut s = spec("10.0.0.0/24", &[]);
+        s.gateway = Some("10.0.0.1".into());
+        s.exclude_ips = vec!["10.0.0.200-10.0.0.254".into()];
+        let p = Pool::new("p", &s).expect("valid");
+        // .1-.254 is 254 hosts; minus the gateway, minus 55 excluded.
+        assert_eq!(p.total, 254 - 1 - 55);
+        let v6 = Pool::new("v6", &spec("fd00::/120", &[])).expect("valid");
+        assert_eq!(v6.total, 255);
+        assert_eq!(v6.family(), Family::V6);
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let e = Pool::new("p", &spec("10.0.0.0/24", &["10.0.1.5"])).expect_err("outside");
+        assert_eq!(
+            e.to_string(),
+            "pool p: ips 10.0.1.5 is outside subnet 10.0.0.0/24"
+        );
+        let e = Pool::new("p", &spec("10.0.0.0/24", &["fd00::1"])).expect_err("family");
+        assert!(matches!(e, PoolError::OutsideSubnet { .. }));
+        let e = Pool::new("p", &spec("10.0.0.1/24", &[])).expect_err("host bits");
+        assert!(e.to_string().contains("did you mean 10.0.0.0/24"), "{e}");
+        let mut s = spec("10.0.0.0/30", &["10.0.0.1"]);
+        s.gateway = Some("10.0.0.1".into());
+        assert_eq!(Pool::new("p", &s), Err(PoolError::Empty("p".into())));
+        assert!(matches!(
+            Pool::new("Bad_Name", &spec("10.0.0.0/24", &[])),
+            Err(PoolError::BadName(_))
+        ));
+        let bad: Result<IpPoolSpec, _> =
+            serde_json::from_value(serde_json::json!({"subnet": "10.0.0.0/24", "ipz": []}));
+        assert!(
+            bad.expect_err("unknown field")
+                .to_string()
+                .contains("unknown field `ipz`")
+        );
+    }
+
+    #[test]
+    fn free_set_next_fit_and_merge() {
+        let mut f = FreeSet::new(&[(10, 14), (20, 21)]);
+        assert_eq!(f.count(), 7);
+        assert_eq!(f.take_next(), Some(10));
+        assert_eq!(f.take_next(), Some(11));
+        assert!(f.put(10));
+        assert!(!f.put(10), "double free is refused");
+        // Next-fit: 12 comes before the freed 10.
+        assert_eq!(f.take_next(), Some(12));
+        assert!(f.take(20));
+        assert!(!f.take(20));
+        assert_eq!(f.take_next(), Some(13));
+        assert_eq!(f.take_next(), Some(14));
+        assert_eq!(f.take_next(), Some(21));
+        assert_eq!(f.take_next(), Some(10), "wraps around");
+        assert_eq!(f.take_next(), None);
+        assert_eq!(f.count(), 0);
+        for n in [12, 11, 13] {
+            assert!(f.put(n));
+        }
+        assert_eq!(f.intervals(), 1, "11..=13 merged");
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![11, 12, 13]);
+    }
+}
