@@ -17,6 +17,8 @@
 //!
 //! Every error is an [`ErrorBody`] carrying the CNI error code the plugin reports.
 
+pub mod client;
+
 use serde::{Deserialize, Serialize};
 
 /// Default socket path.
@@ -146,8 +148,6 @@ pub struct GcResult {
 pub struct ReconcileResult {
     /// Pinned addresses released because a release condition fired.
     pub released: Vec<String>,
-    /// Ephemeral addresses freed because their pod is gone.
-    pub freed: Vec<String>,
 }
 
 /// One pool in `/v1/pools`.

@@ -91,6 +91,56 @@ pub enum PoolError {
     /// Nothing left to allocate.
     #[error("pool {0}: no allocatable address (ips minus excludeIPs and the gateway is empty)")]
     Empty(String),
+    /// Not an IPPool manifest.
+    #[error(
+        "expected apiVersion {API_VERSION}, kind {KIND}; found apiVersion {api_version:?}, kind {kind:?}"
+    )]
+    NotAPool {
+        /// Found apiVersion.
+        api_version: String,
+        /// Found kind.
+        kind: String,
+    },
+    /// The manifest does not parse.
+    #[error("IPPool {name}: {reason}")]
+    BadManifest {
+        /// metadata.name, if any.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Reads an IPPool manifest (a parsed YAML/JSON document).
+pub fn from_manifest(v: &serde_json::Value) -> Result<Pool, PoolError> {
+    let text = |p: &str| {
+        v.pointer(p)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+    };
+    let (api_version, kind) = (text("/apiVersion"), text("/kind"));
+    if api_version != API_VERSION || kind != KIND {
+        return Err(PoolError::NotAPool {
+            api_version: api_version.to_owned(),
+            kind: kind.to_owned(),
+        });
+    }
+    let name = text("/metadata/name");
+    let bad = |reason: String| PoolError::BadManifest {
+        name: if name.is_empty() {
+            "(no metadata.name)".into()
+        } else {
+            name.to_owned()
+        },
+        reason,
+    };
+    if name.is_empty() {
+        return Err(bad("metadata.name is missing".into()));
+    }
+    let spec = v.get("spec").ok_or_else(|| bad("spec is missing".into()))?;
+    let spec: IpPoolSpec =
+        serde_json::from_value(spec.clone()).map_err(|e| bad(format!("spec: {e}")))?;
+    Pool::new(name, &spec)
 }
 
 /// A validated pool: what the allocator works with.
@@ -393,6 +443,30 @@ mod tests {
             bad.expect_err("unknown field")
                 .to_string()
                 .contains("unknown field `ipz`")
+        );
+    }
+
+    #[test]
+    fn manifests() {
+        let v = serde_json::json!({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "test-ippool"},
+            "spec": {"subnet": "10.6.0.0/16", "ips": ["10.6.168.101-10.6.168.110"], "gateway": "10.6.0.1"}});
+        assert_eq!(from_manifest(&v).expect("pool").total, 10);
+        let e = from_manifest(&serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap"}))
+            .expect_err("kind");
+        assert!(
+            e.to_string()
+                .contains("expected apiVersion ipam.tether.dev/v1alpha1"),
+            "{e}"
+        );
+        let e = from_manifest(
+            &serde_json::json!({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "p"},
+            "spec": {"subnet": "10.0.0.0/24", "exclude": []}}),
+        )
+        .expect_err("unknown field");
+        assert!(
+            e.to_string()
+                .starts_with("IPPool p: spec: unknown field `exclude`"),
+            "{e}"
         );
     }
 

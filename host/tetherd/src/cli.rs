@@ -17,10 +17,63 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
+    /// Run the daemon (standalone mode: embedded store, pools and workloads from manifests).
+    Run(RunArgs),
+    /// List the pools of a running daemon, like `kubectl get spiderippool`.
+    Pools(SocketArgs),
     /// Author and inspect policies: test, inspect, export.
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SocketArgs {
+    /// The daemon's socket.
+    #[arg(long, env = "TETHER_SOCKET", default_value = tether_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where the embedded store lives.
+    #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
+    pub state_dir: PathBuf,
+    /// IPPool manifests: a file or a directory.
+    #[arg(long, env = "TETHER_POOLS", default_value = "/etc/tether/pools")]
+    pub pools: PathBuf,
+    /// Kubernetes manifests (Pods, VMIs, VMs, StatefulSets, Namespaces) describing the workloads,
+    /// looked up by the K8S_POD_NAMESPACE/K8S_POD_NAME CNI args. Re-read when files change.
+    #[arg(long, env = "TETHER_WORKLOADS")]
+    pub workloads: Option<PathBuf>,
+    /// Directory that relative policy paths in --chain are resolved against.
+    #[arg(long, env = "TETHER_POLICIES")]
+    pub policies: Option<PathBuf>,
+    /// The policy chain, in order: `builtin:NAME` or a .wasm path.
+    #[arg(
+        long,
+        env = "TETHER_CHAIN",
+        default_value = "builtin:kubevirt,builtin:statefulset,builtin:stateless"
+    )]
+    pub chain: String,
+    /// Pin KubeVirt VM addresses (false leaves builtin:kubevirt out of the chain).
+    #[arg(long, env = "TETHER_ENABLE_KUBEVIRT_STATIC_IP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_kubevirt_static_ip: bool,
+    /// Pin StatefulSet pod addresses (false leaves builtin:statefulset out of the chain).
+    #[arg(long, env = "TETHER_ENABLE_STATEFULSET", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_statefulset: bool,
+    /// A setting for one policy of the chain, POLICY:KEY=VALUE. Repeatable.
+    #[arg(long = "policy-setting", value_name = "POLICY:KEY=VALUE")]
+    pub policy_settings: Vec<String>,
+    /// The API socket (mode 0600).
+    #[arg(long, env = "TETHER_SOCKET", default_value = tether_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Seconds between checks of the release rules of pinned addresses (0: only on request).
+    #[arg(long, env = "TETHER_RECONCILE_INTERVAL", default_value_t = 30)]
+    pub reconcile_interval_secs: u64,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 #[derive(Debug, Args)]

@@ -2,8 +2,10 @@
 
 mod chain;
 mod cli;
+mod daemon;
 mod manifests;
 mod policy_cmd;
+mod pools_cmd;
 
 use clap::Parser;
 
@@ -11,6 +13,8 @@ fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     cli::init_tracing(&cli.log);
     match cli.command {
+        cli::Command::Run(args) => daemon::run(args),
+        cli::Command::Pools(args) => pools_cmd::run(&args),
         cli::Command::Policy(cmd) => policy_cmd::run(cmd),
     }
 }

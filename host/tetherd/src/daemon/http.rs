@@ -1,0 +1,188 @@
+//! The HTTP/JSON API on the unix socket. Errors are translated to CNI codes here, once.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tether_api::{CniRequest, ErrorBody, codes};
+use tether_core::alloc::AllocError;
+
+use super::service::{Service, ServiceError};
+use super::writer::WriteError;
+
+type AppState = Arc<Service>;
+
+/// The error answer of every route.
+pub struct ApiError(StatusCode, ErrorBody);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+fn body(code: u32, msg: String) -> ErrorBody {
+    ErrorBody {
+        code,
+        msg,
+        details: String::new(),
+    }
+}
+
+impl From<&ServiceError> for ApiError {
+    fn from(e: &ServiceError) -> Self {
+        let msg = e.to_string();
+        let (status, code) = match e {
+            ServiceError::Write(WriteError::Alloc(a)) => match a {
+                AllocError::PoolExhausted { .. } => (StatusCode::CONFLICT, codes::POOL_EXHAUSTED),
+                AllocError::UnknownPool { .. }
+                | AllocError::NoPool
+                | AllocError::AddressNotInPool { .. }
+                | AllocError::BadAnnotation { .. } => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, codes::BAD_POOL_SELECTION)
+                }
+                AllocError::AddressInUse { .. } => (StatusCode::CONFLICT, codes::ADDRESS_IN_USE),
+                AllocError::IdentityBusy { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
+                }
+                AllocError::NoDecision => (StatusCode::INTERNAL_SERVER_ERROR, codes::POLICY_FAILED),
+            },
+            ServiceError::Write(WriteError::Store(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, codes::STORE_FAILURE)
+            }
+            ServiceError::Write(WriteError::Stopped) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
+            }
+            ServiceError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::POLICY_FAILED),
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_CONFIG),
+            ServiceError::MissingEnv(_) => (StatusCode::BAD_REQUEST, codes::INVALID_ENV),
+            ServiceError::Unknown(_) => (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER),
+            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NOT_AVAILABLE),
+        };
+        ApiError(status, body(code, msg))
+    }
+}
+
+/// Decodes a request body whatever its Content-Type says (curl users forget it).
+fn decode(raw: &Bytes) -> Result<CniRequest, ApiError> {
+    serde_json::from_slice(raw).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            body(
+                codes::DECODE_FAILURE,
+                format!("request body is not a CNI request: {e}"),
+            ),
+        )
+    })
+}
+
+fn done<T>(svc: &Service, command: &str, r: Result<T, ServiceError>) -> Result<T, ApiError> {
+    match r {
+        Ok(v) => {
+            svc.metrics.call(command, "ok");
+            Ok(v)
+        }
+        Err(e) => {
+            svc.metrics.call(command, e.reason());
+            tracing::warn!(command, reason = e.reason(), "{e}");
+            Err(ApiError::from(&e))
+        }
+    }
+}
+
+async fn add(
+    State(s): State<AppState>,
+    raw: Bytes,
+) -> Result<Json<tether_api::CniResult>, ApiError> {
+    let req = decode(&raw)?;
+    let r = s.add(req).await;
+    done(&s, "add", r).map(Json)
+}
+
+async fn del(State(s): State<AppState>, raw: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let req = decode(&raw)?;
+    let r = s.del(req).await;
+    done(&s, "del", r).map(|_| Json(serde_json::json!({})))
+}
+
+async fn check(State(s): State<AppState>, raw: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let req = decode(&raw)?;
+    let r = s.check(&req);
+    done(&s, "check", r).map(|_| Json(serde_json::json!({})))
+}
+
+async fn gc(State(s): State<AppState>, raw: Bytes) -> Result<Json<tether_api::GcResult>, ApiError> {
+    let req = decode(&raw)?;
+    let r = s.gc(req).await;
+    done(&s, "gc", r).map(Json)
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    #[serde(default)]
+    pools: String,
+}
+
+async fn status(
+    State(s): State<AppState>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let pools: Vec<String> = q
+        .pools
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let r = s.status(&pools);
+    done(&s, "status", r).map(|_| Json(serde_json::json!({})))
+}
+
+async fn reconcile(
+    State(s): State<AppState>,
+) -> Result<Json<tether_api::ReconcileResult>, ApiError> {
+    let r = s.reconcile().await;
+    done(&s, "reconcile", r).map(Json)
+}
+
+async fn pools(State(s): State<AppState>) -> Json<tether_api::PoolList> {
+    Json(s.pools())
+}
+
+async fn allocations(State(s): State<AppState>) -> Json<Vec<tether_core::alloc::Allocation>> {
+    Json(s.allocations())
+}
+
+async fn ready(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"ready": true, "chain": s.chain_names()}))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics_text(),
+    )
+}
+
+pub fn router(s: AppState) -> Router {
+    Router::new()
+        .route("/v1/cni/add", post(add))
+        .route("/v1/cni/del", post(del))
+        .route("/v1/cni/check", post(check))
+        .route("/v1/cni/gc", post(gc))
+        .route("/v1/cni/status", get(status))
+        .route("/v1/reconcile", post(reconcile))
+        .route("/v1/pools", get(pools))
+        .route("/v1/allocations", get(allocations))
+        .route("/readyz", get(ready))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(s)
+}

@@ -1,0 +1,110 @@
+//! Prometheus metrics: CNI calls and allocation failures by reason, policy latency, store
+//! commits, pool capacity and usage.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub command: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// CNI calls by command and result (`ok` or the failure reason).
+    pub calls: Family<CallLabels, Counter>,
+    /// Policy evaluation latency.
+    pub policy_seconds: Family<PolicyLabels, Histogram>,
+    /// Store commit latency.
+    pub commit_seconds: Histogram,
+    /// Requests per store commit.
+    pub batch_size: Histogram,
+    pub pool_total: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    pub pool_allocated: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "cni_requests",
+            "CNI calls by command and result",
+            calls.clone(),
+        );
+        let policy_seconds = Family::<PolicyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(5e-6, 2.0, 16))
+        });
+        registry.register(
+            "policy_evaluation_seconds",
+            "Policy evaluation latency",
+            policy_seconds.clone(),
+        );
+        let commit_seconds = Histogram::new(exponential_buckets(5e-5, 2.0, 16));
+        registry.register(
+            "store_commit_seconds",
+            "Durable store commit latency",
+            commit_seconds.clone(),
+        );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        registry.register(
+            "store_batch_requests",
+            "Requests per store commit",
+            batch_size.clone(),
+        );
+        let pool_total = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "pool_addresses_total",
+            "Allocatable addresses per pool",
+            pool_total.clone(),
+        );
+        let pool_allocated = Family::<PoolLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "pool_addresses_allocated",
+            "Allocated addresses per pool",
+            pool_allocated.clone(),
+        );
+        Metrics {
+            registry,
+            calls,
+            policy_seconds,
+            commit_seconds,
+            batch_size,
+            pool_total,
+            pool_allocated,
+        }
+    }
+
+    pub fn call(&self, command: &str, result: &str) {
+        self.calls
+            .get_or_create(&CallLabels {
+                command: command.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!("encoding metrics: {e}");
+        }
+        out
+    }
+}

@@ -1,0 +1,206 @@
+//! `tetherd run`: the daemon. Standalone mode: an embedded store, pools from manifests,
+//! workloads from a manifest directory, policies built in or from files.
+
+mod http;
+mod metrics;
+mod pools;
+mod service;
+mod workloads;
+mod writer;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tether_core::alloc::Ipam;
+use tether_policy::Runtime;
+use tether_store::Store;
+use tether_store::embedded::EmbeddedStore;
+
+use crate::chain::{self, PolicySource};
+use crate::cli::RunArgs;
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tetherd")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tetherd: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tetherd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The chain the flags describe: `--chain`, minus what the enable switches turn off.
+fn chain_sources(args: &RunArgs) -> anyhow::Result<Vec<(PolicySource, tether_policy::Settings)>> {
+    let mut out = Vec::new();
+    for item in args
+        .chain
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let mut source = PolicySource::parse(item);
+        if let (PolicySource::File(p), Some(dir)) = (&source, &args.policies)
+            && p.is_relative()
+        {
+            source = PolicySource::File(dir.join(p));
+        }
+        let off = match &source {
+            PolicySource::Builtin(n) => {
+                (n == "kubevirt" && !args.enable_kubevirt_static_ip)
+                    || (n == "statefulset" && !args.enable_statefulset)
+            }
+            PolicySource::File(_) => false,
+        };
+        if off {
+            tracing::info!(policy = item, "left out of the chain by configuration");
+            continue;
+        }
+        out.push((source, Vec::new()));
+    }
+    for s in &args.policy_settings {
+        let (policy, kv) = s
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--policy-setting {s:?} is not POLICY:KEY=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--policy-setting {s:?} is not POLICY:KEY=VALUE"))?;
+        let entry = out
+            .iter_mut()
+            .find(|(src, _)| match src {
+                PolicySource::Builtin(n) => n == policy,
+                PolicySource::File(p) => p.file_stem().and_then(|x| x.to_str()) == Some(policy),
+            })
+            .ok_or_else(|| {
+                anyhow::anyhow!("--policy-setting names {policy:?}, which is not in the chain")
+            })?;
+        entry.1.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(out)
+}
+
+fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            anyhow::bail!("{} is in use: another tetherd is running", socket.display());
+        }
+        std::fs::remove_file(socket)
+            .map_err(|e| anyhow::anyhow!("removing stale {}: {e}", socket.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(socket)
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
+    // Root-only: whoever can talk to the socket can take addresses.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down: no new requests; finishing those in flight");
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
+    let store_path = args.state_dir.join("tether.redb");
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
+    let snapshot = store.snapshot()?;
+    let pools = pools::load(&args.pools)?;
+    let ipam = Ipam::new(pools, snapshot.allocations);
+    for o in ipam.orphans() {
+        tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept; free it by hand if it is stale");
+    }
+    let runtime = Runtime::new(args.sandbox.runtime_config())?;
+    let chain = chain::build(&runtime, &chain_sources(&args)?)?;
+    let workloads = match &args.workloads {
+        Some(d) => Some(
+            workloads::WorkloadDir::new(d.clone())
+                .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ipam = Arc::new(RwLock::new(ipam));
+    let (writer, writer_thread) =
+        writer::Writer::start(ipam.clone(), store, snapshot.revisions, metrics.clone())?;
+    let service = Arc::new(service::Service::new(
+        runtime, chain, workloads, ipam, writer, metrics,
+    ));
+    let listener = bind(&args.socket)?;
+    tracing::info!(
+        socket = %args.socket.display(),
+        store = %store_path.display(),
+        chain = ?service.chain_names(),
+        pools = service.pools().pools.len(),
+        "tetherd ready"
+    );
+
+    let reconciler = if args.reconcile_interval_secs > 0 {
+        let svc = service.clone();
+        let every = Duration::from_secs(args.reconcile_interval_secs);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = svc.reconcile().await {
+                    tracing::warn!("periodic reconcile: {e}");
+                }
+            }
+        }))
+    } else {
+        None
+    };
+
+    axum::serve(listener, http::router(service.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    if let Some(r) = reconciler {
+        r.abort();
+    }
+    drop(service);
+    let _ = std::fs::remove_file(&args.socket);
+    // The writer ends once the last handle is gone, after finishing its batch.
+    let joined = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || writer_thread.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("the writer did not stop within 10s");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Standalone mode's workload source: a directory of Kubernetes manifests (Pods,
+//! VirtualMachineInstances, VirtualMachines, StatefulSets, Namespaces, ...), re-read when a
+//! file changes, so a manifest written before a CNI call is seen by that call.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::Value;
+use tether_core::manifest::{ObjectIndex, api_group, object_from_value, workload_from_pod};
+use tether_core::{ObjectKey, ReleaseCondition, Workload};
+
+/// What the manifests say, indexed.
+#[derive(Debug, Default)]
+pub struct WorkloadIndex {
+    /// Owner objects (everything but Pods and Namespaces).
+    pub objects: ObjectIndex,
+    /// Pods by (namespace, name).
+    pub pods: HashMap<(String, String), Workload>,
+    /// Namespace annotations by name.
+    pub namespaces: HashMap<String, Vec<(String, String)>>,
+    keys: HashMap<(String, String, String, String), Option<u32>>,
+}
+
+impl WorkloadIndex {
+    fn insert(&mut self, v: &Value) -> Result<(), String> {
+        let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+        match kind {
+            "Pod" => {
+                let w = workload_from_pod(v).map_err(|e| e.to_string())?;
+                self.pods.insert((w.namespace.clone(), w.name.clone()), w);
+            }
+            "Namespace" => {
+                let name = v
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .ok_or("Namespace without metadata.name")?;
+                let mut o = object_from_value(v).map_err(|e| e.to_string())?;
+                o.namespace = String::new();
+                self.namespaces.insert(name.to_owned(), o.annotations);
+            }
+            _ => {
+                let o = object_from_value(v).map_err(|e| e.to_string())?;
+                self.keys.insert(
+                    (
+                        api_group(&o.api_version).to_owned(),
+                        o.kind.clone(),
+                        o.namespace.clone(),
+                        o.name.clone(),
+                    ),
+                    o.replicas,
+                );
+                self.objects.insert(o);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a pod exists.
+    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pods
+            .contains_key(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    fn lookup(&self, k: &ObjectKey) -> Option<Option<u32>> {
+        self.keys
+            .get(&(
+                api_group(&k.api_version).to_owned(),
+                k.kind.clone(),
+                k.namespace.clone(),
+                k.name.clone(),
+            ))
+            .copied()
+    }
+
+    /// Whether a release condition holds: its owner is gone, or scaled below the ordinal.
+    pub fn fires(&self, c: &ReleaseCondition) -> bool {
+        match c {
+            ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none(),
+            ReleaseCondition::ScaledBelow { owner, ordinal } => match self.lookup(owner) {
+                None => true,
+                Some(replicas) => replicas.is_some_and(|r| r <= *ordinal),
+            },
+            ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
+        }
+    }
+}
+
+struct FileEntry {
+    stamp: (SystemTime, u64),
+    docs: Vec<Value>,
+}
+
+/// The directory and its parsed files.
+pub struct WorkloadDir {
+    dir: PathBuf,
+    files: HashMap<PathBuf, FileEntry>,
+    index: Arc<WorkloadIndex>,
+}
+
+fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            manifest_files(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) && !path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+impl WorkloadDir {
+    /// Watches `dir` (created if missing).
+    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut w = WorkloadDir {
+            dir,
+            files: HashMap::new(),
+            index: Arc::new(WorkloadIndex::default()),
+        };
+        w.refresh();
+        Ok(w)
+    }
+
+    /// Re-reads changed files and returns the current index. Unreadable files are skipped
+    /// with a warning (a half-written file is read again once complete).
+    pub fn refresh(&mut self) -> Arc<WorkloadIndex> {
+        let mut paths = Vec::new();
+        if let Err(e) = manifest_files(&self.dir, &mut paths) {
+            tracing::warn!(dir = %self.dir.display(), "listing workloads: {e}");
+            return self.index.clone();
+        }
+        let mut changed = paths.len() != self.files.len();
+        let mut seen = HashMap::with_capacity(paths.len());
+        for path in paths {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
+            match self.files.remove(&path) {
+                Some(e) if e.stamp == stamp => {
+                    seen.insert(path, e);
+                }
+                _ => {
+                    changed = true;
+                    let docs = match crate::manifests::read_documents(&path) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), "skipping workload manifest: {e}");
+                            Vec::new()
+                        }
+                    };
+                    seen.insert(path, FileEntry { stamp, docs });
+                }
+            }
+        }
+        self.files = seen;
+        if changed {
+            let mut idx = WorkloadIndex::default();
+            for (path, f) in &self.files {
+                for doc in &f.docs {
+                    if let Err(e) = idx.insert(doc) {
+                        tracing::warn!(file = %path.display(), "skipping object: {e}");
+                    }
+                }
+            }
+            self.index = Arc::new(idx);
+        }
+        self.index.clone()
+    }
+}
