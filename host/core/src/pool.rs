@@ -330,7 +330,9 @@ impl FreeSet {
         Some(n)
     }
 
-    /// Takes a specific address (the cursor stays); false when it was not free.
+    /// Takes a specific address; false when it was not free. An address at or after the
+    /// cursor moves the cursor past it, so planning with [`FreeSet::peek_next`] and applying
+    /// with `take` is next-fit too, and a rebuilt set resumes after the highest address taken.
     pub fn take(&mut self, n: u128) -> bool {
         let Some((s, e)) = self.interval_of(n) else {
             return false;
@@ -343,6 +345,9 @@ impl FreeSet {
             self.free.insert(n + 1, e);
         }
         self.count -= 1;
+        if n >= self.cursor {
+            self.cursor = n.wrapping_add(1);
+        }
         true
     }
 
@@ -479,13 +484,15 @@ mod tests {
         assert!(f.put(10));
         assert!(!f.put(10), "double free is refused");
         // Next-fit: 12 comes before the freed 10.
-        assert_eq!(f.take_next(), Some(12));
+        assert_eq!(f.peek_next(), Some(12));
+        assert!(f.take(12), "planned with peek, applied with take");
+        assert_eq!(f.take_next(), Some(13));
+        // A specific take behind the cursor leaves it; one ahead moves it past.
         assert!(f.take(20));
         assert!(!f.take(20));
-        assert_eq!(f.take_next(), Some(13));
-        assert_eq!(f.take_next(), Some(14));
         assert_eq!(f.take_next(), Some(21));
         assert_eq!(f.take_next(), Some(10), "wraps around");
+        assert_eq!(f.take_next(), Some(14));
         assert_eq!(f.take_next(), None);
         assert_eq!(f.count(), 0);
         for n in [12, 11, 13] {

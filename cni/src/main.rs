@@ -1,0 +1,26 @@
+//! `tether`: the CNI IPAM plugin. It reads the CNI call (environment and the network config on
+//! stdin), forwards it to tetherd over the unix socket, and prints the result in the caller's
+//! `cniVersion`. No async runtime, no logging to stdout (it is the protocol channel).
+
+mod plugin;
+
+use std::io::{Read, Write};
+
+fn main() -> std::process::ExitCode {
+    let mut stdin = Vec::new();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    let out = match read {
+        Ok(_) => plugin::run(&env, &stdin),
+        Err(e) => plugin::Output::error(
+            "",
+            tether_api::codes::IO_FAILURE,
+            format!("reading stdin: {e}"),
+            String::new(),
+        ),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.stdout.as_bytes());
+    let _ = stdout.flush();
+    std::process::ExitCode::from(out.exit)
+}

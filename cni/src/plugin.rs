@@ -1,0 +1,544 @@
+//! The plugin's logic, free of process globals so tests can drive it.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tether_api::client::{Client, ClientError};
+use tether_api::{Attachment, CniRequest, CniResult, DEFAULT_SOCKET, codes};
+
+/// Versions this plugin speaks.
+pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What to print and how to exit.
+pub struct Output {
+    pub stdout: String,
+    pub exit: u8,
+}
+
+impl Output {
+    fn ok(v: Value) -> Self {
+        Output {
+            stdout: v.to_string(),
+            exit: 0,
+        }
+    }
+
+    fn empty() -> Self {
+        Output {
+            stdout: String::new(),
+            exit: 0,
+        }
+    }
+
+    /// The spec's error JSON.
+    pub fn error(version: &str, code: u32, msg: String, details: String) -> Self {
+        let mut v = json!({"cniVersion": if version.is_empty() { "1.1.0" } else { version }, "code": code, "msg": msg});
+        if !details.is_empty() {
+            v["details"] = Value::String(details);
+        }
+        Output {
+            stdout: v.to_string(),
+            exit: 1,
+        }
+    }
+}
+
+/// The `ipam` section: unknown fields are errors.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IpamConfig {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    socket: Option<String>,
+    #[serde(default)]
+    pools: Vec<String>,
+    #[serde(default)]
+    log_file: Option<String>,
+}
+
+struct Call {
+    command: String,
+    container_id: String,
+    netns: String,
+    ifname: String,
+    args: Vec<(String, String)>,
+}
+
+fn env_get<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+fn parse_cni_args(s: &str) -> Vec<(String, String)> {
+    s.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+fn log(file: Option<&str>, line: &str) {
+    let Some(path) = file else {
+        eprintln!("tether: {line}");
+        return;
+    };
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{ts:.3} {line}");
+    }
+}
+
+fn at_least(version: &str, min: &str) -> bool {
+    let parse = |v: &str| -> (u32, u32, u32) {
+        let mut it = v.split('.').map(|p| p.parse().unwrap_or(0));
+        (
+            it.next().unwrap_or(0),
+            it.next().unwrap_or(0),
+            it.next().unwrap_or(0),
+        )
+    };
+    parse(version) >= parse(min)
+}
+
+/// Renders a result for `version`.
+pub fn render(version: &str, r: &CniResult) -> Value {
+    let legacy = !at_least(version, "1.0.0");
+    let ips: Vec<Value> = r
+        .ips
+        .iter()
+        .map(|ip| {
+            let mut v = json!({"address": ip.address});
+            if let Some(g) = &ip.gateway {
+                v["gateway"] = json!(g);
+            }
+            if legacy {
+                v["version"] = json!(if ip.address.contains(':') { "6" } else { "4" });
+            }
+            v
+        })
+        .collect();
+    let routes: Vec<Value> = r
+        .routes
+        .iter()
+        .map(|rt| {
+            let mut v = json!({"dst": rt.dst});
+            if let Some(g) = &rt.gw {
+                v["gw"] = json!(g);
+            }
+            v
+        })
+        .collect();
+    json!({"cniVersion": version, "ips": ips, "routes": routes, "dns": {}})
+}
+
+fn client_error(version: &str, e: ClientError, down_code: u32) -> Output {
+    match e {
+        ClientError::Api { body, .. } => Output::error(version, body.code, body.msg, body.details),
+        ClientError::Connect { .. } => {
+            Output::error(version, down_code, e.to_string(), String::new())
+        }
+        other => Output::error(version, codes::IO_FAILURE, other.to_string(), String::new()),
+    }
+}
+
+fn requested_ips(conf: &Value, args: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for ptr in ["/args/cni/ips", "/runtimeConfig/ips"] {
+        if let Some(list) = conf.pointer(ptr).and_then(Value::as_array) {
+            out.extend(list.iter().filter_map(Value::as_str).map(str::to_owned));
+        }
+    }
+    for (k, v) in args {
+        if k == "IP" {
+            out.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Runs one CNI call.
+pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
+    let command = env_get(env, "CNI_COMMAND").to_owned();
+    if command == "VERSION" {
+        return Output::ok(json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED}));
+    }
+    let conf: Value = match serde_json::from_slice(stdin) {
+        Ok(v) => v,
+        Err(e) => {
+            return Output::error(
+                "",
+                codes::DECODE_FAILURE,
+                format!("network config on stdin is not JSON: {e}"),
+                String::new(),
+            );
+        }
+    };
+    let version = conf
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if !SUPPORTED.contains(&version.as_str()) {
+        return Output::error(
+            "",
+            codes::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {version:?} is not supported; this plugin speaks {}",
+                SUPPORTED.join(", ")
+            ),
+            String::new(),
+        );
+    }
+    let ipam: IpamConfig = match conf.get("ipam").cloned().map(serde_json::from_value) {
+        Some(Ok(i)) => i,
+        Some(Err(e)) => {
+            return Output::error(
+                &version,
+                codes::INVALID_CONFIG,
+                format!("ipam config: {e}"),
+                "fields: type, socket, pools, logFile".into(),
+            );
+        }
+        None => {
+            return Output::error(
+                &version,
+                codes::INVALID_CONFIG,
+                "network config has no ipam section".into(),
+                String::new(),
+            );
+        }
+    };
+    if ipam.kind != "tether" {
+        return Output::error(
+            &version,
+            codes::INVALID_CONFIG,
+            format!("ipam type is {:?}, not \"tether\"", ipam.kind),
+            String::new(),
+        );
+    }
+    let network = conf
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    if network.is_empty() && command != "STATUS" {
+        return Output::error(
+            &version,
+            codes::INVALID_CONFIG,
+            "network config has no name".into(),
+            String::new(),
+        );
+    }
+    let call = Call {
+        command: command.clone(),
+        container_id: env_get(env, "CNI_CONTAINERID").to_owned(),
+        netns: env_get(env, "CNI_NETNS").to_owned(),
+        ifname: env_get(env, "CNI_IFNAME").to_owned(),
+        args: parse_cni_args(env_get(env, "CNI_ARGS")),
+    };
+    let logf = ipam.log_file.as_deref();
+    let client = Client::new(ipam.socket.as_deref().unwrap_or(DEFAULT_SOCKET), TIMEOUT);
+    let mut req = CniRequest {
+        container_id: call.container_id.clone(),
+        ifname: call.ifname.clone(),
+        netns: call.netns.clone(),
+        network,
+        cni_version: version.clone(),
+        args: call.args.clone(),
+        pools: ipam.pools.clone(),
+        requested_ips: requested_ips(&conf, &call.args),
+        valid_attachments: Vec::new(),
+    };
+    let need = |names: &[(&str, &str)]| -> Option<Output> {
+        let missing: Vec<&str> = names
+            .iter()
+            .filter(|(_, v)| v.is_empty())
+            .map(|(n, _)| *n)
+            .collect();
+        (!missing.is_empty()).then(|| {
+            Output::error(
+                &version,
+                codes::INVALID_ENV,
+                format!("{} must be set for {}", missing.join(", "), call.command),
+                String::new(),
+            )
+        })
+    };
+    let started = std::time::Instant::now();
+    let out = match command.as_str() {
+        "ADD" => {
+            if let Some(o) = need(&[
+                ("CNI_CONTAINERID", &call.container_id),
+                ("CNI_IFNAME", &call.ifname),
+                ("CNI_NETNS", &call.netns),
+            ]) {
+                return o;
+            }
+            match client.post::<_, CniResult>("/v1/cni/add", &req) {
+                Ok(r) => Output::ok(render(&version, &r)),
+                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
+            }
+        }
+        "DEL" => {
+            if let Some(o) = need(&[
+                ("CNI_CONTAINERID", &call.container_id),
+                ("CNI_IFNAME", &call.ifname),
+            ]) {
+                return o;
+            }
+            match client.post::<_, Value>("/v1/cni/del", &req) {
+                Ok(_) => Output::empty(),
+                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
+            }
+        }
+        "CHECK" => {
+            if !at_least(&version, "0.4.0") {
+                return Output::error(
+                    &version,
+                    codes::INCOMPATIBLE_VERSION,
+                    "CHECK needs cniVersion 0.4.0 or later".into(),
+                    String::new(),
+                );
+            }
+            if let Some(o) = need(&[
+                ("CNI_CONTAINERID", &call.container_id),
+                ("CNI_IFNAME", &call.ifname),
+            ]) {
+                return o;
+            }
+            match client.post::<_, Value>("/v1/cni/check", &req) {
+                Ok(_) => Output::empty(),
+                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
+            }
+        }
+        "GC" => {
+            if !at_least(&version, "1.1.0") {
+                return Output::error(
+                    &version,
+                    codes::INCOMPATIBLE_VERSION,
+                    "GC needs cniVersion 1.1.0".into(),
+                    String::new(),
+                );
+            }
+            let valid = conf
+                .get("cni.dev/valid-attachments")
+                .cloned()
+                .unwrap_or(Value::Array(vec![]));
+            req.valid_attachments = match serde_json::from_value::<Vec<Attachment>>(valid) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Output::error(
+                        &version,
+                        codes::INVALID_CONFIG,
+                        format!("cni.dev/valid-attachments: {e}"),
+                        String::new(),
+                    );
+                }
+            };
+            match client.post::<_, tether_api::GcResult>("/v1/cni/gc", &req) {
+                Ok(r) => {
+                    log(
+                        logf,
+                        &format!("GC network={} released={:?}", req.network, r.released),
+                    );
+                    Output::empty()
+                }
+                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
+            }
+        }
+        "STATUS" => {
+            if !at_least(&version, "1.1.0") {
+                return Output::error(
+                    &version,
+                    codes::INCOMPATIBLE_VERSION,
+                    "STATUS needs cniVersion 1.1.0".into(),
+                    String::new(),
+                );
+            }
+            let path = format!("/v1/cni/status?pools={}", ipam.pools.join(","));
+            match client.get::<Value>(&path) {
+                Ok(_) => Output::empty(),
+                Err(e) => client_error(&version, e, codes::NOT_AVAILABLE),
+            }
+        }
+        other => Output::error(
+            &version,
+            codes::INVALID_ENV,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
+            String::new(),
+        ),
+    };
+    log(
+        logf,
+        &format!(
+            "{} container={} ifname={} exit={} took={:?} out={}",
+            command,
+            call.container_id,
+            call.ifname,
+            out.exit,
+            started.elapsed(),
+            out.stdout
+        ),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tether_api::{IpConfig, RouteConfig};
+
+    fn result() -> CniResult {
+        CniResult {
+            ips: vec![
+                IpConfig {
+                    address: "10.6.168.101/16".into(),
+                    gateway: Some("10.6.0.1".into()),
+                },
+                IpConfig {
+                    address: "fd00::5/64".into(),
+                    gateway: None,
+                },
+            ],
+            routes: vec![RouteConfig {
+                dst: "0.0.0.0/0".into(),
+                gw: Some("10.6.0.1".into()),
+            }],
+        }
+    }
+
+    #[test]
+    fn results_per_version() {
+        for v in ["0.3.0", "0.3.1", "0.4.0"] {
+            let r = render(v, &result());
+            assert_eq!(r["cniVersion"], v);
+            assert_eq!(r["ips"][0]["version"], "4");
+            assert_eq!(r["ips"][1]["version"], "6");
+            assert!(r["ips"][1].get("gateway").is_none());
+        }
+        for v in ["1.0.0", "1.1.0"] {
+            let r = render(v, &result());
+            assert!(
+                r["ips"][0].get("version").is_none(),
+                "{v} has no version field"
+            );
+            assert_eq!(r["ips"][0]["address"], "10.6.168.101/16");
+            assert_eq!(r["routes"][0]["gw"], "10.6.0.1");
+        }
+    }
+
+    fn env(cmd: &str) -> Vec<(String, String)> {
+        vec![("CNI_COMMAND".into(), cmd.into())]
+    }
+
+    fn code(o: &Output) -> u64 {
+        serde_json::from_str::<Value>(&o.stdout).expect("json")["code"]
+            .as_u64()
+            .expect("code")
+    }
+
+    #[test]
+    fn config_errors_have_codes() {
+        let o = run(&env("ADD"), b"not json");
+        assert_eq!((o.exit, code(&o)), (1, 6));
+        let o = run(
+            &env("ADD"),
+            br#"{"cniVersion":"9.9.9","name":"n","ipam":{"type":"tether"}}"#,
+        );
+        assert_eq!(code(&o), 1);
+        let o = run(
+            &env("ADD"),
+            br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"tether","pool":"x"}}"#,
+        );
+        assert_eq!(code(&o), 7);
+        assert!(o.stdout.contains("unknown field `pool`"), "{}", o.stdout);
+        let o = run(
+            &env("ADD"),
+            br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"host-local"}}"#,
+        );
+        assert_eq!(code(&o), 7);
+        let o = run(
+            &env("ADD"),
+            br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"tether"}}"#,
+        );
+        assert_eq!(code(&o), 4, "missing CNI_CONTAINERID etc.");
+        assert!(
+            o.stdout.contains("CNI_CONTAINERID, CNI_IFNAME, CNI_NETNS"),
+            "{}",
+            o.stdout
+        );
+        let o = run(
+            &env("GC"),
+            br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"tether"}}"#,
+        );
+        assert_eq!(code(&o), 1);
+        let o = run(
+            &env("FOO"),
+            br#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"tether"}}"#,
+        );
+        assert_eq!(code(&o), 4);
+    }
+
+    #[test]
+    fn daemon_down_is_try_again_or_not_available() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("none.sock");
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","ipam":{{"type":"tether","socket":"{}"}}}}"#,
+            sock.display()
+        );
+        let mut e = env("ADD");
+        e.extend([
+            ("CNI_CONTAINERID".into(), "c".into()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            ("CNI_NETNS".into(), "/x".into()),
+        ]);
+        let o = run(&e, conf.as_bytes());
+        assert_eq!(code(&o), 11);
+        assert!(o.stdout.contains("is tetherd running?"), "{}", o.stdout);
+        let o = run(&env("STATUS"), conf.as_bytes());
+        assert_eq!(code(&o), 50);
+    }
+
+    #[test]
+    fn version_and_args() {
+        let o = run(&env("VERSION"), b"");
+        let v: Value = serde_json::from_str(&o.stdout).expect("json");
+        assert_eq!(v["supportedVersions"].as_array().map(Vec::len), Some(5));
+        assert_eq!(
+            parse_cni_args(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;IP=10.0.0.5"
+            ),
+            vec![
+                ("IgnoreUnknown".to_owned(), "1".to_owned()),
+                ("K8S_POD_NAMESPACE".to_owned(), "default".to_owned()),
+                ("K8S_POD_NAME".to_owned(), "web-0".to_owned()),
+                ("IP".to_owned(), "10.0.0.5".to_owned()),
+            ]
+        );
+        let conf = json!({"runtimeConfig": {"ips": ["10.0.0.9/24"]}});
+        assert_eq!(
+            requested_ips(&conf, &[("IP".into(), "10.0.0.5".into())]),
+            vec!["10.0.0.9/24", "10.0.0.5"]
+        );
+    }
+}
