@@ -23,8 +23,11 @@ for c in rustfmt clippy; do
   rustup component list --installed --toolchain "$channel" | grep -q "^$c" || rustup component add --toolchain "$channel" "$c"
 done
 
-# Debian packages (the test suites' real peers). Kept in one list, installed once.
-PKGS=(${TETHER_EXTRA_PKGS:-})
+# Debian packages: the real peers the tests and benchmarks use. containernetworking-plugins
+# (macvlan, bridge, host-local in /usr/lib/cni), iproute2 and iputils-ping for network
+# namespaces, golang-go + golang-github-appc-cni-dev for the libcni harness, hyperfine for
+# whole-command timings.
+PKGS=(containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev ${TETHER_EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

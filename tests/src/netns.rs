@@ -17,7 +17,7 @@ pub fn unavailable() -> Option<String> {
     if !crate::is_root() {
         return Some("not root: network namespaces and macvlan need root".into());
     }
-    for p in ["macvlan", "ipvlan"] {
+    for p in ["macvlan", "bridge"] {
         if !Path::new(CNI_BIN).join(p).exists() {
             return Some(format!(
                 "{CNI_BIN}/{p} is missing: install Debian's containernetworking-plugins (scripts/setup.sh does)"
@@ -84,12 +84,18 @@ impl Lab {
         Ok(PathBuf::from("/var/run/netns").join(ns))
     }
 
+    /// The Linux bridge the bridge plugin creates for this lab.
+    pub fn bridge(&self) -> String {
+        format!("{}br", self.tag)
+    }
+
     /// CNI_PATH holding `tether` and the reference plugins.
     pub fn cni_path(&self) -> String {
         format!("{}:{CNI_BIN}", self.cni_path.path().display())
     }
 
-    /// A network config: `plugin` (macvlan or ipvlan) on the master, IPAM by tether.
+    /// A network config: `plugin` (macvlan on the master, or bridge on a bridge of its own),
+    /// IPAM by tether.
     pub fn network(&self, plugin: &str, socket: &Path, version: &str, pools: &[&str]) -> Value {
         let mut conf = json!({
             "cniVersion": version,
@@ -98,10 +104,17 @@ impl Lab {
             "master": self.master,
             "ipam": {"type": "tether", "socket": socket, "pools": pools},
         });
-        if plugin == "macvlan" {
-            conf["mode"] = json!("bridge");
-        } else {
-            conf["mode"] = json!("l2");
+        match plugin {
+            "macvlan" => conf["mode"] = json!("bridge"),
+            "bridge" => {
+                conf["bridge"] = json!(self.bridge());
+                conf["isGateway"] = json!(false);
+                conf["ipMasq"] = json!(false);
+                if let Some(o) = conf.as_object_mut() {
+                    o.remove("master");
+                }
+            }
+            _ => {}
         }
         conf
     }
@@ -159,5 +172,6 @@ impl Drop for Lab {
             let _ = ip(&["netns", "del", ns]);
         }
         let _ = ip(&["link", "del", &self.master]);
+        let _ = ip(&["link", "del", &self.bridge()]);
     }
 }

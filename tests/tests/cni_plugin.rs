@@ -1,0 +1,193 @@
+//! The `tether` plugin spawned as a runtime would, against a running tetherd: every supported
+//! cniVersion, CHECK, idempotent DEL, GC with valid attachments, STATUS, a retried ADD, static
+//! addresses, crash safety, and ipvlan as a second main plugin.
+
+use serde_json::json;
+use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, cni_exec, netns};
+
+#[test]
+fn results_in_every_supported_version() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        .iter()
+        .enumerate()
+    {
+        let ipam = Ipam::new(&d.socket, "net", v, &["test-ippool"]).expect("ipam");
+        let pod = Pod::new("default", &format!("p{i}"), i as u32);
+        let o = ipam.add(&pod).expect("add");
+        assert!(o.ok, "{v}: {}", o.out);
+        assert_eq!(o.out["cniVersion"], *v);
+        let legacy = v.starts_with("0.");
+        assert_eq!(
+            o.out["ips"][0].get("version").is_some(),
+            legacy,
+            "{v}: {}",
+            o.out
+        );
+        assert_eq!(o.out["ips"][0]["gateway"], "10.6.0.1");
+        assert_eq!(o.out["routes"][0]["dst"], "0.0.0.0/0");
+        assert!(
+            o.out["ips"][0]["address"]
+                .as_str()
+                .expect("address")
+                .ends_with("/16")
+        );
+        // A retried ADD for the same container and interface returns the same address.
+        let again = ipam.add(&pod).expect("retry");
+        assert_eq!(again.ip(), o.ip(), "{v}");
+        if *v != "0.3.0" && *v != "0.3.1" {
+            let c = ipam.call("CHECK", &pod).expect("check");
+            assert!(c.ok, "{v}: CHECK {}", c.out);
+        }
+        assert!(ipam.del(&pod).expect("del").ok);
+        assert!(ipam.del(&pod).expect("del again").ok, "DEL is idempotent");
+        if *v != "0.3.0" && *v != "0.3.1" {
+            let c = ipam.call("CHECK", &pod).expect("check after del");
+            assert!(!c.ok && c.code() == Some(3), "{v}: {}", c.out);
+        }
+    }
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
+}
+
+#[test]
+fn gc_frees_what_the_runtime_no_longer_lists() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "gc-net", "1.1.0", &["test-ippool"]).expect("ipam");
+    let pods: Vec<Pod> = (0..3)
+        .map(|i| Pod::new("default", &format!("g{i}"), i))
+        .collect();
+    for p in &pods {
+        assert!(ipam.add(p).expect("add").ok);
+    }
+    let mut conf = ipam.conf.clone();
+    conf["cni.dev/valid-attachments"] =
+        json!([{"containerID": pods[1].container_id, "ifname": "eth0"}]);
+    let o = cni_exec(&ipam.plugin, "GC", &conf, &[], "").expect("gc");
+    assert!(o.ok, "{}", o.out);
+    assert_eq!(
+        d.usage("test-ippool").expect("usage").0,
+        1,
+        "only the valid attachment keeps its address"
+    );
+    let c = ipam.call("CHECK", &pods[1]).expect("check");
+    assert!(c.ok);
+}
+
+#[test]
+fn status_reports_whether_add_can_succeed() {
+    let one = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: tiny}\nspec: {subnet: 10.9.0.0/24, ips: [10.9.0.10]}\n";
+    let d = Daemon::start(one, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.1.0", &["tiny"]).expect("ipam");
+    let s = cni_exec(&ipam.plugin, "STATUS", &ipam.conf, &[], "").expect("status");
+    assert!(s.ok, "{}", s.out);
+    assert!(ipam.add(&Pod::new("default", "only", 1)).expect("add").ok);
+    let s = cni_exec(&ipam.plugin, "STATUS", &ipam.conf, &[], "").expect("status");
+    assert_eq!(s.code(), Some(50), "exhausted: {}", s.out);
+    let e = ipam.add(&Pod::new("default", "second", 2)).expect("add");
+    assert_eq!(e.code(), Some(100));
+    assert!(e.out["msg"].as_str().expect("msg").contains("exhausted"));
+    drop(d);
+    let s = cni_exec(&ipam.plugin, "STATUS", &ipam.conf, &[], "").expect("status");
+    assert_eq!(s.code(), Some(50), "daemon down: {}", s.out);
+    let e = ipam.add(&Pod::new("default", "third", 3)).expect("add");
+    assert_eq!(
+        e.code(),
+        Some(11),
+        "daemon down is try-again-later: {}",
+        e.out
+    );
+}
+
+#[test]
+fn bad_input_gets_the_right_codes() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["nope"]).expect("ipam");
+    let o = ipam.add(&Pod::new("default", "p", 1)).expect("add");
+    assert_eq!(o.code(), Some(102), "{}", o.out);
+    assert!(
+        o.out["msg"]
+            .as_str()
+            .expect("msg")
+            .contains("known pools: test-ippool")
+    );
+    // A static address outside the pool, and one already taken.
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let mut conf = ipam.conf.clone();
+    conf["runtimeConfig"] = json!({"ips": ["10.6.168.105/16"]});
+    let static_ipam = Ipam {
+        plugin: ipam.plugin.clone(),
+        conf,
+    };
+    let o = static_ipam.add(&Pod::new("default", "s1", 2)).expect("add");
+    assert_eq!(o.ip().as_deref(), Some("10.6.168.105"), "{}", o.out);
+    let o = static_ipam.add(&Pod::new("default", "s2", 3)).expect("add");
+    assert_eq!(o.code(), Some(103), "{}", o.out);
+    let mut conf = ipam.conf.clone();
+    conf["runtimeConfig"] = json!({"ips": ["10.7.0.1"]});
+    let o = Ipam {
+        plugin: ipam.plugin.clone(),
+        conf,
+    }
+    .add(&Pod::new("default", "s3", 4))
+    .expect("add");
+    assert_eq!(o.code(), Some(102), "{}", o.out);
+}
+
+#[test]
+fn killed_daemon_loses_nothing_and_duplicates_nothing() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let mut got = Vec::new();
+    for i in 0..5 {
+        let p = Pod::new("default", &format!("k{i}"), i);
+        got.push((p.clone(), ipam.add(&p).expect("add").ip().expect("ip")));
+    }
+    // Crash: SIGKILL, then restart on the same state.
+    let dir = d.kill().expect("kill");
+    let d = Daemon::start_in(dir, SEED_POOL, &[]).expect("restart");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    assert_eq!(
+        d.usage("test-ippool").expect("usage").0,
+        5,
+        "every answered ADD survived"
+    );
+    for (p, ip) in &got {
+        assert_eq!(
+            ipam.add(p).expect("retry").ip().as_ref(),
+            Some(ip),
+            "a retried ADD after the crash answers the same address"
+        );
+    }
+    let fresh = ipam
+        .add(&Pod::new("default", "after", 99))
+        .expect("add")
+        .ip()
+        .expect("ip");
+    assert!(
+        got.iter().all(|(_, ip)| ip != &fresh),
+        "no duplicate after restart"
+    );
+}
+
+#[test]
+fn bridge_delegates_too() {
+    if let Some(why) = netns::unavailable() {
+        eprintln!("SKIPPED bridge_delegates_too: {why}");
+        return;
+    }
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let mut lab = netns::Lab::new("tbr").expect("lab");
+    let conf = lab.network("bridge", &d.socket, "1.0.0", &["test-ippool"]);
+    let a = Pod::new("default", "br-a", 1);
+    let b = Pod::new("default", "br-b", 2);
+    let (na, nb) = (lab.netns("a").expect("ns"), lab.netns("b").expect("ns"));
+    let oa = lab.exec(&conf, "ADD", &a, &na).expect("add a");
+    let ob = lab.exec(&conf, "ADD", &b, &nb).expect("add b");
+    assert!(oa.ok && ob.ok, "{} {}", oa.out, ob.out);
+    let ipa = oa.ip().expect("ip");
+    assert!(lab.addresses(&na, "eth0").expect("addr").contains(&ipa));
+    assert!(lab.ping(&nb, &ipa), "pods on the bridge reach each other");
+    assert!(lab.exec(&conf, "DEL", &a, &na).expect("del").ok);
+    assert!(lab.exec(&conf, "DEL", &b, &nb).expect("del").ok);
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
+}
