@@ -87,7 +87,12 @@ impl Daemon {
             .arg(&workloads)
             .arg("--socket")
             .arg(&socket)
-            .args(["--reconcile-interval-secs", "0", "--log-level", "info"])
+            .args(["--reconcile-interval-secs", "0"])
+            .args(if extra.contains(&"--log-level") {
+                &[][..]
+            } else {
+                &["--log-level", "info"][..]
+            })
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -116,6 +121,25 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("tetherd did not become ready: {}", self.log())
+    }
+
+    /// CPU time the daemon has used so far (user + system), from /proc.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the ')'.
+        let ticks: u64 = fields
+            .get(11)
+            .and_then(|u| u.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+        Ok(Duration::from_millis(ticks * 10))
     }
 
     /// The daemon's log so far.

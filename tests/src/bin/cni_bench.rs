@@ -1,0 +1,230 @@
+//! CNI ADD+DEL through the `tether` binary against Debian's host-local, in one harness and one
+//! run: each call spawns the plugin as a runtime would (stdin config, CNI_* environment).
+//! Sequential, then 16 callers in parallel. Prints a Markdown section for docs/benchmarks.md.
+//!
+//!   cni-bench [ITERATIONS]      (default 300 per mode and plugin)
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use tether_e2e::{Daemon, bin_dir, cni_exec};
+
+const PARALLEL: usize = 16;
+
+struct Plugin {
+    name: &'static str,
+    path: PathBuf,
+    conf: Value,
+}
+
+fn call(p: &Plugin, command: &str, id: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let o = cni_exec(
+        &p.path,
+        command,
+        &p.conf,
+        &[
+            ("CNI_CONTAINERID", id),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/var/run/netns/bench"),
+            ("CNI_ARGS", "IgnoreUnknown=1"),
+        ],
+        "/usr/lib/cni",
+    )?;
+    let took = started.elapsed();
+    if !o.ok {
+        bail!("{} {command} failed: {}", p.name, o.out);
+    }
+    Ok(took)
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+struct Run {
+    add: Duration,
+    del: Duration,
+    ops_per_sec: f64,
+}
+
+fn sequential(p: &Plugin, n: usize) -> Result<Run> {
+    let (mut adds, mut dels) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let started = Instant::now();
+    for i in 0..n {
+        let id = format!("seq-{i}");
+        adds.push(call(p, "ADD", &id)?);
+        dels.push(call(p, "DEL", &id)?);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Run {
+        add: median(&mut adds),
+        del: median(&mut dels),
+        ops_per_sec: (2 * n) as f64 / secs,
+    })
+}
+
+fn parallel(p: Arc<Plugin>, n: usize) -> Result<Run> {
+    let per = n.div_ceil(PARALLEL);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..PARALLEL)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || -> Result<(Vec<Duration>, Vec<Duration>)> {
+                let (mut adds, mut dels) = (Vec::new(), Vec::new());
+                for i in 0..per {
+                    let id = format!("par-{t}-{i}");
+                    adds.push(call(&p, "ADD", &id)?);
+                    dels.push(call(&p, "DEL", &id)?);
+                }
+                Ok((adds, dels))
+            })
+        })
+        .collect();
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for h in handles {
+        let (a, d) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("bench thread panicked"))??;
+        adds.extend(a);
+        dels.extend(d);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Run {
+        add: median(&mut adds),
+        del: median(&mut dels),
+        ops_per_sec: (2 * per * PARALLEL) as f64 / secs,
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn main() -> Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(300);
+    let host_local = Path::new("/usr/lib/cni/host-local");
+    if !host_local.exists() {
+        bail!(
+            "{} is missing: install containernetworking-plugins",
+            host_local.display()
+        );
+    }
+    let pool = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: bench}\nspec: {subnet: 10.20.0.0/16}\n";
+    let d = Daemon::start(pool, &["--log-level", "warn"])?;
+    let data = tempfile::tempdir()?;
+    // The plugin as shipped: scripts/bench.sh points TETHER_CNI_PLUGIN at the static build.
+    let tether_path = std::env::var_os("TETHER_CNI_PLUGIN")
+        .map(PathBuf::from)
+        .map_or_else(|| bin_dir().map(|d| d.join("tether")), Ok)?;
+    let tether = Plugin {
+        name: "tether",
+        path: tether_path,
+        conf: json!({"cniVersion": "1.0.0", "name": "bench", "type": "macvlan",
+            "ipam": {"type": "tether", "socket": d.socket, "pools": ["bench"]}}),
+    };
+    let hl = Plugin {
+        name: "host-local",
+        path: host_local.to_owned(),
+        conf: json!({"cniVersion": "1.0.0", "name": "bench", "type": "macvlan",
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.21.0.0/16"}]], "dataDir": data.path()}}),
+    };
+    // Warm both (page cache, first socket connection).
+    for p in [&tether, &hl] {
+        for i in 0..10 {
+            call(p, "ADD", &format!("warm-{i}")).context("warm-up")?;
+            call(p, "DEL", &format!("warm-{i}"))?;
+        }
+    }
+    let ts = sequential(&tether, n)?;
+    let hs = sequential(&hl, n)?;
+    let (tether, hl) = (Arc::new(tether), Arc::new(hl));
+    let cpu_before = d.cpu_time()?;
+    let tp = parallel(tether.clone(), n)?;
+    let daemon_cpu = d.cpu_time()?.saturating_sub(cpu_before);
+    let hp = parallel(hl.clone(), n)?;
+
+    println!("## CNI ADD+DEL: tether vs host-local\n");
+    println!("Each call spawns the plugin binary as a runtime would (network config on stdin,");
+    println!(
+        "CNI_* environment), from one harness in one run (`cni-bench {n}`): {n} ADD+DEL pairs"
+    );
+    println!(
+        "one after another, then {n} pairs from {PARALLEL} callers at once. tether talks to a"
+    );
+    println!(
+        "standalone tetherd (release build) that commits every allocation durably (redb, fsync)"
+    );
+    println!(
+        "before answering; host-local is Debian's containernetworking-plugins build, writing its"
+    );
+    println!("files under a lock. Medians per call; throughput in calls per second.\n");
+    println!("| mode | metric | tether | host-local | ratio |");
+    println!("|---|---|---|---|---|");
+    let ratio_lat =
+        |t: Duration, h: Duration| format!("{:.2}x faster", h.as_secs_f64() / t.as_secs_f64());
+    println!(
+        "| sequential | ADD median | {} | {} | {} |",
+        ms(ts.add),
+        ms(hs.add),
+        ratio_lat(ts.add, hs.add)
+    );
+    println!(
+        "| sequential | DEL median | {} | {} | {} |",
+        ms(ts.del),
+        ms(hs.del),
+        ratio_lat(ts.del, hs.del)
+    );
+    println!(
+        "| sequential | throughput | {:.0}/s | {:.0}/s | {:.2}x |",
+        ts.ops_per_sec,
+        hs.ops_per_sec,
+        ts.ops_per_sec / hs.ops_per_sec
+    );
+    println!(
+        "| {PARALLEL} in parallel | ADD median | {} | {} | {} |",
+        ms(tp.add),
+        ms(hp.add),
+        ratio_lat(tp.add, hp.add)
+    );
+    println!(
+        "| {PARALLEL} in parallel | DEL median | {} | {} | {} |",
+        ms(tp.del),
+        ms(hp.del),
+        ratio_lat(tp.del, hp.del)
+    );
+    println!(
+        "| {PARALLEL} in parallel | throughput | {:.0}/s | {:.0}/s | {:.2}x |",
+        tp.ops_per_sec,
+        hp.ops_per_sec,
+        tp.ops_per_sec / hp.ops_per_sec
+    );
+    let metrics = d.client().get_text("/metrics")?;
+    let batches = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tether_store_batch_requests_sum")
+                || l.starts_with("tether_store_batch_requests_count")
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .collect::<Vec<_>>();
+    println!(
+        "\ntetherd used {:.2} ms of CPU per call in the parallel run (USER_HZ resolution).",
+        daemon_cpu.as_secs_f64() * 1e3 / (2 * n.div_ceil(PARALLEL) * PARALLEL) as f64
+    );
+    if let [sum, count] = batches[..] {
+        println!(
+            "\ntetherd made {count:.0} durable commits for {sum:.0} requests (group commit: {:.2} requests per commit on average).",
+            sum / count
+        );
+    }
+    Ok(())
+}
