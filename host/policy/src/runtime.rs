@@ -18,6 +18,7 @@ use wasmtime::{
 
 use crate::bindings::{Level, Policy, PolicyPre, tether};
 use crate::error::{PolicyError, truncate};
+use crate::semaphore::Semaphore;
 use crate::{Settings, convert};
 
 /// The contract version this host speaks (wit/policy.wit).
@@ -164,20 +165,24 @@ impl tether::policy::host::Host for HostState {
     }
 }
 
-/// Advances the engine's epoch until dropped.
+/// Advances the engine's epoch while evaluations run, until dropped. While none runs it
+/// sleeps on the semaphore, so an idle daemon does not wake every tick.
 struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Ticker {
-    fn start(engine: Engine, tick: Duration) -> Result<Self, PolicyError> {
+    fn start(engine: Engine, tick: Duration, slots: Arc<Semaphore>) -> Result<Self, PolicyError> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("tether-epoch".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
+                    if !slots.wait_busy(Duration::from_millis(200)) {
+                        continue;
+                    }
                     std::thread::sleep(tick);
                     engine.increment_epoch();
                 }
@@ -206,7 +211,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     deadline_ticks: u64,
     cache: Mutex<HashMap<String, Arc<LoadedPolicy>>>,
-    slots: crate::semaphore::Semaphore,
+    slots: Arc<Semaphore>,
     _ticker: Ticker,
 }
 
@@ -244,9 +249,10 @@ impl Runtime {
         let deadline_ticks = u64::try_from(config.timeout.as_nanos().div_ceil(tick))
             .unwrap_or(u64::MAX)
             .max(1);
-        let ticker = Ticker::start(engine.clone(), config.epoch_tick)?;
+        let slots = Arc::new(Semaphore::new(config.max_concurrent));
+        let ticker = Ticker::start(engine.clone(), config.epoch_tick, slots.clone())?;
         Ok(Runtime {
-            slots: crate::semaphore::Semaphore::new(config.max_concurrent),
+            slots,
             engine,
             linker,
             config,
