@@ -440,7 +440,9 @@ impl Ipam {
         })
     }
 
-    fn assigned(&self, a: &Allocation) -> Assigned {
+    /// What CNI returns for an allocation: the address with its pool's prefix, gateway and
+    /// routes.
+    pub fn assigned(&self, a: &Allocation) -> Assigned {
         let pool = self.pools.get(&a.pool).map(|s| &s.pool);
         Assigned {
             pool: a.pool.clone(),

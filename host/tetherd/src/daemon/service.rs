@@ -184,21 +184,7 @@ impl Service {
             let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
             let held = ipam.held_by(&attachment.container_id, &attachment.ifname);
             if !held.is_empty() {
-                let assigned: Vec<Assigned> =
-                    held.iter()
-                        .map(|a| {
-                            let pool = ipam.pool(&a.pool);
-                            Assigned {
-                                pool: a.pool.clone(),
-                                ip: a.ip,
-                                prefix: pool
-                                    .map(|p| p.subnet.prefix)
-                                    .unwrap_or(if a.ip.is_ipv4() { 32 } else { 128 }),
-                                gateway: pool.and_then(|p| p.gateway),
-                                routes: pool.map(|p| p.routes.clone()).unwrap_or_default(),
-                            }
-                        })
-                        .collect();
+                let assigned: Vec<Assigned> = held.iter().map(|a| ipam.assigned(a)).collect();
                 return Ok(render(&assigned));
             }
         }
