@@ -18,6 +18,8 @@ use super::metrics::Metrics;
 
 /// Most requests planned into one commit.
 const MAX_BATCH: usize = 256;
+/// How long a batch waits for company under concurrent load.
+const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// One ADD, with everything decided before it reaches the writer.
 pub struct AddOp {
@@ -143,6 +145,7 @@ fn run(
     mut revisions: BTreeMap<String, u64>,
     metrics: Arc<Metrics>,
 ) {
+    let mut concurrent = false;
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -151,6 +154,19 @@ fn run(
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        // Under concurrent load (the previous batch had company), wait a moment for more
+        // requests so that one fsync serves them all; a lone caller never waits.
+        if concurrent {
+            let deadline = Instant::now() + GATHER;
+            while jobs.len() < MAX_BATCH {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+        }
+        concurrent = jobs.len() > 1;
         // Readers wait while a batch is planned and committed: they only ever see durable state.
         let mut state = ipam
             .write()
