@@ -16,6 +16,7 @@ const POLICIES: &[(&str, &str)] = &[
     ("tether-policy-label-identity", "label_identity"),
     ("tether-fixture-hostile", "hostile"),
     ("tether-fixture-wasi-import", "wasi_import"),
+    ("tether-fixture-future-contract", "future_contract"),
 ];
 
 fn main() {
@@ -103,7 +104,7 @@ fn run() -> Result<(), String> {
 /// The library file stem cargo gives each crate.
 fn artifact_stem(artifact: &str) -> String {
     match artifact {
-        "hostile" | "wasi_import" => format!("fixture_{artifact}"),
+        "hostile" | "wasi_import" | "future_contract" => format!("fixture_{artifact}"),
         other => format!("policy_{other}"),
     }
 }

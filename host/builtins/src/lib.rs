@@ -49,4 +49,6 @@ pub mod fixtures {
     pub const HOSTILE: &[u8] = super::generated::HOSTILE;
     /// A policy that imports `wasi:cli/environment`.
     pub const WASI_IMPORT: &[u8] = super::generated::WASI_IMPORT;
+    /// A policy built against `tether:policy@0.2.0`.
+    pub const FUTURE_CONTRACT: &[u8] = super::generated::FUTURE_CONTRACT;
 }

@@ -284,8 +284,10 @@ impl Runtime {
             return Ok(p.clone());
         }
         let component = compile(&self.engine, source, bytes)?;
-        check_imports(&self.engine, &component, source)?;
+        // The contract first: a component of another contract version imports that version's
+        // interfaces too, and "built against 0.2.0" says more than "imports host@0.2.0".
         let contract = check_exports(&self.engine, &component, source)?;
+        check_imports(&self.engine, &component, source)?;
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -437,6 +437,25 @@ fn wasi_import_is_refused_at_load_naming_the_import() {
 }
 
 #[test]
+fn other_contract_versions_are_refused_naming_both() {
+    let rt = runtime();
+    let e = rt
+        .load("future.wasm", fixtures::FUTURE_CONTRACT)
+        .expect_err("refused");
+    assert!(
+        matches!(&e, PolicyError::ContractMismatch { found, supported, .. }
+            if found.contains("tether:policy/evaluator@0.2.0") && supported == "0.1.0"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("this tetherd supports tether:policy@0.1.0"),
+        "{e}"
+    );
+    still_serves(&rt);
+}
+
+#[test]
 fn truncated_and_garbage_files_are_refused() {
     let rt = runtime();
     let whole = builtin("kubevirt").expect("kubevirt").wasm;
