@@ -16,7 +16,7 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --release -p teth
   --target x86_64-unknown-linux-gnu >&2
 cni_md=$(mktemp)
 TETHER_CNI_PLUGIN="$target/x86_64-unknown-linux-gnu/release/tether" TETHER_BIN_DIR="$target/release" \
-  "$target/release/cni-bench" "${CNI_BENCH_ITERATIONS:-300}" >"$cni_md"
+  "$target/release/cni-bench" "${CNI_BENCH_ITERATIONS:-1000}" >"$cni_md"
 
 python3 - "$target/criterion" <<'PY' > docs/benchmarks.md
 import json, os, platform, subprocess, sys

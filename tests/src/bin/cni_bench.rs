@@ -2,7 +2,7 @@
 //! run: each call spawns the plugin as a runtime would (stdin config, CNI_* environment).
 //! Sequential, then 16 callers in parallel. Prints a Markdown section for docs/benchmarks.md.
 //!
-//!   cni-bench [ITERATIONS]      (default 300 per mode and plugin)
+//!   cni-bench [ITERATIONS]      (default 300 per mode and plugin, over 5 interleaved rounds)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tether_e2e::{Daemon, bin_dir, cni_exec};
 
 const PARALLEL: usize = 16;
+const ROUNDS: usize = 5;
 
 struct Plugin {
     name: &'static str,
@@ -101,10 +102,6 @@ fn parallel(p: Arc<Plugin>, n: usize) -> Result<Run> {
     })
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
 fn main() -> Result<()> {
     let n: usize = std::env::args()
         .nth(1)
@@ -144,68 +141,91 @@ fn main() -> Result<()> {
             call(p, "DEL", &format!("warm-{i}"))?;
         }
     }
-    let ts = sequential(&tether, n)?;
-    let hs = sequential(&hl, n)?;
+    // Interleaved rounds: each round measures both plugins back to back, so a change in the
+    // machine's load affects both sides of every ratio alike.
     let (tether, hl) = (Arc::new(tether), Arc::new(hl));
-    let cpu_before = d.cpu_time()?;
-    let tp = parallel(tether.clone(), n)?;
-    let daemon_cpu = d.cpu_time()?.saturating_sub(cpu_before);
-    let hp = parallel(hl.clone(), n)?;
+    let per_round = n.div_ceil(ROUNDS);
+    let mut rounds: Vec<[Run; 4]> = Vec::with_capacity(ROUNDS);
+    let mut daemon_cpu = Duration::ZERO;
+    for _ in 0..ROUNDS {
+        let ts = sequential(&tether, per_round)?;
+        let hs = sequential(&hl, per_round)?;
+        let cpu_before = d.cpu_time()?;
+        let tp = parallel(tether.clone(), per_round)?;
+        daemon_cpu += d.cpu_time()?.saturating_sub(cpu_before);
+        let hp = parallel(hl.clone(), per_round)?;
+        rounds.push([ts, hs, tp, hp]);
+    }
+    let med = |f: &dyn Fn(&[Run; 4]) -> f64| -> f64 {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |f: &dyn Fn(&[Run; 4]) -> f64| -> String {
+        let v: Vec<f64> = rounds.iter().map(f).collect();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.2}x–{hi:.2}x")
+    };
+    let d_ms = |d: Duration| d.as_secs_f64() * 1e3;
 
     println!("## CNI ADD+DEL: tether vs host-local\n");
     println!("Each call spawns the plugin binary as a runtime would (network config on stdin,");
     println!(
-        "CNI_* environment), from one harness in one run (`cni-bench {n}`): {n} ADD+DEL pairs"
+        "CNI_* environment), from one harness in one run (`cni-bench {n}`): {ROUNDS} interleaved rounds,"
     );
     println!(
-        "one after another, then {n} pairs from {PARALLEL} callers at once. tether talks to a"
+        "each measuring both plugins with {per_round} ADD+DEL pairs one after another, then {per_round} pairs"
     );
     println!(
-        "standalone tetherd (release build) that commits every allocation durably (redb, fsync)"
+        "from {PARALLEL} callers at once. tether talks to a standalone tetherd (release build) that"
     );
     println!(
-        "before answering; host-local is Debian's containernetworking-plugins build, writing its"
-    );
-    println!("files under a lock. Medians per call; throughput in calls per second.\n");
-    println!("| mode | metric | tether | host-local | ratio |");
-    println!("|---|---|---|---|---|");
-    let ratio_lat =
-        |t: Duration, h: Duration| format!("{:.2}x faster", h.as_secs_f64() / t.as_secs_f64());
-    println!(
-        "| sequential | ADD median | {} | {} | {} |",
-        ms(ts.add),
-        ms(hs.add),
-        ratio_lat(ts.add, hs.add)
+        "commits every allocation durably (redb, fsync) before answering; the plugin is the static"
     );
     println!(
-        "| sequential | DEL median | {} | {} | {} |",
-        ms(ts.del),
-        ms(hs.del),
-        ratio_lat(ts.del, hs.del)
+        "release build. host-local is Debian's containernetworking-plugins build, writing its files"
     );
     println!(
-        "| sequential | throughput | {:.0}/s | {:.0}/s | {:.2}x |",
-        ts.ops_per_sec,
-        hs.ops_per_sec,
-        ts.ops_per_sec / hs.ops_per_sec
+        "under a lock. Values are medians over the rounds (latencies: the median call of a round);"
+    );
+    println!("the last column gives the ratio's range over the rounds.\n");
+    println!("| mode | metric | tether | host-local | ratio (median) | ratio (range) |");
+    println!("|---|---|---|---|---|---|");
+    let lat = |name: &str,
+               mode: &str,
+               t: &dyn Fn(&[Run; 4]) -> Duration,
+               h: &dyn Fn(&[Run; 4]) -> Duration| {
+        println!(
+            "| {mode} | {name} median | {:.2} ms | {:.2} ms | {:.2}x faster | {} |",
+            med(&|r| d_ms(t(r))),
+            med(&|r| d_ms(h(r))),
+            med(&|r| h(r).as_secs_f64() / t(r).as_secs_f64()),
+            spread(&|r| h(r).as_secs_f64() / t(r).as_secs_f64())
+        );
+    };
+    lat("ADD", "sequential", &|r| r[0].add, &|r| r[1].add);
+    lat("DEL", "sequential", &|r| r[0].del, &|r| r[1].del);
+    println!(
+        "| sequential | throughput | {:.0}/s | {:.0}/s | {:.2}x | {} |",
+        med(&|r| r[0].ops_per_sec),
+        med(&|r| r[1].ops_per_sec),
+        med(&|r| r[0].ops_per_sec / r[1].ops_per_sec),
+        spread(&|r| r[0].ops_per_sec / r[1].ops_per_sec)
+    );
+    let par = format!("{PARALLEL} in parallel");
+    lat("ADD", &par, &|r| r[2].add, &|r| r[3].add);
+    lat("DEL", &par, &|r| r[2].del, &|r| r[3].del);
+    println!(
+        "| {par} | throughput | {:.0}/s | {:.0}/s | {:.2}x | {} |",
+        med(&|r| r[2].ops_per_sec),
+        med(&|r| r[3].ops_per_sec),
+        med(&|r| r[2].ops_per_sec / r[3].ops_per_sec),
+        spread(&|r| r[2].ops_per_sec / r[3].ops_per_sec)
     );
     println!(
-        "| {PARALLEL} in parallel | ADD median | {} | {} | {} |",
-        ms(tp.add),
-        ms(hp.add),
-        ratio_lat(tp.add, hp.add)
-    );
-    println!(
-        "| {PARALLEL} in parallel | DEL median | {} | {} | {} |",
-        ms(tp.del),
-        ms(hp.del),
-        ratio_lat(tp.del, hp.del)
-    );
-    println!(
-        "| {PARALLEL} in parallel | throughput | {:.0}/s | {:.0}/s | {:.2}x |",
-        tp.ops_per_sec,
-        hp.ops_per_sec,
-        tp.ops_per_sec / hp.ops_per_sec
+        "\ntetherd used {:.2} ms of CPU per call in the parallel runs (USER_HZ resolution).",
+        d_ms(daemon_cpu) / (2 * per_round.div_ceil(PARALLEL) * PARALLEL * ROUNDS) as f64
     );
     let metrics = d.client().get_text("/metrics")?;
     let batches = metrics
@@ -216,10 +236,6 @@ fn main() -> Result<()> {
         })
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .collect::<Vec<_>>();
-    println!(
-        "\ntetherd used {:.2} ms of CPU per call in the parallel run (USER_HZ resolution).",
-        daemon_cpu.as_secs_f64() * 1e3 / (2 * n.div_ceil(PARALLEL) * PARALLEL) as f64
-    );
     if let [sum, count] = batches[..] {
         println!(
             "\ntetherd made {count:.0} durable commits for {sum:.0} requests (group commit: {:.2} requests per commit on average).",
