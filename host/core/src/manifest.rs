@@ -202,11 +202,22 @@ impl ObjectIndex {
 
     /// The object an owner reference points at, in `namespace`.
     pub fn get(&self, namespace: &str, r: &OwnerReference) -> Option<&Object> {
+        self.lookup(&r.api_version, &r.kind, namespace, &r.name)
+    }
+
+    /// An object by apiVersion (any version of its group), kind, namespace and name.
+    pub fn lookup(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<&Object> {
         self.objects.get(&(
-            api_group(&r.api_version).to_owned(),
-            r.kind.clone(),
+            api_group(api_version).to_owned(),
+            kind.to_owned(),
             namespace.to_owned(),
-            r.name.clone(),
+            name.to_owned(),
         ))
     }
 

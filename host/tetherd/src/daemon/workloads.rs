@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::Value;
-use tether_core::manifest::{ObjectIndex, api_group, object_from_value, workload_from_pod};
-use tether_core::{ObjectKey, ReleaseCondition, Workload};
+use tether_core::manifest::{ObjectIndex, object_from_value, workload_from_pod};
+use tether_core::{Object, ObjectKey, ReleaseCondition, Workload};
 
 /// What the manifests say, indexed.
 #[derive(Debug, Default)]
@@ -20,7 +20,6 @@ pub struct WorkloadIndex {
     pub pods: HashMap<(String, String), Workload>,
     /// Namespace annotations by name.
     pub namespaces: HashMap<String, Vec<(String, String)>>,
-    keys: HashMap<(String, String, String, String), Option<u32>>,
 }
 
 impl WorkloadIndex {
@@ -42,15 +41,6 @@ impl WorkloadIndex {
             }
             _ => {
                 let o = object_from_value(v).map_err(|e| e.to_string())?;
-                self.keys.insert(
-                    (
-                        api_group(&o.api_version).to_owned(),
-                        o.kind.clone(),
-                        o.namespace.clone(),
-                        o.name.clone(),
-                    ),
-                    o.replicas,
-                );
                 self.objects.insert(o);
             }
         }
@@ -63,15 +53,9 @@ impl WorkloadIndex {
             .contains_key(&(namespace.to_owned(), name.to_owned()))
     }
 
-    fn lookup(&self, k: &ObjectKey) -> Option<Option<u32>> {
-        self.keys
-            .get(&(
-                api_group(&k.api_version).to_owned(),
-                k.kind.clone(),
-                k.namespace.clone(),
-                k.name.clone(),
-            ))
-            .copied()
+    fn lookup(&self, k: &ObjectKey) -> Option<&Object> {
+        self.objects
+            .lookup(&k.api_version, &k.kind, &k.namespace, &k.name)
     }
 
     /// Whether a release condition holds: its owner is gone, or scaled below the ordinal.
@@ -80,7 +64,7 @@ impl WorkloadIndex {
             ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none(),
             ReleaseCondition::ScaledBelow { owner, ordinal } => match self.lookup(owner) {
                 None => true,
-                Some(replicas) => replicas.is_some_and(|r| r <= *ordinal),
+                Some(o) => o.replicas.is_some_and(|r| r <= *ordinal),
             },
             ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
         }

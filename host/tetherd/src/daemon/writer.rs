@@ -120,20 +120,20 @@ fn plan(op: Op, ipam: &mut Ipam) -> Result<(Vec<Change>, Outcome), AllocError> {
             ifname,
             now,
         } => {
-            let p = ipam.plan_del(&container_id, &ifname, now);
-            Ok((p.changes.clone(), Outcome::Changed(p.changes)))
+            let changes = ipam.plan_del(&container_id, &ifname, now).changes;
+            Ok((changes.clone(), Outcome::Changed(changes)))
         }
         Op::Gc {
             network,
             valid,
             now,
         } => {
-            let p = ipam.plan_gc(&network, &valid, now);
-            Ok((p.changes.clone(), Outcome::Changed(p.changes)))
+            let changes = ipam.plan_gc(&network, &valid, now).changes;
+            Ok((changes.clone(), Outcome::Changed(changes)))
         }
         Op::Release { now, fires } => {
-            let p = ipam.plan_release(now, &*fires);
-            Ok((p.changes.clone(), Outcome::Changed(p.changes)))
+            let changes = ipam.plan_release(now, &*fires).changes;
+            Ok((changes.clone(), Outcome::Changed(changes)))
         }
     }
 }
