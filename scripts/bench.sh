@@ -10,12 +10,11 @@ target=${CARGO_TARGET_DIR:-target}
 rm -rf "$target/criterion"
 cargo bench --locked -p tether-policy --bench policy -- --noplot >&2
 cargo bench --locked -p tether-core --bench alloc -- --noplot >&2
-# CNI: the daemon and the harness in release; the plugin as shipped, statically linked.
+# CNI: the daemon and the harness in release; the plugin as shipped (scripts/dist.sh).
 cargo build --locked --release -p tetherd -p tether-e2e >&2
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked --release -p tether-cni \
-  --target x86_64-unknown-linux-gnu >&2
+bash scripts/dist.sh >&2
 cni_md=$(mktemp)
-TETHER_CNI_PLUGIN="$target/x86_64-unknown-linux-gnu/release/tether" TETHER_BIN_DIR="$target/release" \
+TETHER_CNI_PLUGIN="dist/tether" TETHER_BIN_DIR="$target/release" \
   "$target/release/cni-bench" "${CNI_BENCH_ITERATIONS:-1000}" >"$cni_md"
 
 python3 - "$target/criterion" <<'PY' > docs/benchmarks.md

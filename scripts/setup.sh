@@ -16,9 +16,13 @@ channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
 if ! rustup toolchain list | grep -q "^$channel"; then
   say "installing Rust $channel"; rustup toolchain install "$channel" --profile minimal -c rustfmt -c clippy
 fi
-if ! rustup target list --installed --toolchain "$channel" | grep -qx wasm32-unknown-unknown; then
-  say "adding the wasm32-unknown-unknown target"; rustup target add --toolchain "$channel" wasm32-unknown-unknown
-fi
+# wasm32-unknown-unknown: policies. x86_64-unknown-linux-musl: the shipped, static CNI plugin
+# (musl's start-up skips glibc's CPUID probing, which costs a VM-exit per probe).
+for t in wasm32-unknown-unknown x86_64-unknown-linux-musl; do
+  if ! rustup target list --installed --toolchain "$channel" | grep -qx "$t"; then
+    say "adding the $t target"; rustup target add --toolchain "$channel" "$t"
+  fi
+done
 for c in rustfmt clippy; do
   rustup component list --installed --toolchain "$channel" | grep -q "^$c" || rustup component add --toolchain "$channel" "$c"
 done

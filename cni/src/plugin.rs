@@ -83,9 +83,13 @@ fn parse_cni_args(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn log(file: Option<&str>, line: &str) {
+/// Writes one line to `logFile`. Without one, only failures go to stderr (the runtime keeps
+/// the plugin's stderr with the error); a successful call stays silent.
+fn log(file: Option<&str>, failed: bool, line: &str) {
     let Some(path) = file else {
-        eprintln!("tether: {line}");
+        if failed {
+            eprintln!("tether: {line}");
+        }
         return;
     };
     let ts = std::time::SystemTime::now()
@@ -175,12 +179,34 @@ fn requested_ips(conf: &Value, args: &[(String, String)]) -> Vec<String> {
     out
 }
 
-/// Runs one CNI call.
+/// Runs one CNI call and logs its outcome (every call to `logFile`; failures to stderr when
+/// there is none).
 pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
-    let command = env_get(env, "CNI_COMMAND").to_owned();
+    let command = env_get(env, "CNI_COMMAND");
     if command == "VERSION" {
         return Output::ok(json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED}));
     }
+    let started = std::time::Instant::now();
+    let mut log_file = None;
+    let out = execute(env, stdin, &mut log_file);
+    log(
+        log_file.as_deref(),
+        out.exit != 0,
+        &format!(
+            "{command} container={} ifname={} exit={} took={:?} out={}",
+            env_get(env, "CNI_CONTAINERID"),
+            env_get(env, "CNI_IFNAME"),
+            out.exit,
+            started.elapsed(),
+            out.stdout
+        ),
+    );
+    out
+}
+
+/// One CNI call; `log_file` is set as soon as the config names one.
+fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>) -> Output {
+    let command = env_get(env, "CNI_COMMAND").to_owned();
     let conf: Value = match serde_json::from_slice(stdin) {
         Ok(v) => v,
         Err(e) => {
@@ -227,6 +253,7 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
             );
         }
     };
+    log_file.clone_from(&ipam.log_file);
     if ipam.kind != "tether" {
         return Output::error(
             &version,
@@ -255,7 +282,6 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
         ifname: env_get(env, "CNI_IFNAME").to_owned(),
         args: parse_cni_args(env_get(env, "CNI_ARGS")),
     };
-    let logf = ipam.log_file.as_deref();
     let client = Client::new(ipam.socket.as_deref().unwrap_or(DEFAULT_SOCKET), TIMEOUT);
     let mut req = CniRequest {
         container_id: call.container_id.clone(),
@@ -283,8 +309,7 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
             )
         })
     };
-    let started = std::time::Instant::now();
-    let out = match command.as_str() {
+    match command.as_str() {
         "ADD" => {
             if let Some(o) = need(&[
                 ("CNI_CONTAINERID", &call.container_id),
@@ -357,7 +382,8 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
             match client.post::<_, tether_api::GcResult>("/v1/cni/gc", &req) {
                 Ok(r) => {
                     log(
-                        logf,
+                        log_file.as_deref(),
+                        false,
                         &format!("GC network={} released={:?}", req.network, r.released),
                     );
                     Output::empty()
@@ -386,20 +412,7 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
             format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
             String::new(),
         ),
-    };
-    log(
-        logf,
-        &format!(
-            "{} container={} ifname={} exit={} took={:?} out={}",
-            command,
-            call.container_id,
-            call.ifname,
-            out.exit,
-            started.elapsed(),
-            out.stdout
-        ),
-    );
-    out
+    }
 }
 
 #[cfg(test)]

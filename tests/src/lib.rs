@@ -63,6 +63,15 @@ pub struct Daemon {
     child: Child,
 }
 
+/// `[flag, value]` unless `extra` sets the flag itself.
+fn default_flag<'a>(extra: &[&str], flag: &'a str, value: &'a str) -> Vec<&'a str> {
+    if extra.contains(&flag) {
+        Vec::new()
+    } else {
+        vec![flag, value]
+    }
+}
+
 impl Daemon {
     /// Starts tetherd with `pools_yaml` and extra flags; waits until it serves.
     pub fn start(pools_yaml: &str, extra: &[&str]) -> Result<Daemon> {
@@ -87,12 +96,9 @@ impl Daemon {
             .arg(&workloads)
             .arg("--socket")
             .arg(&socket)
-            .args(["--reconcile-interval-secs", "0"])
-            .args(if extra.contains(&"--log-level") {
-                &[][..]
-            } else {
-                &["--log-level", "info"][..]
-            })
+            // Defaults a test may override: release rules only when asked, info logs.
+            .args(default_flag(extra, "--reconcile-interval-secs", "0"))
+            .args(default_flag(extra, "--log-level", "info"))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -125,21 +131,8 @@ impl Daemon {
 
     /// CPU time the daemon has used so far (user + system), from /proc.
     pub fn cpu_time(&self) -> Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the ')'.
-        let ticks: u64 = fields
-            .get(11)
-            .and_then(|u| u.parse::<u64>().ok())
-            .unwrap_or(0)
-            + fields
-                .get(12)
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
-        Ok(Duration::from_millis(ticks * 10))
+        // utime and stime: fields 14 and 15 of /proc/PID/stat.
+        proc_cpu_time(&format!("/proc/{}/stat", self.child.id()), 14)
     }
 
     /// The daemon's log so far.
@@ -218,6 +211,32 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU time (user + system) from two consecutive fields of a /proc stat file, starting at
+/// 1-based field `first` (14: the process itself; 16: its waited-for children). USER_HZ (10 ms)
+/// resolution: meaningful over many calls only.
+pub fn proc_cpu_time(path: &str, first: usize) -> Result<Duration> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name's ')' start at field 3.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{path}: field {n} missing"))
+    };
+    Ok(Duration::from_millis(
+        (field(first)? + field(first + 1)?) * 10,
+    ))
+}
+
+/// The CPU time of this process's finished children (the plugin processes a harness ran).
+pub fn children_cpu_time() -> Result<Duration> {
+    proc_cpu_time("/proc/self/stat", 16)
 }
 
 /// A CNI call's outcome: the plugin's stdout as JSON (a result, or an error with a code).

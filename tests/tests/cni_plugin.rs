@@ -191,3 +191,39 @@ fn bridge_delegates_too() {
     assert!(lab.exec(&conf, "DEL", &b, &nb).expect("del").ok);
     assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
 }
+
+#[test]
+fn logs_every_call_to_log_file_and_only_failures_to_stderr() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let mut ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let pod = Pod::new("default", "quiet", 0);
+    let ok = ipam.add(&pod).expect("add");
+    assert!(ok.ok, "{}", ok.out);
+    assert!(
+        ok.stderr.is_empty(),
+        "a successful call is silent: {:?}",
+        ok.stderr
+    );
+    let mut bad = Pod::new("default", "loud", 1);
+    bad.ifname = String::new();
+    let failed = ipam.add(&bad).expect("add without CNI_IFNAME");
+    assert!(!failed.ok);
+    assert!(
+        failed.stderr.starts_with("tether: ADD") && failed.stderr.contains("exit=1"),
+        "a failed call leaves one line on stderr: {:?}",
+        failed.stderr
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("tether-cni.log");
+    ipam.conf["ipam"]["logFile"] = json!(log);
+    let pod2 = Pod::new("default", "logged", 2);
+    let o = ipam.add(&pod2).expect("add with logFile");
+    assert!(o.ok && o.stderr.is_empty(), "{:?}", o.stderr);
+    assert!(ipam.del(&pod2).expect("del").ok);
+    let text = std::fs::read_to_string(&log).expect("log file written");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("ADD container=") && lines[0].contains(&o.ip().expect("ip")));
+    assert!(lines[1].contains("DEL container="));
+}

@@ -1,9 +1,11 @@
 //! The daemon as an operator sees it: a failing policy changes no state, `tetherd pools`,
-//! metrics, readiness, graceful shutdown with state kept.
+//! metrics, readiness, graceful shutdown with state kept, and the periodic release of pinned
+//! addresses when a StatefulSet is scaled down or deleted.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, bin_dir};
+use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, bin_dir, manifests};
 
 #[test]
 fn failing_policy_fails_the_call_and_changes_nothing() {
@@ -99,5 +101,92 @@ fn bad_pools_stop_start_up_with_a_clear_message() {
     assert!(
         e.contains("ips 10.0.1.1 is outside subnet 10.0.0.0/24"),
         "{e}"
+    );
+}
+
+/// Waits until the pinned addresses of `pods` are exactly `want` (pod name -> held or not).
+fn wait_pins(d: &Daemon, want: &[(&str, bool)]) -> Vec<(String, bool)> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let allocs = d.allocations().expect("allocations");
+        let got: Vec<(String, bool)> = want
+            .iter()
+            .map(|(pod, _)| {
+                let identity = format!("default/{pod}");
+                let held = allocs
+                    .iter()
+                    .any(|a| a["owner"]["identity"] == identity.as_str());
+                ((*pod).to_owned(), held)
+            })
+            .collect();
+        let done = got.iter().zip(want).all(|((_, g), (_, w))| g == w);
+        if done || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn statefulset_scaled_down_then_deleted_releases_its_pins() {
+    // The periodic reconcile (every second here) applies the release rules without being asked.
+    let d = Daemon::start(SEED_POOL, &["--reconcile-interval-secs", "1"]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    d.put_manifest("sts", &manifests::statefulset("db", 3))
+        .expect("sts");
+    let mut pods = Vec::new();
+    let mut ips = Vec::new();
+    for i in 0..3u32 {
+        let p = Pod::new("default", &format!("db-{i}"), 10 + i);
+        d.put_manifest(&p.name, &manifests::sts_pod(&p, "db"))
+            .expect("pod");
+        let o = ipam.add(&p).expect("add");
+        assert!(o.ok, "{}", o.out);
+        ips.push(o.ip().expect("ip"));
+        pods.push(p);
+    }
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 3);
+
+    // Scale 3 -> 1: the controller deletes db-2, then db-1 (their DELs keep the pins), and the
+    // StatefulSet now says replicas: 1. Their addresses are released; db-0 keeps its own.
+    d.put_manifest("sts", &manifests::statefulset("db", 1))
+        .expect("scale");
+    for p in pods[1..].iter().rev() {
+        assert!(ipam.del(p).expect("del").ok);
+        d.remove_manifest(&p.name).expect("pod gone");
+    }
+    let got = wait_pins(&d, &[("db-0", true), ("db-1", false), ("db-2", false)]);
+    assert_eq!(
+        got,
+        [
+            ("db-0".into(), true),
+            ("db-1".into(), false),
+            ("db-2".into(), false)
+        ],
+        "only the replicas above the new scale lose their pins: {}",
+        d.log()
+    );
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 1);
+
+    // A replica still running keeps its pin even when its ordinal is above the scale (the
+    // address is released only once no pod holds it).
+    d.put_manifest("sts", &manifests::statefulset("db", 0))
+        .expect("scale to 0");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(wait_pins(&d, &[("db-0", true)]), [("db-0".into(), true)]);
+    assert!(ipam.del(&pods[0]).expect("del db-0").ok);
+
+    // Deleting the StatefulSet releases what is left.
+    d.remove_manifest("sts").expect("delete sts");
+    assert_eq!(
+        wait_pins(&d, &[("db-0", false)]),
+        [("db-0".into(), false)],
+        "{}",
+        d.log()
+    );
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
+    assert!(
+        d.log().contains("released pinned addresses"),
+        "the release is logged"
     );
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use tether_e2e::{Daemon, bin_dir, cni_exec};
+use tether_e2e::{Daemon, bin_dir, children_cpu_time, cni_exec};
 
 const PARALLEL: usize = 16;
 const ROUNDS: usize = 5;
@@ -146,16 +146,26 @@ fn main() -> Result<()> {
     let (tether, hl) = (Arc::new(tether), Arc::new(hl));
     let per_round = n.div_ceil(ROUNDS);
     let mut rounds: Vec<[Run; 4]> = Vec::with_capacity(ROUNDS);
-    let mut daemon_cpu = Duration::ZERO;
+    let (mut daemon_cpu, mut tether_cpu, mut hl_cpu) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    // CPU of the plugin processes, summed over the calls of one plugin.
+    let measured = |cpu: &mut Duration, f: &mut dyn FnMut() -> Result<Run>| -> Result<Run> {
+        let before = children_cpu_time()?;
+        let r = f()?;
+        *cpu += children_cpu_time()?.saturating_sub(before);
+        Ok(r)
+    };
     for _ in 0..ROUNDS {
-        let ts = sequential(&tether, per_round)?;
-        let hs = sequential(&hl, per_round)?;
+        let ts = measured(&mut tether_cpu, &mut || sequential(&tether, per_round))?;
+        let hs = measured(&mut hl_cpu, &mut || sequential(&hl, per_round))?;
         let cpu_before = d.cpu_time()?;
-        let tp = parallel(tether.clone(), per_round)?;
+        let tp = measured(&mut tether_cpu, &mut || parallel(tether.clone(), per_round))?;
         daemon_cpu += d.cpu_time()?.saturating_sub(cpu_before);
-        let hp = parallel(hl.clone(), per_round)?;
+        let hp = measured(&mut hl_cpu, &mut || parallel(hl.clone(), per_round))?;
         rounds.push([ts, hs, tp, hp]);
     }
+    let par_calls = (2 * per_round.div_ceil(PARALLEL) * PARALLEL * ROUNDS) as f64;
+    let all_calls = par_calls + (2 * per_round * ROUNDS) as f64;
     let med = |f: &dyn Fn(&[Run; 4]) -> f64| -> f64 {
         let mut v: Vec<f64> = rounds.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
@@ -181,10 +191,10 @@ fn main() -> Result<()> {
         "from {PARALLEL} callers at once. tether talks to a standalone tetherd (release build) that"
     );
     println!(
-        "commits every allocation durably (redb, fsync) before answering; the plugin is the static"
+        "commits every allocation durably (redb, fsync) before answering; the plugin is the shipped"
     );
     println!(
-        "release build. host-local is Debian's containernetworking-plugins build, writing its files"
+        "build (static, musl). host-local is Debian's containernetworking-plugins build, writing its files"
     );
     println!(
         "under a lock. Values are medians over the rounds (latencies: the median call of a round);"
@@ -224,8 +234,18 @@ fn main() -> Result<()> {
         spread(&|r| r[2].ops_per_sec / r[3].ops_per_sec)
     );
     println!(
-        "\ntetherd used {:.2} ms of CPU per call in the parallel runs (USER_HZ resolution).",
-        d_ms(daemon_cpu) / (2 * per_round.div_ceil(PARALLEL) * PARALLEL * ROUNDS) as f64
+        "\nCPU time per call (user + system, USER_HZ resolution, averaged over every call):\n"
+    );
+    println!("| process | tether | host-local |");
+    println!("|---|---|---|");
+    println!(
+        "| the plugin process | {:.2} ms | {:.2} ms |",
+        d_ms(tether_cpu) / all_calls,
+        d_ms(hl_cpu) / all_calls
+    );
+    println!(
+        "| tetherd (parallel runs) | {:.2} ms | — |",
+        d_ms(daemon_cpu) / par_calls
     );
     let metrics = d.client().get_text("/metrics")?;
     let batches = metrics
