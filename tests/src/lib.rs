@@ -181,10 +181,21 @@ impl Daemon {
         Ok(self.client().get("/v1/allocations")?)
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the daemon.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{name} failed: {status}");
+        }
+        Ok(())
+    }
+
     /// SIGTERM, then wait; returns the directory for a restart.
     pub fn stop(mut self) -> Result<tempfile::TempDir> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.signal("TERM")?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {

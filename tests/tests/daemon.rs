@@ -190,3 +190,116 @@ fn statefulset_scaled_down_then_deleted_releases_its_pins() {
         "the release is logged"
     );
 }
+
+/// Waits until `/v1/pools` satisfies `ok`; returns the last `(name, allocated, total)` list.
+fn wait_pools(d: &Daemon, ok: impl Fn(&[(String, u64, u64)]) -> bool) -> Vec<(String, u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let list: tether_api::PoolList = d.client().get("/v1/pools").expect("pools");
+        let got: Vec<(String, u64, u64)> = list
+            .pools
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.allocated.parse().expect("allocated"),
+                    p.total.parse().expect("total"),
+                )
+            })
+            .collect();
+        if ok(&got) || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pools_reload_when_their_file_changes_and_keep_allocations() {
+    let d = Daemon::start(SEED_POOL, &["--pools-watch-interval-secs", "1"]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let first = ipam.add(&Pod::new("default", "p0", 0)).expect("add");
+    assert!(first.ok, "{}", first.out);
+    let pools_file = d.dir.path().join("pools.yaml");
+
+    // Grow test-ippool and add a pool: both in force without a restart, the allocation kept.
+    let grown = format!(
+        "{}---\n{}",
+        SEED_POOL.replace("10.6.168.110", "10.6.168.120"),
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: extra}\nspec: {subnet: 10.7.0.0/24}\n"
+    );
+    assert_ne!(grown, SEED_POOL, "the seed pool's range end changed");
+    std::fs::write(&pools_file, &grown).expect("write pools");
+    let got = wait_pools(&d, |p| p.len() == 2);
+    assert_eq!(
+        got,
+        [("extra".into(), 0, 254), ("test-ippool".into(), 1, 20)],
+        "{}",
+        d.log()
+    );
+    let extra = Ipam::new(&d.socket, "net2", "1.0.0", &["extra"]).expect("ipam");
+    let o = extra
+        .add(&Pod::new("default", "p1", 1))
+        .expect("add from the new pool");
+    assert!(
+        o.ok && o.ip().expect("ip").starts_with("10.7.0."),
+        "{}",
+        o.out
+    );
+    assert!(d.log().contains("pools reloaded"), "{}", d.log());
+
+    // A broken file is refused: the pools in force stay, and the error is logged.
+    std::fs::write(&pools_file, "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: x}\nspec: {subnet: nonsense}\n").expect("write");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !d.log().contains("pools not reloaded") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.log().contains("pools not reloaded"), "{}", d.log());
+    assert_eq!(wait_pools(&d, |_| true).len(), 2, "the previous pools stay");
+    let metrics = d.client().get_text("/metrics").expect("metrics");
+    assert!(
+        metrics.contains(r#"tether_pool_reloads_total{result="error"} 1"#),
+        "{metrics}"
+    );
+
+    // Removing a pool that still has an allocation keeps the allocation (an orphan, logged).
+    std::fs::write(&pools_file, SEED_POOL).expect("write");
+    let got = wait_pools(&d, |p| p.len() == 1);
+    assert_eq!(got, [("test-ippool".into(), 1, 10)], "{}", d.log());
+    assert!(
+        d.allocations()
+            .expect("allocations")
+            .iter()
+            .any(|a| a["pool"] == "extra"),
+        "the extra pool's allocation is kept"
+    );
+    assert!(
+        d.log()
+            .contains("allocation outside every current pool is kept")
+    );
+    let metrics = d.client().get_text("/metrics").expect("metrics");
+    assert!(
+        !metrics.contains(r#"pool="extra""#),
+        "a removed pool's gauges go: {metrics}"
+    );
+}
+
+#[test]
+fn sighup_reloads_pools_when_watching_is_off() {
+    let d = Daemon::start(SEED_POOL, &["--pools-watch-interval-secs", "0"]).expect("daemon");
+    let grown = SEED_POOL.replace("10.6.168.110", "10.6.168.120");
+    std::fs::write(d.dir.path().join("pools.yaml"), grown).expect("write pools");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        wait_pools(&d, |_| true),
+        [("test-ippool".into(), 0, 10)],
+        "no watching: nothing changes by itself"
+    );
+    d.signal("HUP").expect("SIGHUP");
+    assert_eq!(
+        wait_pools(&d, |p| p.first().is_some_and(|p| p.2 == 20)),
+        [("test-ippool".into(), 0, 20)],
+        "{}",
+        d.log()
+    );
+}

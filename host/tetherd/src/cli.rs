@@ -40,9 +40,12 @@ pub struct RunArgs {
     /// Where the embedded store lives.
     #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
     pub state_dir: PathBuf,
-    /// IPPool manifests: a file or a directory.
+    /// IPPool manifests: a file or a directory. Reloaded when a file changes, and on SIGHUP.
     #[arg(long, env = "TETHER_POOLS", default_value = "/etc/tether/pools")]
     pub pools: PathBuf,
+    /// Seconds between checks of the pool files for changes (0: reload on SIGHUP only).
+    #[arg(long, env = "TETHER_POOLS_WATCH_INTERVAL", default_value_t = 2)]
+    pub pools_watch_interval_secs: u64,
     /// Kubernetes manifests (Pods, VMIs, VMs, StatefulSets, Namespaces) describing the workloads,
     /// looked up by the K8S_POD_NAMESPACE/K8S_POD_NAME CNI args. Re-read when files change.
     #[arg(long, env = "TETHER_WORKLOADS")]

@@ -25,8 +25,15 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Pool reloads by result (`ok`, `error`).
+    pub pool_reloads: Family<ReloadLabels, Counter>,
     /// CNI calls by command and result (`ok` or the failure reason).
     pub calls: Family<CallLabels, Counter>,
     /// Policy evaluation latency.
@@ -80,8 +87,15 @@ impl Metrics {
             "Allocated addresses per pool",
             pool_allocated.clone(),
         );
+        let pool_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "pool_reloads",
+            "Reloads of the pool manifests by result",
+            pool_reloads.clone(),
+        );
         Metrics {
             registry,
+            pool_reloads,
             calls,
             policy_seconds,
             commit_seconds,

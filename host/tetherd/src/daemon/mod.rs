@@ -112,6 +112,72 @@ fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// Reloads the pools when a file changes (checked every `every`; never when zero) and on
+/// SIGHUP. A load that fails is logged and counted, and the pools in force stay.
+async fn watch_pools(service: Arc<service::Service>, files: pools::PoolFiles, every: Duration) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP (pool reloads on file changes only): {e}");
+            None
+        }
+    };
+    let mut tick = (!every.is_zero()).then(|| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let files = Arc::new(std::sync::Mutex::new(files));
+    loop {
+        let force = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = async { match tick.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => false,
+        };
+        let f = files.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let path = f.path().display().to_string();
+            f.reload(force).map(|r| (path, r))
+        })
+        .await;
+        let (path, result) = match loaded {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!("pool reload task: {e}");
+                continue;
+            }
+        };
+        match result {
+            Ok(pools) => {
+                let diff = service.replace_pools(pools);
+                service
+                    .metrics
+                    .pool_reloads
+                    .get_or_create(&metrics::ReloadLabels {
+                        result: "ok".into(),
+                    })
+                    .inc();
+                if diff.is_empty() {
+                    tracing::debug!(path = %path, "pools unchanged");
+                } else {
+                    tracing::info!(path = %path, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "pools reloaded");
+                }
+            }
+            Err(e) => {
+                service
+                    .metrics
+                    .pool_reloads
+                    .get_or_create(&metrics::ReloadLabels {
+                        result: "error".into(),
+                    })
+                    .inc();
+                tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e:#}");
+            }
+        }
+    }
+}
+
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -137,7 +203,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let store_path = args.state_dir.join("tether.redb");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
     let snapshot = store.snapshot()?;
-    let pools = pools::load(&args.pools)?;
+    let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
     let ipam = Ipam::new(pools, snapshot.allocations);
     for o in ipam.orphans() {
         tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept; free it by hand if it is stale");
@@ -184,12 +250,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
+    let pool_watcher = tokio::spawn(watch_pools(
+        service.clone(),
+        pool_files,
+        Duration::from_secs(args.pools_watch_interval_secs),
+    ));
+
     axum::serve(listener, http::router(service.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     if let Some(r) = reconciler {
         r.abort();
     }
+    pool_watcher.abort();
     drop(service);
     let _ = std::fs::remove_file(&args.socket);
     // The writer ends once the last handle is gone, after finishing its batch.

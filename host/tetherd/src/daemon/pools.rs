@@ -1,33 +1,40 @@
-//! IPPool manifests from a file or a directory.
+//! IPPool manifests from a file or a directory, loaded at start-up and again whenever a file
+//! changes (or on SIGHUP). A reload that fails keeps the pools in force.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use tether_core::pool::{Pool, from_manifest};
 
 use crate::manifests::read_documents;
 
-/// Reads every IPPool of a file, or of every .yaml/.yml/.json file of a directory. Any error
-/// stops start-up: a pool typo must not silently drop a pool.
-pub fn load(path: &Path) -> anyhow::Result<Vec<Pool>> {
-    let mut files = Vec::new();
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
-        {
-            let p = entry?.path();
-            if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
-                files.push(p);
-            }
-        }
-        files.sort();
-    } else {
-        files.push(path.to_owned());
+/// The manifest files of `path`: the file itself, or the .yaml/.yml/.json files of a
+/// directory, sorted.
+fn files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
     }
+    let mut files = Vec::new();
+    for entry in
+        std::fs::read_dir(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
+    {
+        let p = entry?.path();
+        if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every IPPool of `path`. Any error fails the whole load: a pool typo must not
+/// silently drop a pool.
+pub fn load(path: &Path) -> anyhow::Result<Vec<Pool>> {
     let mut pools: Vec<Pool> = Vec::new();
-    for f in files {
+    for f in files(path)? {
         for (i, doc) in read_documents(&f)?.iter().enumerate() {
             let pool = from_manifest(doc)
                 .map_err(|e| anyhow::anyhow!("{} (document {i}): {e}", f.display()))?;
@@ -38,4 +45,87 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Pool>> {
         }
     }
     Ok(pools)
+}
+
+/// What the files looked like at the last load: path, modification time and length.
+type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map_or(0, |m| m.len());
+            (f, modified, len)
+        })
+        .collect()
+}
+
+/// The pools' source, watched for changes.
+pub struct PoolFiles {
+    path: PathBuf,
+    seen: Stamp,
+}
+
+impl PoolFiles {
+    /// Loads the pools for start-up.
+    pub fn open(path: &Path) -> anyhow::Result<(PoolFiles, Vec<Pool>)> {
+        let seen = stamp(path);
+        let pools = load(path)?;
+        Ok((
+            PoolFiles {
+                path: path.to_owned(),
+                seen,
+            },
+            pools,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pools again if a file changed since the last look (or `force`), else `None`.
+    /// A failed load is reported once per change.
+    pub fn reload(&mut self, force: bool) -> Option<anyhow::Result<Vec<Pool>>> {
+        let now = stamp(&self.path);
+        if !force && now == self.seen {
+            return None;
+        }
+        self.seen = now;
+        Some(load(&self.path))
+    }
+}
+
+/// What a reload changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PoolDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl PoolDiff {
+    pub fn between(old: &[Pool], new: &[Pool]) -> PoolDiff {
+        let mut d = PoolDiff::default();
+        for n in new {
+            match old.iter().find(|o| o.name == n.name) {
+                None => d.added.push(n.name.clone()),
+                Some(o) if o != n => d.changed.push(n.name.clone()),
+                Some(_) => {}
+            }
+        }
+        for o in old {
+            if !new.iter().any(|n| n.name == o.name) {
+                d.removed.push(o.name.clone());
+            }
+        }
+        d
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
 }

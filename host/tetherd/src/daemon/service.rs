@@ -406,6 +406,30 @@ impl Service {
         }
     }
 
+    /// Puts new pool definitions in force between two writer batches. Every allocation is
+    /// kept: one outside every new pool stays (an orphan, logged) until it is released.
+    pub fn replace_pools(&self, pools: Vec<tether_core::pool::Pool>) -> super::pools::PoolDiff {
+        let mut ipam = self.ipam.write().unwrap_or_else(PoisonError::into_inner);
+        let old: Vec<tether_core::pool::Pool> = ipam
+            .pool_names()
+            .iter()
+            .filter_map(|n| ipam.pool(n).cloned())
+            .collect();
+        let diff = super::pools::PoolDiff::between(&old, &pools);
+        if !diff.is_empty() {
+            ipam.set_pools(pools);
+            for name in &diff.removed {
+                let l = PoolLabels { pool: name.clone() };
+                self.metrics.pool_total.remove(&l);
+                self.metrics.pool_allocated.remove(&l);
+            }
+            for o in ipam.orphans() {
+                tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept; it is freed when released");
+            }
+        }
+        diff
+    }
+
     pub fn allocations(&self) -> Vec<tether_core::alloc::Allocation> {
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
         let mut v: Vec<_> = ipam.allocations().cloned().collect();
