@@ -104,13 +104,25 @@ fn bad_pools_stop_start_up_with_a_clear_message() {
     );
 }
 
-/// Waits until the pinned addresses of `pods` are exactly `want` (pod name -> held or not).
-fn wait_pins(d: &Daemon, want: &[(&str, bool)]) -> Vec<(String, bool)> {
+/// Polls `look` every 100 ms until `done` holds of what it returns, or 15 s pass; returns the
+/// last look (the caller asserts on it, so a timeout shows what was seen).
+fn poll<T>(look: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
+        let got = look();
+        if done(&got) || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether each StatefulSet pod's identity holds a pinned address, once it matches `want` (or
+/// after the timeout).
+fn wait_pins(d: &Daemon, want: &[(&str, bool)]) -> Vec<(String, bool)> {
+    let look = || {
         let allocs = d.allocations().expect("allocations");
-        let got: Vec<(String, bool)> = want
-            .iter()
+        want.iter()
             .map(|(pod, _)| {
                 let identity = format!("default/{pod}");
                 let held = allocs
@@ -118,13 +130,11 @@ fn wait_pins(d: &Daemon, want: &[(&str, bool)]) -> Vec<(String, bool)> {
                     .any(|a| a["owner"]["identity"] == identity.as_str());
                 ((*pod).to_owned(), held)
             })
-            .collect();
-        let done = got.iter().zip(want).all(|((_, g), (_, w))| g == w);
-        if done || Instant::now() > deadline {
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .collect::<Vec<_>>()
+    };
+    poll(look, |got| {
+        got.iter().zip(want).all(|((_, g), (_, w))| g == w)
+    })
 }
 
 #[test]
@@ -191,13 +201,11 @@ fn statefulset_scaled_down_then_deleted_releases_its_pins() {
     );
 }
 
-/// Waits until `/v1/pools` satisfies `ok`; returns the last `(name, allocated, total)` list.
+/// `(name, allocated, total)` of every pool, once `ok` holds of them (or after the timeout).
 fn wait_pools(d: &Daemon, ok: impl Fn(&[(String, u64, u64)]) -> bool) -> Vec<(String, u64, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let look = || {
         let list: tether_api::PoolList = d.client().get("/v1/pools").expect("pools");
-        let got: Vec<(String, u64, u64)> = list
-            .pools
+        list.pools
             .iter()
             .map(|p| {
                 (
@@ -206,12 +214,9 @@ fn wait_pools(d: &Daemon, ok: impl Fn(&[(String, u64, u64)]) -> bool) -> Vec<(St
                     p.total.parse().expect("total"),
                 )
             })
-            .collect();
-        if ok(&got) || Instant::now() > deadline {
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .collect::<Vec<_>>()
+    };
+    poll(look, |got| ok(got))
 }
 
 #[test]
@@ -250,11 +255,8 @@ fn pools_reload_when_their_file_changes_and_keep_allocations() {
 
     // A broken file is refused: the pools in force stay, and the error is logged.
     std::fs::write(&pools_file, "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: x}\nspec: {subnet: nonsense}\n").expect("write");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !d.log().contains("pools not reloaded") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(d.log().contains("pools not reloaded"), "{}", d.log());
+    let log = poll(|| d.log(), |l| l.contains("pools not reloaded"));
+    assert!(log.contains("pools not reloaded"), "{log}");
     assert_eq!(wait_pools(&d, |_| true).len(), 2, "the previous pools stay");
     let metrics = d.client().get_text("/metrics").expect("metrics");
     assert!(
