@@ -16,6 +16,9 @@ bash scripts/dist.sh >&2
 cni_md=$(mktemp)
 TETHER_CNI_PLUGIN="dist/tether" TETHER_BIN_DIR="$target/release" \
   "$target/release/cni-bench" "${CNI_BENCH_ITERATIONS:-1000}" >"$cni_md"
+echo >>"$cni_md"
+TETHER_CNI_PLUGIN="dist/tether" TETHER_BIN_DIR="$target/release" \
+  "$target/release/startup-bench" "${STARTUP_BENCH_ALLOCATIONS:-1000000}" >>"$cni_md"
 
 python3 - "$target/criterion" <<'PY' > docs/benchmarks.md
 import json, os, platform, subprocess, sys

@@ -181,6 +181,11 @@ impl Daemon {
         Ok(self.client().get("/v1/allocations")?)
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal (`HUP`, `TERM`, ...) to the daemon.
     pub fn signal(&self, name: &str) -> Result<()> {
         let status = Command::new("kill")

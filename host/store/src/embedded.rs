@@ -13,6 +13,9 @@ const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocati
 /// Revision by pool.
 const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
 
+/// redb's page cache.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// A redb-backed store.
 pub struct EmbeddedStore {
     db: Database,
@@ -29,7 +32,12 @@ fn key(pool: &str, ip: std::net::IpAddr) -> String {
 impl EmbeddedStore {
     /// Opens (or creates) the store file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)
+        // redb caches up to 1 GiB by default. The daemon reads the whole store once, at
+        // start-up, and then only writes small commits: a small cache serves that, and keeps a
+        // node with a million allocations from holding the file in memory twice.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ALLOCATIONS).map_err(backend)?;
