@@ -114,6 +114,14 @@ impl Metrics {
             .inc();
     }
 
+    pub fn pool_reload(&self, result: &str) {
+        self.pool_reloads
+            .get_or_create(&ReloadLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

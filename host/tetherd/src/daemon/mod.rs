@@ -151,13 +151,7 @@ async fn watch_pools(service: Arc<service::Service>, files: pools::PoolFiles, ev
         match result {
             Ok(pools) => {
                 let diff = service.replace_pools(pools);
-                service
-                    .metrics
-                    .pool_reloads
-                    .get_or_create(&metrics::ReloadLabels {
-                        result: "ok".into(),
-                    })
-                    .inc();
+                service.metrics.pool_reload("ok");
                 if diff.is_empty() {
                     tracing::debug!(path = %path, "pools unchanged");
                 } else {
@@ -165,13 +159,7 @@ async fn watch_pools(service: Arc<service::Service>, files: pools::PoolFiles, ev
                 }
             }
             Err(e) => {
-                service
-                    .metrics
-                    .pool_reloads
-                    .get_or_create(&metrics::ReloadLabels {
-                        result: "error".into(),
-                    })
-                    .inc();
+                service.metrics.pool_reload("error");
                 tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e:#}");
             }
         }
@@ -205,9 +193,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = store.snapshot()?;
     let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
     let ipam = Ipam::new(pools, snapshot.allocations);
-    for o in ipam.orphans() {
-        tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept; free it by hand if it is stale");
-    }
+    pools::warn_orphans(&ipam);
     let runtime = Runtime::new(args.sandbox.runtime_config())?;
     let chain = chain::build(&runtime, &chain_sources(&args)?)?;
     let workloads = match &args.workloads {

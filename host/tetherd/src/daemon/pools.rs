@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use tether_core::alloc::Ipam;
 use tether_core::pool::{Pool, from_manifest};
 
 use crate::manifests::read_documents;
@@ -127,5 +128,12 @@ impl PoolDiff {
 
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// Logs the allocations whose address is in no current pool (at start-up and after a reload).
+pub fn warn_orphans(ipam: &Ipam) {
+    for o in ipam.orphans() {
+        tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept until released (DEL, GC or its release rule)");
     }
 }

@@ -423,9 +423,7 @@ impl Service {
                 self.metrics.pool_total.remove(&l);
                 self.metrics.pool_allocated.remove(&l);
             }
-            for o in ipam.orphans() {
-                tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept; it is freed when released");
-            }
+            super::pools::warn_orphans(&ipam);
         }
         diff
     }
