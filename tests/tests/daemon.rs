@@ -305,3 +305,73 @@ fn sighup_reloads_pools_when_watching_is_off() {
         d.log()
     );
 }
+
+#[test]
+fn release_by_hand_frees_a_pin_no_rule_can_release() {
+    // A VM's pin stays while its VirtualMachine exists (and, without --workloads, forever:
+    // the owner-deleted rule cannot be judged). The operator can release it by hand.
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    d.put_manifest("vm", &manifests::vm("vm-cirros", "vm-uid"))
+        .expect("vm");
+    d.put_manifest("vmi", &manifests::vmi("vm-cirros", "vmi-uid", "vm-uid"))
+        .expect("vmi");
+    let launcher = Pod::new("default", "virt-launcher-vm-cirros-abcde", 1);
+    d.put_manifest(
+        "pod",
+        &manifests::launcher(&launcher, "vm-cirros", "vmi-uid", None),
+    )
+    .expect("pod");
+    let vm_ip = ipam.add(&launcher).expect("add").ip().expect("vm ip");
+    let web = Pod::new("default", "web", 2);
+    let web_ip = ipam.add(&web).expect("add").ip().expect("web ip");
+
+    let release = |address: &str, force: bool| {
+        let mut cmd = Command::new(bin_dir().expect("bins").join("tetherd"));
+        cmd.args(["release", address, "--socket"]).arg(&d.socket);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().expect("tetherd release")
+    };
+
+    // Held by a running pod: refused, saying by whom and what to do.
+    let o = release(&format!("test-ippool/{vm_ip}"), false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("virt-launcher-vm-cirros-abcde") && err.contains("force"),
+        "{err}"
+    );
+
+    // The VM's pod is gone: its pin stays (the VM still exists), then is released by hand.
+    assert!(ipam.del(&launcher).expect("del").ok);
+    assert!(d.reconcile().expect("reconcile").is_empty());
+    let o = release(&format!("test-ippool/{vm_ip}"), false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("released test-ippool/{vm_ip}")
+    );
+
+    // A pod gone for good without its DEL: --force frees its address.
+    let o = release(&format!("test-ippool/{web_ip}"), true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
+
+    // Mistakes get a clear message.
+    let o = release(&format!("test-ippool/{web_ip}"), false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is not allocated"),
+        "{err}"
+    );
+    let o = release("10.6.168.101", false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("is not POOL/IP"), "{err}");
+    assert!(
+        d.log().contains("released by hand"),
+        "the release is logged"
+    );
+}

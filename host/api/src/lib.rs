@@ -143,6 +143,19 @@ pub struct GcResult {
     pub released: Vec<String>,
 }
 
+/// `POST /v1/release`: free one address by hand.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// The pool.
+    pub pool: String,
+    /// The address.
+    pub ip: String,
+    /// Also when pods still hold it (they are gone for good).
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// The answer to a reconcile.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileResult {

@@ -274,6 +274,24 @@ pub enum AllocError {
     /// The decision cannot be allocated (abstain reached the allocator).
     #[error("the policy chain returned no decision")]
     NoDecision,
+    /// An address asked to be released by hand is held by a pod.
+    #[error(
+        "{ip} is held by {holder}: release it once the pod is gone (its DEL or a CNI GC frees an ephemeral address), or force it if the pod is gone for good"
+    )]
+    StillHeld {
+        /// Address.
+        ip: IpAddr,
+        /// Who holds it.
+        holder: String,
+    },
+    /// An address asked to be released is not allocated.
+    #[error("{ip} is not allocated in pool {pool:?} (see /v1/allocations)")]
+    NotAllocated {
+        /// Pool.
+        pool: String,
+        /// Address.
+        ip: IpAddr,
+    },
 }
 
 fn hint(known: &[String]) -> String {
@@ -672,6 +690,30 @@ impl Ipam {
                 .push(release_holder(a, container_id, ifname, now));
         }
         plan
+    }
+
+    /// Plans releasing one address by hand, whatever its owner and release rule: the
+    /// operator's way out when a rule cannot fire (say, a VM's manifest was never given to a
+    /// standalone daemon). Refused while pods hold the address, unless `force` (for holders
+    /// known to be gone for good: a lost node whose DEL never comes).
+    pub fn plan_free(&self, pool: &str, ip: IpAddr, force: bool) -> Result<Plan, AllocError> {
+        let a = self.get(pool, ip).ok_or_else(|| AllocError::NotAllocated {
+            pool: pool.to_owned(),
+            ip,
+        })?;
+        if !force && let Some(h) = a.holders.first() {
+            return Err(AllocError::StillHeld {
+                ip,
+                holder: h.attachment.describe(),
+            });
+        }
+        Ok(Plan {
+            changes: vec![Change::Delete {
+                pool: pool.to_owned(),
+                ip,
+            }],
+            ..Plan::default()
+        })
     }
 
     /// Plans a CNI GC for `network`: every attachment of that network not in `valid` is

@@ -431,6 +431,69 @@ fn idle_release() {
 }
 
 #[test]
+fn release_by_hand_refuses_held_addresses_unless_forced() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let vm = add(
+        &mut ipam,
+        att("c1", "virt-launcher-a", "u1"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("vm")[0];
+    let pod = add(
+        &mut ipam,
+        att("c2", "cart", "u2"),
+        &Decision::Ephemeral,
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("pod")[0];
+    let unused: IpAddr = "10.6.168.110".parse().expect("ip");
+    assert_eq!(
+        ipam.plan_free("test-ippool", unused, false).err(),
+        Some(AllocError::NotAllocated {
+            pool: "test-ippool".into(),
+            ip: unused
+        })
+    );
+    assert_eq!(
+        ipam.plan_free("other", vm, true).err(),
+        Some(AllocError::NotAllocated {
+            pool: "other".into(),
+            ip: vm
+        })
+    );
+    // Held: refused, naming the holder; forced: freed.
+    match ipam.plan_free("test-ippool", pod, false) {
+        Err(AllocError::StillHeld { ip, holder }) => {
+            assert_eq!(ip, pod);
+            assert!(holder.contains("default/cart"), "{holder}");
+        }
+        other => panic!("expected StillHeld, got {other:?}"),
+    }
+    let plan = ipam.plan_free("test-ippool", pod, true).expect("forced");
+    ipam.apply(&plan.changes);
+    ipam.check().expect("invariants hold");
+    assert!(ipam.held_by("c2", "eth0").is_empty());
+    // The VM's pin after its pod is gone: no holder, so no force needed; the address is free
+    // again and the next pod of the VM gets a fresh one.
+    del(&mut ipam, "c1");
+    assert!(
+        ipam.get("test-ippool", vm).is_some(),
+        "the pin outlives the pod"
+    );
+    let plan = ipam
+        .plan_free("test-ippool", vm, false)
+        .expect("unheld pin");
+    ipam.apply(&plan.changes);
+    ipam.check().expect("invariants hold");
+    assert!(ipam.get("test-ippool", vm).is_none());
+    let usage = ipam.usage();
+    assert_eq!(usage[0].allocated, 0);
+}
+
+#[test]
 fn pool_selection_order() {
     let pod = vec![("ipam.tether.dev/ippool".to_owned(), "a, b".to_owned())];
     let ns = vec![("ipam.tether.dev/default-ippool".to_owned(), "n".to_owned())];

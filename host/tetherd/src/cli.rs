@@ -23,6 +23,9 @@ pub enum Command {
     Run(RunArgs),
     /// List the pools of a running daemon, like `kubectl get spiderippool`.
     Pools(SocketArgs),
+    /// Release one address by hand, whatever its owner: for a pinned address whose release
+    /// rule cannot fire, or (with --force) one held by pods gone for good.
+    Release(ReleaseArgs),
     /// Author and inspect policies: test, inspect, export.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -33,6 +36,19 @@ pub struct SocketArgs {
     /// The daemon's socket.
     #[arg(long, env = "TETHER_SOCKET", default_value = tether_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// The address as POOL/IP (as `/v1/allocations` and the reconcile log name it).
+    #[arg(value_name = "POOL/IP")]
+    pub address: String,
+    /// Release it even though pods still hold it: only when they are gone for good (a lost
+    /// node), or the address is handed out twice.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Debug, Args)]

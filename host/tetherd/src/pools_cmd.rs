@@ -1,13 +1,14 @@
-//! `tetherd pools`: ask the running daemon and print its pools as a table.
+//! Operator commands that talk to the running daemon: `tetherd pools` prints its pools as a
+//! table; `tetherd release POOL/IP` frees one address by hand.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tether_api::PoolList;
 use tether_api::client::Client;
+use tether_api::{PoolList, ReconcileResult, ReleaseRequest};
 
-use crate::cli::SocketArgs;
+use crate::cli::{ReleaseArgs, SocketArgs};
 
 pub fn run(args: &SocketArgs) -> ExitCode {
     let client = Client::new(&args.socket, Duration::from_secs(10));
@@ -57,4 +58,32 @@ pub fn run(args: &SocketArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+pub fn release(args: &ReleaseArgs) -> ExitCode {
+    let Some((pool, ip)) = args.address.rsplit_once('/') else {
+        eprintln!(
+            "tetherd: {:?} is not POOL/IP (for example test-ippool/10.6.168.101)",
+            args.address
+        );
+        return ExitCode::from(2);
+    };
+    let client = Client::new(&args.socket.socket, Duration::from_secs(30));
+    let req = ReleaseRequest {
+        pool: pool.to_owned(),
+        ip: ip.to_owned(),
+        force: args.force,
+    };
+    match client.post::<_, ReconcileResult>("/v1/release", &req) {
+        Ok(r) => {
+            for a in r.released {
+                println!("released {a}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tetherd: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -46,7 +46,12 @@ impl From<&ServiceError> for ApiError {
                 | AllocError::BadAnnotation { .. } => {
                     (StatusCode::UNPROCESSABLE_ENTITY, codes::BAD_POOL_SELECTION)
                 }
-                AllocError::AddressInUse { .. } => (StatusCode::CONFLICT, codes::ADDRESS_IN_USE),
+                AllocError::AddressInUse { .. } | AllocError::StillHeld { .. } => {
+                    (StatusCode::CONFLICT, codes::ADDRESS_IN_USE)
+                }
+                AllocError::NotAllocated { .. } => {
+                    (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER)
+                }
                 AllocError::IdentityBusy { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
                 }
@@ -69,17 +74,19 @@ impl From<&ServiceError> for ApiError {
 }
 
 /// Decodes a request body whatever its Content-Type says (curl users forget it).
-fn decode(raw: &Bytes) -> Result<CniRequest, ApiError> {
+fn decode<T: serde::de::DeserializeOwned>(raw: &Bytes, what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(raw).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             body(
                 codes::DECODE_FAILURE,
-                format!("request body is not a CNI request: {e}"),
+                format!("request body is not {what}: {e}"),
             ),
         )
     })
 }
+
+const CNI_REQUEST: &str = "a CNI request";
 
 fn done<T>(svc: &Service, command: &str, r: Result<T, ServiceError>) -> Result<T, ApiError> {
     match r {
@@ -99,25 +106,25 @@ async fn add(
     State(s): State<AppState>,
     raw: Bytes,
 ) -> Result<Json<tether_api::CniResult>, ApiError> {
-    let req = decode(&raw)?;
+    let req: CniRequest = decode(&raw, CNI_REQUEST)?;
     let r = s.add(req).await;
     done(&s, "add", r).map(Json)
 }
 
 async fn del(State(s): State<AppState>, raw: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
-    let req = decode(&raw)?;
+    let req: CniRequest = decode(&raw, CNI_REQUEST)?;
     let r = s.del(req).await;
     done(&s, "del", r).map(|_| Json(serde_json::json!({})))
 }
 
 async fn check(State(s): State<AppState>, raw: Bytes) -> Result<Json<serde_json::Value>, ApiError> {
-    let req = decode(&raw)?;
+    let req: CniRequest = decode(&raw, CNI_REQUEST)?;
     let r = s.check(&req);
     done(&s, "check", r).map(|_| Json(serde_json::json!({})))
 }
 
 async fn gc(State(s): State<AppState>, raw: Bytes) -> Result<Json<tether_api::GcResult>, ApiError> {
-    let req = decode(&raw)?;
+    let req: CniRequest = decode(&raw, CNI_REQUEST)?;
     let r = s.gc(req).await;
     done(&s, "gc", r).map(Json)
 }
@@ -147,6 +154,15 @@ async fn reconcile(
 ) -> Result<Json<tether_api::ReconcileResult>, ApiError> {
     let r = s.reconcile().await;
     done(&s, "reconcile", r).map(Json)
+}
+
+async fn release(
+    State(s): State<AppState>,
+    raw: Bytes,
+) -> Result<Json<tether_api::ReconcileResult>, ApiError> {
+    let req = decode(&raw, r#"{"pool": ..., "ip": ..., "force": false}"#)?;
+    let r = s.release(req).await;
+    done(&s, "release", r).map(Json)
 }
 
 async fn pools(State(s): State<AppState>) -> Json<tether_api::PoolList> {
@@ -179,6 +195,7 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/cni/gc", post(gc))
         .route("/v1/cni/status", get(status))
         .route("/v1/reconcile", post(reconcile))
+        .route("/v1/release", post(release))
         .route("/v1/pools", get(pools))
         .route("/v1/allocations", get(allocations))
         .route("/readyz", get(ready))

@@ -55,6 +55,8 @@ impl ServiceError {
                 AllocError::IdentityBusy { .. } => "identity_busy",
                 AllocError::BadAnnotation { .. } => "bad_annotation",
                 AllocError::NoDecision => "no_decision",
+                AllocError::StillHeld { .. } => "still_held",
+                AllocError::NotAllocated { .. } => "not_allocated",
             },
             ServiceError::Write(WriteError::Store(_)) => "store",
             ServiceError::Write(WriteError::Stopped) => "stopping",
@@ -383,6 +385,33 @@ impl Service {
                 if !released.is_empty() {
                     tracing::info!(?released, "released pinned addresses");
                 }
+                Ok(ReconcileResult { released })
+            }
+            Outcome::Added(_) => Ok(ReconcileResult::default()),
+        }
+    }
+
+    /// Releases one address by hand (`tetherd release`).
+    pub async fn release(
+        &self,
+        req: tether_api::ReleaseRequest,
+    ) -> Result<ReconcileResult, ServiceError> {
+        let ip: IpAddr = req
+            .ip
+            .parse()
+            .map_err(|_| ServiceError::BadRequest(format!("{:?} is not an IP address", req.ip)))?;
+        match self
+            .writer
+            .submit(Op::Free {
+                pool: req.pool,
+                ip,
+                force: req.force,
+            })
+            .await?
+        {
+            Outcome::Changed(c) => {
+                let released = addresses(&c);
+                tracing::warn!(?released, force = req.force, "released by hand");
                 Ok(ReconcileResult { released })
             }
             Outcome::Added(_) => Ok(ReconcileResult::default()),

@@ -48,6 +48,12 @@ pub enum Op {
         now: u64,
         fires: Box<dyn Fn(&ReleaseCondition) -> bool + Send>,
     },
+    /// One address released by hand.
+    Free {
+        pool: String,
+        ip: std::net::IpAddr,
+        force: bool,
+    },
 }
 
 pub enum Outcome {
@@ -133,6 +139,10 @@ fn plan(op: Op, ipam: &mut Ipam) -> Result<(Vec<Change>, Outcome), AllocError> {
         }
         Op::Release { now, fires } => {
             let changes = ipam.plan_release(now, &*fires).changes;
+            Ok((changes.clone(), Outcome::Changed(changes)))
+        }
+        Op::Free { pool, ip, force } => {
+            let changes = ipam.plan_free(&pool, ip, force)?.changes;
             Ok((changes.clone(), Outcome::Changed(changes)))
         }
     }
