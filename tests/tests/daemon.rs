@@ -335,6 +335,41 @@ fn release_by_hand_frees_a_pin_no_rule_can_release() {
         cmd.output().expect("tetherd release")
     };
 
+    // `tetherd allocations` shows who holds what, with the POOL/IP that `release` takes.
+    let out = Command::new(bin_dir().expect("bins").join("tetherd"))
+        .args(["allocations", "--pool", "test-ippool", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .expect("tetherd allocations");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["ADDRESS", "NETWORK", "OWNER", "IDENTITY", "HELD-BY"],
+            vec![
+                &format!("test-ippool/{vm_ip}"),
+                "net",
+                "pinned",
+                "default/vm-cirros",
+                "default/virt-launcher-vm-cirros-abcde",
+                "(eth0)"
+            ],
+            vec![
+                &format!("test-ippool/{web_ip}"),
+                "net",
+                "ephemeral",
+                "-",
+                "default/web",
+                "(eth0)"
+            ],
+        ],
+        "{table}"
+    );
+
     // Held by a running pod: refused, saying by whom and what to do.
     let o = release(&format!("test-ippool/{vm_ip}"), false);
     let err = String::from_utf8_lossy(&o.stderr);

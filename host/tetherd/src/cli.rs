@@ -23,6 +23,8 @@ pub enum Command {
     Run(RunArgs),
     /// List the pools of a running daemon, like `kubectl get spiderippool`.
     Pools(SocketArgs),
+    /// List the allocations of a running daemon: address, owner, identity, holders.
+    Allocations(AllocationsArgs),
     /// Release one address by hand, whatever its owner: for a pinned address whose release
     /// rule cannot fire, or (with --force) one held by pods gone for good.
     Release(ReleaseArgs),
@@ -36,6 +38,15 @@ pub struct SocketArgs {
     /// The daemon's socket.
     #[arg(long, env = "TETHER_SOCKET", default_value = tether_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AllocationsArgs {
+    /// Only this pool's.
+    #[arg(long)]
+    pub pool: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ fn main() -> std::process::ExitCode {
     match cli.command {
         cli::Command::Run(args) => daemon::run(args),
         cli::Command::Pools(args) => pools_cmd::run(&args),
+        cli::Command::Allocations(args) => pools_cmd::allocations(&args),
         cli::Command::Release(args) => pools_cmd::release(&args),
         cli::Command::Policy(cmd) => policy_cmd::run(cmd),
     }

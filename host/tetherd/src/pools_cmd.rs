@@ -1,5 +1,5 @@
-//! Operator commands that talk to the running daemon: `tetherd pools` prints its pools as a
-//! table; `tetherd release POOL/IP` frees one address by hand.
+//! Operator commands that talk to the running daemon: `tetherd pools` and `tetherd
+//! allocations` print tables; `tetherd release POOL/IP` frees one address by hand.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -7,24 +7,50 @@ use std::time::Duration;
 
 use tether_api::client::Client;
 use tether_api::{PoolList, ReconcileResult, ReleaseRequest};
+use tether_core::alloc::{Allocation, Owner};
 
-use crate::cli::{ReleaseArgs, SocketArgs};
+use crate::cli::{AllocationsArgs, ReleaseArgs, SocketArgs};
+
+/// Prints rows under a header, columns padded to their widest cell (like kubectl).
+fn print_table(header: &[&str], rows: &[Vec<String>]) -> ExitCode {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut out = std::io::stdout().lock();
+    for r in std::iter::once(&header).chain(rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        if writeln!(out, "{}", line.join("   ").trim_end()).is_err() {
+            return ExitCode::from(1);
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn client(args: &SocketArgs) -> Client {
+    Client::new(&args.socket, Duration::from_secs(30))
+}
 
 pub fn run(args: &SocketArgs) -> ExitCode {
-    let client = Client::new(&args.socket, Duration::from_secs(10));
-    let list: PoolList = match client.get("/v1/pools") {
+    let list: PoolList = match client(args).get("/v1/pools") {
         Ok(l) => l,
         Err(e) => {
             eprintln!("tetherd: {e}");
             return ExitCode::from(1);
         }
     };
-    let mut out = std::io::stdout().lock();
-    let rows: Vec<[String; 5]> = list
+    let rows: Vec<Vec<String>> = list
         .pools
         .iter()
         .map(|p| {
-            [
+            vec![
                 p.name.clone(),
                 p.subnet.clone(),
                 p.allocated.clone(),
@@ -33,31 +59,63 @@ pub fn run(args: &SocketArgs) -> ExitCode {
             ]
         })
         .collect();
-    let header = [
-        "NAME",
-        "SUBNET",
-        "ALLOCATED-IP-COUNT",
-        "TOTAL-IP-COUNT",
-        "DEFAULT",
-    ]
-    .map(str::to_owned);
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    for r in std::iter::once(&header).chain(rows.iter()) {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        if writeln!(out, "{}", line.join("   ").trim_end()).is_err() {
+    print_table(
+        &[
+            "NAME",
+            "SUBNET",
+            "ALLOCATED-IP-COUNT",
+            "TOTAL-IP-COUNT",
+            "DEFAULT",
+        ],
+        &rows,
+    )
+}
+
+pub fn allocations(args: &AllocationsArgs) -> ExitCode {
+    let list: Vec<Allocation> = match client(&args.socket).get("/v1/allocations") {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tetherd: {e}");
             return ExitCode::from(1);
         }
-    }
-    ExitCode::SUCCESS
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .filter(|a| args.pool.as_ref().is_none_or(|p| &a.pool == p))
+        .map(|a| {
+            let (owner, identity) = match &a.owner {
+                Owner::Ephemeral => ("ephemeral", "-".to_owned()),
+                Owner::Pinned { identity, .. } => ("pinned", identity.clone()),
+            };
+            let held_by = if a.holders.is_empty() {
+                "-".to_owned()
+            } else {
+                a.holders
+                    .iter()
+                    .map(|h| {
+                        let at = &h.attachment;
+                        if at.pod.is_empty() {
+                            format!("{} ({})", at.container_id, at.ifname)
+                        } else {
+                            format!("{}/{} ({})", at.namespace, at.pod, at.ifname)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            vec![
+                format!("{}/{}", a.pool, a.ip),
+                a.network.clone(),
+                owner.to_owned(),
+                identity,
+                held_by,
+            ]
+        })
+        .collect();
+    print_table(
+        &["ADDRESS", "NETWORK", "OWNER", "IDENTITY", "HELD-BY"],
+        &rows,
+    )
 }
 
 pub fn release(args: &ReleaseArgs) -> ExitCode {
@@ -68,13 +126,12 @@ pub fn release(args: &ReleaseArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    let client = Client::new(&args.socket.socket, Duration::from_secs(30));
     let req = ReleaseRequest {
         pool: pool.to_owned(),
         ip: ip.to_owned(),
         force: args.force,
     };
-    match client.post::<_, ReconcileResult>("/v1/release", &req) {
+    match client(&args.socket).post::<_, ReconcileResult>("/v1/release", &req) {
         Ok(r) => {
             for a in r.released {
                 println!("released {a}");
