@@ -133,35 +133,35 @@ async fn watch_pools(service: Arc<service::Service>, files: pools::PoolFiles, ev
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
             _ = async { match tick.as_mut() { Some(t) => t.tick().await, None => std::future::pending().await } } => false,
         };
+        // Off the async workers: loading reads files, and putting the pools in force waits for
+        // the writer's batch and rebuilds the free sets (a pass over every allocation).
         let f = files.clone();
-        let loaded = tokio::task::spawn_blocking(move || {
+        let svc = service.clone();
+        let done = tokio::task::spawn_blocking(move || {
             let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let path = f.path().display().to_string();
-            f.reload(force).map(|r| (path, r))
-        })
-        .await;
-        let (path, result) = match loaded {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::error!("pool reload task: {e}");
-                continue;
-            }
-        };
-        match result {
-            Ok(pools) => {
-                let diff = service.replace_pools(pools);
-                service.metrics.pool_reload("ok");
-                if diff.is_empty() {
-                    tracing::debug!(path = %path, "pools unchanged");
-                } else {
-                    tracing::info!(path = %path, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "pools reloaded");
+            let Some(loaded) = f.reload(force) else {
+                return; // nothing changed
+            };
+            match loaded {
+                Ok(pools) => {
+                    let diff = svc.replace_pools(pools);
+                    svc.metrics.pool_reload("ok");
+                    if diff.is_empty() {
+                        tracing::debug!(path = %path, "pools unchanged");
+                    } else {
+                        tracing::info!(path = %path, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "pools reloaded");
+                    }
+                }
+                Err(e) => {
+                    svc.metrics.pool_reload("error");
+                    tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e:#}");
                 }
             }
-            Err(e) => {
-                service.metrics.pool_reload("error");
-                tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e:#}");
-            }
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::error!("pool reload task: {e}");
         }
     }
 }
