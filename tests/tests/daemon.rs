@@ -410,3 +410,90 @@ fn release_by_hand_frees_a_pin_no_rule_can_release() {
         "the release is logged"
     );
 }
+
+#[test]
+fn pools_reloaded_under_load_never_hand_out_an_address_twice() {
+    // Pool "load" flips between 10.8.0.10-10.8.0.59 and 10.8.0.10-10.8.0.39 every 50 ms while
+    // 8 callers ADD and DEL: shrinking strands allocations outside the pool (orphans), growing
+    // brings them back, and a narrow pool may be exhausted. No address may ever be in two allocations, and DEL must free
+    // everything in the end.
+    let wide = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: load}\nspec: {subnet: 10.8.0.0/24, ips: [10.8.0.10-10.8.0.59]}\n";
+    let narrow = wide.replace("10.8.0.59", "10.8.0.39");
+    let d = Daemon::start(wide, &["--pools-watch-interval-secs", "1"]).expect("daemon");
+    let pools_file = d.dir.path().join("pools.yaml");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["load"]).expect("ipam");
+    // 35 long-lived pods hold 10.8.0.10-44: every narrow reload strands 40-44.
+    let long_lived: Vec<Pod> = (0..35u32)
+        .map(|i| Pod::new("default", &format!("long-{i}"), 500 + i))
+        .collect();
+    for p in &long_lived {
+        assert!(ipam.add(p).expect("add").ok);
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let flips = std::sync::atomic::AtomicUsize::new(0);
+    let seen = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut flip = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::fs::write(&pools_file, if flip { &narrow } else { wide }).expect("write");
+                d.signal("HUP").expect("SIGHUP");
+                flips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                flip = !flip;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let callers: Vec<_> = (0..8u32)
+            .map(|t| {
+                let (ipam, d, seen, flips) = (&ipam, &d, &seen, &flips);
+                s.spawn(move || {
+                    // At least 12 rounds each, and until the pool has flipped 8 times.
+                    let mut i = 0u32;
+                    while i < 12 || flips.load(std::sync::atomic::Ordering::Relaxed) < 8 {
+                        i += 1;
+                        let pod = Pod::new("default", &format!("p{t}-{i}"), 10_000 * (t + 1) + i);
+                        let o = ipam.add(&pod).expect("add");
+                        // Exhaustion while the pool is narrow is allowed; anything else is not.
+                        assert!(o.ok || o.code() == Some(100), "{}", o.out);
+                        if o.ok {
+                            let allocs = d.allocations().expect("allocations");
+                            let mut ips: Vec<&str> =
+                                allocs.iter().filter_map(|a| a["ip"].as_str()).collect();
+                            let n = ips.len();
+                            ips.sort_unstable();
+                            ips.dedup();
+                            assert_eq!(ips.len(), n, "an address in two allocations");
+                            seen.lock().expect("lock").push(o.ip().expect("ip"));
+                        }
+                        assert!(ipam.del(&pod).expect("del").ok);
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.join().expect("caller");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let log = d.log();
+    let reloads = log.matches("pools reloaded").count();
+    let orphaned = log
+        .matches("allocation outside every current pool is kept")
+        .count();
+    assert!(
+        orphaned >= 1,
+        "allocations were stranded by a narrow reload"
+    );
+    assert!(
+        reloads >= 6,
+        "the pools were reloaded under load ({reloads} times)"
+    );
+    assert!(!seen.lock().expect("lock").is_empty());
+    for p in &long_lived {
+        assert!(ipam.del(p).expect("del").ok);
+    }
+    assert!(
+        d.allocations().expect("allocations").is_empty(),
+        "every DEL freed its address, orphans included"
+    );
+}
