@@ -60,14 +60,6 @@ struct IpamConfig {
     log_file: Option<String>,
 }
 
-struct Call {
-    command: String,
-    container_id: String,
-    netns: String,
-    ifname: String,
-    args: Vec<(String, String)>,
-}
-
 fn env_get<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
     env.iter()
         .find(|(k, _)| k == key)
@@ -275,23 +267,17 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             String::new(),
         );
     }
-    let call = Call {
-        command: command.clone(),
-        container_id: env_get(env, "CNI_CONTAINERID").to_owned(),
-        netns: env_get(env, "CNI_NETNS").to_owned(),
-        ifname: env_get(env, "CNI_IFNAME").to_owned(),
-        args: parse_cni_args(env_get(env, "CNI_ARGS")),
-    };
     let client = Client::new(ipam.socket.as_deref().unwrap_or(DEFAULT_SOCKET), TIMEOUT);
+    let args = parse_cni_args(env_get(env, "CNI_ARGS"));
     let mut req = CniRequest {
-        container_id: call.container_id.clone(),
-        ifname: call.ifname.clone(),
-        netns: call.netns.clone(),
+        container_id: env_get(env, "CNI_CONTAINERID").to_owned(),
+        ifname: env_get(env, "CNI_IFNAME").to_owned(),
+        netns: env_get(env, "CNI_NETNS").to_owned(),
         network,
         cni_version: version.clone(),
-        args: call.args.clone(),
+        requested_ips: requested_ips(&conf, &args),
+        args,
         pools: ipam.pools.clone(),
-        requested_ips: requested_ips(&conf, &call.args),
         valid_attachments: Vec::new(),
     };
     let need = |names: &[(&str, &str)]| -> Option<Output> {
@@ -304,7 +290,18 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             Output::error(
                 &version,
                 codes::INVALID_ENV,
-                format!("{} must be set for {}", missing.join(", "), call.command),
+                format!("{} must be set for {command}", missing.join(", ")),
+                String::new(),
+            )
+        })
+    };
+    // Commands newer than the caller's cniVersion.
+    let too_old = |min: &str| -> Option<Output> {
+        (!at_least(&version, min)).then(|| {
+            Output::error(
+                &version,
+                codes::INCOMPATIBLE_VERSION,
+                format!("{command} needs cniVersion {min} or later"),
                 String::new(),
             )
         })
@@ -312,9 +309,9 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
     match command.as_str() {
         "ADD" => {
             if let Some(o) = need(&[
-                ("CNI_CONTAINERID", &call.container_id),
-                ("CNI_IFNAME", &call.ifname),
-                ("CNI_NETNS", &call.netns),
+                ("CNI_CONTAINERID", &req.container_id),
+                ("CNI_IFNAME", &req.ifname),
+                ("CNI_NETNS", &req.netns),
             ]) {
                 return o;
             }
@@ -325,8 +322,8 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         }
         "DEL" => {
             if let Some(o) = need(&[
-                ("CNI_CONTAINERID", &call.container_id),
-                ("CNI_IFNAME", &call.ifname),
+                ("CNI_CONTAINERID", &req.container_id),
+                ("CNI_IFNAME", &req.ifname),
             ]) {
                 return o;
             }
@@ -336,17 +333,12 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             }
         }
         "CHECK" => {
-            if !at_least(&version, "0.4.0") {
-                return Output::error(
-                    &version,
-                    codes::INCOMPATIBLE_VERSION,
-                    "CHECK needs cniVersion 0.4.0 or later".into(),
-                    String::new(),
-                );
+            if let Some(o) = too_old("0.4.0") {
+                return o;
             }
             if let Some(o) = need(&[
-                ("CNI_CONTAINERID", &call.container_id),
-                ("CNI_IFNAME", &call.ifname),
+                ("CNI_CONTAINERID", &req.container_id),
+                ("CNI_IFNAME", &req.ifname),
             ]) {
                 return o;
             }
@@ -356,13 +348,8 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             }
         }
         "GC" => {
-            if !at_least(&version, "1.1.0") {
-                return Output::error(
-                    &version,
-                    codes::INCOMPATIBLE_VERSION,
-                    "GC needs cniVersion 1.1.0".into(),
-                    String::new(),
-                );
+            if let Some(o) = too_old("1.1.0") {
+                return o;
             }
             let valid = conf
                 .get("cni.dev/valid-attachments")
@@ -392,13 +379,8 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             }
         }
         "STATUS" => {
-            if !at_least(&version, "1.1.0") {
-                return Output::error(
-                    &version,
-                    codes::INCOMPATIBLE_VERSION,
-                    "STATUS needs cniVersion 1.1.0".into(),
-                    String::new(),
-                );
+            if let Some(o) = too_old("1.1.0") {
+                return o;
             }
             let path = format!("/v1/cni/status?pools={}", ipam.pools.join(","));
             match client.get::<Value>(&path) {

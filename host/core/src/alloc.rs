@@ -407,6 +407,11 @@ impl Ipam {
         self.pools.get(name).map(|s| &s.pool)
     }
 
+    /// The pools, by name.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.values().map(|s| &s.pool)
+    }
+
     /// Pool names, sorted.
     pub fn pool_names(&self) -> Vec<String> {
         self.pools.keys().cloned().collect()

@@ -277,13 +277,7 @@ pub struct FreeSet {
 impl FreeSet {
     /// All of `ranges` free.
     pub fn new(ranges: &[(u128, u128)]) -> Self {
-        let free: BTreeMap<u128, u128> = ranges.iter().copied().collect();
-        let count = ranges.iter().map(|(a, b)| b - a + 1).sum();
-        FreeSet {
-            free,
-            count,
-            cursor: ranges.first().map(|r| r.0).unwrap_or(0),
-        }
+        Self::without(ranges, &[])
     }
 
     /// `ranges` minus the `taken` addresses (sorted and deduplicated; those outside the ranges

@@ -30,6 +30,39 @@ pub enum ManifestFileError {
     NoPod { path: PathBuf },
 }
 
+/// The manifest files (.yaml, .yml, .json) of `dir`, sorted; hidden files (editors' and
+/// atomic writers' temporaries) are left out. `recursive` descends into subdirectories.
+pub fn manifest_files(dir: &Path, recursive: bool) -> std::io::Result<Vec<PathBuf>> {
+    fn walk(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                if recursive {
+                    walk(&path, recursive, out)?;
+                }
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, recursive, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
 /// Every non-empty document of a file, as JSON values. A `kind: List` is flattened.
 pub fn read_documents(path: &Path) -> Result<Vec<Value>, ManifestFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| ManifestFileError::Read {

@@ -7,36 +7,22 @@ use std::time::SystemTime;
 use tether_core::alloc::Ipam;
 use tether_core::pool::{Pool, from_manifest};
 
-use crate::manifests::read_documents;
+use crate::manifests::{manifest_files, read_documents};
 
-/// The manifest files of `path`: the file itself, or the .yaml/.yml/.json files of a
-/// directory, sorted.
+/// The manifest files of `path`: the file itself, or those of a directory (not descending).
 fn files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_owned()]);
     }
-    let mut files = Vec::new();
-    for entry in
-        std::fs::read_dir(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?
-    {
-        let p = entry?.path();
-        if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            files.push(p);
-        }
-    }
-    files.sort();
-    Ok(files)
+    manifest_files(path, false).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
 }
 
-/// Reads every IPPool of `path`. Any error fails the whole load: a pool typo must not
+/// Reads every IPPool of `files`. Any error fails the whole load: a pool typo must not
 /// silently drop a pool.
-pub fn load(path: &Path) -> anyhow::Result<Vec<Pool>> {
+fn load_files(files: &[PathBuf]) -> anyhow::Result<Vec<Pool>> {
     let mut pools: Vec<Pool> = Vec::new();
-    for f in files(path)? {
-        for (i, doc) in read_documents(&f)?.iter().enumerate() {
+    for f in files {
+        for (i, doc) in read_documents(f)?.iter().enumerate() {
             let pool = from_manifest(doc)
                 .map_err(|e| anyhow::anyhow!("{} (document {i}): {e}", f.display()))?;
             if pools.iter().any(|p| p.name == pool.name) {
@@ -51,15 +37,14 @@ pub fn load(path: &Path) -> anyhow::Result<Vec<Pool>> {
 /// What the files looked like at the last load: path, modification time and length.
 type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
 
-fn stamp(path: &Path) -> Stamp {
-    files(path)
-        .unwrap_or_default()
-        .into_iter()
+fn stamp(files: &[PathBuf]) -> Stamp {
+    files
+        .iter()
         .map(|f| {
-            let meta = std::fs::metadata(&f).ok();
+            let meta = std::fs::metadata(f).ok();
             let modified = meta.as_ref().and_then(|m| m.modified().ok());
             let len = meta.map_or(0, |m| m.len());
-            (f, modified, len)
+            (f.clone(), modified, len)
         })
         .collect()
 }
@@ -73,12 +58,12 @@ pub struct PoolFiles {
 impl PoolFiles {
     /// Loads the pools for start-up.
     pub fn open(path: &Path) -> anyhow::Result<(PoolFiles, Vec<Pool>)> {
-        let seen = stamp(path);
-        let pools = load(path)?;
+        let list = files(path)?;
+        let pools = load_files(&list)?;
         Ok((
             PoolFiles {
                 path: path.to_owned(),
-                seen,
+                seen: stamp(&list),
             },
             pools,
         ))
@@ -91,12 +76,13 @@ impl PoolFiles {
     /// The pools again if a file changed since the last look (or `force`), else `None`.
     /// A failed load is reported once per change.
     pub fn reload(&mut self, force: bool) -> Option<anyhow::Result<Vec<Pool>>> {
-        let now = stamp(&self.path);
+        let list = files(&self.path);
+        let now = list.as_deref().map(stamp).unwrap_or_default();
         if !force && now == self.seen {
             return None;
         }
         self.seen = now;
-        Some(load(&self.path))
+        Some(list.and_then(|l| load_files(&l)))
     }
 }
 
@@ -109,12 +95,12 @@ pub struct PoolDiff {
 }
 
 impl PoolDiff {
-    pub fn between(old: &[Pool], new: &[Pool]) -> PoolDiff {
+    pub fn between(old: &[&Pool], new: &[Pool]) -> PoolDiff {
         let mut d = PoolDiff::default();
         for n in new {
             match old.iter().find(|o| o.name == n.name) {
                 None => d.added.push(n.name.clone()),
-                Some(o) if o != n => d.changed.push(n.name.clone()),
+                Some(o) if *o != n => d.changed.push(n.name.clone()),
                 Some(_) => {}
             }
         }

@@ -439,12 +439,7 @@ impl Service {
     /// kept: one outside every new pool stays (an orphan, logged) until it is released.
     pub fn replace_pools(&self, pools: Vec<tether_core::pool::Pool>) -> super::pools::PoolDiff {
         let mut ipam = self.ipam.write().unwrap_or_else(PoisonError::into_inner);
-        let old: Vec<tether_core::pool::Pool> = ipam
-            .pool_names()
-            .iter()
-            .filter_map(|n| ipam.pool(n).cloned())
-            .collect();
-        let diff = super::pools::PoolDiff::between(&old, &pools);
+        let diff = super::pools::PoolDiff::between(&ipam.pools().collect::<Vec<_>>(), &pools);
         if !diff.is_empty() {
             ipam.set_pools(pools);
             for name in &diff.removed {

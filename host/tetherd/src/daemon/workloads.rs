@@ -3,7 +3,7 @@
 //! file changes, so a manifest written before a CNI call is seen by that call.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -83,27 +83,6 @@ pub struct WorkloadDir {
     index: Arc<WorkloadIndex>,
 }
 
-fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let path = entry.path();
-        let ty = entry.file_type()?;
-        if ty.is_dir() {
-            manifest_files(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) && !path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'))
-        {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
 impl WorkloadDir {
     /// Watches `dir` (created if missing).
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
@@ -120,11 +99,13 @@ impl WorkloadDir {
     /// Re-reads changed files and returns the current index. Unreadable files are skipped
     /// with a warning (a half-written file is read again once complete).
     pub fn refresh(&mut self) -> Arc<WorkloadIndex> {
-        let mut paths = Vec::new();
-        if let Err(e) = manifest_files(&self.dir, &mut paths) {
-            tracing::warn!(dir = %self.dir.display(), "listing workloads: {e}");
-            return self.index.clone();
-        }
+        let paths = match crate::manifests::manifest_files(&self.dir, true) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), "listing workloads: {e}");
+                return self.index.clone();
+            }
+        };
         let mut changed = paths.len() != self.files.len();
         let mut seen = HashMap::with_capacity(paths.len());
         for path in paths {

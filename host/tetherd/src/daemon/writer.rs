@@ -210,11 +210,7 @@ fn run(
                     tracing::error!("store commit failed, reloading state from the store: {e}");
                     match store.snapshot() {
                         Ok(snap) => {
-                            let pools: Vec<Pool> = state
-                                .pool_names()
-                                .iter()
-                                .filter_map(|n| state.pool(n).cloned())
-                                .collect();
+                            let pools: Vec<Pool> = state.pools().cloned().collect();
                             *state = Ipam::new(pools, snap.allocations);
                             revisions = snap.revisions;
                         }
