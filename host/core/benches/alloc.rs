@@ -53,7 +53,7 @@ fn ipam(subnet: &str, used: u128, stride: u128) -> Ipam {
     let allocs = (0..used)
         .map(|i| allocation(fam, first + i * stride))
         .collect();
-    Ipam::new(vec![p], allocs)
+    Ipam::new(vec![p], allocs).expect("one pool")
 }
 
 fn add_del(ipam: &mut Ipam) {
@@ -73,7 +73,7 @@ fn add_del(ipam: &mut Ipam) {
         now: 0,
     };
     let plan = ipam
-        .plan_add(black_box(&req), &|_| true)
+        .plan_add(black_box(&req), &|_| tether_core::alloc::Liveness::Live)
         .expect("free address");
     ipam.apply(&plan.changes);
     let del = ipam.plan_del("bench", "eth0", 0);

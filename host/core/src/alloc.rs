@@ -33,7 +33,24 @@ type Map<K, V> = foldhash::HashMap<K, V>;
 
 use crate::decision::{Decision, IdentityKind, ReleaseCondition};
 use crate::net::{Family, to_u128};
-use crate::pool::{FreeSet, Pool, Route, addr};
+use crate::pool::{FreeSet, Pool, PoolError, Route, addr, check_disjoint};
+
+/// Whether a pod (an attachment's holder) still exists, as far as the workload source knows.
+///
+/// Only [`Liveness::Gone`] lets the allocator act against a holder (another pod of the
+/// identity takes over, a release rule fires): a source that cannot tell (a manifest that does
+/// not parse, a cache not synced yet) answers [`Liveness::Unknown`], which keeps everything as
+/// it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Liveness {
+    /// It exists.
+    Live,
+    /// It is known not to exist.
+    Gone,
+    /// The source cannot tell.
+    Unknown,
+}
 
 /// Pod annotation naming the pools of every interface: `pool-a` or `pool-v4,pool-v6`.
 pub const ANNOTATION_POOL: &str = "ipam.tether.dev/ippool";
@@ -149,13 +166,19 @@ impl Allocation {
         }
     }
 
-    /// The pin index key of a pinned allocation: one pin per identity, network and interface.
+    /// The pin index key of a pinned allocation: one pin per identity and its kind, network
+    /// and interface. The kind is part of it: a VM and a StatefulSet pod of the same name
+    /// are different identities.
     fn pin_key(&self) -> Option<PinKey> {
-        Some(PinKey {
-            identity: self.identity()?.to_owned(),
-            network: self.network.clone(),
-            ifname: self.interface.clone(),
-        })
+        match &self.owner {
+            Owner::Pinned { identity, kind, .. } => Some(PinKey {
+                identity: identity.clone(),
+                kind: *kind,
+                network: self.network.clone(),
+                ifname: self.interface.clone(),
+            }),
+            Owner::Ephemeral => None,
+        }
     }
 }
 
@@ -276,7 +299,7 @@ pub enum AllocError {
     NoDecision,
     /// An address asked to be released by hand is held by a pod.
     #[error(
-        "{ip} is held by {holder}: release it once the pod is gone (its DEL or a CNI GC frees an ephemeral address), or force it if the pod is gone for good"
+        "{ip} is held by {holder}: release it once the pod is gone (its DEL or a CNI GC frees an ephemeral address), or add --force (`tetherd release --force`) if the pod is gone for good"
     )]
     StillHeld {
         /// Address.
@@ -311,6 +334,7 @@ struct AllocKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PinKey {
     identity: String,
+    kind: IdentityKind,
     network: String,
     ifname: String,
 }
@@ -367,12 +391,18 @@ pub struct Ipam {
     by_attachment: Map<u64, Vec<AllocKey>>,
     attachment_hasher: foldhash::fast::RandomState,
     by_pin: Map<PinKey, Vec<AllocKey>>,
+    /// Addresses inside a pool held by more than one allocation, with the count of the extra
+    /// ones: only a store written before overlapping pools were refused holds such. Their
+    /// address goes back to the free set only with the last of them.
+    doubles: Map<IpAddr, u32>,
 }
 
 impl Ipam {
     /// Builds the state from pools and persisted allocations. Allocations outside every pool
     /// (a pool deleted or shrunk) are kept, so nothing is silently lost; see [`Ipam::orphans`].
-    pub fn new(pools: Vec<Pool>, allocations: Vec<Allocation>) -> Self {
+    /// Refuses pools that overlap (see [`check_disjoint`]).
+    pub fn new(pools: Vec<Pool>, allocations: Vec<Allocation>) -> Result<Self, PoolError> {
+        check_disjoint(&pools)?;
         let mut ipam = Ipam::default();
         ipam.allocs.reserve(allocations.len());
         ipam.by_attachment.reserve(allocations.len());
@@ -380,26 +410,60 @@ impl Ipam {
             ipam.index(a);
         }
         // The free sets are built once, from all the allocations, in one pass per pool.
-        ipam.set_pools(pools);
-        ipam
+        ipam.set_pools(pools)?;
+        Ok(ipam)
     }
 
-    /// Replaces the pool definitions, keeping every allocation.
-    pub fn set_pools(&mut self, pools: Vec<Pool>) {
-        let mut taken: HashMap<&str, Vec<u128>> = HashMap::new();
+    /// Replaces the pool definitions, keeping every allocation. An address is free in a pool
+    /// only if no allocation holds it, under whatever pool name it was allocated: an address
+    /// still held under a pool that was removed or renamed stays reserved in the pool that
+    /// now covers it until it is released. Refuses pools that overlap, leaving the state
+    /// as it was.
+    pub fn set_pools(&mut self, pools: Vec<Pool>) -> Result<(), PoolError> {
+        check_disjoint(&pools)?;
+        let mut taken: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
+        self.doubles.clear();
         for a in self.allocs.values() {
-            taken.entry(&a.pool).or_default().push(to_u128(a.ip));
+            // The pool the allocation names first (the common case), then any pool covering it.
+            let i = pools
+                .iter()
+                .position(|p| p.name == a.pool && p.contains(a.ip))
+                .or_else(|| pools.iter().position(|p| p.contains(a.ip)));
+            if let Some(i) = i {
+                taken[i].push(to_u128(a.ip));
+            }
         }
         self.pools = pools
             .into_iter()
-            .map(|p| {
-                let mut t = taken.remove(p.name.as_str()).unwrap_or_default();
+            .zip(taken)
+            .map(|(p, mut t)| {
                 t.sort_unstable();
+                for w in t.windows(2) {
+                    if w[0] == w[1] {
+                        *self.doubles.entry(addr(&p, w[0])).or_default() += 1;
+                    }
+                }
                 t.dedup();
                 let free = FreeSet::without(&p.ranges, &t);
                 (p.name.clone(), PoolState { pool: p, free })
             })
             .collect();
+        Ok(())
+    }
+
+    /// The pool whose ranges cover `ip` (pools never overlap), trying `hint` first.
+    fn covering_mut(&mut self, hint: &str, ip: IpAddr) -> Option<&mut PoolState> {
+        let name = if self.pools.get(hint).is_some_and(|p| p.pool.contains(ip)) {
+            hint.to_owned()
+        } else {
+            self.pools
+                .values()
+                .find(|p| p.pool.contains(ip))?
+                .pool
+                .name
+                .clone()
+        };
+        self.pools.get_mut(&name)
     }
 
     /// A pool by name.
@@ -445,7 +509,9 @@ impl Ipam {
         self.allocs.values().map(|a| &**a)
     }
 
-    /// Allocations whose address is in no current pool.
+    /// Allocations held under a pool name that no longer covers their address (the pool was
+    /// removed, renamed or shrunk). Each stays until released; while it does, its address is
+    /// reserved in whichever current pool covers it.
     pub fn orphans(&self) -> Vec<&Allocation> {
         self.allocations()
             .filter(|a| {
@@ -504,12 +570,14 @@ impl Ipam {
         }
     }
 
-    /// Plans an ADD. `is_live` says whether a current holder's pod still exists; a holder of
-    /// the same pod name with another UID is stale whatever it says (the pod was recreated).
+    /// Plans an ADD. `liveness` says whether a current holder's pod still exists: only a
+    /// holder known to be [`Liveness::Gone`] is dropped; one the source cannot judge is kept.
+    /// A holder of the same pod name with another UID is stale whatever it says (the pod was
+    /// recreated).
     pub fn plan_add(
         &self,
         req: &AddRequest<'_>,
-        is_live: &dyn Fn(&Attachment) -> bool,
+        liveness: &dyn Fn(&Attachment) -> Liveness,
     ) -> Result<Plan, AllocError> {
         // A retried ADD returns what the attachment already holds.
         let held = self.held_by(&req.attachment.container_id, &req.attachment.ifname);
@@ -566,6 +634,7 @@ impl Ipam {
             if let Some(p) = pinned {
                 let key = PinKey {
                     identity: p.identity.clone(),
+                    kind: p.kind,
                     network: req.network.clone(),
                     ifname: req.attachment.ifname.clone(),
                 };
@@ -581,13 +650,17 @@ impl Ipam {
                     let live: Vec<&Holder> = old
                         .holders
                         .iter()
-                        .filter(|h| !stale(h, &req.attachment) && is_live(&h.attachment))
+                        .filter(|h| {
+                            !stale(h, &req.attachment) && liveness(&h.attachment) != Liveness::Gone
+                        })
                         .collect();
-                    let reusable = of_family
+                    // The candidate pool covering the old address, whatever name the address
+                    // was allocated under (a renamed pool keeps its pins).
+                    let covering = of_family
                         .iter()
-                        .any(|c| c.pool.name == old.pool && c.pool.contains(old.ip))
-                        && requested.is_none_or(|r| r == old.ip);
-                    if reusable {
+                        .find(|c| c.pool.contains(old.ip))
+                        .filter(|_| requested.is_none_or(|r| r == old.ip));
+                    if let Some(covering) = covering {
                         if let Some(first) = live.first()
                             && !p.may_share
                         {
@@ -598,6 +671,14 @@ impl Ipam {
                             });
                         }
                         let mut updated = old.clone();
+                        if updated.pool != covering.pool.name {
+                            // Re-filed under the pool's current name.
+                            plan.changes.push(Change::Delete {
+                                pool: old.pool.clone(),
+                                ip: old.ip,
+                            });
+                            updated.pool = covering.pool.name.clone();
+                        }
                         updated.holders = live.into_iter().cloned().collect();
                         updated.holders.push(holder.clone());
                         updated.owner = Owner::Pinned {
@@ -691,8 +772,11 @@ impl Ipam {
     pub fn plan_del(&self, container_id: &str, ifname: &str, now: u64) -> Plan {
         let mut plan = Plan::default();
         for a in self.held_by(container_id, ifname) {
-            plan.changes
-                .push(release_holder(a, container_id, ifname, now));
+            plan.changes.push(drop_holders(
+                a,
+                |h| h.attachment.container_id == container_id && h.attachment.ifname == ifname,
+                now,
+            ));
         }
         plan
     }
@@ -721,19 +805,27 @@ impl Ipam {
         })
     }
 
-    /// Plans a CNI GC for `network`: every attachment of that network not in `valid` is
-    /// deleted as by DEL.
+    /// Plans a CNI GC for `network`: every holder of that network not in `valid` is
+    /// removed as by DEL. Each allocation gets one change that drops all its stale holders at
+    /// once (a migration's source and target may both be gone), so the plan is what the
+    /// removals leave when applied one after another.
     pub fn plan_gc(&self, network: &str, valid: &HashSet<(String, String)>, now: u64) -> Plan {
         let mut plan = Plan::default();
-        let mut seen = HashSet::new();
-        for a in self.allocs.values().filter(|a| a.network == network) {
-            for h in &a.holders {
-                let key = h.attachment.key();
-                if !valid.contains(&key) && seen.insert(key.clone()) {
-                    plan.changes
-                        .extend(self.plan_del(&key.0, &key.1, now).changes);
-                }
-            }
+        let is_valid = |h: &Holder| {
+            valid.contains(&(
+                h.attachment.container_id.clone(),
+                h.attachment.ifname.clone(),
+            ))
+        };
+        let mut stale: Vec<&Allocation> = self
+            .allocs
+            .values()
+            .map(|a| &**a)
+            .filter(|a| a.network == network && !a.holders.iter().all(is_valid))
+            .collect();
+        stale.sort_by(|a, b| (&a.pool, a.ip).cmp(&(&b.pool, b.ip)));
+        for a in stale {
+            plan.changes.push(drop_holders(a, |h| !is_valid(h), now));
         }
         plan
     }
@@ -766,6 +858,28 @@ impl Ipam {
         plan
     }
 
+    /// Applies changes and returns the changes that undo them (to apply in the order given),
+    /// for a writer that applies a plan before its commit is known to have succeeded.
+    pub fn apply_undoable(&mut self, changes: &[Change]) -> Vec<Change> {
+        let mut undo = Vec::with_capacity(changes.len());
+        for c in changes {
+            let (pool, ip) = match c {
+                Change::Put(a) => (&a.pool, a.ip),
+                Change::Delete { pool, ip } => (pool, *ip),
+            };
+            undo.push(match self.get(pool, ip) {
+                Some(prior) => Change::Put(prior.clone()),
+                None => Change::Delete {
+                    pool: pool.clone(),
+                    ip,
+                },
+            });
+            self.apply(std::slice::from_ref(c));
+        }
+        undo.reverse();
+        undo
+    }
+
     /// Applies persisted changes.
     pub fn apply(&mut self, changes: &[Change]) {
         for c in changes {
@@ -785,10 +899,11 @@ impl Ipam {
     }
 
     fn insert(&mut self, a: Allocation) {
-        if let Some(ps) = self.pools.get_mut(&a.pool)
-            && ps.pool.contains(a.ip)
+        if let Some(ps) = self.covering_mut(&a.pool, a.ip)
+            && !ps.free.take(to_u128(a.ip))
         {
-            ps.free.take(to_u128(a.ip));
+            // Already taken by another allocation: planning never does this, a store may.
+            *self.doubles.entry(a.ip).or_default() += 1;
         }
         self.index(a);
     }
@@ -811,9 +926,19 @@ impl Ipam {
 
     fn remove(&mut self, key: &AllocKey) -> Option<Allocation> {
         let a = *self.allocs.remove(key)?;
-        if let Some(ps) = self.pools.get_mut(&a.pool)
-            && ps.pool.contains(a.ip)
-        {
+        // Another allocation of the same address (under another pool name, loaded from a
+        // store written before overlapping pools were refused) keeps it taken.
+        let shared = match self.doubles.get_mut(&a.ip) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.doubles.remove(&a.ip);
+                }
+                true
+            }
+            None => false,
+        };
+        if !shared && let Some(ps) = self.covering_mut(&a.pool, a.ip) {
             ps.free.put(to_u128(a.ip));
         }
         for h in &a.holders {
@@ -839,17 +964,30 @@ impl Ipam {
     /// Checks the internal invariants; for tests. Returns what is wrong.
     pub fn check(&self) -> Result<(), String> {
         let mut per_pool: HashMap<&str, u128> = HashMap::new();
+        let mut by_ip: HashMap<IpAddr, &AllocKey> = HashMap::new();
         for (k, a) in &self.allocs {
             if k.pool != a.pool || k.ip != a.ip {
                 return Err(format!("allocation {a:?} filed under {k:?}"));
             }
-            if let Some(ps) = self.pools.get(&a.pool)
-                && ps.pool.contains(a.ip)
-            {
+            if let Some(other) = by_ip.insert(a.ip, k) {
+                return Err(format!(
+                    "{} is in two allocations: pool {} and pool {}",
+                    a.ip, other.pool, k.pool
+                ));
+            }
+            let covering: Vec<&PoolState> = self
+                .pools
+                .values()
+                .filter(|p| p.pool.contains(a.ip))
+                .collect();
+            if covering.len() > 1 {
+                return Err(format!("{} is in {} pools", a.ip, covering.len()));
+            }
+            if let Some(ps) = covering.first() {
                 if ps.free.is_free(to_u128(a.ip)) {
                     return Err(format!("{} is allocated and free at once", a.ip));
                 }
-                *per_pool.entry(&a.pool).or_default() += 1;
+                *per_pool.entry(&ps.pool.name).or_default() += 1;
             }
             match &a.owner {
                 Owner::Ephemeral if a.holders.len() != 1 => {
@@ -892,7 +1030,9 @@ fn stale(h: &Holder, new: &Attachment) -> bool {
             && h.attachment.pod_uid != new.pod_uid)
 }
 
-fn release_holder(a: &Allocation, container_id: &str, ifname: &str, now: u64) -> Change {
+/// The change that removes the holders `gone` picks: an ephemeral address goes with its
+/// holder; a pinned one stays, idle once nobody holds it.
+fn drop_holders(a: &Allocation, gone: impl Fn(&Holder) -> bool, now: u64) -> Change {
     match a.owner {
         Owner::Ephemeral => Change::Delete {
             pool: a.pool.clone(),
@@ -900,10 +1040,8 @@ fn release_holder(a: &Allocation, container_id: &str, ifname: &str, now: u64) ->
         },
         Owner::Pinned { .. } => {
             let mut kept = a.clone();
-            kept.holders.retain(|h| {
-                !(h.attachment.container_id == container_id && h.attachment.ifname == ifname)
-            });
-            if kept.holders.is_empty() {
+            kept.holders.retain(|h| !gone(h));
+            if kept.holders.is_empty() && kept.idle_since.is_none() {
                 kept.idle_since = Some(now);
             }
             Change::Put(kept)

@@ -101,6 +101,23 @@ pub enum PoolError {
         /// Found kind.
         kind: String,
     },
+    /// Two pools share allocatable addresses: both would hand them out.
+    #[error(
+        "pools {first} and {second} overlap at {from}-{to}: an address may belong to one pool only (narrow one with ips or excludeIPs)"
+    )]
+    Overlap {
+        /// One pool.
+        first: String,
+        /// The other.
+        second: String,
+        /// First shared address.
+        from: IpAddr,
+        /// Last shared address of the first shared range.
+        to: IpAddr,
+    },
+    /// Two pools of one name.
+    #[error("pool {0} is defined twice")]
+    Duplicate(String),
     /// The manifest does not parse.
     #[error("IPPool {name}: {reason}")]
     BadManifest {
@@ -263,6 +280,42 @@ impl Pool {
         let i = self.ranges.partition_point(|&(_, end)| end < n);
         self.ranges.get(i).is_some_and(|&(start, _)| start <= n)
     }
+}
+
+/// Checks that pool names are unique and no two pools share an allocatable address. Pools in
+/// the same subnet are fine as long as their ranges (after excludeIPs and the gateway) are
+/// disjoint.
+pub fn check_disjoint(pools: &[Pool]) -> Result<(), PoolError> {
+    // Every range, tagged with its family and pool, sorted by start: an overlap shows up
+    // between neighbours (or between a range and the widest earlier one of its family).
+    let mut all: Vec<(Family, u128, u128, usize)> = Vec::new();
+    for (i, p) in pools.iter().enumerate() {
+        if pools[..i].iter().any(|q| q.name == p.name) {
+            return Err(PoolError::Duplicate(p.name.clone()));
+        }
+        all.extend(p.ranges.iter().map(|&(a, b)| (p.family(), a, b, i)));
+    }
+    all.sort_unstable_by_key(|&(f, a, b, _)| (f == Family::V6, a, b));
+    let mut reach: Option<(Family, u128, usize)> = None;
+    for &(f, a, b, i) in &all {
+        if let Some((rf, rend, ri)) = reach
+            && rf == f
+            && a <= rend
+            && ri != i
+        {
+            return Err(PoolError::Overlap {
+                first: pools[ri].name.clone(),
+                second: pools[i].name.clone(),
+                from: from_u128(f, a),
+                to: from_u128(f, b.min(rend)),
+            });
+        }
+        match reach {
+            Some((rf, rend, _)) if rf == f && rend >= b => {}
+            _ => reach = Some((f, b, i)),
+        }
+    }
+    Ok(())
 }
 
 /// The free addresses of a pool as disjoint intervals, allocated next-fit: every operation is

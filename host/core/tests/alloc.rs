@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use tether_core::alloc::{
-    AddRequest, AllocError, Attachment, Ipam, Owner, PoolInputs, PoolSource, select_pools,
+    AddRequest, AllocError, Attachment, Ipam, Liveness, Owner, PoolInputs, PoolSource, select_pools,
 };
 use tether_core::pool::{IpPoolSpec, Pool};
 use tether_core::{Decision, IdentityKind, ObjectKey, Pinned, ReleaseCondition};
@@ -61,7 +61,7 @@ fn add(
     a: Attachment,
     d: &Decision,
     pools: &[&str],
-    live: &dyn Fn(&Attachment) -> bool,
+    live: &dyn Fn(&Attachment) -> Liveness,
 ) -> Result<Vec<IpAddr>, AllocError> {
     let req = AddRequest {
         attachment: a,
@@ -83,17 +83,17 @@ fn del(ipam: &mut Ipam, container: &str) {
     ipam.check().expect("invariants hold");
 }
 
-fn all_live(_: &Attachment) -> bool {
-    true
+fn all_live(_: &Attachment) -> Liveness {
+    Liveness::Live
 }
 
-fn none_live(_: &Attachment) -> bool {
-    false
+fn none_live(_: &Attachment) -> Liveness {
+    Liveness::Gone
 }
 
 #[test]
 fn seed_vm_keeps_its_address_through_restart_recreation_and_migration() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let pools = ["test-ippool"];
     let ip = add(
         &mut ipam,
@@ -150,7 +150,7 @@ fn seed_vm_keeps_its_address_through_restart_recreation_and_migration() {
 
 #[test]
 fn second_pod_of_an_identity_waits_unless_it_may_share_or_the_holder_is_gone() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let pools = ["test-ippool"];
     let ip = add(
         &mut ipam,
@@ -187,7 +187,7 @@ fn second_pod_of_an_identity_waits_unless_it_may_share_or_the_holder_is_gone() {
 
 #[test]
 fn statefulset_pod_recreated_under_the_same_name_takes_over() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let d = Decision::Pinned(Pinned {
         identity: "default/web-0".into(),
         kind: IdentityKind::StatefulSetPod,
@@ -217,7 +217,7 @@ fn statefulset_pod_recreated_under_the_same_name_takes_over() {
 
 #[test]
 fn ephemeral_lifecycle_retry_and_exhaustion() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let pools = ["test-ippool"];
     let first = add(
         &mut ipam,
@@ -279,7 +279,8 @@ fn dual_stack_gets_one_address_per_family() {
     let mut ipam = Ipam::new(
         vec![pool("v4", "10.0.0.0/24", &[]), pool("v6", "fd00::/64", &[])],
         vec![],
-    );
+    )
+    .expect("disjoint pools");
     let ips = add(
         &mut ipam,
         att("c1", "p1", "u1"),
@@ -296,7 +297,7 @@ fn dual_stack_gets_one_address_per_family() {
 
 #[test]
 fn requested_addresses_and_unknown_pools() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let req = |ip: &str, c: &str| AddRequest {
         attachment: att(c, c, c),
         network: "n".into(),
@@ -343,7 +344,8 @@ fn requested_addresses_and_unknown_pools() {
 
 #[test]
 fn pin_moves_when_the_pod_selects_another_pool() {
-    let mut ipam = Ipam::new(vec![seed_pool(), pool("other", "10.7.0.0/24", &[])], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool(), pool("other", "10.7.0.0/24", &[])], vec![])
+        .expect("disjoint pools");
     let old = add(
         &mut ipam,
         att("c1", "vm-1", "u1"),
@@ -383,7 +385,7 @@ fn pin_moves_when_the_pod_selects_another_pool() {
 
 #[test]
 fn gc_frees_what_is_not_valid() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     for c in ["a", "b", "c"] {
         add(
             &mut ipam,
@@ -408,7 +410,7 @@ fn gc_frees_what_is_not_valid() {
 
 #[test]
 fn idle_release() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let d = Decision::Pinned(Pinned {
         identity: "default/x".into(),
         kind: IdentityKind::Custom,
@@ -432,7 +434,7 @@ fn idle_release() {
 
 #[test]
 fn release_by_hand_refuses_held_addresses_unless_forced() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     let vm = add(
         &mut ipam,
         att("c1", "virt-launcher-a", "u1"),
@@ -557,7 +559,7 @@ fn pool_selection_order() {
 
 #[test]
 fn rebuilt_state_matches_and_orphans_are_kept() {
-    let mut ipam = Ipam::new(vec![seed_pool()], vec![]);
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
     for c in ["a", "b"] {
         add(
             &mut ipam,
@@ -569,19 +571,245 @@ fn rebuilt_state_matches_and_orphans_are_kept() {
         .expect("ok");
     }
     let allocs: Vec<_> = ipam.allocations().cloned().collect();
-    let rebuilt = Ipam::new(vec![seed_pool()], allocs.clone());
+    let rebuilt = Ipam::new(vec![seed_pool()], allocs.clone()).expect("disjoint pools");
     rebuilt.check().expect("invariants");
     assert_eq!(rebuilt.usage(), ipam.usage());
     // The pool shrinks under an allocation: the allocation is kept and reported.
     let shrunk = Ipam::new(
         vec![pool("test-ippool", "10.6.0.0/16", &["10.6.168.110"])],
         allocs,
-    );
+    )
+    .expect("disjoint pools");
     shrunk.check().expect("invariants");
     assert_eq!(shrunk.orphans().len(), 2);
 }
 
 // ---- random sequences ----
+
+// ---- Defects found in review (issue 7): each test failed before its fix. ----
+
+/// Defect 1: two pools whose ranges overlap would both hand out the shared addresses.
+#[test]
+fn overlapping_pools_are_refused_naming_both_and_the_overlap() {
+    let a = pool("a", "10.9.0.0/24", &["10.9.0.10"]);
+    let b = pool("b", "10.9.0.0/24", &["10.9.0.10-10.9.0.11"]);
+    let err = Ipam::new(vec![a.clone(), b.clone()], vec![]).expect_err("overlap refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("pools a and b overlap at 10.9.0.10-10.9.0.10"),
+        "{msg}"
+    );
+    // A reload that brings an overlap keeps the pools in force.
+    let mut ipam = Ipam::new(vec![a.clone()], vec![]).expect("one pool");
+    assert!(ipam.set_pools(vec![a.clone(), b]).is_err());
+    assert_eq!(ipam.pool_names(), vec!["a".to_owned()]);
+    // Same subnet, disjoint ranges: fine. Other family, same numbers: fine.
+    let c = pool("c", "10.9.0.0/24", &["10.9.0.12-10.9.0.20"]);
+    let v6 = pool("v6", "::/96", &["::a09:a-::a09:b"]);
+    Ipam::new(vec![a, c, v6], vec![]).expect("disjoint pools are fine");
+    // Nested ranges (one inside another's span) are caught too, not only neighbours.
+    let wide = pool("wide", "10.8.0.0/24", &["10.8.0.1-10.8.0.100"]);
+    let inner = pool("inner", "10.8.0.0/24", &["10.8.0.50"]);
+    let tail = pool("tail", "10.8.0.0/24", &["10.8.0.60-10.8.0.70"]);
+    let err = Ipam::new(vec![inner, wide, tail], vec![]).expect_err("nested overlap");
+    assert!(err.to_string().contains("overlap"), "{err}");
+}
+
+/// Defect 2: a pool renamed in its file (same range) handed out an address still held under
+/// the old name.
+#[test]
+fn renamed_pool_keeps_addresses_held_under_the_old_name() {
+    let old = pool("old", "10.9.0.0/24", &["10.9.0.10-10.9.0.11"]);
+    let new = pool("new", "10.9.0.0/24", &["10.9.0.10-10.9.0.11"]);
+    let mut ipam = Ipam::new(vec![old], vec![]).expect("pool");
+    let first = add(
+        &mut ipam,
+        att("c1", "p1", "u1"),
+        &Decision::Ephemeral,
+        &["old"],
+        &all_live,
+    )
+    .expect("add");
+    let vm = add(
+        &mut ipam,
+        att("c2", "vm-pod", "u2"),
+        &vm_decision(false),
+        &["old"],
+        &all_live,
+    )
+    .expect("pinned add");
+    ipam.set_pools(vec![new.clone()]).expect("rename");
+    ipam.check().expect("invariants after rename");
+    // Both addresses stay reserved: the renamed pool is full.
+    assert_eq!(ipam.usage()[0].allocated, 2);
+    assert_eq!(
+        ipam.orphans().len(),
+        2,
+        "held under a pool name no longer in force"
+    );
+    let err = add(
+        &mut ipam,
+        att("c3", "p3", "u3"),
+        &Decision::Ephemeral,
+        &["new"],
+        &all_live,
+    )
+    .expect_err("nothing free");
+    assert!(matches!(err, AllocError::PoolExhausted { .. }), "{err}");
+    // The same happens when the state is rebuilt from the store (a restart).
+    let allocs: Vec<_> = ipam.allocations().cloned().collect();
+    let rebuilt = Ipam::new(vec![new.clone()], allocs).expect("rebuild");
+    rebuilt.check().expect("invariants after rebuild");
+    assert_eq!(rebuilt.usage()[0].allocated, 2);
+    // The VM's pod comes back selecting the renamed pool: same address, re-filed under it.
+    del(&mut ipam, "c2");
+    let again = add(
+        &mut ipam,
+        att("c4", "vm-pod-2", "u4"),
+        &vm_decision(false),
+        &["new"],
+        &all_live,
+    )
+    .expect("pinned re-add");
+    assert_eq!(again, vm);
+    assert_eq!(ipam.get("new", vm[0]).map(|a| a.pool.as_str()), Some("new"));
+    assert!(ipam.get("old", vm[0]).is_none());
+    // Releasing the old-name allocation frees its address in the new pool.
+    del(&mut ipam, "c1");
+    let next = add(
+        &mut ipam,
+        att("c5", "p5", "u5"),
+        &Decision::Ephemeral,
+        &["new"],
+        &all_live,
+    )
+    .expect("freed address is reusable");
+    assert_eq!(next, first);
+}
+
+/// Defect 3: GC when both pods of a live migration are gone left one stale holder, so the VM's
+/// address never went idle and was never released.
+#[test]
+fn gc_drops_every_stale_holder_of_a_migrating_vm() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("pool");
+    let ip = add(
+        &mut ipam,
+        att("src", "launcher-a", "ua"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("source");
+    let ip2 = add(
+        &mut ipam,
+        att("dst", "launcher-b", "ub"),
+        &vm_decision(true),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("migration target shares");
+    assert_eq!(ip, ip2);
+    let plan = ipam.plan_gc("macvlan-net", &HashSet::new(), 5000);
+    ipam.apply(&plan.changes);
+    ipam.check().expect("invariants");
+    let a = ipam.get("test-ippool", ip[0]).expect("pin kept");
+    assert!(a.holders.is_empty(), "stale holders left: {:?}", a.holders);
+    assert_eq!(a.idle_since, Some(5000));
+    // Now the VM's deletion releases it.
+    let plan = ipam.plan_release(6000, &|c| matches!(c, ReleaseCondition::OwnerDeleted(_)));
+    assert_eq!(
+        plan.changes.len(),
+        1,
+        "released once idle and its VM is gone"
+    );
+}
+
+/// Defect 5: a StatefulSet pod named like a stopped VM (same namespace) took the VM's pinned
+/// address and overwrote its release rule.
+#[test]
+fn identities_of_different_kinds_never_share_a_pin() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("pool");
+    let vm = add(
+        &mut ipam,
+        att("vm", "virt-launcher-db-0", "u1"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("vm");
+    del(&mut ipam, "vm"); // the VM is stopped: its pin is idle
+    let sts = Decision::Pinned(Pinned {
+        identity: "default/vm-cirros".into(), // same key text as the VM's identity
+        kind: IdentityKind::StatefulSetPod,
+        release: vec![ReleaseCondition::Never],
+        may_share: false,
+        pools: vec![],
+    });
+    let pod = add(
+        &mut ipam,
+        att("sts", "vm-cirros", "u2"),
+        &sts,
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("sts pod");
+    assert_ne!(pod, vm, "the StatefulSet pod took the VM's address");
+    let kept = ipam.get("test-ippool", vm[0]).expect("VM pin kept");
+    match &kept.owner {
+        Owner::Pinned { kind, release, .. } => {
+            assert_eq!(*kind, IdentityKind::VirtualMachine);
+            assert_eq!(release, &vec![ReleaseCondition::OwnerDeleted(vm_key())]);
+        }
+        other => panic!("VM pin became {other:?}"),
+    }
+    // And the VM comes back to its own address.
+    let back = add(
+        &mut ipam,
+        att("vm2", "virt-launcher-db-0b", "u3"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("vm back");
+    assert_eq!(back, vm);
+}
+
+/// Defect 6: a holder whose liveness is unknown (its manifest does not parse, a cache not
+/// synced) must not be taken over; only a holder known to be gone is.
+#[test]
+fn only_a_gone_holder_is_taken_over() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("pool");
+    let ip = add(
+        &mut ipam,
+        att("a", "launcher-a", "ua"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("first pod");
+    let unknown = |_: &Attachment| Liveness::Unknown;
+    let err = add(
+        &mut ipam,
+        att("b", "launcher-b", "ub"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &unknown,
+    )
+    .expect_err("unknown holder keeps the address");
+    assert!(matches!(err, AllocError::IdentityBusy { .. }), "{err}");
+    let got = add(
+        &mut ipam,
+        att("b", "launcher-b", "ub"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &none_live,
+    )
+    .expect("gone holder is replaced");
+    assert_eq!(got, ip);
+    let a = ipam.get("test-ippool", ip[0]).expect("pin");
+    assert_eq!(a.holders.len(), 1);
+    assert_eq!(a.holders[0].attachment.container_id, "b");
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -632,7 +860,7 @@ proptest! {
     fn random_sequences_keep_every_invariant(ops in proptest::collection::vec(op(), 1..80)) {
         let pools = vec![pool("v4", "10.0.0.0/29", &[]), pool("v6", "fd00::/125", &[])];
         let totals: u128 = pools.iter().map(|p| p.total).sum();
-        let mut ipam = Ipam::new(pools, vec![]);
+        let mut ipam = Ipam::new(pools, vec![]).expect("disjoint pools");
         let names = ["v4", "v6"];
         // Model: which identity owns which address while pinned.
         let mut pins: HashMap<u8, Vec<IpAddr>> = HashMap::new();

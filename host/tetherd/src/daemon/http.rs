@@ -60,7 +60,7 @@ impl From<&ServiceError> for ApiError {
             ServiceError::Write(WriteError::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, codes::STORE_FAILURE)
             }
-            ServiceError::Write(WriteError::Stopped) => {
+            ServiceError::Write(WriteError::Stopped | WriteError::Abandoned) => {
                 (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
             }
             ServiceError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::POLICY_FAILED),
@@ -173,8 +173,20 @@ async fn allocations(State(s): State<AppState>) -> Json<Vec<tether_core::alloc::
     Json(s.allocations())
 }
 
-async fn ready(State(s): State<AppState>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({"ready": true, "chain": s.chain_names()}))
+/// Ready while the writer runs and its last commit succeeded: a daemon that cannot write
+/// answers 503, so the kubelet (or `tetherd wait`) sees it.
+async fn ready(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let ready = s.ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = serde_json::json!({"ready": ready, "chain": s.chain_names()});
+    if !ready {
+        body["reason"] = "the writer cannot commit to the store (see the log)".into();
+    }
+    (status, Json(body))
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -93,11 +93,16 @@ fn chain_sources(args: &RunArgs) -> anyhow::Result<Vec<(PolicySource, tether_pol
     Ok(out)
 }
 
+/// Binds the API socket so that nobody but root can reach it at any instant: it is bound
+/// inside a fresh 0700 directory (whatever the umask), made 0600, and only then renamed to its
+/// path.
 fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    }
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             anyhow::bail!("{} is in use: another tetherd is running", socket.display());
@@ -105,11 +110,24 @@ fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         std::fs::remove_file(socket)
             .map_err(|e| anyhow::anyhow!("removing stale {}: {e}", socket.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(socket)
-        .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
-    // Root-only: whoever can talk to the socket can take addresses.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    let private = dir.join(format!(".tetherd-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", private.display()))?;
+    let staged = private.join("tether.sock");
+    let bound = (|| {
+        let l = tokio::net::UnixListener::bind(&staged)
+            .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
+        // Root-only: whoever can talk to the socket can take addresses.
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, socket)
+            .map_err(|e| anyhow::anyhow!("moving the socket to {}: {e}", socket.display()))?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Reloads the pools when a file changes (checked every `every`; never when zero) and on
@@ -144,15 +162,20 @@ async fn watch_pools(service: Arc<service::Service>, files: pools::PoolFiles, ev
                 return; // nothing changed
             };
             match loaded {
-                Ok(pools) => {
-                    let diff = svc.replace_pools(pools);
-                    svc.metrics.pool_reload("ok");
-                    if diff.is_empty() {
-                        tracing::debug!(path = %path, "pools unchanged");
-                    } else {
-                        tracing::info!(path = %path, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "pools reloaded");
+                Ok(pools) => match svc.replace_pools(pools) {
+                    Ok(diff) => {
+                        svc.metrics.pool_reload("ok");
+                        if diff.is_empty() {
+                            tracing::debug!(path = %path, "pools unchanged");
+                        } else {
+                            tracing::info!(path = %path, added = ?diff.added, removed = ?diff.removed, changed = ?diff.changed, "pools reloaded");
+                        }
                     }
-                }
+                    Err(e) => {
+                        svc.metrics.pool_reload("error");
+                        tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e}");
+                    }
+                },
                 Err(e) => {
                     svc.metrics.pool_reload("error");
                     tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e:#}");
@@ -192,7 +215,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
     let snapshot = store.snapshot()?;
     let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
-    let ipam = Ipam::new(pools, snapshot.allocations);
+    let ipam = Ipam::new(pools, snapshot.allocations)
+        .map_err(|e| anyhow::anyhow!("pools {}: {e}", args.pools.display()))?;
     pools::warn_orphans(&ipam);
     let runtime = Runtime::new(args.sandbox.runtime_config())?;
     let chain = chain::build(&runtime, &chain_sources(&args)?)?;
@@ -262,4 +286,59 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// With the most permissive umask, the socket never shows up at its path with a mode
+    /// wider than 0600, not even between its bind and its chmod: a poller stats the path
+    /// without pause while the daemon binds it again and again.
+    #[tokio::test]
+    async fn socket_is_never_reachable_by_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run").join("tether.sock");
+        let old = rustix::process::umask(rustix::fs::Mode::empty());
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut wide = Vec::new();
+                let mut seen = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path)
+                        && m.file_type().is_socket()
+                    {
+                        seen += 1;
+                        if m.permissions().mode() & 0o777 != 0o600 {
+                            wide.push(m.permissions().mode() & 0o777);
+                        }
+                    }
+                }
+                (wide, seen)
+            })
+        };
+        for _ in 0..300 {
+            let l = bind(&path).expect("bind");
+            drop(l);
+            std::fs::remove_file(&path).expect("remove");
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (wide, seen) = poller.join().expect("poller");
+        rustix::process::umask(old);
+        assert!(seen > 0, "the poller never saw the socket");
+        let wide: Vec<String> = wide.iter().map(|m| format!("{m:o}")).collect();
+        assert!(
+            wide.is_empty(),
+            "socket seen with modes {wide:?} ({seen} looks)"
+        );
+        // Nothing is left behind but the socket's directory.
+        let left: Vec<_> = std::fs::read_dir(path.parent().expect("parent"))
+            .expect("read dir")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use tether_core::alloc::Ipam;
-use tether_core::pool::{Pool, from_manifest};
+use tether_core::pool::{Pool, check_disjoint, from_manifest};
 
 use crate::manifests::{manifest_files, read_documents};
 
@@ -31,6 +31,8 @@ fn load_files(files: &[PathBuf]) -> anyhow::Result<Vec<Pool>> {
             pools.push(pool);
         }
     }
+    // Two pools sharing an address would both hand it out.
+    check_disjoint(&pools)?;
     Ok(pools)
 }
 
@@ -120,6 +122,17 @@ impl PoolDiff {
 /// Logs the allocations whose address is in no current pool (at start-up and after a reload).
 pub fn warn_orphans(ipam: &Ipam) {
     for o in ipam.orphans() {
-        tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept until released (DEL, GC or its release rule)");
+        let covering = ipam
+            .pools()
+            .find(|p| p.contains(o.ip))
+            .map(|p| p.name.as_str());
+        match covering {
+            Some(p) => {
+                tracing::warn!(pool = %o.pool, ip = %o.ip, reserved_in = p, "allocation held under a pool name no longer in force; its address stays reserved in pool {p} until released (DEL, GC, its release rule or `tetherd release`)")
+            }
+            None => {
+                tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept until released (DEL, GC, its release rule or `tetherd release`)")
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use tether_api::{
     CniRequest, CniResult, GcResult, IpConfig, PoolInfo, PoolList, ReconcileResult, RouteConfig,
 };
 use tether_core::alloc::{
-    AllocError, Assigned, Attachment, Change, Ipam, PoolInputs, select_pools,
+    AllocError, Assigned, Attachment, Change, Ipam, Liveness, PoolInputs, select_pools,
 };
 use tether_core::{Decision, PolicyRequest, Workload};
 use tether_policy::{Chain, PolicyError, Runtime};
@@ -60,6 +60,7 @@ impl ServiceError {
             },
             ServiceError::Write(WriteError::Store(_)) => "store",
             ServiceError::Write(WriteError::Stopped) => "stopping",
+            ServiceError::Write(WriteError::Abandoned) => "abandoned",
             ServiceError::Policy(_) => "policy",
             ServiceError::BadRequest(_) => "bad_request",
             ServiceError::MissingEnv(_) => "missing_env",
@@ -197,7 +198,15 @@ impl Service {
             tokio::task::spawn_blocking(move || this.decide(&req2, &att2))
                 .await
                 .map_err(|e| ServiceError::Unavailable(format!("policy evaluation task: {e}")))??;
-        let is_live = move |a: &Attachment| a.pod.is_empty() || index.has_pod(&a.namespace, &a.pod);
+        // Without a workload source nothing can be judged gone: a holder stays until its DEL.
+        let judged = self.workloads.is_some();
+        let liveness = move |a: &Attachment| {
+            if judged && !a.pod.is_empty() {
+                index.pod_liveness(&a.namespace, &a.pod)
+            } else {
+                Liveness::Unknown
+            }
+        };
         let op = Op::Add(Box::new(AddOp {
             attachment,
             network: req.network.clone(),
@@ -205,7 +214,7 @@ impl Service {
             pools,
             requested,
             now: now(),
-            is_live: Box::new(is_live),
+            liveness: Box::new(liveness),
         }));
         match self.writer.submit(op).await? {
             Outcome::Added(assigned) => Ok(render(&assigned)),
@@ -435,13 +444,22 @@ impl Service {
         }
     }
 
+    /// Whether the writer can write: what `/readyz` reports.
+    pub fn ready(&self) -> bool {
+        self.writer.healthy()
+    }
+
     /// Puts new pool definitions in force between two writer batches. Every allocation is
     /// kept: one outside every new pool stays (an orphan, logged) until it is released.
-    pub fn replace_pools(&self, pools: Vec<tether_core::pool::Pool>) -> super::pools::PoolDiff {
+    /// Overlapping pools are refused and the pools in force stay.
+    pub fn replace_pools(
+        &self,
+        pools: Vec<tether_core::pool::Pool>,
+    ) -> Result<super::pools::PoolDiff, tether_core::pool::PoolError> {
         let mut ipam = self.ipam.write().unwrap_or_else(PoisonError::into_inner);
         let diff = super::pools::PoolDiff::between(&ipam.pools().collect::<Vec<_>>(), &pools);
         if !diff.is_empty() {
-            ipam.set_pools(pools);
+            ipam.set_pools(pools)?;
             for name in &diff.removed {
                 let l = PoolLabels { pool: name.clone() };
                 self.metrics.pool_total.remove(&l);
@@ -449,7 +467,7 @@ impl Service {
             }
             super::pools::warn_orphans(&ipam);
         }
-        diff
+        Ok(diff)
     }
 
     pub fn allocations(&self) -> Vec<tether_core::alloc::Allocation> {

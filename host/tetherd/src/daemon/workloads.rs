@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::Value;
+use tether_core::alloc::Liveness;
 use tether_core::manifest::{ObjectIndex, object_from_value, workload_from_pod};
 use tether_core::{Object, ObjectKey, ReleaseCondition, Workload};
 
@@ -20,6 +21,9 @@ pub struct WorkloadIndex {
     pub pods: HashMap<(String, String), Workload>,
     /// Namespace annotations by name.
     pub namespaces: HashMap<String, Vec<(String, String)>>,
+    /// Files (or documents) that could not be read: while there are any, an object missing
+    /// from the index may just be in one of them, so nothing is judged gone.
+    pub unreadable: Vec<String>,
 }
 
 impl WorkloadIndex {
@@ -47,10 +51,24 @@ impl WorkloadIndex {
         Ok(())
     }
 
-    /// Whether a pod exists.
-    pub fn has_pod(&self, namespace: &str, name: &str) -> bool {
-        self.pods
+    /// Whether every manifest was read: only then does a missing object mean a deleted one.
+    pub fn complete(&self) -> bool {
+        self.unreadable.is_empty()
+    }
+
+    /// Whether a pod exists: live when its manifest is there; gone when it is not and every
+    /// manifest was read; unknown otherwise.
+    pub fn pod_liveness(&self, namespace: &str, name: &str) -> Liveness {
+        if self
+            .pods
             .contains_key(&(namespace.to_owned(), name.to_owned()))
+        {
+            Liveness::Live
+        } else if self.complete() {
+            Liveness::Gone
+        } else {
+            Liveness::Unknown
+        }
     }
 
     fn lookup(&self, k: &ObjectKey) -> Option<&Object> {
@@ -58,12 +76,13 @@ impl WorkloadIndex {
             .lookup(&k.api_version, &k.kind, &k.namespace, &k.name)
     }
 
-    /// Whether a release condition holds: its owner is gone, or scaled below the ordinal.
+    /// Whether a release condition is known to hold: its owner is gone (missing while every
+    /// manifest was read), or scaled below the ordinal. Unknown never fires.
     pub fn fires(&self, c: &ReleaseCondition) -> bool {
         match c {
-            ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none(),
+            ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none() && self.complete(),
             ReleaseCondition::ScaledBelow { owner, ordinal } => match self.lookup(owner) {
-                None => true,
+                None => self.complete(),
                 Some(o) => o.replicas.is_some_and(|r| r <= *ordinal),
             },
             ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
@@ -73,7 +92,8 @@ impl WorkloadIndex {
 
 struct FileEntry {
     stamp: (SystemTime, u64),
-    docs: Vec<Value>,
+    /// The documents, or why the file could not be read.
+    docs: Result<Vec<Value>, String>,
 }
 
 /// The directory and its parsed files.
@@ -96,8 +116,9 @@ impl WorkloadDir {
         Ok(w)
     }
 
-    /// Re-reads changed files and returns the current index. Unreadable files are skipped
-    /// with a warning (a half-written file is read again once complete).
+    /// Re-reads changed files and returns the current index. An unreadable file (say, one
+    /// half-written during an update) is read again once it changes; meanwhile the index is
+    /// incomplete and judges nothing gone (see [`WorkloadIndex::complete`]).
     pub fn refresh(&mut self) -> Arc<WorkloadIndex> {
         let paths = match crate::manifests::manifest_files(&self.dir, true) {
             Ok(p) => p,
@@ -109,8 +130,22 @@ impl WorkloadDir {
         let mut changed = paths.len() != self.files.len();
         let mut seen = HashMap::with_capacity(paths.len());
         for path in paths {
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                // Listed a moment ago and gone now: deleted meanwhile (a rename's source).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    changed = true;
+                    let stamp = (SystemTime::UNIX_EPOCH, 0);
+                    seen.insert(
+                        path,
+                        FileEntry {
+                            stamp,
+                            docs: Err(e.to_string()),
+                        },
+                    );
+                    continue;
+                }
             };
             let stamp = (
                 meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -122,13 +157,10 @@ impl WorkloadDir {
                 }
                 _ => {
                     changed = true;
-                    let docs = match crate::manifests::read_documents(&path) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            tracing::warn!(file = %path.display(), "skipping workload manifest: {e}");
-                            Vec::new()
-                        }
-                    };
+                    let docs = crate::manifests::read_documents(&path).map_err(|e| {
+                        tracing::warn!(file = %path.display(), "workload manifest unreadable; nothing is judged gone until it is fixed: {e}");
+                        e.to_string()
+                    });
                     seen.insert(path, FileEntry { stamp, docs });
                 }
             }
@@ -137,9 +169,17 @@ impl WorkloadDir {
         if changed {
             let mut idx = WorkloadIndex::default();
             for (path, f) in &self.files {
-                for doc in &f.docs {
+                let docs = match &f.docs {
+                    Ok(d) => d,
+                    Err(e) => {
+                        idx.unreadable.push(format!("{}: {e}", path.display()));
+                        continue;
+                    }
+                };
+                for doc in docs {
                     if let Err(e) = idx.insert(doc) {
-                        tracing::warn!(file = %path.display(), "skipping object: {e}");
+                        tracing::warn!(file = %path.display(), "object unreadable; nothing is judged gone until it is fixed: {e}");
+                        idx.unreadable.push(format!("{}: {e}", path.display()));
                     }
                 }
             }

@@ -2,13 +2,25 @@
 //! groups. Requests that arrive while a commit is in flight are planned together and made
 //! durable by one commit (group commit); each caller gets its answer only once its changes
 //! are durable.
+//!
+//! # Guarantees
+//!
+//! - Readers never see uncommitted state: the state stays write-locked from planning until
+//!   the commit's outcome is known.
+//! - A failed commit leaves nothing of it in memory: the batch's changes are undone, then the
+//!   state is re-read from the store (a failed commit may still have reached the disk). If
+//!   that read fails too, the writer stops: every later call answers "try again later",
+//!   `/readyz` fails, and a restart loads the state from the store.
+//! - A caller that gave up (its connection closed) before its ADD was committed gets
+//!   nothing: the ADD is skipped, or rolled back before anyone else can see it.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use tether_core::alloc::{AddRequest, AllocError, Assigned, Attachment, Change, Ipam};
+use tether_core::alloc::{AddRequest, AllocError, Assigned, Attachment, Change, Ipam, Liveness};
 use tether_core::pool::Pool;
 use tether_core::{Decision, ReleaseCondition};
 use tether_store::{Store, StoreError, batches};
@@ -29,7 +41,7 @@ pub struct AddOp {
     pub pools: Vec<String>,
     pub requested: Vec<std::net::IpAddr>,
     pub now: u64,
-    pub is_live: Box<dyn Fn(&Attachment) -> bool + Send>,
+    pub liveness: Box<dyn Fn(&Attachment) -> Liveness + Send>,
 }
 
 pub enum Op {
@@ -67,8 +79,10 @@ pub enum WriteError {
     Alloc(#[from] AllocError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the writer has stopped (tetherd is shutting down)")]
+    #[error("the writer has stopped (tetherd is shutting down, or its store failed)")]
     Stopped,
+    #[error("the caller gave up before the change was committed; nothing was allocated")]
+    Abandoned,
 }
 
 struct Job {
@@ -80,6 +94,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Writer {
     tx: Sender<Job>,
+    healthy: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -91,10 +106,27 @@ impl Writer {
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
-            .spawn(move || run(rx, ipam, store, revisions, metrics))?;
-        Ok((Writer { tx }, handle))
+            .spawn(move || {
+                // However the loop ends (a panic included), the writer is no longer healthy.
+                struct Down(Arc<AtomicBool>);
+                impl Drop for Down {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::SeqCst);
+                    }
+                }
+                let _down = Down(h.clone());
+                run(rx, ipam, store, revisions, metrics, &h)
+            })?;
+        Ok((Writer { tx, healthy }, handle))
+    }
+
+    /// Whether the writer runs and its last commit succeeded: what `/readyz` reports.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
     }
 
     /// Submits an operation and waits until it is durable.
@@ -118,7 +150,7 @@ fn plan(op: Op, ipam: &mut Ipam) -> Result<(Vec<Change>, Outcome), AllocError> {
                 requested: a.requested,
                 now: a.now,
             };
-            let plan = ipam.plan_add(&req, &*a.is_live)?;
+            let plan = ipam.plan_add(&req, &*a.liveness)?;
             Ok((plan.changes, Outcome::Added(plan.assigned)))
         }
         Op::Del {
@@ -154,6 +186,7 @@ fn run(
     store: Arc<dyn Store>,
     mut revisions: BTreeMap<String, u64>,
     metrics: Arc<Metrics>,
+    healthy: &AtomicBool,
 ) {
     let mut concurrent = false;
     while let Ok(first) = rx.recv() {
@@ -182,53 +215,132 @@ fn run(
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut changes = Vec::new();
+        let mut undo: Vec<Vec<Change>> = Vec::new();
         let mut answers = Vec::with_capacity(jobs.len());
         for job in jobs {
+            // An ADD whose caller already gave up is not planned at all.
+            if matches!(job.op, Op::Add(_)) && job.reply.is_closed() {
+                tracing::info!("ADD abandoned by its caller before it was planned");
+                continue;
+            }
+            let rollback = match &job.op {
+                Op::Add(a) => Some((a.attachment.clone(), a.now)),
+                _ => None,
+            };
             match plan(job.op, &mut state) {
                 Ok((c, outcome)) => {
-                    state.apply(&c);
+                    undo.push(state.apply_undoable(&c));
+                    let made = !c.is_empty();
                     changes.extend(c);
-                    answers.push((job.reply, Ok(outcome)));
+                    answers.push((job.reply, Ok(outcome), rollback.filter(|_| made)));
                 }
-                Err(e) => answers.push((job.reply, Err(WriteError::Alloc(e)))),
+                Err(e) => answers.push((job.reply, Err(WriteError::Alloc(e)), None)),
             }
         }
         metrics.batch_size.observe(answers.len() as f64);
         if !changes.is_empty() {
             let started = Instant::now();
-            let bs = batches(&changes, |p| revisions.get(p).copied().unwrap_or(0));
-            match store.commit(&bs) {
-                Ok(revs) => {
-                    for (b, r) in bs.iter().zip(revs) {
-                        revisions.insert(b.pool.clone(), r);
-                    }
+            match commit(&*store, &mut revisions, &changes) {
+                Ok(()) => {
+                    healthy.store(true, Ordering::SeqCst);
                     metrics
                         .commit_seconds
                         .observe(started.elapsed().as_secs_f64());
                 }
                 Err(e) => {
-                    tracing::error!("store commit failed, reloading state from the store: {e}");
-                    match store.snapshot() {
-                        Ok(snap) => {
-                            let pools: Vec<Pool> = state.pools().cloned().collect();
-                            *state = Ipam::new(pools, snap.allocations);
-                            revisions = snap.revisions;
-                        }
-                        Err(e2) => tracing::error!("reloading from the store failed too: {e2}"),
+                    healthy.store(false, Ordering::SeqCst);
+                    tracing::error!(
+                        "store commit failed; undoing the batch and re-reading the store: {e}"
+                    );
+                    for u in undo.iter().rev() {
+                        state.apply(u);
                     }
                     let msg = e.to_string();
-                    for (_, a) in answers.iter_mut() {
+                    for (_, a, rollback) in answers.iter_mut() {
                         if a.is_ok() {
                             *a = Err(WriteError::Store(StoreError::Backend(msg.clone())));
+                            *rollback = None;
+                        }
+                    }
+                    // The commit may have reached the disk after all: the store is the truth.
+                    match resync(&*store, &mut state) {
+                        Ok(revs) => revisions = revs,
+                        Err(e2) => {
+                            tracing::error!(
+                                "re-reading the store failed too; the writer stops (restart tetherd): {e2}"
+                            );
+                            drop(state);
+                            for (reply, answer, _) in answers {
+                                let _ = reply.send(answer);
+                            }
+                            return;
                         }
                     }
                 }
             }
         }
+        // Callers that gave up while their ADD was committed: undo it before anyone sees it
+        // (the state is still locked), as their DEL would.
+        let gone: Vec<(Attachment, u64)> = answers
+            .iter()
+            .filter(|(reply, a, _)| a.is_ok() && reply.is_closed())
+            .filter_map(|(_, _, rollback)| rollback.clone())
+            .collect();
+        if !gone.is_empty() {
+            let mut back = Vec::new();
+            let mut back_undo = Vec::new();
+            for (att, now) in &gone {
+                let c = state.plan_del(&att.container_id, &att.ifname, *now).changes;
+                back_undo.push(state.apply_undoable(&c));
+                back.extend(c);
+                tracing::info!(container_id = %att.container_id, ifname = %att.ifname, "ADD abandoned by its caller while it was committed; rolling it back");
+            }
+            if let Err(e) = commit(&*store, &mut revisions, &back) {
+                // The ADDs stay allocated, as on disk, until their DEL or a CNI GC.
+                for u in back_undo.iter().rev() {
+                    state.apply(u);
+                }
+                tracing::warn!(
+                    "rolling back abandoned ADDs failed; they stay allocated until their DEL or a CNI GC: {e}"
+                );
+                if let Ok(revs) = resync(&*store, &mut state) {
+                    revisions = revs;
+                }
+            }
+            for (reply, answer, _) in answers.iter_mut() {
+                if answer.is_ok() && reply.is_closed() {
+                    *answer = Err(WriteError::Abandoned);
+                }
+            }
+        }
         drop(state);
-        for (reply, answer) in answers {
+        for (reply, answer, _) in answers {
             let _ = reply.send(answer);
         }
     }
     tracing::debug!("writer stopped");
+}
+
+/// Commits changes against the revisions the state was planned on, moving them on.
+fn commit(
+    store: &dyn Store,
+    revisions: &mut BTreeMap<String, u64>,
+    changes: &[Change],
+) -> Result<(), StoreError> {
+    let bs = batches(changes, |p| revisions.get(p).copied().unwrap_or(0));
+    let revs = store.commit(&bs)?;
+    for (b, r) in bs.iter().zip(revs) {
+        revisions.insert(b.pool.clone(), r);
+    }
+    Ok(())
+}
+
+/// Replaces the state with what the store holds, keeping the pools in force.
+fn resync(store: &dyn Store, state: &mut Ipam) -> Result<BTreeMap<String, u64>, StoreError> {
+    let snap = store.snapshot()?;
+    let pools: Vec<Pool> = state.pools().cloned().collect();
+    let fresh = Ipam::new(pools, snap.allocations)
+        .map_err(|e| StoreError::Backend(format!("rebuilding the state: {e}")))?;
+    *state = fresh;
+    Ok(snap.revisions)
 }
