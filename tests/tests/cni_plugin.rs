@@ -1,9 +1,21 @@
 //! The `tether` plugin spawned as a runtime would, against a running tetherd: every supported
-//! cniVersion, CHECK, idempotent DEL, GC with valid attachments, STATUS, a retried ADD, static
-//! addresses, crash safety, and ipvlan as a second main plugin.
+//! cniVersion, CHECK with prevResult, idempotent DEL, GC with (and without) valid attachments,
+//! STATUS, a retried ADD, static addresses, crash safety, and ipvlan as a second main plugin.
 
-use serde_json::json;
-use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, cni_exec, netns};
+use serde_json::{Value, json};
+use tether_e2e::{CniOutcome, Daemon, Ipam, Pod, SEED_POOL, cni_exec, netns};
+
+/// CHECK as a runtime sends it: the config carries the ADD's result as `prevResult`.
+fn check(ipam: &Ipam, pod: &Pod, prev: &Value) -> CniOutcome {
+    let mut conf = ipam.conf.clone();
+    conf["prevResult"] = prev.clone();
+    Ipam {
+        plugin: ipam.plugin.clone(),
+        conf,
+    }
+    .call("CHECK", pod)
+    .expect("check")
+}
 
 #[test]
 fn results_in_every_supported_version() {
@@ -36,13 +48,20 @@ fn results_in_every_supported_version() {
         let again = ipam.add(&pod).expect("retry");
         assert_eq!(again.ip(), o.ip(), "{v}");
         if *v != "0.3.0" && *v != "0.3.1" {
-            let c = ipam.call("CHECK", &pod).expect("check");
+            let c = check(&ipam, &pod, &o.out);
             assert!(c.ok, "{v}: CHECK {}", c.out);
+            let c = ipam.call("CHECK", &pod).expect("check without prevResult");
+            assert_eq!(
+                c.code(),
+                Some(7),
+                "{v}: CHECK without prevResult: {}",
+                c.out
+            );
         }
         assert!(ipam.del(&pod).expect("del").ok);
         assert!(ipam.del(&pod).expect("del again").ok, "DEL is idempotent");
         if *v != "0.3.0" && *v != "0.3.1" {
-            let c = ipam.call("CHECK", &pod).expect("check after del");
+            let c = check(&ipam, &pod, &o.out);
             assert!(!c.ok && c.code() == Some(3), "{v}: {}", c.out);
         }
     }
@@ -56,8 +75,11 @@ fn gc_frees_what_the_runtime_no_longer_lists() {
     let pods: Vec<Pod> = (0..3)
         .map(|i| Pod::new("default", &format!("g{i}"), i))
         .collect();
+    let mut results = Vec::new();
     for p in &pods {
-        assert!(ipam.add(p).expect("add").ok);
+        let o = ipam.add(p).expect("add");
+        assert!(o.ok);
+        results.push(o.out);
     }
     let mut conf = ipam.conf.clone();
     conf["cni.dev/valid-attachments"] =
@@ -69,8 +91,39 @@ fn gc_frees_what_the_runtime_no_longer_lists() {
         1,
         "only the valid attachment keeps its address"
     );
-    let c = ipam.call("CHECK", &pods[1]).expect("check");
-    assert!(c.ok);
+    let c = check(&ipam, &pods[1], &results[1]);
+    assert!(c.ok, "{}", c.out);
+}
+
+#[test]
+fn gc_without_valid_attachments_frees_nothing() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "gc-net", "1.1.0", &["test-ippool"]).expect("ipam");
+    let pods: Vec<Pod> = (0..2)
+        .map(|i| Pod::new("default", &format!("keep{i}"), i))
+        .collect();
+    for p in &pods {
+        assert!(ipam.add(p).expect("add").ok);
+    }
+    // A runtime that sends no list (or a hand-made config): refused, nothing freed.
+    let o = cni_exec(&ipam.plugin, "GC", &ipam.conf, &[], "").expect("gc");
+    assert!(!o.ok);
+    assert_eq!(o.code(), Some(7), "{}", o.out);
+    assert_eq!(
+        o.out["msg"],
+        "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything"
+    );
+    assert_eq!(
+        d.usage("test-ippool").expect("usage").0,
+        2,
+        "the daemon still holds every allocation"
+    );
+    // An explicit empty list is a list: nothing is valid, everything of the network goes.
+    let mut conf = ipam.conf.clone();
+    conf["cni.dev/valid-attachments"] = json!([]);
+    let o = cni_exec(&ipam.plugin, "GC", &conf, &[], "").expect("gc []");
+    assert!(o.ok, "{}", o.out);
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
 }
 
 #[test]
