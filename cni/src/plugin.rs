@@ -12,7 +12,16 @@ use tether_api::{Attachment, CniRequest, CniResult, DEFAULT_SOCKET, codes};
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What to print and how to exit.
+/// What `tether` says when run by hand (no CNI_COMMAND), on stderr, as the reference plugins do.
+pub fn about() -> String {
+    format!(
+        "CNI tether plugin v{}: IPAM that delegates to tetherd\nCNI protocol versions supported: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        SUPPORTED.join(", ")
+    )
+}
+
+/// What to print and how to exit. JSON on stdout ends with a newline.
 pub struct Output {
     pub stdout: String,
     pub exit: u8,
@@ -21,7 +30,7 @@ pub struct Output {
 impl Output {
     fn ok(v: Value) -> Self {
         Output {
-            stdout: v.to_string(),
+            stdout: format!("{v}\n"),
             exit: 0,
         }
     }
@@ -40,7 +49,7 @@ impl Output {
             v["details"] = Value::String(details);
         }
         Output {
-            stdout: v.to_string(),
+            stdout: format!("{v}\n"),
             exit: 1,
         }
     }
@@ -232,7 +241,7 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
             env_get(env, "CNI_IFNAME"),
             out.exit,
             started.elapsed(),
-            out.stdout
+            out.stdout.trim_end()
         ),
     );
     out
@@ -699,6 +708,26 @@ mod tests {
         // Below 0.4.0 there is no CHECK at all.
         let (_dir, conf) = down_socket_conf("0.3.1", json!({}));
         assert_eq!(code(&run(&attachment_env("CHECK"), &conf)), 1);
+    }
+
+    #[test]
+    fn json_on_stdout_ends_with_a_newline() {
+        let ok = run(&env("VERSION"), b"");
+        assert!(ok.stdout.ends_with("}\n"), "{:?}", ok.stdout);
+        let err = run(&env("ADD"), b"not json");
+        assert!(err.stdout.ends_with("}\n"), "{:?}", err.stdout);
+        assert_eq!(err.stdout.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn about_names_the_plugin_and_its_versions() {
+        let a = about();
+        assert!(a.starts_with("CNI tether plugin v"), "{a}");
+        assert!(a.contains(env!("CARGO_PKG_VERSION")), "{a}");
+        assert!(
+            a.contains("CNI protocol versions supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+            "{a}"
+        );
     }
 
     #[test]
