@@ -6,6 +6,9 @@
 # As root it wires real macvlan interfaces in network namespaces; otherwise the IPAM path alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+say() { printf '[demo] %s\n' "$*" >&2; }
 bash scripts/setup.sh
-cargo build --locked -q --workspace --bins
+say "building tetherd, the tether plugin and the walkthrough (first run takes several minutes)"
+cargo build --locked --workspace --bins
+say "running the walkthrough"
 exec "${CARGO_TARGET_DIR:-target}/debug/tether-demo"

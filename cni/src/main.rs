@@ -7,8 +7,14 @@ mod plugin;
 use std::io::{Read, Write};
 
 fn main() -> std::process::ExitCode {
-    let mut stdin = Vec::new();
     let env: Vec<(String, String)> = std::env::vars().collect();
+    // Run by hand: say what this is on stderr and exit 0 without waiting on stdin, as the
+    // reference plugins (skel) do.
+    if env.iter().all(|(k, v)| k != "CNI_COMMAND" || v.is_empty()) {
+        let _ = std::io::stderr().write_all(plugin::about().as_bytes());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin);
     let out = match read {
         Ok(_) => plugin::run(&env, &stdin),

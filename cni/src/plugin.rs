@@ -12,7 +12,16 @@ use tether_api::{Attachment, CniRequest, CniResult, DEFAULT_SOCKET, codes};
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What to print and how to exit.
+/// What `tether` says when run by hand (no CNI_COMMAND), on stderr, as the reference plugins do.
+pub fn about() -> String {
+    format!(
+        "CNI tether plugin v{}: IPAM that delegates to tetherd\nCNI protocol versions supported: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        SUPPORTED.join(", ")
+    )
+}
+
+/// What to print and how to exit. JSON on stdout ends with a newline.
 pub struct Output {
     pub stdout: String,
     pub exit: u8,
@@ -21,7 +30,7 @@ pub struct Output {
 impl Output {
     fn ok(v: Value) -> Self {
         Output {
-            stdout: v.to_string(),
+            stdout: format!("{v}\n"),
             exit: 0,
         }
     }
@@ -40,7 +49,7 @@ impl Output {
             v["details"] = Value::String(details);
         }
         Output {
-            stdout: v.to_string(),
+            stdout: format!("{v}\n"),
             exit: 1,
         }
     }
@@ -171,6 +180,48 @@ fn requested_ips(conf: &Value, args: &[(String, String)]) -> Vec<String> {
     out
 }
 
+/// A `prevResult` that is not a result.
+#[derive(Debug, PartialEq, Eq)]
+enum PrevResultError {
+    NotAnObject,
+    IpsNotAList,
+    NoAddress(usize),
+}
+
+impl std::fmt::Display for PrevResultError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrevResultError::NotAnObject => f.write_str("prevResult is not a JSON object"),
+            PrevResultError::IpsNotAList => f.write_str("prevResult.ips is not a list"),
+            PrevResultError::NoAddress(i) => write!(f, "prevResult.ips[{i}] has no address"),
+        }
+    }
+}
+
+/// The addresses of `prevResult` (`ips[].address`, alike in every result version from 0.3.0
+/// on), as given; `None` when the config has no prevResult.
+fn prev_ips(conf: &Value) -> Result<Option<Vec<String>>, PrevResultError> {
+    let Some(prev) = conf.get("prevResult").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let prev = prev.as_object().ok_or(PrevResultError::NotAnObject)?;
+    let ips = match prev.get("ips") {
+        None | Some(Value::Null) => return Ok(Some(Vec::new())),
+        Some(Value::Array(ips)) => ips,
+        Some(_) => return Err(PrevResultError::IpsNotAList),
+    };
+    ips.iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            ip.get("address")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or(PrevResultError::NoAddress(i))
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
 /// Runs one CNI call and logs its outcome (every call to `logFile`; failures to stderr when
 /// there is none).
 pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
@@ -190,7 +241,7 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
             env_get(env, "CNI_IFNAME"),
             out.exit,
             started.elapsed(),
-            out.stdout
+            out.stdout.trim_end()
         ),
     );
     out
@@ -278,7 +329,8 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         requested_ips: requested_ips(&conf, &args),
         args,
         pools: ipam.pools.clone(),
-        valid_attachments: Vec::new(),
+        valid_attachments: None,
+        prev_ips: Vec::new(),
     };
     let need = |names: &[(&str, &str)]| -> Option<Output> {
         let missing: Vec<&str> = names
@@ -342,6 +394,27 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             ]) {
                 return o;
             }
+            // The spec: the runtime must send the ADD's result as prevResult, and CHECK must
+            // consult it; the reference main plugins refuse a CHECK without one.
+            req.prev_ips = match prev_ips(&conf) {
+                Ok(Some(ips)) => ips,
+                Ok(None) => {
+                    return Output::error(
+                        &version,
+                        codes::INVALID_CONFIG,
+                        "CHECK needs prevResult (the result of the ADD), which the runtime sends from cniVersion 0.4.0 on".into(),
+                        String::new(),
+                    );
+                }
+                Err(e) => {
+                    return Output::error(
+                        &version,
+                        codes::DECODE_FAILURE,
+                        e.to_string(),
+                        String::new(),
+                    );
+                }
+            };
             match client.post::<_, Value>("/v1/cni/check", &req) {
                 Ok(_) => Output::empty(),
                 Err(e) => client_error(&version, e, codes::TRY_AGAIN),
@@ -351,12 +424,22 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
             if let Some(o) = too_old("1.1.0") {
                 return o;
             }
-            let valid = conf
+            // A missing list is not an empty one: read as "nothing is valid", it would free
+            // every address of the network.
+            let Some(valid) = conf
                 .get("cni.dev/valid-attachments")
+                .filter(|v| !v.is_null())
                 .cloned()
-                .unwrap_or(Value::Array(vec![]));
+            else {
+                return Output::error(
+                    &version,
+                    codes::INVALID_CONFIG,
+                    "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
+                    String::new(),
+                );
+            };
             req.valid_attachments = match serde_json::from_value::<Vec<Attachment>>(valid) {
-                Ok(v) => v,
+                Ok(v) => Some(v),
                 Err(e) => {
                     return Output::error(
                         &version,
@@ -512,6 +595,139 @@ mod tests {
         assert!(o.stdout.contains("is tetherd running?"), "{}", o.stdout);
         let o = run(&env("STATUS"), conf.as_bytes());
         assert_eq!(code(&o), 50);
+    }
+
+    fn down_socket_conf(version: &str, extra: Value) -> (tempfile::TempDir, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conf = json!({
+            "cniVersion": version,
+            "name": "n",
+            "ipam": {"type": "tether", "socket": dir.path().join("none.sock")},
+        });
+        if let (Some(c), Value::Object(extra)) = (conf.as_object_mut(), extra) {
+            c.extend(extra);
+        }
+        (dir, conf.to_string().into_bytes())
+    }
+
+    fn attachment_env(cmd: &str) -> Vec<(String, String)> {
+        let mut e = env(cmd);
+        e.extend([
+            ("CNI_CONTAINERID".into(), "c".into()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            ("CNI_NETNS".into(), "/x".into()),
+        ]);
+        e
+    }
+
+    #[test]
+    fn gc_without_valid_attachments_is_refused_before_the_daemon() {
+        // The socket does not exist: reaching the daemon would answer 11, not 7.
+        for missing in [json!({}), json!({"cni.dev/valid-attachments": null})] {
+            let (_dir, conf) = down_socket_conf("1.1.0", missing);
+            let o = run(&env("GC"), &conf);
+            assert_eq!((o.exit, code(&o)), (1, 7), "{}", o.stdout);
+            assert!(
+                o.stdout
+                    .contains("GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything"),
+                "{}",
+                o.stdout
+            );
+        }
+        // An explicit empty list is a valid list (nothing is valid): it goes to the daemon.
+        let (_dir, conf) = down_socket_conf("1.1.0", json!({"cni.dev/valid-attachments": []}));
+        assert_eq!(code(&run(&env("GC"), &conf)), 11);
+        let (_dir, conf) = down_socket_conf(
+            "1.1.0",
+            json!({"cni.dev/valid-attachments": [{"ifname": "eth0"}]}),
+        );
+        assert_eq!(
+            code(&run(&env("GC"), &conf)),
+            7,
+            "an entry without containerID"
+        );
+    }
+
+    #[test]
+    fn prev_result_addresses_in_every_result_version() {
+        let legacy = json!({"prevResult": {
+            "cniVersion": "0.3.1",
+            "interfaces": [{"name": "eth0", "sandbox": "/x"}],
+            "ips": [
+                {"version": "4", "address": "10.6.168.101/16", "gateway": "10.6.0.1", "interface": 0},
+                {"version": "6", "address": "fd00::5/64"}
+            ],
+        }});
+        assert_eq!(
+            prev_ips(&legacy),
+            Ok(Some(vec![
+                "10.6.168.101/16".to_owned(),
+                "fd00::5/64".to_owned()
+            ]))
+        );
+        let v04 = json!({"prevResult": {"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "10.6.168.102/16"}]}});
+        assert_eq!(prev_ips(&v04), Ok(Some(vec!["10.6.168.102/16".to_owned()])));
+        let v1 = json!({"prevResult": {"cniVersion": "1.1.0", "ips": [{"address": "10.6.168.103/16", "interface": 2}], "dns": {}}});
+        assert_eq!(prev_ips(&v1), Ok(Some(vec!["10.6.168.103/16".to_owned()])));
+        assert_eq!(
+            prev_ips(&json!({"prevResult": {"cniVersion": "1.0.0"}})),
+            Ok(Some(vec![]))
+        );
+        assert_eq!(prev_ips(&json!({})), Ok(None));
+        assert_eq!(prev_ips(&json!({"prevResult": null})), Ok(None));
+        assert_eq!(
+            prev_ips(&json!({"prevResult": "x"})),
+            Err(PrevResultError::NotAnObject)
+        );
+        assert_eq!(
+            prev_ips(&json!({"prevResult": {"ips": {}}})),
+            Err(PrevResultError::IpsNotAList)
+        );
+        assert_eq!(
+            prev_ips(
+                &json!({"prevResult": {"ips": [{"address": "10.0.0.1/8"}, {"version": "4"}]}})
+            ),
+            Err(PrevResultError::NoAddress(1))
+        );
+    }
+
+    #[test]
+    fn check_needs_a_prev_result() {
+        let (_dir, conf) = down_socket_conf("1.0.0", json!({}));
+        let o = run(&attachment_env("CHECK"), &conf);
+        assert_eq!(code(&o), 7, "{}", o.stdout);
+        assert!(o.stdout.contains("CHECK needs prevResult"), "{}", o.stdout);
+        let (_dir, conf) = down_socket_conf("1.0.0", json!({"prevResult": {"ips": [7]}}));
+        assert_eq!(code(&run(&attachment_env("CHECK"), &conf)), 6);
+        // With one, the call goes to the daemon (down here: 11).
+        let (_dir, conf) = down_socket_conf(
+            "0.4.0",
+            json!({"prevResult": {"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "10.0.0.1/8"}]}}),
+        );
+        assert_eq!(code(&run(&attachment_env("CHECK"), &conf)), 11);
+        // Below 0.4.0 there is no CHECK at all.
+        let (_dir, conf) = down_socket_conf("0.3.1", json!({}));
+        assert_eq!(code(&run(&attachment_env("CHECK"), &conf)), 1);
+    }
+
+    #[test]
+    fn json_on_stdout_ends_with_a_newline() {
+        let ok = run(&env("VERSION"), b"");
+        assert!(ok.stdout.ends_with("}\n"), "{:?}", ok.stdout);
+        let err = run(&env("ADD"), b"not json");
+        assert!(err.stdout.ends_with("}\n"), "{:?}", err.stdout);
+        assert_eq!(err.stdout.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn about_names_the_plugin_and_its_versions() {
+        let a = about();
+        assert!(a.starts_with("CNI tether plugin v"), "{a}");
+        assert!(a.contains(env!("CARGO_PKG_VERSION")), "{a}");
+        assert!(
+            a.contains("CNI protocol versions supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+            "{a}"
+        );
     }
 
     #[test]

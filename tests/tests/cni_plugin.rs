@@ -1,9 +1,58 @@
 //! The `tether` plugin spawned as a runtime would, against a running tetherd: every supported
-//! cniVersion, CHECK, idempotent DEL, GC with valid attachments, STATUS, a retried ADD, static
-//! addresses, crash safety, and ipvlan as a second main plugin.
+//! cniVersion, CHECK with prevResult, idempotent DEL, GC with (and without) valid attachments,
+//! STATUS, a retried ADD, static addresses, crash safety, and ipvlan as a second main plugin;
+//! and the plugin run by hand.
 
-use serde_json::json;
-use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, cni_exec, netns};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tether_e2e::{CniOutcome, Daemon, Ipam, Pod, SEED_POOL, bin_dir, cni_exec, netns};
+
+/// CHECK as a runtime sends it: the config carries the ADD's result as `prevResult`.
+fn check(ipam: &Ipam, pod: &Pod, prev: &Value) -> CniOutcome {
+    let mut conf = ipam.conf.clone();
+    conf["prevResult"] = prev.clone();
+    Ipam {
+        plugin: ipam.plugin.clone(),
+        conf,
+    }
+    .call("CHECK", pod)
+    .expect("check")
+}
+
+/// The plugin's raw exit status, stdout and stderr, with `env` only and `stdin` written then
+/// closed (`None`: stdin left open, so a plugin that reads it would hang until the deadline).
+fn plugin_raw(env: &[(&str, &str)], stdin: Option<&[u8]>) -> (Option<i32>, String, String) {
+    let mut child = Command::new(bin_dir().expect("bin dir").join("tether"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tether");
+    let mut input = child.stdin.take();
+    if let (Some(mut i), Some(bytes)) = (input.take(), stdin) {
+        i.write_all(bytes).expect("write stdin");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(input);
+    let o = child.wait_with_output().expect("output");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
 
 #[test]
 fn results_in_every_supported_version() {
@@ -36,13 +85,20 @@ fn results_in_every_supported_version() {
         let again = ipam.add(&pod).expect("retry");
         assert_eq!(again.ip(), o.ip(), "{v}");
         if *v != "0.3.0" && *v != "0.3.1" {
-            let c = ipam.call("CHECK", &pod).expect("check");
+            let c = check(&ipam, &pod, &o.out);
             assert!(c.ok, "{v}: CHECK {}", c.out);
+            let c = ipam.call("CHECK", &pod).expect("check without prevResult");
+            assert_eq!(
+                c.code(),
+                Some(7),
+                "{v}: CHECK without prevResult: {}",
+                c.out
+            );
         }
         assert!(ipam.del(&pod).expect("del").ok);
         assert!(ipam.del(&pod).expect("del again").ok, "DEL is idempotent");
         if *v != "0.3.0" && *v != "0.3.1" {
-            let c = ipam.call("CHECK", &pod).expect("check after del");
+            let c = check(&ipam, &pod, &o.out);
             assert!(!c.ok && c.code() == Some(3), "{v}: {}", c.out);
         }
     }
@@ -56,8 +112,11 @@ fn gc_frees_what_the_runtime_no_longer_lists() {
     let pods: Vec<Pod> = (0..3)
         .map(|i| Pod::new("default", &format!("g{i}"), i))
         .collect();
+    let mut results = Vec::new();
     for p in &pods {
-        assert!(ipam.add(p).expect("add").ok);
+        let o = ipam.add(p).expect("add");
+        assert!(o.ok);
+        results.push(o.out);
     }
     let mut conf = ipam.conf.clone();
     conf["cni.dev/valid-attachments"] =
@@ -69,8 +128,86 @@ fn gc_frees_what_the_runtime_no_longer_lists() {
         1,
         "only the valid attachment keeps its address"
     );
-    let c = ipam.call("CHECK", &pods[1]).expect("check");
-    assert!(c.ok);
+    let c = check(&ipam, &pods[1], &results[1]);
+    assert!(c.ok, "{}", c.out);
+}
+
+#[test]
+fn gc_without_valid_attachments_frees_nothing() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "gc-net", "1.1.0", &["test-ippool"]).expect("ipam");
+    let pods: Vec<Pod> = (0..2)
+        .map(|i| Pod::new("default", &format!("keep{i}"), i))
+        .collect();
+    for p in &pods {
+        assert!(ipam.add(p).expect("add").ok);
+    }
+    // A runtime that sends no list (or a hand-made config): refused, nothing freed.
+    let o = cni_exec(&ipam.plugin, "GC", &ipam.conf, &[], "").expect("gc");
+    assert!(!o.ok);
+    assert_eq!(o.code(), Some(7), "{}", o.out);
+    assert_eq!(
+        o.out["msg"],
+        "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything"
+    );
+    assert_eq!(
+        d.usage("test-ippool").expect("usage").0,
+        2,
+        "the daemon still holds every allocation"
+    );
+    // An explicit empty list is a list: nothing is valid, everything of the network goes.
+    let mut conf = ipam.conf.clone();
+    conf["cni.dev/valid-attachments"] = json!([]);
+    let o = cni_exec(&ipam.plugin, "GC", &conf, &[], "").expect("gc []");
+    assert!(o.ok, "{}", o.out);
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 0);
+}
+
+#[test]
+fn run_by_hand_the_plugin_says_what_it_is() {
+    // No CNI_COMMAND, stdin left open: skel's behaviour, the about text on stderr, exit 0.
+    let (code, out, err) = plugin_raw(&[], None);
+    assert_eq!(code, Some(0), "stdout {out:?} stderr {err:?}");
+    assert!(out.is_empty(), "stdout is the protocol channel: {out:?}");
+    assert!(
+        err.starts_with(&format!("CNI tether plugin v{}", env!("CARGO_PKG_VERSION"))),
+        "{err}"
+    );
+    assert!(
+        err.contains("CNI protocol versions supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0"),
+        "{err}"
+    );
+    let (code, _, err) = plugin_raw(&[("CNI_COMMAND", "")], None);
+    assert_eq!(code, Some(0), "an empty CNI_COMMAND is unset: {err}");
+}
+
+#[test]
+fn stdout_json_ends_with_a_newline() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let conf = ipam.conf.to_string();
+    let env = [
+        ("CNI_CONTAINERID", "nl"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", "/var/run/netns/none"),
+    ];
+    let with = |cmd: &'static str| -> Vec<(&str, &str)> {
+        let mut e = vec![("CNI_COMMAND", cmd)];
+        e.extend(env);
+        e
+    };
+    let (code, out, err) = plugin_raw(&with("ADD"), Some(conf.as_bytes()));
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(
+        out.ends_with("}\n") && out.matches('\n').count() == 1,
+        "{out:?}"
+    );
+    let (code, out, _) = plugin_raw(&with("VERSION"), Some(b""));
+    assert_eq!(code, Some(0));
+    assert!(out.ends_with("}\n"), "{out:?}");
+    let (code, out, _) = plugin_raw(&with("ADD"), Some(b"not json"));
+    assert_eq!(code, Some(1));
+    assert!(out.ends_with("}\n"), "{out:?}");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | POST | `/v1/cni/add` | [`CniRequest`] | [`CniResult`] |
 //! | POST | `/v1/cni/del` | [`CniRequest`] | `{}` |
-//! | POST | `/v1/cni/check` | [`CniRequest`] | `{}` |
+//! | POST | `/v1/cni/check` | [`CniRequest`] with `prev_ips` | `{}` |
 //! | POST | `/v1/cni/gc` | [`CniRequest`] with `valid_attachments` | [`GcResult`] |
 //! | GET | `/v1/cni/status` | | `{}` or an error with code 50 |
 //! | GET | `/v1/pools` | | [`PoolList`] |
@@ -80,9 +80,15 @@ pub struct CniRequest {
     /// Addresses asked for by `ipam.ips`, `args.cni.ips`, runtimeConfig `ips` or CNI_ARGS `IP=`.
     #[serde(default)]
     pub requested_ips: Vec<String>,
-    /// GC: the attachments that are still valid (`cni.dev/valid-attachments`).
+    /// GC: the attachments that are still valid (`cni.dev/valid-attachments`). `None`: the
+    /// runtime sent no list, so nothing is known to be valid and nothing may be freed;
+    /// `Some(vec![])`: the runtime listed none, every attachment of the network is stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_attachments: Option<Vec<Attachment>>,
+    /// CHECK: the addresses of `prevResult`'s `ips[].address` (CIDR, as the runtime gave them):
+    /// what the attachment is expected to hold.
     #[serde(default)]
-    pub valid_attachments: Vec<Attachment>,
+    pub prev_ips: Vec<String>,
 }
 
 impl CniRequest {
@@ -196,4 +202,32 @@ pub struct ErrorBody {
     /// More context.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub details: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_valid_attachments_list_is_not_an_empty_one() {
+        let missing: CniRequest = serde_json::from_str(
+            r#"{"containerId":"","ifname":"","network":"n","cniVersion":"1.1.0"}"#,
+        )
+        .expect("decode");
+        assert_eq!(missing.valid_attachments, None);
+        assert!(missing.prev_ips.is_empty());
+        let text = serde_json::to_string(&missing).expect("encode");
+        assert!(!text.contains("validAttachments"), "{text}");
+
+        let empty = CniRequest {
+            valid_attachments: Some(Vec::new()),
+            prev_ips: vec!["10.6.168.101/16".into()],
+            ..missing
+        };
+        let text = serde_json::to_string(&empty).expect("encode");
+        assert!(text.contains(r#""validAttachments":[]"#), "{text}");
+        assert!(text.contains(r#""prevIps":["10.6.168.101/16"]"#), "{text}");
+        let back: CniRequest = serde_json::from_str(&text).expect("decode");
+        assert_eq!(back, empty);
+    }
 }

@@ -28,7 +28,10 @@ pub enum Command {
     /// Release one address by hand, whatever its owner: for a pinned address whose release
     /// rule cannot fire, or (with --force) one held by pods gone for good.
     Release(ReleaseArgs),
-    /// Author and inspect policies: test, inspect, export.
+    /// Wait until a daemon answers on its socket and is ready (polls /readyz): for scripts
+    /// that start `tetherd run` in the background.
+    Wait(WaitArgs),
+    /// Author and inspect policies: build, test, inspect, export.
     #[command(subcommand)]
     Policy(PolicyCommand),
 }
@@ -45,6 +48,15 @@ pub struct AllocationsArgs {
     /// Only this pool's.
     #[arg(long)]
     pub pool: Option<String>,
+    #[command(flatten)]
+    pub socket: SocketArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Give up after this many seconds (exit 1).
+    #[arg(long, default_value_t = 60)]
+    pub timeout_secs: u64,
     #[command(flatten)]
     pub socket: SocketArgs,
 }
@@ -108,8 +120,9 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct LogArgs {
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_policy=debug`.
-    #[arg(long, env = "TETHER_LOG", default_value = "warn", global = true)]
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `tether_policy=debug`. The
+    /// default shows warnings, errors and the line saying the daemon is ready.
+    #[arg(long, env = "TETHER_LOG", default_value = DEFAULT_LOG, global = true)]
     pub log_level: String,
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -122,12 +135,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// The target of the one line `tetherd run` logs once it serves, shown by the default filter.
+pub const READY_TARGET: &str = "tetherd::ready";
+const DEFAULT_LOG: &str = "warn,tetherd::ready=info";
+
 /// Logs go to stderr: stdout carries command output (and, for the CNI plugin, the protocol).
+/// Colours only on a terminal, and never when NO_COLOR is set (https://no-color.org).
 pub fn init_tracing(args: &LogArgs) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && !no_color)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),

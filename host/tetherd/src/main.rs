@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Pools(args) => pools_cmd::run(&args),
         cli::Command::Allocations(args) => pools_cmd::allocations(&args),
         cli::Command::Release(args) => pools_cmd::release(&args),
+        cli::Command::Wait(args) => pools_cmd::wait(&args),
         cli::Command::Policy(cmd) => policy_cmd::run(cmd),
     }
 }

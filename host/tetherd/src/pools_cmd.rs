@@ -1,15 +1,16 @@
 //! Operator commands that talk to the running daemon: `tetherd pools` and `tetherd
-//! allocations` print tables; `tetherd release POOL/IP` frees one address by hand.
+//! allocations` print tables; `tetherd release POOL/IP` frees one address by hand; `tetherd
+//! wait` waits until the daemon is ready.
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tether_api::client::Client;
+use tether_api::client::{Client, ClientError};
 use tether_api::{PoolList, ReconcileResult, ReleaseRequest};
 use tether_core::alloc::{Allocation, Owner};
 
-use crate::cli::{AllocationsArgs, ReleaseArgs, SocketArgs};
+use crate::cli::{AllocationsArgs, ReleaseArgs, SocketArgs, WaitArgs};
 
 /// Prints rows under a header, columns padded to their widest cell (like kubectl).
 fn print_table(header: &[&str], rows: &[Vec<String>]) -> ExitCode {
@@ -142,5 +143,43 @@ pub fn release(args: &ReleaseArgs) -> ExitCode {
             eprintln!("tetherd: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Polls `/readyz` until the daemon answers 200, or the timeout passes (exit 1, saying what the
+/// last attempt got). A socket this user may not open fails at once: waiting will not help.
+pub fn wait(args: &WaitArgs) -> ExitCode {
+    const EVERY: Duration = Duration::from_millis(100);
+    let socket = &args.socket.socket;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let client = Client::new(
+            socket,
+            left.clamp(Duration::from_millis(1), Duration::from_secs(5)),
+        );
+        let err = match client.get_text("/readyz") {
+            Ok(_) => {
+                println!("tetherd is ready at {}", socket.display());
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => e,
+        };
+        if let ClientError::Connect { source, .. } = &err
+            && source.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            eprintln!("tetherd: {err}: the socket is root-only (mode 0600)");
+            return ExitCode::from(1);
+        }
+        if left.is_zero() {
+            eprintln!(
+                "tetherd: not ready after {}s at {} (last attempt: {err})",
+                args.timeout_secs,
+                socket.display()
+            );
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(EVERY.min(left));
     }
 }

@@ -38,7 +38,6 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("tetherd: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -266,6 +265,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.pools_watch_interval_secs),
     ));
 
+    tracing::info!(target: crate::cli::READY_TARGET, "ready, listening on {}", args.socket.display());
     axum::serve(listener, http::router(service.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await?;

@@ -331,6 +331,7 @@ impl Service {
         let valid: HashSet<(String, String)> = req
             .valid_attachments
             .iter()
+            .flatten()
             .map(|a| (a.container_id.clone(), a.ifname.clone()))
             .collect();
         match self
