@@ -207,3 +207,69 @@ fn unknown_holder_is_not_taken_over() {
     let out = ipam.add(&second).expect("add");
     assert!(out.ok, "{}", out.out);
 }
+
+fn request(container: &str, network: &str) -> tether_api::CniRequest {
+    tether_api::CniRequest {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        network: network.into(),
+        cni_version: "1.1.0".into(),
+        pools: vec!["test-ippool".into()],
+        ..Default::default()
+    }
+}
+
+/// Defect 4, daemon side: a GC request without the valid-attachments list (from any client,
+/// not only the plugin) frees nothing and says why.
+#[test]
+fn gc_without_the_list_frees_nothing_at_the_daemon() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let c = d.client();
+    let _: tether_api::CniResult = c.post("/v1/cni/add", &request("c1", "net")).expect("add");
+    let err = c
+        .post::<_, tether_api::GcResult>("/v1/cni/gc", &request("", "net"))
+        .expect_err("refused");
+    assert!(
+        err.to_string().contains("cni.dev/valid-attachments"),
+        "{err}"
+    );
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 1, "nothing freed");
+    let mut empty = request("", "net");
+    empty.valid_attachments = Some(vec![]);
+    let r: tether_api::GcResult = c.post("/v1/cni/gc", &empty).expect("gc");
+    assert_eq!(
+        r.released.len(),
+        1,
+        "an explicit empty list frees the network"
+    );
+}
+
+/// CHECK verifies prevResult: the addresses it lists must be the ones the attachment holds.
+#[test]
+fn check_verifies_prev_result_against_the_state() {
+    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
+    let c = d.client();
+    let added: tether_api::CniResult = c.post("/v1/cni/add", &request("c1", "net")).expect("add");
+    let address = added.ips[0].address.clone();
+    let mut check = request("c1", "net");
+    check.prev_ips = vec![address.clone()];
+    let _: serde_json::Value = c
+        .post("/v1/cni/check", &check)
+        .expect("matching prevResult");
+    check.prev_ips = vec!["10.6.168.109/16".into()];
+    let err = c
+        .post::<_, serde_json::Value>("/v1/cni/check", &check)
+        .expect_err("a prevResult with another address fails CHECK");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("105") || msg.contains("prevResult lists"),
+        "{msg}"
+    );
+    assert!(msg.contains(&address), "names what it holds: {msg}");
+    check.prev_ips = vec![address, "10.6.168.110/16".into()];
+    assert!(
+        c.post::<_, serde_json::Value>("/v1/cni/check", &check)
+            .is_err(),
+        "an extra address in prevResult fails CHECK"
+    );
+}

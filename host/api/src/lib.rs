@@ -54,6 +54,8 @@ pub mod codes {
     pub const ADDRESS_IN_USE: u32 = 103;
     /// The store failed.
     pub const STORE_FAILURE: u32 = 104;
+    /// CHECK: the attachment holds other addresses than the runtime's prevResult lists.
+    pub const CHECK_MISMATCH: u32 = 105;
 }
 
 /// What the plugin forwards of a CNI call.

@@ -67,6 +67,7 @@ impl From<&ServiceError> for ApiError {
             ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_CONFIG),
             ServiceError::MissingEnv(_) => (StatusCode::BAD_REQUEST, codes::INVALID_ENV),
             ServiceError::Unknown(_) => (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER),
+            ServiceError::Mismatch(_) => (StatusCode::CONFLICT, codes::CHECK_MISMATCH),
             ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NOT_AVAILABLE),
         };
         ApiError(status, body(code, msg))

@@ -239,7 +239,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         store = %store_path.display(),
         chain = ?service.chain_names(),
         pools = service.pools().pools.len(),
-        "tetherd ready"
+        "tetherd started"
     );
 
     let reconciler = if args.reconcile_interval_secs > 0 {

@@ -34,6 +34,8 @@ pub enum ServiceError {
     Unknown(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 impl From<AllocError> for ServiceError {
@@ -66,6 +68,7 @@ impl ServiceError {
             ServiceError::MissingEnv(_) => "missing_env",
             ServiceError::Unknown(_) => "unknown_container",
             ServiceError::Unavailable(_) => "unavailable",
+            ServiceError::Mismatch(_) => "mismatch",
         }
     }
 }
@@ -313,25 +316,64 @@ impl Service {
         Ok(())
     }
 
-    /// CNI CHECK: the attachment still holds its addresses.
+    /// CNI CHECK: the attachment still holds its addresses, and they are exactly the ones
+    /// of the runtime's prevResult (when it sent one).
     pub fn check(&self, req: &CniRequest) -> Result<(), ServiceError> {
         let a = Self::attachment(req)?;
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
-        if ipam.held_by(&a.container_id, &a.ifname).is_empty() {
+        let held = ipam.held_by(&a.container_id, &a.ifname);
+        if held.is_empty() {
             return Err(ServiceError::Unknown(format!(
                 "container {} ({}) holds no address",
                 a.container_id, a.ifname
             )));
         }
+        if req.prev_ips.is_empty() {
+            return Ok(());
+        }
+        let mut expected: Vec<String> = held
+            .iter()
+            .map(|h| {
+                let s = ipam.assigned(h);
+                format!("{}/{}", s.ip, s.prefix)
+            })
+            .collect();
+        let mut given = Vec::with_capacity(req.prev_ips.len());
+        for p in &req.prev_ips {
+            let (ip, prefix) = p.split_once('/').unwrap_or((p, ""));
+            let ip: IpAddr = ip.parse().map_err(|_| {
+                ServiceError::BadRequest(format!("prevResult address {p:?} is not an IP address"))
+            })?;
+            given.push(if prefix.is_empty() {
+                ip.to_string()
+            } else {
+                format!("{ip}/{prefix}")
+            });
+        }
+        expected.sort();
+        given.sort();
+        if expected != given {
+            return Err(ServiceError::Mismatch(format!(
+                "container {} ({}) holds {} but prevResult lists {}",
+                a.container_id,
+                a.ifname,
+                expected.join(", "),
+                given.join(", ")
+            )));
+        }
         Ok(())
     }
 
-    /// CNI GC: frees what the runtime no longer lists.
+    /// CNI GC: frees what the runtime no longer lists. Without the list nothing is freed: a
+    /// missing list is not an empty one.
     pub async fn gc(&self, req: CniRequest) -> Result<GcResult, ServiceError> {
-        let valid: HashSet<(String, String)> = req
-            .valid_attachments
+        let Some(list) = &req.valid_attachments else {
+            return Err(ServiceError::BadRequest(
+                "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
+            ));
+        };
+        let valid: HashSet<(String, String)> = list
             .iter()
-            .flatten()
             .map(|a| (a.container_id.clone(), a.ifname.clone()))
             .collect();
         match self
