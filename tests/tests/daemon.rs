@@ -91,7 +91,7 @@ fn pools_table_metrics_and_restart() {
     assert!(!socket.exists(), "socket removed on shutdown");
     let d = Daemon::start_in(dir, SEED_POOL, &[]).expect("restart");
     assert_eq!(d.usage("test-ippool").expect("usage").0, 3);
-    assert!(d.log().contains("tetherd ready"));
+    assert!(d.log().contains("ready, listening on"));
 }
 
 #[test]

@@ -42,6 +42,7 @@ fn allocation(family: Family, n: u128) -> Allocation {
             since: 0,
         }],
         idle_since: None,
+        revision: 0,
     }
 }
 

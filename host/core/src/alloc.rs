@@ -128,6 +128,11 @@ pub enum Owner {
     },
 }
 
+/// The store's version of one allocation: set by every write of it, never reused (a delete
+/// and a re-create give a new one). 0: not stored yet. A change carries the revision it was
+/// planned on, and the store applies it only if the allocation is still at that revision.
+pub type Revision = u64;
+
 /// One allocated address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -148,6 +153,10 @@ pub struct Allocation {
     /// Since when no pod holds it (pinned only; unix seconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since: Option<u64>,
+    /// The store's revision of it when it was read (0: not stored yet). Kept by the store
+    /// beside the record, not in it.
+    #[serde(skip)]
+    pub revision: Revision,
 }
 
 impl Allocation {
@@ -182,27 +191,57 @@ impl Allocation {
     }
 }
 
-/// What a plan asks the store to do.
+/// What a plan asks the store to do. Every change is conditional on the revision it was
+/// planned on: a `Put` of an allocation at revision 0 creates it only if nobody holds the
+/// address; any other change applies only if the stored allocation is still at that revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Change {
-    /// Create or replace the allocation of `(pool, ip)`.
+    /// Create (revision 0) or replace (its revision) the allocation of `(pool, ip)`.
     Put(Allocation),
-    /// Remove the allocation of `(pool, ip)`.
+    /// Remove the allocation of `(pool, ip)`, if still at `revision`.
     Delete {
         /// Pool.
         pool: String,
         /// Address.
         ip: IpAddr,
+        /// The revision it was planned on.
+        #[serde(default)]
+        revision: Revision,
     },
 }
 
 impl Change {
+    /// The change that deletes `a` as it was read.
+    pub fn delete(a: &Allocation) -> Change {
+        Change::Delete {
+            pool: a.pool.clone(),
+            ip: a.ip,
+            revision: a.revision,
+        }
+    }
+
     /// The pool this change touches.
     pub fn pool(&self) -> &str {
         match self {
             Change::Put(a) => &a.pool,
             Change::Delete { pool, .. } => pool,
+        }
+    }
+
+    /// The address this change touches.
+    pub fn ip(&self) -> IpAddr {
+        match self {
+            Change::Put(a) => a.ip,
+            Change::Delete { ip, .. } => *ip,
+        }
+    }
+
+    /// The revision it was planned on (0: the address was free).
+    pub fn revision(&self) -> Revision {
+        match self {
+            Change::Put(a) => a.revision,
+            Change::Delete { revision, .. } => *revision,
         }
     }
 }
@@ -673,11 +712,9 @@ impl Ipam {
                         let mut updated = old.clone();
                         if updated.pool != covering.pool.name {
                             // Re-filed under the pool's current name.
-                            plan.changes.push(Change::Delete {
-                                pool: old.pool.clone(),
-                                ip: old.ip,
-                            });
+                            plan.changes.push(Change::delete(old));
                             updated.pool = covering.pool.name.clone();
+                            updated.revision = 0;
                         }
                         updated.holders = live.into_iter().cloned().collect();
                         updated.holders.push(holder.clone());
@@ -700,10 +737,7 @@ impl Ipam {
                             holder: first.attachment.describe(),
                         });
                     }
-                    plan.changes.push(Change::Delete {
-                        pool: old.pool.clone(),
-                        ip: old.ip,
-                    });
+                    plan.changes.push(Change::delete(old));
                 }
             }
 
@@ -735,6 +769,7 @@ impl Ipam {
                     ..holder.clone()
                 }],
                 idle_since: None,
+                revision: 0,
             };
             plan.assigned.push(self.assigned(&a));
             plan.changes.push(Change::Put(a));
@@ -797,10 +832,7 @@ impl Ipam {
             });
         }
         Ok(Plan {
-            changes: vec![Change::Delete {
-                pool: pool.to_owned(),
-                ip,
-            }],
+            changes: vec![Change::delete(a)],
             ..Plan::default()
         })
     }
@@ -849,10 +881,7 @@ impl Ipam {
                 other => fires(other),
             });
             if fired {
-                plan.changes.push(Change::Delete {
-                    pool: a.pool.clone(),
-                    ip: a.ip,
-                });
+                plan.changes.push(Change::delete(a));
             }
         }
         plan
@@ -865,19 +894,30 @@ impl Ipam {
         for c in changes {
             let (pool, ip) = match c {
                 Change::Put(a) => (&a.pool, a.ip),
-                Change::Delete { pool, ip } => (pool, *ip),
+                Change::Delete { pool, ip, .. } => (pool, *ip),
             };
             undo.push(match self.get(pool, ip) {
                 Some(prior) => Change::Put(prior.clone()),
                 None => Change::Delete {
                     pool: pool.clone(),
                     ip,
+                    revision: 0,
                 },
             });
             self.apply(std::slice::from_ref(c));
         }
         undo.reverse();
         undo
+    }
+
+    /// Records the revision the store gave an allocation when it wrote it.
+    pub fn set_revision(&mut self, pool: &str, ip: IpAddr, revision: Revision) {
+        if let Some(a) = self.allocs.get_mut(&AllocKey {
+            pool: pool.to_owned(),
+            ip,
+        }) {
+            a.revision = revision;
+        }
     }
 
     /// Applies persisted changes.
@@ -888,7 +928,7 @@ impl Ipam {
                     self.remove(&a.key());
                     self.insert(a.clone());
                 }
-                Change::Delete { pool, ip } => {
+                Change::Delete { pool, ip, .. } => {
                     self.remove(&AllocKey {
                         pool: pool.clone(),
                         ip: *ip,
@@ -1034,10 +1074,7 @@ fn stale(h: &Holder, new: &Attachment) -> bool {
 /// holder; a pinned one stays, idle once nobody holds it.
 fn drop_holders(a: &Allocation, gone: impl Fn(&Holder) -> bool, now: u64) -> Change {
     match a.owner {
-        Owner::Ephemeral => Change::Delete {
-            pool: a.pool.clone(),
-            ip: a.ip,
-        },
+        Owner::Ephemeral => Change::delete(a),
         Owner::Pinned { .. } => {
             let mut kept = a.clone();
             kept.holders.retain(|h| !gone(h));

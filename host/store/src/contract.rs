@@ -7,9 +7,9 @@ use std::sync::{Arc, Barrier};
 
 use tether_core::alloc::{Allocation, Attachment, Change, Holder, Owner};
 
-use crate::{Batch, Store, StoreError};
+use crate::{Conflict, Event, Store};
 
-/// An ephemeral allocation for tests.
+/// An ephemeral allocation for tests (revision 0: not stored).
 pub fn allocation(pool: &str, ip: &str, container: &str) -> Allocation {
     Allocation {
         pool: pool.into(),
@@ -29,90 +29,147 @@ pub fn allocation(pool: &str, ip: &str, container: &str) -> Allocation {
             since: 1,
         }],
         idle_since: None,
+        revision: 0,
     }
 }
 
-fn put(a: &Allocation, expected: u64) -> Batch {
-    Batch {
-        pool: a.pool.clone(),
-        expected,
-        changes: vec![Change::Put(a.clone())],
-    }
+fn put(a: &Allocation) -> Vec<Change> {
+    vec![Change::Put(a.clone())]
 }
 
-/// A new store is empty, every pool at revision 0.
+/// Commits one group that must apply; returns its revisions.
+fn apply(store: &dyn Store, group: Vec<Change>) -> Vec<u64> {
+    let mut out = store.commit(&[group]).expect("commit");
+    out.pop()
+        .expect("one outcome per group")
+        .expect("the group applies")
+}
+
+fn sorted(mut v: Vec<Allocation>) -> Vec<Allocation> {
+    v.sort_by_key(|a| (a.pool.clone(), a.ip));
+    v
+}
+
+/// A new store is empty.
 pub fn starts_empty(store: &dyn Store) {
     let s = store.snapshot().expect("snapshot");
     assert!(s.allocations.is_empty(), "a new store holds allocations");
-    assert_eq!(s.revision("any"), 0);
+    let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+    assert_eq!(store.get("p", ip).expect("get"), None);
 }
 
-/// What is committed is in the next snapshot; deletes remove; revisions count commits.
+/// What is committed is in the next snapshot and `get`, with the revision the commit
+/// returned; revisions are never reused; deletes remove.
 pub fn commit_round_trips(store: &dyn Store) {
+    let mut a = allocation("p", "10.0.0.1", "a");
+    let mut b = allocation("p", "10.0.0.2", "b");
+    a.revision = apply(store, put(&a))[0];
+    b.revision = apply(store, put(&b))[0];
+    assert!(a.revision > 0 && b.revision > 0 && a.revision != b.revision);
+    assert_eq!(
+        sorted(store.snapshot().expect("snapshot").allocations),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(store.get("p", a.ip).expect("get"), Some(a.clone()));
+    // Update: a new revision.
+    let mut a2 = a.clone();
+    a2.holders.clear();
+    a2.idle_since = Some(5);
+    let r2 = apply(store, put(&a2))[0];
+    assert!(r2 != a.revision && r2 != b.revision, "revision reused");
+    a2.revision = r2;
+    assert_eq!(store.get("p", a.ip).expect("get"), Some(a2.clone()));
+    // Delete, then create again: yet another revision.
+    apply(store, vec![Change::delete(&a2)]);
+    assert_eq!(store.get("p", a.ip).expect("get"), None);
+    assert_eq!(store.snapshot().expect("snapshot").allocations, vec![b]);
+    let r3 = apply(store, put(&allocation("p", "10.0.0.1", "a")))[0];
+    let a3 = store.get("p", a.ip).expect("get").expect("created again");
+    assert_eq!(a3.revision, r3);
+    assert!(
+        ![a.revision, r2].contains(&r3),
+        "a re-created record got an old revision"
+    );
+}
+
+/// Creating is claiming: a second create of one address conflicts and changes nothing.
+pub fn create_is_a_claim(store: &dyn Store) {
     let a = allocation("p", "10.0.0.1", "a");
-    let b = allocation("p", "10.0.0.2", "b");
-    assert_eq!(store.commit(&[put(&a, 0)]).expect("first commit"), vec![1]);
-    assert_eq!(store.commit(&[put(&b, 1)]).expect("second commit"), vec![2]);
-    let s = store.snapshot().expect("snapshot");
-    assert_eq!(s.revision("p"), 2);
-    let mut got = s.allocations.clone();
-    got.sort_by_key(|x| x.ip);
-    assert_eq!(got, vec![a.clone(), b.clone()]);
-    let del = Batch {
-        pool: "p".into(),
-        expected: 2,
-        changes: vec![Change::Delete {
+    let rev = apply(store, put(&a))[0];
+    let rival = allocation("p", "10.0.0.1", "b");
+    let out = store.commit(&[put(&rival)]).expect("commit");
+    assert_eq!(
+        out,
+        vec![Err(Conflict {
             pool: "p".into(),
             ip: a.ip,
-        }],
-    };
-    assert_eq!(store.commit(&[del]).expect("delete"), vec![3]);
-    assert_eq!(store.snapshot().expect("snapshot").allocations, vec![b]);
+            expected: 0,
+            found: rev,
+        })],
+        "a second claim of one address must conflict"
+    );
+    let held = store.get("p", a.ip).expect("get").expect("still held");
+    assert_eq!(held.holders[0].attachment.container_id, "a");
 }
 
-/// A commit against a stale revision fails with `Conflict` and changes nothing.
-pub fn stale_revision_conflicts(store: &dyn Store) {
-    let a = allocation("p", "10.0.0.1", "a");
-    store.commit(&[put(&a, 0)]).expect("first commit");
-    let b = allocation("p", "10.0.0.2", "b");
-    match store.commit(&[put(&b, 0)]) {
-        Err(StoreError::Conflict {
-            pool,
-            expected,
-            actual,
-        }) => {
-            assert_eq!((pool.as_str(), expected, actual), ("p", 0, 1));
-        }
-        other => panic!("expected a conflict, got {other:?}"),
-    }
-    let s = store.snapshot().expect("snapshot");
-    assert_eq!(s.allocations, vec![a]);
-    assert_eq!(s.revision("p"), 1);
+/// An update or a delete planned on an old revision conflicts and changes nothing; so does
+/// one of a record that is gone.
+pub fn stale_revisions_conflict(store: &dyn Store) {
+    let mut a = allocation("p", "10.0.0.1", "a");
+    a.revision = apply(store, put(&a))[0];
+    let mut newer = a.clone();
+    newer.idle_since = Some(9);
+    newer.revision = apply(store, put(&newer))[0];
+    // Planned on the first revision: both refused.
+    let mut stale = a.clone();
+    stale.holders.clear();
+    let out = store
+        .commit(&[put(&stale), vec![Change::delete(&a)]])
+        .expect("commit");
+    assert!(
+        out.iter().all(|o| o.is_err()),
+        "stale update or delete applied: {out:?}"
+    );
+    assert_eq!(store.get("p", a.ip).expect("get"), Some(newer.clone()));
+    // The record deleted: an update planned on it does not bring it back.
+    apply(store, vec![Change::delete(&newer)]);
+    let out = store.commit(&[put(&newer)]).expect("commit");
+    assert!(out[0].is_err(), "an update re-created a deleted record");
+    assert_eq!(store.get("p", a.ip).expect("get"), None);
 }
 
-/// Pools have independent revisions: a commit to one does not move another.
-pub fn pools_are_independent(store: &dyn Store) {
-    store
-        .commit(&[put(&allocation("p", "10.0.0.1", "a"), 0)])
-        .expect("p");
-    store
-        .commit(&[put(&allocation("q", "10.1.0.1", "b"), 0)])
-        .expect("q at 0");
-    let s = store.snapshot().expect("snapshot");
-    assert_eq!((s.revision("p"), s.revision("q")), (1, 1));
+/// A group applies whole or not at all; groups are independent.
+pub fn groups_are_atomic_and_independent(store: &dyn Store) {
+    let mut held = allocation("p", "10.0.0.1", "a");
+    held.revision = apply(store, put(&held))[0];
+    let fine = put(&allocation("p", "10.0.0.2", "b"));
+    // The second change of this group claims a held address: the first must not apply.
+    let doomed = vec![
+        Change::Put(allocation("p", "10.0.0.3", "c")),
+        Change::Put(allocation("p", "10.0.0.1", "c")),
+    ];
+    let out = store.commit(&[doomed, fine]).expect("commit");
+    assert!(out[0].is_err(), "the conflicting group applied");
+    assert!(out[1].is_ok(), "an independent group was dropped: {out:?}");
+    let ips: Vec<String> = sorted(store.snapshot().expect("snapshot").allocations)
+        .iter()
+        .map(|a| a.ip.to_string())
+        .collect();
+    assert_eq!(ips, ["10.0.0.1", "10.0.0.2"], "half a group was applied");
 }
 
-/// Of many writers racing with the same expected revision, exactly one wins.
-pub fn racing_writers_one_wins(store: Arc<dyn Store>) {
+/// Of many writers claiming one address at once, exactly one wins.
+pub fn racing_claims_one_wins(store: Arc<dyn Store>) {
     let n = 8;
     let barrier = Arc::new(Barrier::new(n));
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let (store, barrier) = (store.clone(), barrier.clone());
             std::thread::spawn(move || {
-                let a = allocation("p", &format!("10.0.0.{}", i + 1), &format!("c{i}"));
+                let a = allocation("p", "10.0.0.1", &format!("c{i}"));
                 barrier.wait();
-                store.commit(&[put(&a, 0)]).is_ok()
+                let out = store.commit(&[put(&a)]).expect("commit");
+                out[0].is_ok()
             })
         })
         .collect();
@@ -121,20 +178,30 @@ pub fn racing_writers_one_wins(store: Arc<dyn Store>) {
         .map(|h| h.join().expect("writer thread"))
         .filter(|w| *w)
         .count();
-    assert_eq!(wins, 1, "exactly one writer may win a race on one revision");
+    assert_eq!(wins, 1, "exactly one claim of an address may win");
     assert_eq!(store.snapshot().expect("snapshot").allocations.len(), 1);
 }
 
-/// A batch whose changes name another pool is refused whole.
-pub fn mixed_batches_are_refused(store: &dyn Store) {
-    let bad = Batch {
-        pool: "p".into(),
-        expected: 0,
-        changes: vec![Change::Put(allocation("q", "10.1.0.1", "a"))],
-    };
-    assert!(matches!(
-        store.commit(&[bad]),
-        Err(StoreError::MixedBatch { .. })
-    ));
-    assert!(store.snapshot().expect("snapshot").allocations.is_empty());
+/// Subscribers see every applied change with its new revision, and nothing that conflicted.
+pub fn subscribers_see_applied_changes(store: &dyn Store) {
+    let feed = store.subscribe();
+    let mut a = allocation("p", "10.0.0.1", "a");
+    a.revision = apply(store, put(&a))[0];
+    let out = store
+        .commit(&[put(&allocation("p", "10.0.0.1", "b"))])
+        .expect("commit");
+    assert!(out[0].is_err());
+    apply(store, vec![Change::delete(&a)]);
+    let events: Vec<Event> = feed.try_iter().collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::Put(a.clone()),
+            Event::Deleted {
+                pool: "p".into(),
+                ip: a.ip,
+                revision: a.revision,
+            },
+        ]
+    );
 }

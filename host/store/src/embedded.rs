@@ -1,17 +1,28 @@
 //! The embedded backend: one redb file, crash-safe (copy-on-write B-trees with checksums) and
 //! durable at every commit (fsync before `commit` returns).
+//!
+//! Records are keyed `pool/ip`; a value is a format byte (1), the record's revision (8 bytes,
+//! little-endian) and the allocation as JSON. Values written before revisions existed (plain
+//! JSON, starting with `{`) read as revision 1. Revisions come from one counter per file,
+//! bumped by every write, so none is ever reused.
 
+use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tether_core::alloc::{Allocation, Change};
+use tether_core::alloc::{Allocation, Change, Revision};
 
-use crate::{Batch, Revision, Snapshot, Store, StoreError};
+use crate::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
 
-/// Allocations by `pool/ip`, as JSON.
+/// Allocations by `pool/ip`.
 const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
-/// Revision by pool.
-const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
+/// Counters: `revision`, the last revision handed out.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const LAST_REVISION: &str = "revision";
+/// The format byte of a value with a revision.
+const FORMAT: u8 = 1;
 
 /// redb's page cache.
 const CACHE_BYTES: usize = 32 << 20;
@@ -19,14 +30,54 @@ const CACHE_BYTES: usize = 32 << 20;
 /// A redb-backed store.
 pub struct EmbeddedStore {
     db: Database,
+    subscribers: Mutex<Vec<Sender<Event>>>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
-fn key(pool: &str, ip: std::net::IpAddr) -> String {
+fn key(pool: &str, ip: IpAddr) -> String {
     format!("{pool}/{ip}")
+}
+
+fn encode(a: &Allocation, revision: Revision) -> Result<Vec<u8>, StoreError> {
+    let mut v = Vec::with_capacity(256);
+    v.push(FORMAT);
+    v.extend_from_slice(&revision.to_le_bytes());
+    serde_json::to_writer(&mut v, a).map_err(backend)?;
+    Ok(v)
+}
+
+fn decode(key: &str, v: &[u8]) -> Result<Allocation, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason,
+    };
+    let (revision, json) = match v.first() {
+        Some(&FORMAT) if v.len() > 9 => {
+            let mut r = [0u8; 8];
+            r.copy_from_slice(&v[1..9]);
+            (u64::from_le_bytes(r), &v[9..])
+        }
+        Some(b'{') => (1, v),
+        _ => return Err(corrupt("unknown record format".into())),
+    };
+    let mut a: Allocation = serde_json::from_slice(json).map_err(|e| corrupt(e.to_string()))?;
+    a.revision = revision;
+    Ok(a)
+}
+
+fn revision_of(v: Option<&[u8]>) -> Revision {
+    match v {
+        None => 0,
+        Some(v) if v.first() == Some(&FORMAT) && v.len() > 9 => {
+            let mut r = [0u8; 8];
+            r.copy_from_slice(&v[1..9]);
+            u64::from_le_bytes(r)
+        }
+        Some(_) => 1,
+    }
 }
 
 impl EmbeddedStore {
@@ -41,9 +92,22 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         txn.open_table(ALLOCATIONS).map_err(backend)?;
-        txn.open_table(REVISIONS).map_err(backend)?;
+        {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            // Records from before revisions read as revision 1: start the counter above it.
+            if meta.get(LAST_REVISION).map_err(backend)?.is_none() {
+                meta.insert(LAST_REVISION, 1).map_err(backend)?;
+            }
+        }
         txn.commit().map_err(backend)?;
-        Ok(EmbeddedStore { db })
+        Ok(EmbeddedStore {
+            db,
+            subscribers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn publish(subs: &mut Vec<Sender<Event>>, events: &[Event]) {
+        subs.retain(|s| events.iter().all(|e| s.send(e.clone()).is_ok()));
     }
 }
 
@@ -51,69 +115,111 @@ impl Store for EmbeddedStore {
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let mut snap = Snapshot::default();
-        let revs = txn.open_table(REVISIONS).map_err(backend)?;
-        for row in revs.iter().map_err(backend)? {
-            let (k, v) = row.map_err(backend)?;
-            snap.revisions.insert(k.value().to_owned(), v.value());
-        }
         let allocs = txn.open_table(ALLOCATIONS).map_err(backend)?;
         for row in allocs.iter().map_err(backend)? {
             let (k, v) = row.map_err(backend)?;
-            let a: Allocation =
-                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: k.value().to_owned(),
-                    reason: e.to_string(),
-                })?;
-            snap.allocations.push(a);
+            snap.allocations.push(decode(k.value(), v.value())?);
         }
         Ok(snap)
     }
 
-    fn commit(&self, batches: &[Batch]) -> Result<Vec<Revision>, StoreError> {
+    fn get(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let allocs = txn.open_table(ALLOCATIONS).map_err(backend)?;
+        let k = key(pool, ip);
+        let row = allocs.get(k.as_str()).map_err(backend)?;
+        row.map(|v| decode(&k, v.value())).transpose()
+    }
+
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+        // Held from the transaction to the publishing of its events, so subscribers see
+        // commits in the order they were made.
+        let mut subs = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let txn = self.db.begin_write().map_err(backend)?;
-        let mut out = Vec::with_capacity(batches.len());
+        let mut out = Vec::with_capacity(groups.len());
+        let mut events = Vec::new();
         {
-            let mut revs = txn.open_table(REVISIONS).map_err(backend)?;
             let mut allocs = txn.open_table(ALLOCATIONS).map_err(backend)?;
-            for b in batches {
-                let actual = revs
-                    .get(b.pool.as_str())
-                    .map_err(backend)?
-                    .map(|v| v.value())
-                    .unwrap_or(0);
-                if actual != b.expected {
-                    // Dropping the transaction without commit aborts it: nothing is applied.
-                    return Err(StoreError::Conflict {
-                        pool: b.pool.clone(),
-                        expected: b.expected,
-                        actual,
-                    });
-                }
-                for c in &b.changes {
-                    if c.pool() != b.pool {
-                        return Err(StoreError::MixedBatch {
-                            batch: b.pool.clone(),
-                            change: c.pool().to_owned(),
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            let mut last = meta
+                .get(LAST_REVISION)
+                .map_err(backend)?
+                .map_or(1, |v| v.value());
+            for group in groups {
+                // Check the whole group first (reads see the earlier groups' writes), so a
+                // conflict leaves nothing of it behind.
+                let mut conflict = None;
+                for c in group {
+                    let k = key(c.pool(), c.ip());
+                    let found = revision_of(
+                        allocs
+                            .get(k.as_str())
+                            .map_err(backend)?
+                            .as_ref()
+                            .map(|v| v.value()),
+                    );
+                    if found != c.revision() {
+                        conflict = Some(Conflict {
+                            pool: c.pool().to_owned(),
+                            ip: c.ip(),
+                            expected: c.revision(),
+                            found,
                         });
+                        break;
                     }
+                }
+                if let Some(c) = conflict {
+                    out.push(Err(c));
+                    continue;
+                }
+                let mut revs = Vec::with_capacity(group.len());
+                for c in group {
+                    let k = key(c.pool(), c.ip());
                     match c {
                         Change::Put(a) => {
-                            let v = serde_json::to_vec(a).map_err(backend)?;
+                            last += 1;
                             allocs
-                                .insert(key(&a.pool, a.ip).as_str(), v.as_slice())
+                                .insert(k.as_str(), encode(a, last)?.as_slice())
                                 .map_err(backend)?;
+                            let mut written = a.clone();
+                            written.revision = last;
+                            events.push(Event::Put(written));
+                            revs.push(last);
                         }
-                        Change::Delete { pool, ip } => {
-                            allocs.remove(key(pool, *ip).as_str()).map_err(backend)?;
+                        Change::Delete { pool, ip, revision } => {
+                            allocs.remove(k.as_str()).map_err(backend)?;
+                            events.push(Event::Deleted {
+                                pool: pool.clone(),
+                                ip: *ip,
+                                revision: *revision,
+                            });
+                            revs.push(0);
                         }
                     }
                 }
-                let next = actual + 1;
-                revs.insert(b.pool.as_str(), next).map_err(backend)?;
-                out.push(next);
+                out.push(Ok(revs));
             }
+            meta.insert(LAST_REVISION, last).map_err(backend)?;
+        }
+        if events.is_empty() {
+            // Nothing applied: no fsync needed.
+            txn.abort().map_err(backend)?;
+            return Ok(out);
         }
         txn.commit().map_err(backend)?;
+        Self::publish(&mut subs, &events);
         Ok(out)
+    }
+
+    fn subscribe(&self) -> Receiver<Event> {
+        let (tx, rx) = channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tx);
+        rx
     }
 }

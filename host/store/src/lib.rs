@@ -1,94 +1,88 @@
 //! Where allocations live between restarts.
 //!
-//! The [`Store`] trait speaks the allocator's terms: a [`Snapshot`] of every allocation with a
-//! revision per pool, and an atomic, durable compare-and-swap [`Store::commit`] of
-//! [`Change`]s. The embedded backend ([`embedded::EmbeddedStore`], a redb file) serves
-//! standalone mode; the Kubernetes backend maps a pool's revision to its resource's
-//! `resourceVersion`. [`contract`] holds the behaviour every backend must show, as functions
-//! each backend's tests call.
+//! The [`Store`] trait speaks the allocator's terms, one address at a time: every allocation
+//! is its own record with its own [`Revision`], and every write is conditional on it. A
+//! [`Change`] that puts an allocation at revision 0 creates it only if nobody holds the
+//! address (a claim); any other change applies only if the record is still at the revision
+//! it was planned on. So two writers with stale views can never both take one address: the
+//! second one's create fails with a [`Conflict`], and it re-reads and re-plans.
+//!
+//! The embedded backend ([`embedded::EmbeddedStore`], a redb file) serves standalone mode;
+//! the Kubernetes backend maps each record to one custom resource per address and a revision
+//! to its `resourceVersion`. [`contract`] holds the behaviour every backend must show, as
+//! functions each backend's tests call.
 //!
 //! # Guarantees
 //!
-//! - A commit whose expected revisions all match is applied whole and is durable when
-//!   `commit` returns; otherwise nothing of it is applied ([`StoreError::Conflict`]).
-//! - A commit touching one pool is atomic on every backend; the embedded backend also makes a
-//!   commit across several pools atomic.
+//! - [`Store::commit`] takes groups of changes. A group is applied whole or not at all: if
+//!   any of its changes finds its record at another revision, the group gets a [`Conflict`]
+//!   and none of it is applied. Groups are independent of each other.
+//! - What `commit` reports as applied is durable when it returns.
+//! - Revisions are never reused: a record written again, or deleted and created again, gets
+//!   a revision it never had, so "unchanged since I read it" is exact.
+//! - [`Store::subscribe`] delivers every applied change, with its new revision, to every
+//!   subscriber, in commit order (the embedded backend; the Kubernetes backend's watch).
+//!
+//! # Caveats
+//!
+//! On the embedded backend all groups of one `commit` share one transaction and one fsync.
+//! The Kubernetes backend writes a group's changes one by one and undoes the ones already
+//! made when a later one conflicts.
 
 pub mod contract;
 pub mod embedded;
 
-use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::mpsc::Receiver;
 
+pub use tether_core::alloc::Revision;
 use tether_core::alloc::{Allocation, Change};
 use thiserror::Error;
 
-/// A pool's revision: bumped by every commit that touches the pool. 0 for a pool never written.
-pub type Revision = u64;
-
-/// Everything the store holds.
+/// Everything the store holds, each allocation with its revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Revision per pool that has ever been written.
-    pub revisions: BTreeMap<String, Revision>,
-    /// Every allocation.
+    /// Every allocation, `revision` set.
     pub allocations: Vec<Allocation>,
 }
 
-impl Snapshot {
-    /// The revision of a pool (0 if never written).
-    pub fn revision(&self, pool: &str) -> Revision {
-        self.revisions.get(pool).copied().unwrap_or(0)
-    }
-}
-
-/// The changes to one pool, valid only if the pool is still at `expected`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch {
-    /// Pool.
+/// Why a group was not applied: one of its changes found its record otherwise than planned.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{pool}/{ip}: planned on revision {expected}, the store has {found}")]
+pub struct Conflict {
+    /// Pool of the record.
     pub pool: String,
-    /// The revision the changes were planned against.
+    /// Address of the record.
+    pub ip: IpAddr,
+    /// The revision the change was planned on (0: expected no record).
     pub expected: Revision,
-    /// Changes, all of this pool.
-    pub changes: Vec<Change>,
+    /// The record's revision in the store (0: no record).
+    pub found: Revision,
 }
 
-/// Groups changes by pool into batches against the given revisions.
-pub fn batches(changes: &[Change], revision: impl Fn(&str) -> Revision) -> Vec<Batch> {
-    let mut by_pool: BTreeMap<&str, Vec<Change>> = BTreeMap::new();
-    for c in changes {
-        by_pool.entry(c.pool()).or_default().push(c.clone());
-    }
-    by_pool
-        .into_iter()
-        .map(|(pool, changes)| Batch {
-            pool: pool.to_owned(),
-            expected: revision(pool),
-            changes,
-        })
-        .collect()
-}
+/// What a commit did to one group: the new revision of each of its changes (0 for a
+/// delete), or the conflict that kept it out.
+pub type GroupOutcome = Result<Vec<Revision>, Conflict>;
 
-/// Why a store operation failed.
-#[derive(Debug, Error)]
-pub enum StoreError {
-    /// A pool moved on since the changes were planned.
-    #[error("pool {pool} is at revision {actual}, not {expected}: another writer committed first")]
-    Conflict {
+/// A change the store applied, as subscribers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The allocation was written; `revision` is its new one.
+    Put(Allocation),
+    /// The record was deleted.
+    Deleted {
         /// Pool.
         pool: String,
-        /// Expected revision.
-        expected: Revision,
-        /// Actual revision.
-        actual: Revision,
+        /// Address.
+        ip: IpAddr,
+        /// The revision it had.
+        revision: Revision,
     },
-    /// A batch holds a change of another pool.
-    #[error("a batch for pool {batch} holds a change of pool {change}")]
-    MixedBatch {
-        /// The batch's pool.
-        batch: String,
-        /// The change's pool.
-        change: String,
-    },
+}
+
+/// Why a store operation failed as a whole.
+#[derive(Debug, Error)]
+pub enum StoreError {
     /// Stored data cannot be read.
     #[error("stored allocation {key} is unreadable: {reason}")]
     Corrupt {
@@ -97,17 +91,24 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
-    /// The backend failed (I/O, database).
+    /// The backend failed (I/O, database). Nothing of the commit may be assumed applied or
+    /// not applied: re-read the store.
     #[error("store backend: {0}")]
     Backend(String),
 }
 
-/// Persistence of allocations.
+/// Persistence of allocations, one record per address.
 pub trait Store: Send + Sync {
-    /// Every allocation and the revision of every pool.
+    /// Every allocation, with its revision.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
-    /// Applies the batches if every pool is at its expected revision, durably; returns the new
-    /// revision of each batch's pool, in order.
-    fn commit(&self, batches: &[Batch]) -> Result<Vec<Revision>, StoreError>;
+    /// One allocation, with its revision, if the address is allocated under `pool`.
+    fn get(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError>;
+
+    /// Applies each group whole if all its changes find their records at the revisions
+    /// they were planned on, durably; returns one outcome per group, in order.
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError>;
+
+    /// A feed of every change applied from now on, by any writer of this store.
+    fn subscribe(&self) -> Receiver<Event>;
 }

@@ -1,12 +1,12 @@
 //! The embedded backend against the store contract, plus what only a file can show:
-//! durability across reopen and atomicity across pools.
+//! durability across reopen, and records written before revisions existed.
 
 use std::sync::Arc;
 
 use tether_core::alloc::Change;
+use tether_store::Store;
 use tether_store::contract::{self, allocation};
 use tether_store::embedded::EmbeddedStore;
-use tether_store::{Batch, Store, StoreError};
 
 fn fresh() -> (tempfile::TempDir, EmbeddedStore) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -25,75 +25,81 @@ fn contract_commit_round_trips() {
 }
 
 #[test]
-fn contract_stale_revision_conflicts() {
-    contract::stale_revision_conflicts(&fresh().1);
+fn contract_create_is_a_claim() {
+    contract::create_is_a_claim(&fresh().1);
 }
 
 #[test]
-fn contract_pools_are_independent() {
-    contract::pools_are_independent(&fresh().1);
+fn contract_stale_revisions_conflict() {
+    contract::stale_revisions_conflict(&fresh().1);
 }
 
 #[test]
-fn contract_racing_writers_one_wins() {
+fn contract_groups_are_atomic_and_independent() {
+    contract::groups_are_atomic_and_independent(&fresh().1);
+}
+
+#[test]
+fn contract_racing_claims_one_wins() {
     let (_dir, store) = fresh();
-    contract::racing_writers_one_wins(Arc::new(store));
+    contract::racing_claims_one_wins(Arc::new(store));
 }
 
 #[test]
-fn contract_mixed_batches_are_refused() {
-    contract::mixed_batches_are_refused(&fresh().1);
+fn contract_subscribers_see_applied_changes() {
+    contract::subscribers_see_applied_changes(&fresh().1);
 }
 
 #[test]
-fn commits_survive_reopen() {
+fn commits_survive_reopen_and_revisions_are_not_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let mut a = allocation("p", "10.0.0.1", "a");
+    {
+        let s = EmbeddedStore::open(&path).expect("open");
+        let out = s.commit(&[vec![Change::Put(a.clone())]]).expect("commit");
+        a.revision = out[0].clone().expect("applied")[0];
+    }
+    let s = EmbeddedStore::open(&path).expect("reopen");
+    let snap = s.snapshot().expect("snapshot");
+    assert_eq!(snap.allocations, vec![a.clone()]);
+    let b = allocation("p", "10.0.0.2", "b");
+    let out = s.commit(&[vec![Change::Put(b)]]).expect("commit");
+    assert!(out[0].clone().expect("applied")[0] > a.revision);
+}
+
+#[test]
+fn records_from_before_revisions_read_as_revision_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("state.redb");
     let a = allocation("p", "10.0.0.1", "a");
     {
-        let s = EmbeddedStore::open(&path).expect("open");
-        s.commit(&[Batch {
-            pool: "p".into(),
-            expected: 0,
-            changes: vec![Change::Put(a.clone())],
-        }])
-        .expect("commit");
+        // The layout of the previous release: JSON values, a per-pool revision table.
+        let db = redb::Database::create(&path).expect("create");
+        let txn = db.begin_write().expect("txn");
+        {
+            let allocs: redb::TableDefinition<&str, &[u8]> =
+                redb::TableDefinition::new("allocations");
+            let revs: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("revisions");
+            let mut t = txn.open_table(allocs).expect("table");
+            let v = serde_json::to_vec(&a).expect("json");
+            t.insert("p/10.0.0.1", v.as_slice()).expect("insert");
+            txn.open_table(revs)
+                .expect("table")
+                .insert("p", 7)
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
     }
-    let s = EmbeddedStore::open(&path).expect("reopen");
-    let snap = s.snapshot().expect("snapshot");
-    assert_eq!(snap.allocations, vec![a]);
-    assert_eq!(snap.revision("p"), 1);
-}
-
-#[test]
-fn multi_pool_commit_is_atomic() {
-    let (_dir, s) = fresh();
-    s.commit(&[Batch {
-        pool: "q".into(),
-        expected: 0,
-        changes: vec![Change::Put(allocation("q", "10.1.0.1", "x"))],
-    }])
-    .expect("q moves to 1");
-    let both = [
-        Batch {
-            pool: "p".into(),
-            expected: 0,
-            changes: vec![Change::Put(allocation("p", "10.0.0.1", "a"))],
-        },
-        Batch {
-            pool: "q".into(),
-            expected: 0,
-            changes: vec![Change::Put(allocation("q", "10.1.0.2", "b"))],
-        },
-    ];
-    assert!(matches!(s.commit(&both), Err(StoreError::Conflict { .. })));
-    let snap = s.snapshot().expect("snapshot");
-    assert_eq!(
-        snap.revision("p"),
-        0,
-        "the p batch was rolled back with the q conflict"
-    );
-    assert_eq!(snap.allocations.len(), 1);
+    let s = EmbeddedStore::open(&path).expect("open an old file");
+    let got = s.snapshot().expect("snapshot").allocations;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].revision, 1);
+    // It can be updated (planned on revision 1) and gets a new revision.
+    let mut upd = got[0].clone();
+    upd.holders.clear();
+    let out = s.commit(&[vec![Change::Put(upd)]]).expect("commit");
+    assert!(out[0].clone().expect("applied")[0] > 1);
 }
 
 #[test]

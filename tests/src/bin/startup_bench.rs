@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 use tether_core::alloc::{Allocation, Attachment, Change, Holder, Owner};
 use tether_e2e::{Daemon, bin_dir, cni_exec};
+use tether_store::Store;
 use tether_store::embedded::EmbeddedStore;
-use tether_store::{Store, batches};
 
 const POOL: &str = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: big}\nspec: {subnet: 10.0.0.0/8}\n";
 const CHUNK: usize = 50_000;
@@ -41,6 +41,7 @@ fn allocation(n: u32) -> Allocation {
             since: 1_700_000_000,
         }],
         idle_since: None,
+        revision: 0,
     }
 }
 
@@ -66,13 +67,17 @@ fn main() -> Result<()> {
     let fill_started = Instant::now();
     {
         let store = EmbeddedStore::open(&state.join("tether.redb"))?;
-        let mut revision = 0;
         let mut done = 0u32;
         while done < n {
             let upto = (done + CHUNK as u32).min(n);
-            let changes: Vec<Change> = (done..upto).map(|i| Change::Put(allocation(i))).collect();
-            let revs = store.commit(&batches(&changes, |_| revision))?;
-            revision = revs[0];
+            // One group per allocation, one transaction per chunk.
+            let groups: Vec<Vec<Change>> = (done..upto)
+                .map(|i| vec![Change::Put(allocation(i))])
+                .collect();
+            let out = store.commit(&groups)?;
+            if let Some(conflict) = out.into_iter().find_map(Result::err) {
+                bail!("filling the store: {conflict}");
+            }
             done = upto;
             eprint!("\rfilling the store: {done}/{n}");
         }

@@ -12,10 +12,10 @@ use serde::Deserialize;
 use tether_api::{CniRequest, ErrorBody, codes};
 use tether_core::alloc::AllocError;
 
-use super::service::{Service, ServiceError};
-use super::writer::WriteError;
+use tether_engine::writer::WriteError;
+use tether_engine::{Engine, EngineError};
 
-type AppState = Arc<Service>;
+type AppState = Arc<Engine>;
 
 /// The error answer of every route.
 pub struct ApiError(StatusCode, ErrorBody);
@@ -34,11 +34,11 @@ fn body(code: u32, msg: String) -> ErrorBody {
     }
 }
 
-impl From<&ServiceError> for ApiError {
-    fn from(e: &ServiceError) -> Self {
+impl From<&EngineError> for ApiError {
+    fn from(e: &EngineError) -> Self {
         let msg = e.to_string();
         let (status, code) = match e {
-            ServiceError::Write(WriteError::Alloc(a)) => match a {
+            EngineError::Write(WriteError::Alloc(a)) => match a {
                 AllocError::PoolExhausted { .. } => (StatusCode::CONFLICT, codes::POOL_EXHAUSTED),
                 AllocError::UnknownPool { .. }
                 | AllocError::NoPool
@@ -57,18 +57,20 @@ impl From<&ServiceError> for ApiError {
                 }
                 AllocError::NoDecision => (StatusCode::INTERNAL_SERVER_ERROR, codes::POLICY_FAILED),
             },
-            ServiceError::Write(WriteError::Store(_)) => {
+            EngineError::Write(WriteError::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, codes::STORE_FAILURE)
             }
-            ServiceError::Write(WriteError::Stopped | WriteError::Abandoned) => {
-                (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
-            }
-            ServiceError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::POLICY_FAILED),
-            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_CONFIG),
-            ServiceError::MissingEnv(_) => (StatusCode::BAD_REQUEST, codes::INVALID_ENV),
-            ServiceError::Unknown(_) => (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER),
-            ServiceError::Mismatch(_) => (StatusCode::CONFLICT, codes::CHECK_MISMATCH),
-            ServiceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NOT_AVAILABLE),
+            EngineError::Write(
+                WriteError::Stopped | WriteError::Abandoned | WriteError::Contended { .. },
+            )
+            | EngineError::NotSynced
+            | EngineError::Changed(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN),
+            EngineError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::POLICY_FAILED),
+            EngineError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_CONFIG),
+            EngineError::MissingEnv(_) => (StatusCode::BAD_REQUEST, codes::INVALID_ENV),
+            EngineError::Unknown(_) => (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER),
+            EngineError::Mismatch(_) => (StatusCode::CONFLICT, codes::CHECK_MISMATCH),
+            EngineError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NOT_AVAILABLE),
         };
         ApiError(status, body(code, msg))
     }
@@ -89,7 +91,7 @@ fn decode<T: serde::de::DeserializeOwned>(raw: &Bytes, what: &str) -> Result<T, 
 
 const CNI_REQUEST: &str = "a CNI request";
 
-fn done<T>(svc: &Service, command: &str, r: Result<T, ServiceError>) -> Result<T, ApiError> {
+fn done<T>(svc: &Engine, command: &str, r: Result<T, EngineError>) -> Result<T, ApiError> {
     match r {
         Ok(v) => {
             svc.metrics.call(command, "ok");

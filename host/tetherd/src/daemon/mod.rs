@@ -2,19 +2,17 @@
 //! workloads from a manifest directory, policies built in or from files.
 
 mod http;
-mod metrics;
 mod pools;
-mod service;
 mod workloads;
-mod writer;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tether_core::alloc::Ipam;
+use tether_engine::ports::{NoWorkloads, PolicyChain, WorkloadSource};
+use tether_engine::{Engine, Metrics, Ports};
 use tether_policy::Runtime;
 use tether_store::Store;
 use tether_store::embedded::EmbeddedStore;
@@ -131,7 +129,7 @@ fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 
 /// Reloads the pools when a file changes (checked every `every`; never when zero) and on
 /// SIGHUP. A load that fails is logged and counted, and the pools in force stay.
-async fn watch_pools(service: Arc<service::Service>, files: pools::PoolFiles, every: Duration) {
+async fn watch_pools(service: Arc<Engine>, files: pools::PoolFiles, every: Duration) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -212,27 +210,28 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
     let store_path = args.state_dir.join("tether.redb");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
-    let snapshot = store.snapshot()?;
     let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
-    let ipam = Ipam::new(pools, snapshot.allocations)
-        .map_err(|e| anyhow::anyhow!("pools {}: {e}", args.pools.display()))?;
-    pools::warn_orphans(&ipam);
     let runtime = Runtime::new(args.sandbox.runtime_config())?;
     let chain = chain::build(&runtime, &chain_sources(&args)?)?;
-    let workloads = match &args.workloads {
-        Some(d) => Some(
-            workloads::WorkloadDir::new(d.clone())
-                .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
+    let workloads: (Arc<dyn WorkloadSource>, bool) = match &args.workloads {
+        Some(d) => (
+            Arc::new(
+                workloads::WorkloadFiles::new(d.clone())
+                    .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
+            ),
+            true,
         ),
-        None => None,
+        None => (Arc::new(NoWorkloads), false),
     };
-    let metrics = Arc::new(metrics::Metrics::new());
-    let ipam = Arc::new(RwLock::new(ipam));
-    let (writer, writer_thread) =
-        writer::Writer::start(ipam.clone(), store, snapshot.revisions, metrics.clone())?;
-    let service = Arc::new(service::Service::new(
-        runtime, chain, workloads, ipam, writer, metrics,
-    ));
+    let metrics = Arc::new(Metrics::new());
+    let ports = Ports {
+        store,
+        workloads,
+        policies: Arc::new(PolicyChain { runtime, chain }),
+    };
+    let (service, writer_thread) = Engine::start(ports, pools, metrics)
+        .map_err(|e| anyhow::anyhow!("pools {}: {e}", args.pools.display()))?;
+    let service = Arc::new(service);
     let listener = bind(&args.socket)?;
     tracing::info!(
         socket = %args.socket.display(),

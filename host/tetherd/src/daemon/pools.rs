@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use tether_core::alloc::Ipam;
 use tether_core::pool::{Pool, check_disjoint, from_manifest};
 
 use crate::manifests::{manifest_files, read_documents};
@@ -85,54 +84,5 @@ impl PoolFiles {
         }
         self.seen = now;
         Some(list.and_then(|l| load_files(&l)))
-    }
-}
-
-/// What a reload changed, for the log.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct PoolDiff {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub changed: Vec<String>,
-}
-
-impl PoolDiff {
-    pub fn between(old: &[&Pool], new: &[Pool]) -> PoolDiff {
-        let mut d = PoolDiff::default();
-        for n in new {
-            match old.iter().find(|o| o.name == n.name) {
-                None => d.added.push(n.name.clone()),
-                Some(o) if *o != n => d.changed.push(n.name.clone()),
-                Some(_) => {}
-            }
-        }
-        for o in old {
-            if !new.iter().any(|n| n.name == o.name) {
-                d.removed.push(o.name.clone());
-            }
-        }
-        d
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
-    }
-}
-
-/// Logs the allocations whose address is in no current pool (at start-up and after a reload).
-pub fn warn_orphans(ipam: &Ipam) {
-    for o in ipam.orphans() {
-        let covering = ipam
-            .pools()
-            .find(|p| p.contains(o.ip))
-            .map(|p| p.name.as_str());
-        match covering {
-            Some(p) => {
-                tracing::warn!(pool = %o.pool, ip = %o.ip, reserved_in = p, "allocation held under a pool name no longer in force; its address stays reserved in pool {p} until released (DEL, GC, its release rule or `tetherd release`)")
-            }
-            None => {
-                tracing::warn!(pool = %o.pool, ip = %o.ip, "allocation outside every current pool is kept until released (DEL, GC, its release rule or `tetherd release`)")
-            }
-        }
     }
 }

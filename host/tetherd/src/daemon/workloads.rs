@@ -4,91 +4,12 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use serde_json::Value;
-use tether_core::alloc::Liveness;
-use tether_core::manifest::{ObjectIndex, object_from_value, workload_from_pod};
-use tether_core::{Object, ObjectKey, ReleaseCondition, Workload};
-
-/// What the manifests say, indexed.
-#[derive(Debug, Default)]
-pub struct WorkloadIndex {
-    /// Owner objects (everything but Pods and Namespaces).
-    pub objects: ObjectIndex,
-    /// Pods by (namespace, name).
-    pub pods: HashMap<(String, String), Workload>,
-    /// Namespace annotations by name.
-    pub namespaces: HashMap<String, Vec<(String, String)>>,
-    /// Files (or documents) that could not be read: while there are any, an object missing
-    /// from the index may just be in one of them, so nothing is judged gone.
-    pub unreadable: Vec<String>,
-}
-
-impl WorkloadIndex {
-    fn insert(&mut self, v: &Value) -> Result<(), String> {
-        let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
-        match kind {
-            "Pod" => {
-                let w = workload_from_pod(v).map_err(|e| e.to_string())?;
-                self.pods.insert((w.namespace.clone(), w.name.clone()), w);
-            }
-            "Namespace" => {
-                let name = v
-                    .pointer("/metadata/name")
-                    .and_then(Value::as_str)
-                    .ok_or("Namespace without metadata.name")?;
-                let mut o = object_from_value(v).map_err(|e| e.to_string())?;
-                o.namespace = String::new();
-                self.namespaces.insert(name.to_owned(), o.annotations);
-            }
-            _ => {
-                let o = object_from_value(v).map_err(|e| e.to_string())?;
-                self.objects.insert(o);
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether every manifest was read: only then does a missing object mean a deleted one.
-    pub fn complete(&self) -> bool {
-        self.unreadable.is_empty()
-    }
-
-    /// Whether a pod exists: live when its manifest is there; gone when it is not and every
-    /// manifest was read; unknown otherwise.
-    pub fn pod_liveness(&self, namespace: &str, name: &str) -> Liveness {
-        if self
-            .pods
-            .contains_key(&(namespace.to_owned(), name.to_owned()))
-        {
-            Liveness::Live
-        } else if self.complete() {
-            Liveness::Gone
-        } else {
-            Liveness::Unknown
-        }
-    }
-
-    fn lookup(&self, k: &ObjectKey) -> Option<&Object> {
-        self.objects
-            .lookup(&k.api_version, &k.kind, &k.namespace, &k.name)
-    }
-
-    /// Whether a release condition is known to hold: its owner is gone (missing while every
-    /// manifest was read), or scaled below the ordinal. Unknown never fires.
-    pub fn fires(&self, c: &ReleaseCondition) -> bool {
-        match c {
-            ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none() && self.complete(),
-            ReleaseCondition::ScaledBelow { owner, ordinal } => match self.lookup(owner) {
-                None => self.complete(),
-                Some(o) => o.replicas.is_some_and(|r| r <= *ordinal),
-            },
-            ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
-        }
-    }
-}
+use tether_engine::index::WorkloadIndex;
+use tether_engine::ports::{WorkloadSource, WorkloadView};
 
 struct FileEntry {
     stamp: (SystemTime, u64),
@@ -186,5 +107,28 @@ impl WorkloadDir {
             self.index = Arc::new(idx);
         }
         self.index.clone()
+    }
+}
+
+/// The directory as the engine's workload source: every view re-reads what changed.
+pub struct WorkloadFiles(Mutex<WorkloadDir>);
+
+impl WorkloadFiles {
+    /// Watches `dir` (created if missing).
+    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
+        Ok(WorkloadFiles(Mutex::new(WorkloadDir::new(dir)?)))
+    }
+}
+
+impl WorkloadSource for WorkloadFiles {
+    fn synced(&self) -> bool {
+        true
+    }
+
+    fn view(&self) -> Arc<dyn WorkloadView> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .refresh()
     }
 }

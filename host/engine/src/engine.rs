@@ -1,9 +1,10 @@
 //! What each API call does: resolve the workload, ask the policy chain, select pools, hand the
-//! allocation to the writer.
+//! allocation to the writer; and the reconciler, which plans releases on a look at the state
+//! and has the writer delete only what is unchanged since.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tether_api::{
@@ -12,43 +13,59 @@ use tether_api::{
 use tether_core::alloc::{
     AllocError, Assigned, Attachment, Change, Ipam, Liveness, PoolInputs, select_pools,
 };
+use tether_core::pool::{Pool, PoolError};
 use tether_core::{Decision, PolicyRequest, Workload};
-use tether_policy::{Chain, PolicyError, Runtime};
+use tether_policy::PolicyError;
+use tether_store::Store;
 
-use super::metrics::{Metrics, PolicyLabels, PoolLabels};
-use super::workloads::{WorkloadDir, WorkloadIndex};
-use super::writer::{AddOp, Op, Outcome, WriteError, Writer};
+use crate::StartError;
+use crate::metrics::{Metrics, PolicyLabels, PoolLabels};
+use crate::ports::{Decide, WorkloadSource, WorkloadView};
+use crate::writer::{AddOp, Op, Outcome, WriteError, Writer};
 
-/// Why a call failed; mapped to a CNI error code once, in `http.rs`.
+/// Why a call failed; mapped to a CNI error code once, at the API boundary.
 #[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
+pub enum EngineError {
+    /// The writer refused or failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// A policy failed.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// A CNI variable is missing.
     #[error("{0}")]
     MissingEnv(String),
+    /// The container holds nothing.
     #[error("{0}")]
     Unknown(String),
+    /// The engine cannot serve now.
     #[error("{0}")]
     Unavailable(String),
+    /// The workload source has not seen everything yet.
+    #[error("the workload caches have not synced yet; try again")]
+    NotSynced,
+    /// The allocation changed between the look and the write.
+    #[error("{0}")]
+    Changed(String),
+    /// CHECK: the attachment holds other addresses than prevResult lists.
     #[error("{0}")]
     Mismatch(String),
 }
 
-impl From<AllocError> for ServiceError {
+impl From<AllocError> for EngineError {
     fn from(e: AllocError) -> Self {
-        ServiceError::Write(WriteError::Alloc(e))
+        EngineError::Write(WriteError::Alloc(e))
     }
 }
 
-impl ServiceError {
+impl EngineError {
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            ServiceError::Write(WriteError::Alloc(e)) => match e {
+            EngineError::Write(WriteError::Alloc(e)) => match e {
                 AllocError::PoolExhausted { .. } => "pool_exhausted",
                 AllocError::UnknownPool { .. } => "unknown_pool",
                 AllocError::NoPool => "no_pool",
@@ -60,27 +77,46 @@ impl ServiceError {
                 AllocError::StillHeld { .. } => "still_held",
                 AllocError::NotAllocated { .. } => "not_allocated",
             },
-            ServiceError::Write(WriteError::Store(_)) => "store",
-            ServiceError::Write(WriteError::Stopped) => "stopping",
-            ServiceError::Write(WriteError::Abandoned) => "abandoned",
-            ServiceError::Policy(_) => "policy",
-            ServiceError::BadRequest(_) => "bad_request",
-            ServiceError::MissingEnv(_) => "missing_env",
-            ServiceError::Unknown(_) => "unknown_container",
-            ServiceError::Unavailable(_) => "unavailable",
-            ServiceError::Mismatch(_) => "mismatch",
+            EngineError::Write(WriteError::Store(_)) => "store",
+            EngineError::Write(WriteError::Stopped) => "stopping",
+            EngineError::Write(WriteError::Abandoned) => "abandoned",
+            EngineError::Write(WriteError::Contended { .. }) => "contended",
+            EngineError::NotSynced => "not_synced",
+            EngineError::Changed(_) => "changed",
+            EngineError::Policy(_) => "policy",
+            EngineError::BadRequest(_) => "bad_request",
+            EngineError::MissingEnv(_) => "missing_env",
+            EngineError::Unknown(_) => "unknown_container",
+            EngineError::Unavailable(_) => "unavailable",
+            EngineError::Mismatch(_) => "mismatch",
         }
     }
 }
 
-pub struct Service {
-    runtime: Runtime,
-    chain: Chain,
-    workloads: Option<Mutex<WorkloadDir>>,
+/// The engine: one per daemon, whatever the store, workload source and policies.
+pub struct Engine {
+    policies: Arc<dyn Decide>,
+    workloads: Arc<dyn WorkloadSource>,
+    /// Whether the workload source can judge pods gone (a source of no workloads cannot).
+    judges: bool,
     ipam: Arc<RwLock<Ipam>>,
     writer: Writer,
+    /// The metrics.
     pub metrics: Arc<Metrics>,
 }
+
+/// What the engine is built from.
+pub struct Ports {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The workload source, and whether it can judge pods gone.
+    pub workloads: (Arc<dyn WorkloadSource>, bool),
+    /// The policy chain.
+    pub policies: Arc<dyn Decide>,
+}
+
+/// A policy decision, the candidate pools, and the view of the workloads it was made on.
+type Decided = (Decision, Vec<String>, Arc<dyn WorkloadView>);
 
 fn now() -> u64 {
     SystemTime::now()
@@ -118,48 +154,50 @@ fn addresses(changes: &[Change]) -> Vec<String> {
     changes
         .iter()
         .filter_map(|c| match c {
-            Change::Delete { pool, ip } => Some(format!("{pool}/{ip}")),
+            Change::Delete { pool, ip, .. } => Some(format!("{pool}/{ip}")),
             Change::Put(_) => None,
         })
         .collect()
 }
 
-impl Service {
-    pub fn new(
-        runtime: Runtime,
-        chain: Chain,
-        workloads: Option<WorkloadDir>,
-        ipam: Arc<RwLock<Ipam>>,
-        writer: Writer,
+impl Engine {
+    /// Loads the state from the store with `pools` in force and starts the writer. Returns
+    /// the writer thread's handle: it ends once the engine is dropped.
+    pub fn start(
+        ports: Ports,
+        pools: Vec<Pool>,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Service {
-            runtime,
-            chain,
-            workloads: workloads.map(Mutex::new),
-            ipam,
-            writer,
-            metrics,
-        }
+    ) -> Result<(Self, std::thread::JoinHandle<()>), StartError> {
+        let snapshot = ports.store.snapshot()?;
+        let ipam = Ipam::new(pools, snapshot.allocations)?;
+        crate::warn_orphans(&ipam);
+        let ipam = Arc::new(RwLock::new(ipam));
+        let (writer, thread) = Writer::start(ipam.clone(), ports.store, metrics.clone())
+            .map_err(StartError::Thread)?;
+        Ok((
+            Engine {
+                policies: ports.policies,
+                workloads: ports.workloads.0,
+                judges: ports.workloads.1,
+                ipam,
+                writer,
+                metrics,
+            },
+            thread,
+        ))
     }
 
-    pub fn chain_names(&self) -> Vec<&str> {
-        self.chain.names()
+    /// The policies, in order.
+    pub fn chain_names(&self) -> Vec<String> {
+        self.policies.names()
     }
 
-    fn index(&self) -> Arc<WorkloadIndex> {
-        match &self.workloads {
-            Some(w) => w.lock().unwrap_or_else(PoisonError::into_inner).refresh(),
-            None => Arc::new(WorkloadIndex::default()),
-        }
-    }
-
-    fn attachment(req: &CniRequest) -> Result<Attachment, ServiceError> {
+    fn attachment(req: &CniRequest) -> Result<Attachment, EngineError> {
         if req.container_id.is_empty() {
-            return Err(ServiceError::MissingEnv("CNI_CONTAINERID is empty".into()));
+            return Err(EngineError::MissingEnv("CNI_CONTAINERID is empty".into()));
         }
         if req.ifname.is_empty() {
-            return Err(ServiceError::MissingEnv("CNI_IFNAME is empty".into()));
+            return Err(EngineError::MissingEnv("CNI_IFNAME is empty".into()));
         }
         Ok(Attachment {
             container_id: req.container_id.clone(),
@@ -171,17 +209,18 @@ impl Service {
     }
 
     /// CNI ADD.
-    pub async fn add(self: &Arc<Self>, req: CniRequest) -> Result<CniResult, ServiceError> {
+    pub async fn add(self: &Arc<Self>, req: CniRequest) -> Result<CniResult, EngineError> {
         let attachment = Self::attachment(&req)?;
+        if !self.workloads.synced() {
+            return Err(EngineError::NotSynced);
+        }
         let requested = req
             .requested_ips
             .iter()
             .map(|s| {
                 let ip = s.split('/').next().unwrap_or(s);
                 ip.parse::<IpAddr>().map_err(|_| {
-                    ServiceError::BadRequest(format!(
-                        "requested address {s:?} is not an IP address"
-                    ))
+                    EngineError::BadRequest(format!("requested address {s:?} is not an IP address"))
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -197,17 +236,15 @@ impl Service {
         let this = self.clone();
         let req2 = req.clone();
         let att2 = attachment.clone();
-        let (decision, pools, index) =
+        let (decision, pools, view) =
             tokio::task::spawn_blocking(move || this.decide(&req2, &att2))
                 .await
-                .map_err(|e| ServiceError::Unavailable(format!("policy evaluation task: {e}")))??;
-        // Without a workload source nothing can be judged gone: a holder stays until its DEL.
-        let judged = self.workloads.is_some();
+                .map_err(|e| EngineError::Unavailable(format!("policy evaluation task: {e}")))??;
         let liveness = move |a: &Attachment| {
-            if judged && !a.pod.is_empty() {
-                index.pod_liveness(&a.namespace, &a.pod)
-            } else {
+            if a.pod.is_empty() {
                 Liveness::Unknown
+            } else {
+                view.pod_liveness(&a.namespace, &a.pod)
             }
         };
         let op = Op::Add(Box::new(AddOp {
@@ -221,23 +258,17 @@ impl Service {
         }));
         match self.writer.submit(op).await? {
             Outcome::Added(assigned) => Ok(render(&assigned)),
-            Outcome::Changed(_) => Err(ServiceError::Unavailable(
+            Outcome::Changed(_) => Err(EngineError::Unavailable(
                 "writer answered out of turn".into(),
             )),
         }
     }
 
     /// Workload, chain decision and pool candidates (blocking: runs the policies).
-    fn decide(
-        &self,
-        req: &CniRequest,
-        attachment: &Attachment,
-    ) -> Result<(Decision, Vec<String>, Arc<WorkloadIndex>), ServiceError> {
-        let index = self.index();
-        let mut workload = index
-            .pods
-            .get(&(attachment.namespace.clone(), attachment.pod.clone()))
-            .cloned()
+    fn decide(&self, req: &CniRequest, attachment: &Attachment) -> Result<Decided, EngineError> {
+        let view = self.workloads.view();
+        let mut workload = view
+            .pod(&attachment.namespace, &attachment.pod)
             .unwrap_or_else(|| Workload {
                 namespace: attachment.namespace.clone(),
                 name: if attachment.pod.is_empty() {
@@ -255,11 +286,9 @@ impl Service {
         workload.interface = req.ifname.clone();
         workload.container_id = req.container_id.clone();
         workload.cni_args = req.args.clone();
-        let owners = index
-            .objects
-            .owner_chain(&workload.namespace, &workload.owner_references);
+        let owners = view.owner_chain(&workload.namespace, &workload.owner_references);
         let request = PolicyRequest { workload, owners };
-        let outcome = self.chain.evaluate(&self.runtime, &request)?;
+        let outcome = self.policies.decide(&request)?;
         for step in &outcome.steps {
             self.metrics
                 .policy_seconds
@@ -281,11 +310,7 @@ impl Service {
             Decision::Pinned(p) => p.pools.clone(),
             _ => Vec::new(),
         };
-        let ns_annotations = index
-            .namespaces
-            .get(&request.workload.namespace)
-            .cloned()
-            .unwrap_or_default();
+        let ns_annotations = view.namespace_annotations(&request.workload.namespace);
         let defaults = self
             .ipam
             .read()
@@ -300,11 +325,11 @@ impl Service {
             cluster_defaults: &defaults,
         })?;
         tracing::debug!(?pools, ?source, "pools selected");
-        Ok((outcome.decision, pools, index))
+        Ok((outcome.decision, pools, view))
     }
 
     /// CNI DEL: idempotent.
-    pub async fn del(&self, req: CniRequest) -> Result<(), ServiceError> {
+    pub async fn del(&self, req: CniRequest) -> Result<(), EngineError> {
         let a = Self::attachment(&req)?;
         self.writer
             .submit(Op::Del {
@@ -318,12 +343,12 @@ impl Service {
 
     /// CNI CHECK: the attachment still holds its addresses, and they are exactly the ones
     /// of the runtime's prevResult (when it sent one).
-    pub fn check(&self, req: &CniRequest) -> Result<(), ServiceError> {
+    pub fn check(&self, req: &CniRequest) -> Result<(), EngineError> {
         let a = Self::attachment(req)?;
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
         let held = ipam.held_by(&a.container_id, &a.ifname);
         if held.is_empty() {
-            return Err(ServiceError::Unknown(format!(
+            return Err(EngineError::Unknown(format!(
                 "container {} ({}) holds no address",
                 a.container_id, a.ifname
             )));
@@ -342,7 +367,7 @@ impl Service {
         for p in &req.prev_ips {
             let (ip, prefix) = p.split_once('/').unwrap_or((p, ""));
             let ip: IpAddr = ip.parse().map_err(|_| {
-                ServiceError::BadRequest(format!("prevResult address {p:?} is not an IP address"))
+                EngineError::BadRequest(format!("prevResult address {p:?} is not an IP address"))
             })?;
             given.push(if prefix.is_empty() {
                 ip.to_string()
@@ -353,7 +378,7 @@ impl Service {
         expected.sort();
         given.sort();
         if expected != given {
-            return Err(ServiceError::Mismatch(format!(
+            return Err(EngineError::Mismatch(format!(
                 "container {} ({}) holds {} but prevResult lists {}",
                 a.container_id,
                 a.ifname,
@@ -366,9 +391,9 @@ impl Service {
 
     /// CNI GC: frees what the runtime no longer lists. Without the list nothing is freed: a
     /// missing list is not an empty one.
-    pub async fn gc(&self, req: CniRequest) -> Result<GcResult, ServiceError> {
+    pub async fn gc(&self, req: CniRequest) -> Result<GcResult, EngineError> {
         let Some(list) = &req.valid_attachments else {
-            return Err(ServiceError::BadRequest(
+            return Err(EngineError::BadRequest(
                 "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
             ));
         };
@@ -376,24 +401,37 @@ impl Service {
             .iter()
             .map(|a| (a.container_id.clone(), a.ifname.clone()))
             .collect();
-        match self
-            .writer
-            .submit(Op::Gc {
-                network: req.network.clone(),
-                valid,
-                now: now(),
-            })
-            .await?
-        {
-            Outcome::Changed(c) => Ok(GcResult {
-                released: addresses(&c),
-            }),
-            Outcome::Added(_) => Ok(GcResult::default()),
+        // Planned on a look at the state; the writer applies each change only if its
+        // allocation is unchanged since (a holder that came back meanwhile is kept; the next
+        // GC looks again).
+        let planned = self
+            .ipam
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .plan_gc(&req.network, &valid, now())
+            .changes;
+        let applied = self.apply(planned).await?;
+        Ok(GcResult {
+            released: addresses(&applied),
+        })
+    }
+
+    /// Has the writer apply changes planned on a look at the state, each only if its
+    /// allocation is unchanged since; returns those applied.
+    async fn apply(&self, changes: Vec<Change>) -> Result<Vec<Change>, EngineError> {
+        if changes.is_empty() {
+            return Ok(changes);
+        }
+        match self.writer.submit(Op::Apply(changes)).await? {
+            Outcome::Changed(c) => Ok(c),
+            Outcome::Added(_) => Err(EngineError::Unavailable(
+                "writer answered out of turn".into(),
+            )),
         }
     }
 
     /// CNI STATUS: can an ADD on this network succeed?
-    pub fn status(&self, cni_pools: &[String]) -> Result<(), ServiceError> {
+    pub fn status(&self, cni_pools: &[String]) -> Result<(), EngineError> {
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
         let names = if cni_pools.is_empty() {
             ipam.default_pools()
@@ -410,66 +448,66 @@ impl Service {
         if free {
             Ok(())
         } else {
-            Err(ServiceError::Unavailable(format!(
+            Err(EngineError::Unavailable(format!(
                 "pools {names:?} have no free address"
             )))
         }
     }
 
-    /// Releases pinned addresses whose release condition fired.
-    pub async fn reconcile(self: &Arc<Self>) -> Result<ReconcileResult, ServiceError> {
-        let this = self.clone();
-        let index = tokio::task::spawn_blocking(move || this.index())
-            .await
-            .map_err(|e| ServiceError::Unavailable(format!("reading workloads: {e}")))?;
-        let judge = self.workloads.is_some();
-        let fires = move |c: &tether_core::ReleaseCondition| judge && index.fires(c);
-        match self
-            .writer
-            .submit(Op::Release {
-                now: now(),
-                fires: Box::new(fires),
-            })
-            .await?
-        {
-            Outcome::Changed(c) => {
-                let released = addresses(&c);
-                if !released.is_empty() {
-                    tracing::info!(?released, "released pinned addresses");
-                }
-                Ok(ReconcileResult { released })
-            }
-            Outcome::Added(_) => Ok(ReconcileResult::default()),
+    /// The reconciler: releases pinned addresses whose release condition is known to have
+    /// fired. It plans on a look at the state and the workloads, then deletes only what is
+    /// unchanged since it looked (a pod that took the address back meanwhile keeps it).
+    pub async fn reconcile(self: &Arc<Self>) -> Result<ReconcileResult, EngineError> {
+        if !self.workloads.synced() {
+            return Err(EngineError::NotSynced);
         }
+        let this = self.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            let view = this.workloads.view();
+            let judges = this.judges;
+            let fires = move |c: &tether_core::ReleaseCondition| judges && view.fires(c);
+            this.ipam
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .plan_release(now(), &fires)
+                .changes
+        })
+        .await
+        .map_err(|e| EngineError::Unavailable(format!("reconcile task: {e}")))?;
+        let released = addresses(&self.apply(planned).await?);
+        if !released.is_empty() {
+            tracing::info!(?released, "released pinned addresses");
+        }
+        Ok(ReconcileResult { released })
     }
 
     /// Releases one address by hand (`tetherd release`).
     pub async fn release(
         &self,
         req: tether_api::ReleaseRequest,
-    ) -> Result<ReconcileResult, ServiceError> {
+    ) -> Result<ReconcileResult, EngineError> {
         let ip: IpAddr = req
             .ip
             .parse()
-            .map_err(|_| ServiceError::BadRequest(format!("{:?} is not an IP address", req.ip)))?;
-        match self
-            .writer
-            .submit(Op::Free {
-                pool: req.pool,
-                ip,
-                force: req.force,
-            })
-            .await?
-        {
-            Outcome::Changed(c) => {
-                let released = addresses(&c);
-                tracing::warn!(?released, force = req.force, "released by hand");
-                Ok(ReconcileResult { released })
-            }
-            Outcome::Added(_) => Ok(ReconcileResult::default()),
+            .map_err(|_| EngineError::BadRequest(format!("{:?} is not an IP address", req.ip)))?;
+        let planned = self
+            .ipam
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .plan_free(&req.pool, ip, req.force)?
+            .changes;
+        let released = addresses(&self.apply(planned).await?);
+        if released.is_empty() {
+            return Err(EngineError::Changed(format!(
+                "{}/{ip} changed while it was being released; look at it again (`tetherd allocations`)",
+                req.pool
+            )));
         }
+        tracing::warn!(?released, force = req.force, "released by hand");
+        Ok(ReconcileResult { released })
     }
 
+    /// The pools with their usage (`tetherd pools`).
     pub fn pools(&self) -> PoolList {
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
         PoolList {
@@ -487,20 +525,18 @@ impl Service {
         }
     }
 
-    /// Whether the writer can write: what `/readyz` reports.
+    /// Whether the engine can serve: the writer can write and the workload source has
+    /// synced. What `/readyz` reports.
     pub fn ready(&self) -> bool {
-        self.writer.healthy()
+        self.writer.healthy() && self.workloads.synced()
     }
 
     /// Puts new pool definitions in force between two writer batches. Every allocation is
     /// kept: one outside every new pool stays (an orphan, logged) until it is released.
     /// Overlapping pools are refused and the pools in force stay.
-    pub fn replace_pools(
-        &self,
-        pools: Vec<tether_core::pool::Pool>,
-    ) -> Result<super::pools::PoolDiff, tether_core::pool::PoolError> {
+    pub fn replace_pools(&self, pools: Vec<Pool>) -> Result<crate::PoolDiff, PoolError> {
         let mut ipam = self.ipam.write().unwrap_or_else(PoisonError::into_inner);
-        let diff = super::pools::PoolDiff::between(&ipam.pools().collect::<Vec<_>>(), &pools);
+        let diff = crate::PoolDiff::between(&ipam.pools().collect::<Vec<_>>(), &pools);
         if !diff.is_empty() {
             ipam.set_pools(pools)?;
             for name in &diff.removed {
@@ -508,11 +544,12 @@ impl Service {
                 self.metrics.pool_total.remove(&l);
                 self.metrics.pool_allocated.remove(&l);
             }
-            super::pools::warn_orphans(&ipam);
+            crate::warn_orphans(&ipam);
         }
         Ok(diff)
     }
 
+    /// Every allocation, by pool and address (`tetherd allocations`).
     pub fn allocations(&self) -> Vec<tether_core::alloc::Allocation> {
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
         let mut v: Vec<_> = ipam.allocations().cloned().collect();
@@ -520,6 +557,7 @@ impl Service {
         v
     }
 
+    /// The metrics, pool gauges brought up to date.
     pub fn metrics_text(&self) -> String {
         {
             let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);

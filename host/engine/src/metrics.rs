@@ -9,27 +9,37 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+/// Labels of a CNI call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
+    /// `add`, `del`, ...
     pub command: String,
+    /// `ok` or the failure reason.
     pub result: String,
 }
 
+/// Labels of a policy evaluation.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
+    /// The policy.
     pub policy: String,
 }
 
+/// Labels of a pool gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
+    /// The pool.
     pub pool: String,
 }
 
+/// Labels of a pool reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
+    /// `ok` or `error`.
     pub result: String,
 }
 
+/// Every metric the daemon exports, registered under the `tether_` prefix.
 pub struct Metrics {
     registry: Registry,
     /// Pool reloads by result (`ok`, `error`).
@@ -42,11 +52,22 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Requests per store commit.
     pub batch_size: Histogram,
+    /// Writes that found their address changed by another writer (and were planned again).
+    pub conflicts: Counter,
+    /// Allocatable addresses per pool.
     pub pool_total: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    /// Allocated addresses per pool.
     pub pool_allocated: Family<PoolLabels, Gauge<f64, AtomicU64>>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
+    /// A registry with every metric at zero.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tether");
         let calls = Family::<CallLabels, Counter>::default();
@@ -93,8 +114,15 @@ impl Metrics {
             "Reloads of the pool manifests by result",
             pool_reloads.clone(),
         );
+        let conflicts = Counter::default();
+        registry.register(
+            "store_conflicts",
+            "Writes that found their address changed by another writer first",
+            conflicts.clone(),
+        );
         Metrics {
             registry,
+            conflicts,
             pool_reloads,
             calls,
             policy_seconds,
@@ -105,6 +133,7 @@ impl Metrics {
         }
     }
 
+    /// Counts one CNI call.
     pub fn call(&self, command: &str, result: &str) {
         self.calls
             .get_or_create(&CallLabels {
@@ -114,6 +143,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one pool reload.
     pub fn pool_reload(&self, result: &str) {
         self.pool_reloads
             .get_or_create(&ReloadLabels {
@@ -122,6 +152,7 @@ impl Metrics {
             .inc();
     }
 
+    /// The OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -1,0 +1,105 @@
+//! What the engine needs from the outside, as traits: where workloads come from, and who
+//! decides. The store is [`tether_store::Store`].
+//!
+//! Standalone mode implements [`WorkloadSource`] with a directory of manifests and
+//! [`Decide`] with [`PolicyChain`] over built-in and file policies; Kubernetes mode with
+//! informer caches and policies from ConfigMaps.
+
+use std::sync::Arc;
+
+use tether_core::alloc::Liveness;
+use tether_core::{Object, OwnerReference, PolicyRequest, ReleaseCondition, Workload};
+use tether_policy::{Chain, ChainOutcome, PolicyError, Runtime};
+
+/// Where pods and their owners come from.
+pub trait WorkloadSource: Send + Sync {
+    /// Whether the source has seen everything once (Kubernetes: every informer's first list).
+    /// Until then an ADD answers "try again later" rather than guess.
+    fn synced(&self) -> bool;
+
+    /// A consistent view for one request or one reconcile pass.
+    fn view(&self) -> Arc<dyn WorkloadView>;
+}
+
+/// What one view of the workloads answers.
+pub trait WorkloadView: Send + Sync {
+    /// A pod by namespace and name.
+    fn pod(&self, namespace: &str, name: &str) -> Option<Workload>;
+
+    /// The owner chain of an object: its controller, the controller's controller, ...
+    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object>;
+
+    /// A namespace's annotations.
+    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)>;
+
+    /// Whether a pod exists: [`Liveness::Gone`] only when the source knows it does not.
+    fn pod_liveness(&self, namespace: &str, name: &str) -> Liveness;
+
+    /// Whether a release condition is known to have fired (its owner known to be gone, or
+    /// known to be scaled below the ordinal). Unknown never fires.
+    fn fires(&self, condition: &ReleaseCondition) -> bool;
+}
+
+/// No workload source: pods are known only by their CNI arguments. Nothing is ever judged
+/// gone, so pinned addresses are released only by hand and holders only by their DEL.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoWorkloads;
+
+impl WorkloadSource for NoWorkloads {
+    fn synced(&self) -> bool {
+        true
+    }
+
+    fn view(&self) -> Arc<dyn WorkloadView> {
+        Arc::new(NoWorkloads)
+    }
+}
+
+impl WorkloadView for NoWorkloads {
+    fn pod(&self, _: &str, _: &str) -> Option<Workload> {
+        None
+    }
+
+    fn owner_chain(&self, _: &str, _: &[OwnerReference]) -> Vec<Object> {
+        Vec::new()
+    }
+
+    fn namespace_annotations(&self, _: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn pod_liveness(&self, _: &str, _: &str) -> Liveness {
+        Liveness::Unknown
+    }
+
+    fn fires(&self, _: &ReleaseCondition) -> bool {
+        false
+    }
+}
+
+/// Who decides whether a pod's address is ephemeral or pinned, and under which identity.
+pub trait Decide: Send + Sync {
+    /// Evaluates the policies for one pod.
+    fn decide(&self, request: &PolicyRequest) -> Result<ChainOutcome, PolicyError>;
+
+    /// The policies, in order.
+    fn names(&self) -> Vec<String>;
+}
+
+/// A chain of Wasm policies on one runtime.
+pub struct PolicyChain {
+    /// The runtime the policies run on.
+    pub runtime: Runtime,
+    /// The policies.
+    pub chain: Chain,
+}
+
+impl Decide for PolicyChain {
+    fn decide(&self, request: &PolicyRequest) -> Result<ChainOutcome, PolicyError> {
+        self.chain.evaluate(&self.runtime, request)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.chain.names().into_iter().map(str::to_owned).collect()
+    }
+}

@@ -1,0 +1,596 @@
+//! The single writer: plans against the in-memory state, applies, and commits to the store in
+//! groups. Requests that arrive while a commit is in flight are planned together and made
+//! durable by one commit (group commit); each caller gets its answer only once its changes
+//! are durable.
+//!
+//! # Expected flow
+//!
+//! ADD and DEL are planned here, on the current state. Work planned elsewhere on a look at
+//! the state (the reconciler's releases, CNI GC, a release by hand) comes as
+//! [`Op::Apply`]: each of its changes is applied only if its allocation is still at the
+//! revision it was planned on, so nothing that changed since is released.
+//!
+//! # Guarantees
+//!
+//! - Every write is conditional on one address's revision ([`tether_store`]): an address
+//!   another writer claimed first is never handed out twice. Such a conflict is normal: the
+//!   writer re-reads the address and plans the request again, up to [`MAX_ATTEMPTS`] times,
+//!   then answers [`WriteError::Contended`] ("try again later").
+//! - Readers never see uncommitted state: the state stays write-locked from planning until
+//!   the commit's outcome is known and applied.
+//! - A failed commit leaves nothing of it in memory: the batch's changes are undone, then the
+//!   state is re-read from the store (a failed commit may still have reached the disk). If
+//!   that read fails too, the writer stops: every later call answers "try again later",
+//!   `/readyz` fails, and a restart loads the state from the store.
+//! - A caller that gave up (its connection closed) before its ADD was committed gets
+//!   nothing: the ADD is skipped, or rolled back before anyone else can see it.
+//! - Changes other writers make to the store reach the state through the store's feed
+//!   before each batch is planned.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tether_core::Decision;
+use tether_core::alloc::{
+    AddRequest, AllocError, Assigned, Attachment, Change, Ipam, Liveness, Revision,
+};
+use tether_core::pool::Pool;
+use tether_store::{Event, GroupOutcome, Store, StoreError};
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// Most requests planned into one commit.
+const MAX_BATCH: usize = 256;
+/// How long a batch waits for company under concurrent load.
+const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
+/// How often one request is planned again after its commit conflicted.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// One ADD, with everything decided before it reaches the writer.
+pub struct AddOp {
+    /// Who asks.
+    pub attachment: Attachment,
+    /// CNI network name.
+    pub network: String,
+    /// The policy chain's decision.
+    pub decision: Decision,
+    /// Candidate pools, in order.
+    pub pools: Vec<String>,
+    /// Addresses asked for.
+    pub requested: Vec<IpAddr>,
+    /// Now, unix seconds.
+    pub now: u64,
+    /// Whether a current holder's pod still exists.
+    pub liveness: Box<dyn Fn(&Attachment) -> Liveness + Send>,
+}
+
+/// What the writer is asked to do.
+pub enum Op {
+    /// CNI ADD.
+    Add(Box<AddOp>),
+    /// CNI DEL.
+    Del {
+        /// CNI_CONTAINERID.
+        container_id: String,
+        /// CNI_IFNAME.
+        ifname: String,
+        /// Now, unix seconds.
+        now: u64,
+    },
+    /// Changes planned elsewhere, each applied only if its allocation is unchanged since.
+    Apply(Vec<Change>),
+}
+
+/// What an operation did.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The ADD's addresses.
+    Added(Vec<Assigned>),
+    /// The changes applied (for `Apply`: those whose allocation was unchanged).
+    Changed(Vec<Change>),
+}
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Planning refused it.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The writer is gone.
+    #[error("the writer has stopped (tetherd is shutting down, or its store failed)")]
+    Stopped,
+    /// The caller went away before its ADD was committed.
+    #[error("the caller gave up before the change was committed; nothing was allocated")]
+    Abandoned,
+    /// Other writers kept claiming the same addresses first.
+    #[error(
+        "other writers changed the addresses this request needed {attempts} times in a row; try again"
+    )]
+    Contended {
+        /// How often it was planned.
+        attempts: u32,
+    },
+}
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Outcome, WriteError>>,
+    attempts: u32,
+}
+
+/// Handle to the writer thread.
+#[derive(Clone)]
+pub struct Writer {
+    tx: Sender<Job>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Starts the writer over a loaded state.
+    pub fn start(
+        ipam: Arc<RwLock<Ipam>>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        let events = store.subscribe();
+        let handle = std::thread::Builder::new()
+            .name("tether-writer".into())
+            .spawn(move || {
+                // However the loop ends (a panic included), the writer is no longer healthy.
+                struct Down(Arc<AtomicBool>);
+                impl Drop for Down {
+                    fn drop(&mut self) {
+                        self.0.store(false, Ordering::SeqCst);
+                    }
+                }
+                let _down = Down(h.clone());
+                let mut w = Loop {
+                    rx,
+                    events,
+                    ipam,
+                    store,
+                    metrics,
+                    healthy: h,
+                    carried: VecDeque::new(),
+                };
+                w.run();
+            })?;
+        Ok((Writer { tx, healthy }, handle))
+    }
+
+    /// Submits an operation and waits until it is durable.
+    pub async fn submit(&self, op: Op) -> Result<Outcome, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                op,
+                reply,
+                attempts: 0,
+            })
+            .map_err(|_| WriteError::Stopped)?;
+        rx.await.map_err(|_| WriteError::Stopped)?
+    }
+
+    /// Whether the writer runs and its last commit succeeded: what `/readyz` reports.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+}
+
+/// A job planned into the batch: its changes form one group, or (for `Apply`) one group
+/// each.
+struct Planned {
+    job: Job,
+    answer: Result<Outcome, WriteError>,
+    /// Indices into the batch's groups.
+    groups: Vec<usize>,
+    /// Who to roll back if the caller gives up while it is committed (ADDs that changed
+    /// something).
+    rollback: Option<(Attachment, u64)>,
+}
+
+struct Loop {
+    rx: Receiver<Job>,
+    events: Receiver<Event>,
+    ipam: Arc<RwLock<Ipam>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    healthy: Arc<AtomicBool>,
+    /// Jobs that touched an address already written in the batch, or whose commit
+    /// conflicted: planned first in the next batch.
+    carried: VecDeque<Job>,
+}
+
+type Key = (String, IpAddr);
+
+fn key(c: &Change) -> Key {
+    (c.pool().to_owned(), c.ip())
+}
+
+fn plan(op: &Op, ipam: &Ipam) -> Result<(Vec<Change>, Option<Vec<Assigned>>), AllocError> {
+    match op {
+        Op::Add(a) => {
+            let req = AddRequest {
+                attachment: a.attachment.clone(),
+                network: a.network.clone(),
+                decision: &a.decision,
+                pools: a.pools.clone(),
+                requested: a.requested.clone(),
+                now: a.now,
+            };
+            let plan = ipam.plan_add(&req, &*a.liveness)?;
+            Ok((plan.changes, Some(plan.assigned)))
+        }
+        Op::Del {
+            container_id,
+            ifname,
+            now,
+        } => Ok((ipam.plan_del(container_id, ifname, *now).changes, None)),
+        Op::Apply(changes) => Ok((
+            changes
+                .iter()
+                .filter(|c| {
+                    let current = ipam.get(c.pool(), c.ip()).map_or(0, |a| a.revision);
+                    current == c.revision()
+                })
+                .cloned()
+                .collect(),
+            None,
+        )),
+    }
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut concurrent = false;
+        loop {
+            let Some(jobs) = self.gather(&mut concurrent) else {
+                break;
+            };
+            if !self.batch(jobs) {
+                break;
+            }
+        }
+        tracing::debug!("writer stopped");
+    }
+
+    /// The next batch: carried jobs first, then what arrives.
+    fn gather(&mut self, concurrent: &mut bool) -> Option<Vec<Job>> {
+        let mut jobs: Vec<Job> = self.carried.drain(..).collect();
+        if jobs.is_empty() {
+            jobs.push(self.rx.recv().ok()?);
+        }
+        while jobs.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        // Under concurrent load (the previous batch had company), wait a moment for more
+        // requests so that one fsync serves them all; a lone caller never waits.
+        if *concurrent {
+            let deadline = Instant::now() + GATHER;
+            while jobs.len() < MAX_BATCH {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok(j) => jobs.push(j),
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        *concurrent = jobs.len() > 1;
+        Some(jobs)
+    }
+
+    /// Plans, commits and answers one batch. False when the writer must stop.
+    fn batch(&mut self, jobs: Vec<Job>) -> bool {
+        let ipam = self.ipam.clone();
+        // Readers wait while a batch is planned and committed: they only ever see durable
+        // state.
+        let mut state = ipam
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.absorb_events(&mut state);
+
+        let mut groups: Vec<Vec<Change>> = Vec::new();
+        let mut undo: Vec<Vec<Change>> = Vec::new();
+        let mut touched: HashSet<Key> = HashSet::new();
+        let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            // An ADD whose caller already gave up is not planned at all.
+            if matches!(job.op, Op::Add(_)) && job.reply.is_closed() {
+                tracing::info!("ADD abandoned by its caller before it was planned");
+                continue;
+            }
+            let (changes, assigned) = match plan(&job.op, &state) {
+                Ok(p) => p,
+                Err(e) => {
+                    planned.push(Planned {
+                        job,
+                        answer: Err(WriteError::Alloc(e)),
+                        groups: Vec::new(),
+                        rollback: None,
+                    });
+                    continue;
+                }
+            };
+            // A plan on an address already written in this batch would carry its old
+            // revision: plan it again after this commit.
+            if changes.iter().any(|c| touched.contains(&key(c))) {
+                self.carried.push_back(job);
+                continue;
+            }
+            touched.extend(changes.iter().map(key));
+            let rollback = match &job.op {
+                Op::Add(a) if !changes.is_empty() => Some((a.attachment.clone(), a.now)),
+                _ => None,
+            };
+            let mut mine = Vec::new();
+            match &job.op {
+                Op::Apply(_) => {
+                    for c in &changes {
+                        mine.push(groups.len());
+                        undo.push(state.apply_undoable(std::slice::from_ref(c)));
+                        groups.push(vec![c.clone()]);
+                    }
+                }
+                _ if !changes.is_empty() => {
+                    mine.push(groups.len());
+                    undo.push(state.apply_undoable(&changes));
+                    groups.push(changes.clone());
+                }
+                _ => {}
+            }
+            let answer = match assigned {
+                Some(a) => Ok(Outcome::Added(a)),
+                None => Ok(Outcome::Changed(changes)),
+            };
+            planned.push(Planned {
+                job,
+                answer,
+                groups: mine,
+                rollback,
+            });
+        }
+        self.metrics.batch_size.observe(planned.len() as f64);
+
+        if !groups.is_empty() {
+            let started = Instant::now();
+            match self.store.commit(&groups) {
+                Ok(outcomes) => {
+                    self.healthy.store(true, Ordering::SeqCst);
+                    self.metrics
+                        .commit_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    self.settle(&mut state, &groups, &undo, &outcomes, &mut planned);
+                }
+                Err(e) => {
+                    self.healthy.store(false, Ordering::SeqCst);
+                    tracing::error!(
+                        "store commit failed; undoing the batch and re-reading the store: {e}"
+                    );
+                    for u in undo.iter().rev() {
+                        state.apply(u);
+                    }
+                    let msg = e.to_string();
+                    for p in planned.iter_mut() {
+                        if p.answer.is_ok() && !p.groups.is_empty() {
+                            p.answer = Err(WriteError::Store(StoreError::Backend(msg.clone())));
+                            p.rollback = None;
+                        }
+                    }
+                    // The commit may have reached the disk after all: the store is the truth.
+                    if let Err(e2) = resync(&*self.store, &mut state) {
+                        tracing::error!(
+                            "re-reading the store failed too; the writer stops (restart tetherd): {e2}"
+                        );
+                        drop(state);
+                        for p in planned {
+                            let _ = p.job.reply.send(p.answer);
+                        }
+                        return false;
+                    }
+                }
+            }
+        }
+
+        self.roll_back_abandoned(&mut state, &mut planned);
+        drop(state);
+        for p in planned {
+            if let Some(job) = p.requeue() {
+                self.carried.push_back(job);
+            }
+        }
+        true
+    }
+
+    /// Applies a commit's outcomes: new revisions for what was written; for each conflict,
+    /// the group undone, its address re-read, and its job planned again (or, for `Apply`,
+    /// the change dropped).
+    fn settle(
+        &self,
+        state: &mut Ipam,
+        groups: &[Vec<Change>],
+        undo: &[Vec<Change>],
+        outcomes: &[GroupOutcome],
+        planned: &mut [Planned],
+    ) {
+        let mut conflicted = vec![false; groups.len()];
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                Ok(revs) => {
+                    for (c, r) in groups[i].iter().zip(revs) {
+                        if let Change::Put(a) = c {
+                            state.set_revision(&a.pool, a.ip, *r);
+                        }
+                    }
+                }
+                Err(conflict) => {
+                    conflicted[i] = true;
+                    state.apply(&undo[i]);
+                    tracing::debug!(%conflict, "another writer changed the address first; re-reading it");
+                    self.metrics.conflicts.inc();
+                    if let Err(e) = refresh(&*self.store, state, &conflict.pool, conflict.ip) {
+                        tracing::warn!("re-reading {}/{}: {e}", conflict.pool, conflict.ip);
+                    }
+                }
+            }
+        }
+        for p in planned.iter_mut() {
+            if !p.groups.iter().any(|g| conflicted[*g]) {
+                continue;
+            }
+            match (&p.job.op, &mut p.answer) {
+                (Op::Apply(_), Ok(Outcome::Changed(applied))) => {
+                    // Only the changes whose group went through were applied.
+                    let kept: Vec<Change> = p
+                        .groups
+                        .iter()
+                        .filter(|g| !conflicted[**g])
+                        .map(|g| groups[*g][0].clone())
+                        .collect();
+                    *applied = kept;
+                }
+                _ => {
+                    p.rollback = None;
+                    p.answer = Err(WriteError::Contended {
+                        attempts: p.job.attempts + 1,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Callers that gave up while their ADD was committed: undo it before anyone sees it (the
+    /// state is still locked), as their DEL would.
+    fn roll_back_abandoned(&mut self, state: &mut Ipam, planned: &mut [Planned]) {
+        let gone: Vec<usize> = planned
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.answer.is_ok() && p.rollback.is_some() && p.job.reply.is_closed())
+            .map(|(i, _)| i)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut groups = Vec::new();
+        let mut undo = Vec::new();
+        for &i in &gone {
+            let Some((att, now)) = &planned[i].rollback else {
+                continue;
+            };
+            let c = state.plan_del(&att.container_id, &att.ifname, *now).changes;
+            tracing::info!(container_id = %att.container_id, ifname = %att.ifname, "ADD abandoned by its caller while it was committed; rolling it back");
+            undo.push(state.apply_undoable(&c));
+            groups.push(c);
+            planned[i].answer = Err(WriteError::Abandoned);
+        }
+        match self.store.commit(&groups) {
+            Ok(outcomes) => {
+                for (i, o) in outcomes.iter().enumerate() {
+                    match o {
+                        Ok(revs) => {
+                            for (c, r) in groups[i].iter().zip(revs) {
+                                if let Change::Put(a) = c {
+                                    state.set_revision(&a.pool, a.ip, *r);
+                                }
+                            }
+                        }
+                        Err(conflict) => {
+                            state.apply(&undo[i]);
+                            let _ = refresh(&*self.store, state, &conflict.pool, conflict.ip);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // The ADDs stay allocated, as on disk, until their DEL or a CNI GC.
+                for u in undo.iter().rev() {
+                    state.apply(u);
+                }
+                tracing::warn!(
+                    "rolling back abandoned ADDs failed; they stay allocated until their DEL or a CNI GC: {e}"
+                );
+                let _ = resync(&*self.store, state);
+            }
+        }
+    }
+
+    /// Brings in what other writers committed (and the echo of this writer's own commits,
+    /// which the state already holds).
+    fn absorb_events(&self, state: &mut Ipam) {
+        for e in self.events.try_iter() {
+            match e {
+                Event::Put(a) => {
+                    if state
+                        .get(&a.pool, a.ip)
+                        .is_none_or(|cur| cur.revision < a.revision)
+                    {
+                        state.apply(&[Change::Put(a)]);
+                    }
+                }
+                Event::Deleted { pool, ip, revision } => {
+                    if state
+                        .get(&pool, ip)
+                        .is_some_and(|cur| cur.revision <= revision)
+                    {
+                        state.apply(&[Change::Delete { pool, ip, revision }]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Planned {
+    /// Answers the caller, or hands the job back to be planned again after a conflict.
+    fn requeue(self) -> Option<Job> {
+        match self.answer {
+            Err(WriteError::Contended { attempts })
+                if attempts < MAX_ATTEMPTS && !self.job.reply.is_closed() =>
+            {
+                let mut job = self.job;
+                job.attempts = attempts;
+                Some(job)
+            }
+            answer => {
+                let _ = self.job.reply.send(answer);
+                None
+            }
+        }
+    }
+}
+
+/// Re-reads one address from the store into the state.
+fn refresh(store: &dyn Store, state: &mut Ipam, pool: &str, ip: IpAddr) -> Result<(), StoreError> {
+    match store.get(pool, ip)? {
+        Some(a) => state.apply(&[Change::Put(a)]),
+        None => state.apply(&[Change::Delete {
+            pool: pool.to_owned(),
+            ip,
+            revision: Revision::default(),
+        }]),
+    }
+    Ok(())
+}
+
+/// Replaces the state with what the store holds, keeping the pools in force.
+fn resync(store: &dyn Store, state: &mut Ipam) -> Result<(), StoreError> {
+    let snap = store.snapshot()?;
+    let pools: Vec<Pool> = state.pools().cloned().collect();
+    let fresh = Ipam::new(pools, snap.allocations)
+        .map_err(|e| StoreError::Backend(format!("rebuilding the state: {e}")))?;
+    *state = fresh;
+    Ok(())
+}
