@@ -10,17 +10,23 @@ use tether_builtins::builtin;
 use tether_core::samples::{deployment_request, sts_request, vm_request};
 use tether_policy::{Chain, ChainEntry, Runtime, RuntimeConfig};
 
-fn runtime(pooling: bool) -> Runtime {
+fn runtime(pooling: bool, pagemap_scan: bool) -> Runtime {
     Runtime::new(RuntimeConfig {
         pooling,
+        pagemap_scan,
         ..RuntimeConfig::default()
     })
     .expect("runtime")
 }
 
 fn evaluate(c: &mut Criterion) {
-    for (label, pooling) in [("pooling", true), ("on-demand", false)] {
-        let rt = runtime(pooling);
+    // `pooling` is the default configuration (PAGEMAP_SCAN off); `pooling-pagemap` the opt-in.
+    for (label, pooling, pagemap_scan) in [
+        ("pooling", true, false),
+        ("pooling-pagemap", true, true),
+        ("on-demand", false, false),
+    ] {
+        let rt = runtime(pooling, pagemap_scan);
         let load = |n: &str| {
             rt.load(n, builtin(n).expect("builtin").wasm)
                 .expect("loads")
@@ -71,7 +77,7 @@ fn compile(c: &mut Criterion) {
     let wasm = builtin("kubevirt").expect("builtin").wasm;
     g.bench_function("kubevirt", |b| {
         b.iter_batched(
-            || runtime(true),
+            || runtime(true, false),
             |rt| rt.load("kubevirt", black_box(wasm)).expect("loads"),
             BatchSize::PerIteration,
         )

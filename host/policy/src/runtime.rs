@@ -49,6 +49,18 @@ pub struct RuntimeConfig {
     /// Bytes of each pooled linear memory reset in place (instead of returned to the kernel)
     /// between evaluations.
     pub keep_resident: usize,
+    /// Opt-in (default off): reset pooled memory with Linux's `PAGEMAP_SCAN` ioctl, which finds
+    /// the pages an evaluation dirtied and resets only those, so a policy whose memory grows
+    /// keeps more of it resident. Used only where the kernel has it (Linux 6.7+); elsewhere
+    /// the setting does nothing.
+    ///
+    /// **Risk: only for nodes without swap.** The scan looks for dirty pages that are
+    /// *present*; a dirty page that was swapped out between two evaluations is neither reset
+    /// nor released (an open wasmtime report), so the next evaluation in that slot can read
+    /// what the previous one wrote, which breaks the promise of a fresh instance per
+    /// evaluation. wasmtime itself ships it off by default and calls it still under
+    /// evaluation.
+    pub pagemap_scan: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -62,7 +74,16 @@ impl Default for RuntimeConfig {
             // Covers a policy built as this repository builds them (64 KiB shadow stack, data,
             // the SDK's 64 KiB arena): reset in place, never faulted in again.
             keep_resident: 1024 << 10,
+            pagemap_scan: false,
         }
+    }
+}
+
+impl RuntimeConfig {
+    /// Whether this kernel offers the `PAGEMAP_SCAN` ioctl, i.e. whether
+    /// [`pagemap_scan`](Self::pagemap_scan) would take effect here.
+    pub fn pagemap_scan_available() -> bool {
+        PoolingAllocationConfig::is_pagemap_scan_available()
     }
 }
 
@@ -235,11 +256,21 @@ impl Runtime {
                 .total_tables(n * 4)
                 .max_memory_size(config.memory_limit)
                 .linear_memory_keep_resident(config.keep_resident)
-                // Reset only the pages an evaluation dirtied (Linux PAGEMAP_SCAN), where the
-                // kernel has it; otherwise the whole kept-resident region is cleared.
-                .pagemap_scan(Enabled::Auto)
+                // Off by default: the first `keep_resident` bytes are cleared in place and the
+                // rest is released to the kernel, whatever the pages' state (see the field).
+                .pagemap_scan(if config.pagemap_scan {
+                    Enabled::Auto
+                } else {
+                    Enabled::No
+                })
                 .table_keep_resident(64 << 10);
             wc.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            if config.pagemap_scan {
+                tracing::warn!(
+                    available = RuntimeConfig::pagemap_scan_available(),
+                    "policy memory is reset with PAGEMAP_SCAN: safe only on nodes without swap"
+                );
+            }
         }
         let engine = Engine::new(&wc).map_err(|e| PolicyError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
