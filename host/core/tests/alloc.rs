@@ -6,9 +6,10 @@ use std::net::IpAddr;
 
 use proptest::prelude::*;
 use tether_core::alloc::{
-    AddRequest, AllocError, Attachment, Ipam, Liveness, Owner, PoolInputs, PoolSource, select_pools,
+    AddRequest, AllocError, Allocation, Attachment, Change, Holder, Ipam, Liveness, Owner,
+    PoolInputs, PoolSource, select_pools,
 };
-use tether_core::pool::{IpPoolSpec, Pool};
+use tether_core::pool::{IpPoolSpec, Pool, PoolError};
 use tether_core::{Decision, IdentityKind, ObjectKey, Pinned, ReleaseCondition};
 
 fn pool(name: &str, subnet: &str, ips: &[&str]) -> Pool {
@@ -941,5 +942,816 @@ proptest! {
         prop_assert_eq!(ipam.check(), Ok(()));
         prop_assert_eq!(ipam.allocations().count(), 0);
         prop_assert_eq!(ipam.usage().iter().map(|u| u.total - u.allocated).sum::<u128>(), totals);
+    }
+}
+
+// ---- Random pool reloads, migrations, identity kinds and liveness (issue 7) ----
+//
+// A second random walk for the defects of issue 7: pools are renamed, removed, re-added,
+// shrunk, grown and reloaded with overlaps; pinned identities of three kinds share one identity
+// text and migrate (two holders); a liveness model the steps change answers for every holder.
+// After every step the state is checked through the public API against a model the test
+// keeps.
+
+const CONTAINERS: u8 = 8;
+const POOL_NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+const KINDS: [IdentityKind; 3] = [
+    IdentityKind::VirtualMachine,
+    IdentityKind::StatefulSetPod,
+    IdentityKind::Custom,
+];
+/// The owner kind each identity kind's release rule names.
+const OWNER_KINDS: [&str; 3] = ["VirtualMachine", "StatefulSet", "Thing"];
+const NETWORKS: [&str; 2] = ["n", "m"];
+const LIVENESS: [Liveness; 3] = [Liveness::Live, Liveness::Gone, Liveness::Unknown];
+/// The pools of these walks take one range out of 10.0.0.1-10.0.0.LAST.
+const LAST: u8 = 16;
+
+/// A pool as the model knows it: a name and one range of 10.0.0.x.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PoolDef {
+    name: String,
+    start: u8,
+    end: u8,
+}
+
+impl PoolDef {
+    fn new(name: u8, start: u8, len: u8) -> Self {
+        PoolDef {
+            name: POOL_NAMES[usize::from(name) % POOL_NAMES.len()].into(),
+            start,
+            end: start.saturating_add(len.max(1) - 1).min(LAST),
+        }
+    }
+
+    fn pool(&self) -> Pool {
+        pool(
+            &self.name,
+            "10.0.0.0/24",
+            &[&format!("10.0.0.{}-10.0.0.{}", self.start, self.end)],
+        )
+    }
+
+    fn addresses(&self) -> impl Iterator<Item = IpAddr> {
+        (self.start..=self.end).map(|n| IpAddr::from([10, 0, 0, n]))
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.addresses().any(|a| a == ip)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// An ADD, ephemeral or pinned as (identity, kind, may_share), with candidate pools given
+    /// as indices into the pools in force (all of them when empty).
+    Add {
+        container: u8,
+        pin: Option<(u8, u8, bool)>,
+        network: u8,
+        pools: Vec<u8>,
+    },
+    Del(u8),
+    Gc {
+        network: u8,
+        valid: Vec<u8>,
+    },
+    /// The owner of (identity, kind) is deleted.
+    Release {
+        identity: u8,
+        kind: u8,
+    },
+    /// `tetherd release` of one allocation (by index in (pool, ip) order).
+    Free {
+        pick: u8,
+        force: bool,
+    },
+    SetLiveness {
+        container: u8,
+        liveness: u8,
+    },
+    /// A reload with any pools (often overlapping or with a name twice: refused).
+    SetPools(Vec<(u8, u8, u8)>),
+    Rename {
+        pool: u8,
+        name: u8,
+    },
+    Remove(u8),
+    /// A pool removed or renamed earlier comes back.
+    ReAdd(u8),
+    Resize {
+        pool: u8,
+        start: i8,
+        end: i8,
+    },
+    /// A new pool sharing an address with a pool in force (always refused).
+    Overlap {
+        pool: u8,
+        name: u8,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    use proptest::collection::vec;
+    prop_oneof![
+        8 => (
+            0..CONTAINERS,
+            proptest::option::weighted(0.7, (0u8..2, 0u8..3, any::<bool>())),
+            prop_oneof![4 => Just(0u8), 1 => Just(1u8)],
+            prop_oneof![3 => Just(vec![]), 2 => vec(0u8..5, 1..3)],
+        )
+            .prop_map(|(container, pin, network, pools)| Step::Add {
+                container,
+                pin,
+                network,
+                pools
+            }),
+        2 => (0..CONTAINERS).prop_map(Step::Del),
+        2 => (0u8..2, vec(0..CONTAINERS, 0..4))
+            .prop_map(|(network, valid)| Step::Gc { network, valid }),
+        1 => (0u8..2, 0u8..3).prop_map(|(identity, kind)| Step::Release { identity, kind }),
+        1 => (any::<u8>(), any::<bool>()).prop_map(|(pick, force)| Step::Free { pick, force }),
+        3 => (0..CONTAINERS, 0u8..3)
+            .prop_map(|(container, liveness)| Step::SetLiveness { container, liveness }),
+        3 => pool_step(),
+    ]
+}
+
+/// A live migration: a pod of a pinned identity, then a second one that may share.
+fn migration() -> impl Strategy<Value = Vec<Step>> {
+    (0..CONTAINERS, 0..CONTAINERS, 0u8..2, 0u8..3).prop_map(|(from, to, identity, kind)| {
+        [(from, false), (to, true)]
+            .into_iter()
+            .map(|(container, share)| Step::Add {
+                container,
+                pin: Some((identity, kind, share)),
+                network: 0,
+                pools: vec![],
+            })
+            .collect()
+    })
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let one = prop_oneof![5 => step().prop_map(|s| vec![s]), 1 => migration()];
+    proptest::collection::vec(one, 1..70).prop_map(|v| v.into_iter().flatten().collect())
+}
+
+/// A reload, about one step in eight: rare enough that pins live to migrate and be collected.
+fn pool_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        proptest::collection::vec((0u8..5, 1..=LAST, 1u8..8), 0..4).prop_map(Step::SetPools),
+        (0u8..5, 0u8..5).prop_map(|(pool, name)| Step::Rename { pool, name }),
+        (0u8..5).prop_map(Step::Remove),
+        (0u8..5).prop_map(Step::ReAdd),
+        (0u8..5, -3i8..=3, -3i8..=3).prop_map(|(pool, start, end)| Step::Resize {
+            pool,
+            start,
+            end
+        }),
+        (0u8..5, 0u8..5).prop_map(|(pool, name)| Step::Overlap { pool, name }),
+    ]
+}
+
+fn pod_of(c: u8) -> Attachment {
+    // Five pod names for eight containers: some containers are a recreated pod (same name,
+    // other UID), whose old holder is stale whatever its liveness.
+    att(&format!("c{c}"), &format!("p{}", c % 5), &format!("u{c}"))
+}
+
+fn identity_text(identity: u8) -> String {
+    format!("ns/id-{identity}")
+}
+
+fn pinned_kind(identity: u8, kind: u8, share: bool) -> Decision {
+    Decision::Pinned(Pinned {
+        identity: identity_text(identity),
+        kind: KINDS[usize::from(kind)],
+        release: vec![ReleaseCondition::OwnerDeleted(ObjectKey {
+            api_version: "v1".into(),
+            kind: OWNER_KINDS[usize::from(kind)].into(),
+            namespace: "ns".into(),
+            name: format!("id-{identity}"),
+        })],
+        may_share: share,
+        pools: vec![],
+    })
+}
+
+fn pin_of(a: &Allocation) -> Option<(&str, IdentityKind)> {
+    match &a.owner {
+        Owner::Pinned { identity, kind, .. } => Some((identity, *kind)),
+        Owner::Ephemeral => None,
+    }
+}
+
+/// The allocator's rule for a holder that a new pod replaces whatever its liveness: the same
+/// attachment, or the same pod name with another UID.
+fn stale_for(h: &Attachment, new: &Attachment) -> bool {
+    (h.container_id == new.container_id && h.ifname == new.ifname)
+        || (!new.pod.is_empty()
+            && h.namespace == new.namespace
+            && h.pod == new.pod
+            && h.pod_uid != new.pod_uid)
+}
+
+fn sorted_allocations(ipam: &Ipam) -> Vec<Allocation> {
+    let mut v: Vec<Allocation> = ipam.allocations().cloned().collect();
+    v.sort_by(|a, b| (&a.pool, a.ip).cmp(&(&b.pool, b.ip)));
+    v
+}
+
+fn holders_by_ip(ipam: &Ipam) -> HashMap<IpAddr, Vec<Attachment>> {
+    ipam.allocations()
+        .map(|a| {
+            let hs = a.holders.iter().map(|h| h.attachment.clone()).collect();
+            (a.ip, hs)
+        })
+        .collect()
+}
+
+/// Whether `ip` is in `pool`'s free set, asked the public way: an ADD requesting it.
+fn probe_free(ipam: &Ipam, pool: &str, ip: IpAddr) -> Result<bool, TestCaseError> {
+    let req = AddRequest {
+        attachment: att("probe", "probe", "probe"),
+        network: "probe".into(),
+        decision: &Decision::Ephemeral,
+        pools: vec![pool.into()],
+        requested: vec![ip],
+        now: 0,
+    };
+    match ipam.plan_add(&req, &all_live) {
+        Ok(_) => Ok(true),
+        Err(AllocError::AddressInUse { .. }) => Ok(false),
+        Err(e) => Err(TestCaseError::fail(format!(
+            "probing {ip} in pool {pool}: {e}"
+        ))),
+    }
+}
+
+/// What the test knows independently of the allocator.
+#[derive(Default)]
+struct Model {
+    /// The pools in force.
+    defs: Vec<PoolDef>,
+    /// Pools removed or renamed away, to bring back.
+    removed: Vec<PoolDef>,
+    /// Liveness per container (Live unless a step said otherwise).
+    liveness: HashMap<String, Liveness>,
+    /// (identity, kind, network) -> its pinned address.
+    pins: HashMap<(u8, u8, u8), IpAddr>,
+    /// Container -> the owner and network of its last ADD (what any allocation it holds must be).
+    joined: HashMap<String, (Option<(String, IdentityKind)>, String)>,
+}
+
+impl Model {
+    fn liveness(&self, a: &Attachment) -> Liveness {
+        self.liveness
+            .get(&a.container_id)
+            .copied()
+            .unwrap_or(Liveness::Live)
+    }
+}
+
+/// The invariants that hold after every step, through the public API only.
+fn check_state(ipam: &Ipam, m: &Model) -> Result<(), TestCaseError> {
+    // The pools in force are the model's.
+    let mut want: Vec<(String, Vec<(u128, u128)>)> = m
+        .defs
+        .iter()
+        .map(|d| (d.name.clone(), d.pool().ranges))
+        .collect();
+    want.sort();
+    let have: Vec<(String, Vec<(u128, u128)>)> = ipam
+        .pools()
+        .map(|p| (p.name.clone(), p.ranges.clone()))
+        .collect();
+    prop_assert_eq!(have, want, "pools in force");
+    // No address in two pools (so in two pools' free sets).
+    for n in 1..=LAST {
+        let ip = IpAddr::from([10, 0, 0, n]);
+        let pools: Vec<&str> = ipam
+            .pools()
+            .filter(|p| p.contains(ip))
+            .map(|p| p.name.as_str())
+            .collect();
+        prop_assert!(pools.len() <= 1, "{} is in pools {:?}", ip, pools);
+    }
+    // No address in two allocations, under any pool name.
+    let allocs = sorted_allocations(ipam);
+    let mut by_ip: HashMap<IpAddr, &Allocation> = HashMap::new();
+    for a in &allocs {
+        if let Some(other) = by_ip.insert(a.ip, a) {
+            prop_assert!(
+                false,
+                "{} is in two allocations: {:?} and {:?}",
+                a.ip,
+                other,
+                a
+            );
+        }
+    }
+    // Every address of a pool is free xor allocated (under whatever pool name), and usage
+    // counts exactly the allocations the pool covers.
+    let usage = ipam.usage();
+    for p in ipam.pools() {
+        let def = m
+            .defs
+            .iter()
+            .find(|d| d.name == p.name)
+            .expect("pool in the model");
+        for ip in def.addresses() {
+            let free = probe_free(ipam, &p.name, ip)?;
+            let held = by_ip.get(&ip);
+            prop_assert!(
+                free != held.is_some(),
+                "{} in pool {}: free {}, allocated {:?}",
+                ip,
+                p.name,
+                free,
+                held
+            );
+        }
+        let covered = allocs.iter().filter(|a| p.contains(a.ip)).count() as u128;
+        let used = usage
+            .iter()
+            .find(|u| u.name == p.name)
+            .expect("usage of every pool");
+        prop_assert_eq!(used.allocated, covered, "usage of pool {}", &p.name);
+    }
+    // Orphans: exactly the allocations whose pool name no longer covers their address; each
+    // allocation is counted once, in its covering pool's usage or as uncovered.
+    let mut orphans: Vec<(String, IpAddr)> = ipam
+        .orphans()
+        .iter()
+        .map(|a| (a.pool.clone(), a.ip))
+        .collect();
+    orphans.sort();
+    let want: Vec<(String, IpAddr)> = allocs
+        .iter()
+        .filter(|a| !m.defs.iter().any(|d| d.name == a.pool && d.contains(a.ip)))
+        .map(|a| (a.pool.clone(), a.ip))
+        .collect();
+    prop_assert_eq!(orphans, want, "orphans");
+    let uncovered = allocs
+        .iter()
+        .filter(|a| !m.defs.iter().any(|d| d.contains(a.ip)))
+        .count() as u128;
+    prop_assert_eq!(
+        usage.iter().map(|u| u.allocated).sum::<u128>() + uncovered,
+        allocs.len() as u128,
+        "allocations counted once"
+    );
+    // Every holder joined as the allocation's owner on its network: pods of different
+    // identities, or of one identity text under different kinds, never share an address.
+    for a in &allocs {
+        for h in &a.holders {
+            let joined = m.joined.get(&h.attachment.container_id);
+            let owner = pin_of(a).map(|(i, k)| (i.to_owned(), k));
+            prop_assert_eq!(
+                joined,
+                Some(&(owner, a.network.clone())),
+                "{} holds {} as another owner or network: {:?}",
+                h.attachment.describe(),
+                a.ip,
+                a
+            );
+        }
+    }
+    // Pins are the model's: every (identity, kind, network) keeps its address, owned by it, and
+    // no other pinned allocation exists.
+    for (&(i, k, n), ip) in &m.pins {
+        let a = by_ip.get(ip);
+        let owner = a.and_then(|a| pin_of(a));
+        let text = identity_text(i);
+        prop_assert_eq!(
+            owner,
+            Some((text.as_str(), KINDS[usize::from(k)])),
+            "pin of {} ({:?}) on {}: {} is now {:?}",
+            identity_text(i),
+            KINDS[usize::from(k)],
+            NETWORKS[usize::from(n)],
+            ip,
+            a
+        );
+        prop_assert_eq!(
+            a.map(|a| a.network.as_str()),
+            Some(NETWORKS[usize::from(n)]),
+            "network of the pin at {}",
+            ip
+        );
+    }
+    let pinned = allocs.iter().filter(|a| pin_of(a).is_some()).count();
+    prop_assert_eq!(
+        pinned,
+        m.pins.len(),
+        "pinned allocations the model does not know"
+    );
+    prop_assert_eq!(ipam.check(), Ok(()), "the allocator's own invariants");
+    Ok(())
+}
+
+/// A reload: accepted exactly when names are unique and ranges disjoint; a refused one leaves
+/// every pool and allocation as it was.
+fn reload(ipam: &mut Ipam, m: &mut Model, defs: Vec<PoolDef>) -> Result<(), TestCaseError> {
+    let unique = defs
+        .iter()
+        .enumerate()
+        .all(|(i, d)| defs[..i].iter().all(|e| e.name != d.name));
+    let disjoint = defs
+        .iter()
+        .enumerate()
+        .all(|(i, d)| defs[..i].iter().all(|e| e.end < d.start || d.end < e.start));
+    let snapshot = |ipam: &Ipam| {
+        let pools: Vec<(String, Vec<(u128, u128)>)> = ipam
+            .pools()
+            .map(|p| (p.name.clone(), p.ranges.clone()))
+            .collect();
+        (pools, ipam.usage(), sorted_allocations(ipam))
+    };
+    let before = snapshot(ipam);
+    let res = ipam.set_pools(defs.iter().map(PoolDef::pool).collect());
+    if unique && disjoint {
+        prop_assert!(res.is_ok(), "{:?} refused: {:?}", defs, res);
+        for d in &m.defs {
+            if !defs.contains(d) && !m.removed.contains(d) {
+                m.removed.push(d.clone());
+            }
+        }
+        m.defs = defs;
+    } else {
+        prop_assert!(
+            matches!(
+                res,
+                Err(PoolError::Overlap { .. } | PoolError::Duplicate(_))
+            ),
+            "{:?} (unique names {}, disjoint {}) gave {:?}",
+            defs,
+            unique,
+            disjoint,
+            res
+        );
+        prop_assert!(
+            before == snapshot(ipam),
+            "a refused reload changed the state"
+        );
+    }
+    Ok(())
+}
+
+fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let mut m = Model {
+        defs: vec![PoolDef::new(0, 1, 6), PoolDef::new(1, 7, 6)],
+        removed: vec![PoolDef::new(2, 13, 4)],
+        ..Model::default()
+    };
+    let mut ipam =
+        Ipam::new(m.defs.iter().map(PoolDef::pool).collect(), vec![]).expect("disjoint pools");
+    for (now, step) in (10u64..).zip(steps) {
+        let pick = |i: u8, len: usize| usize::from(i) % len.max(1);
+        match step {
+            Step::Add {
+                container,
+                pin,
+                network,
+                pools,
+            } => {
+                let attachment = pod_of(container);
+                let cid = attachment.container_id.clone();
+                let net = NETWORKS[usize::from(network)];
+                let decision = match pin {
+                    Some((i, k, share)) => pinned_kind(i, k, share),
+                    None => Decision::Ephemeral,
+                };
+                let names: Vec<String> = if pools.is_empty() {
+                    m.defs.iter().map(|d| d.name.clone()).collect()
+                } else {
+                    pools
+                        .iter()
+                        .filter(|_| !m.defs.is_empty())
+                        .map(|&i| m.defs[pick(i, m.defs.len())].name.clone())
+                        .fold(Vec::new(), |mut v, n| {
+                            if !v.contains(&n) {
+                                v.push(n);
+                            }
+                            v
+                        })
+                };
+                let req = AddRequest {
+                    attachment: attachment.clone(),
+                    network: net.into(),
+                    decision: &decision,
+                    pools: names.clone(),
+                    requested: vec![],
+                    now,
+                };
+                let retried = !ipam.held_by(&cid, "eth0").is_empty();
+                let before = holders_by_ip(&ipam);
+                let liveness = |a: &Attachment| m.liveness(a);
+                match ipam.plan_add(&req, &liveness) {
+                    Ok(plan) if retried => {
+                        prop_assert!(plan.changes.is_empty(), "a retried ADD changed {:?}", plan);
+                    }
+                    Ok(plan) => {
+                        // A fresh address was free: only its own pin is ever rewritten.
+                        for ch in &plan.changes {
+                            if let Change::Put(new) = ch {
+                                for old in ipam.allocations().filter(|a| a.ip == new.ip) {
+                                    prop_assert!(
+                                        pin_of(new).is_some() && pin_of(old) == pin_of(new),
+                                        "{} changed owner: {:?} -> {:?}",
+                                        new.ip,
+                                        old,
+                                        new
+                                    );
+                                }
+                            }
+                        }
+                        ipam.apply(&plan.changes);
+                        // Only a gone or stale holder loses its address to another pod's ADD.
+                        let after = holders_by_ip(&ipam);
+                        for (ip, hs) in &before {
+                            for h in hs {
+                                let kept = after.get(ip).is_some_and(|v| v.contains(h));
+                                prop_assert!(
+                                    kept || liveness(h) == Liveness::Gone
+                                        || stale_for(h, &attachment),
+                                    "ADD of {} dropped {:?} holder {} of {}",
+                                    attachment.describe(),
+                                    liveness(h),
+                                    h.describe(),
+                                    ip
+                                );
+                            }
+                        }
+                        let ips: Vec<IpAddr> = plan.assigned.iter().map(|a| a.ip).collect();
+                        prop_assert_eq!(ips.len(), 1, "one address for one family");
+                        if let Some((i, k, _)) = pin {
+                            let key = (i, k, network);
+                            // The pin keeps its address while a candidate pool covers it.
+                            if let Some(&old) = m.pins.get(&key)
+                                && m.defs
+                                    .iter()
+                                    .any(|d| names.contains(&d.name) && d.contains(old))
+                            {
+                                prop_assert_eq!(
+                                    &ips,
+                                    &vec![old],
+                                    "{} ({:?}) changed address",
+                                    identity_text(i),
+                                    KINDS[usize::from(k)]
+                                );
+                            }
+                            m.pins.insert(key, ips[0]);
+                        }
+                        let owner = pin.map(|(i, k, _)| (identity_text(i), KINDS[usize::from(k)]));
+                        m.joined.insert(cid, (owner, net.into()));
+                    }
+                    Err(AllocError::IdentityBusy { holder, .. }) => {
+                        // Busy only for a holder of this very pin that is neither gone nor stale.
+                        let (i, k, _) = pin.expect("only a pinned ADD is busy");
+                        let owner = (identity_text(i), KINDS[usize::from(k)]);
+                        let busy = ipam.allocations().any(|a| {
+                            a.network == net
+                                && pin_of(a) == Some((owner.0.as_str(), owner.1))
+                                && a.holders.iter().any(|h| {
+                                    h.attachment.describe() == holder
+                                        && liveness(&h.attachment) != Liveness::Gone
+                                        && !stale_for(&h.attachment, &attachment)
+                                })
+                        });
+                        prop_assert!(busy, "busy for {} which may be replaced", holder);
+                    }
+                    Err(AllocError::PoolExhausted { pools, .. }) => {
+                        for name in &pools {
+                            let def = m.defs.iter().find(|d| &d.name == name);
+                            for ip in def.into_iter().flat_map(PoolDef::addresses) {
+                                prop_assert!(
+                                    !probe_free(&ipam, name, ip)?,
+                                    "{} exhausted with {} free",
+                                    name,
+                                    ip
+                                );
+                            }
+                        }
+                    }
+                    Err(AllocError::NoPool) => {
+                        prop_assert!(names.is_empty(), "no pool with pools {:?}", names);
+                    }
+                    Err(e) => prop_assert!(false, "unexpected error {}", e),
+                }
+            }
+            Step::Del(c) => {
+                let cid = format!("c{c}");
+                let plan = ipam.plan_del(&cid, "eth0", now);
+                ipam.apply(&plan.changes);
+                prop_assert!(
+                    ipam.allocations()
+                        .all(|a| a.holders.iter().all(|h| h.attachment.container_id != cid)),
+                    "{} still holds an address after its DEL",
+                    cid
+                );
+            }
+            Step::Gc { network, valid } => {
+                let net = NETWORKS[usize::from(network)];
+                let valid: HashSet<(String, String)> = valid
+                    .iter()
+                    .map(|c| (format!("c{c}"), "eth0".to_owned()))
+                    .collect();
+                let is_valid = |h: &Holder| {
+                    valid.contains(&(
+                        h.attachment.container_id.clone(),
+                        h.attachment.ifname.clone(),
+                    ))
+                };
+                let before = sorted_allocations(&ipam);
+                let plan = ipam.plan_gc(net, &valid, now);
+                ipam.apply(&plan.changes);
+                let after = sorted_allocations(&ipam);
+                // No holder of the network is left that is not a live attachment.
+                for a in after.iter().filter(|a| a.network == net) {
+                    for h in &a.holders {
+                        prop_assert!(
+                            is_valid(h),
+                            "after GC of {}, {} is still held by {} (valid: {:?})",
+                            net,
+                            a.ip,
+                            h.attachment.describe(),
+                            &valid
+                        );
+                    }
+                }
+                // Valid holders and other networks are untouched.
+                for a in before.iter().filter(|a| a.network == net) {
+                    for h in a.holders.iter().filter(|h| is_valid(h)) {
+                        prop_assert!(
+                            after.iter().any(|b| b.ip == a.ip && b.holders.contains(h)),
+                            "GC dropped valid holder {} of {}",
+                            h.attachment.describe(),
+                            a.ip
+                        );
+                    }
+                }
+                let others = |v: &[Allocation]| {
+                    v.iter()
+                        .filter(|a| a.network != net)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                };
+                prop_assert_eq!(
+                    others(&before),
+                    others(&after),
+                    "GC touched another network"
+                );
+            }
+            Step::Release { identity, kind } => {
+                let name = format!("id-{identity}");
+                let owner_kind = OWNER_KINDS[usize::from(kind)];
+                let plan = ipam.plan_release(now, &|c| {
+                    matches!(c, ReleaseCondition::OwnerDeleted(k) if k.name == name && k.kind == owner_kind)
+                });
+                let mut freed = Vec::new();
+                for ch in &plan.changes {
+                    let Change::Delete { pool, ip } = ch else {
+                        return Err(TestCaseError::fail(format!("release planned {ch:?}")));
+                    };
+                    let a = ipam.get(pool, *ip).expect("released allocation exists");
+                    prop_assert!(a.holders.is_empty(), "released {:?} while held", a);
+                    let text = identity_text(identity);
+                    prop_assert_eq!(
+                        pin_of(a),
+                        Some((text.as_str(), KINDS[usize::from(kind)])),
+                        "released another owner's {}",
+                        ip
+                    );
+                    freed.push(*ip);
+                }
+                ipam.apply(&plan.changes);
+                m.pins.retain(|_, ip| !freed.contains(ip));
+            }
+            Step::Free { pick: i, force } => {
+                let allocs = sorted_allocations(&ipam);
+                if let Some(a) = allocs.get(pick(i, allocs.len())) {
+                    match ipam.plan_free(&a.pool, a.ip, force) {
+                        Ok(plan) => {
+                            prop_assert!(force || a.holders.is_empty(), "freed held {:?}", a);
+                            ipam.apply(&plan.changes);
+                            m.pins.retain(|_, ip| *ip != a.ip);
+                        }
+                        Err(AllocError::StillHeld { .. }) => {
+                            prop_assert!(!force && !a.holders.is_empty(), "refused {:?}", a);
+                        }
+                        Err(e) => prop_assert!(false, "unexpected error {}", e),
+                    }
+                }
+            }
+            Step::SetLiveness {
+                container,
+                liveness,
+            } => {
+                m.liveness
+                    .insert(format!("c{container}"), LIVENESS[usize::from(liveness)]);
+            }
+            Step::SetPools(specs) => {
+                let defs = specs
+                    .iter()
+                    .map(|&(name, start, len)| PoolDef::new(name, start, len))
+                    .collect();
+                reload(&mut ipam, &mut m, defs)?;
+            }
+            Step::Rename { pool, name } => {
+                if !m.defs.is_empty() {
+                    let mut defs = m.defs.clone();
+                    let i = pick(pool, defs.len());
+                    defs[i].name = POOL_NAMES[pick(name, POOL_NAMES.len())].into();
+                    reload(&mut ipam, &mut m, defs)?;
+                }
+            }
+            Step::Remove(pool) => {
+                if !m.defs.is_empty() {
+                    let mut defs = m.defs.clone();
+                    defs.remove(pick(pool, defs.len()));
+                    reload(&mut ipam, &mut m, defs)?;
+                }
+            }
+            Step::ReAdd(j) => {
+                if !m.removed.is_empty() {
+                    let mut defs = m.defs.clone();
+                    defs.push(m.removed[pick(j, m.removed.len())].clone());
+                    reload(&mut ipam, &mut m, defs)?;
+                }
+            }
+            Step::Resize { pool, start, end } => {
+                if !m.defs.is_empty() {
+                    let mut defs = m.defs.clone();
+                    let d = &mut defs[pick(pool, m.defs.len())];
+                    d.start = d.start.saturating_add_signed(start).clamp(1, LAST);
+                    d.end = d.end.saturating_add_signed(end).clamp(d.start, LAST);
+                    reload(&mut ipam, &mut m, defs)?;
+                }
+            }
+            Step::Overlap { pool, name } => {
+                if !m.defs.is_empty() {
+                    let mut defs = m.defs.clone();
+                    let over = defs[pick(pool, defs.len())].start;
+                    defs.push(PoolDef {
+                        name: POOL_NAMES[pick(name, POOL_NAMES.len())].into(),
+                        start: over,
+                        end: over,
+                    });
+                    let before = ipam.pool_names();
+                    reload(&mut ipam, &mut m, defs)?;
+                    prop_assert_eq!(ipam.pool_names(), before, "an overlapping reload was taken");
+                }
+            }
+        }
+        check_state(&ipam, &m)?;
+    }
+    // Nothing leaks: after every DEL only idle pins are left; once their owners are deleted,
+    // every address of the pools in force is free and nothing is orphaned.
+    for c in 0..CONTAINERS {
+        let plan = ipam.plan_del(&format!("c{c}"), "eth0", 100_000);
+        ipam.apply(&plan.changes);
+    }
+    for a in ipam.allocations() {
+        prop_assert!(
+            pin_of(a).is_some() && a.holders.is_empty(),
+            "left after every DEL: {:?}",
+            a
+        );
+    }
+    let plan = ipam.plan_release(100_001, &|_| true);
+    ipam.apply(&plan.changes);
+    m.pins.clear();
+    check_state(&ipam, &m)?;
+    prop_assert_eq!(ipam.allocations().count(), 0);
+    prop_assert!(ipam.orphans().is_empty());
+    for p in ipam.pools() {
+        let def = m
+            .defs
+            .iter()
+            .find(|d| d.name == p.name)
+            .expect("pool in the model");
+        for ip in def.addresses() {
+            prop_assert!(
+                probe_free(&ipam, &p.name, ip)?,
+                "{} leaked in {}",
+                ip,
+                &p.name
+            );
+        }
+    }
+    prop_assert!(ipam.usage().iter().all(|u| u.allocated == 0));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+    #[test]
+    fn random_reloads_migrations_kinds_and_liveness_keep_every_invariant(
+        steps in steps()
+    ) {
+        walk_reloads_and_migrations(steps)?;
     }
 }
