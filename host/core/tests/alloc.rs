@@ -1612,7 +1612,7 @@ fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 });
                 let mut freed = Vec::new();
                 for ch in &plan.changes {
-                    let Change::Delete { pool, ip } = ch else {
+                    let Change::Delete { pool, ip, .. } = ch else {
                         return Err(TestCaseError::fail(format!("release planned {ch:?}")));
                     };
                     let a = ipam.get(pool, *ip).expect("released allocation exists");

@@ -1,0 +1,357 @@
+//! The writer against real and misbehaving stores: conflicts re-planned, two engines on one
+//! store, failed commits undone, a writer that cannot resync stops, callers that gave up get
+//! nothing.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use tether_core::Decision;
+use tether_core::alloc::{AllocError, Allocation, Attachment, Change, Ipam, Liveness};
+use tether_core::pool::{IpPoolSpec, Pool};
+use tether_engine::Metrics;
+use tether_engine::writer::{AddOp, MAX_ATTEMPTS, Op, Outcome, WriteError, Writer};
+use tether_store::embedded::EmbeddedStore;
+use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
+
+fn pool(ips: &str) -> Pool {
+    Pool::new(
+        "p",
+        &IpPoolSpec {
+            subnet: "10.0.0.0/24".into(),
+            ips: vec![ips.into()],
+            ..IpPoolSpec::default()
+        },
+    )
+    .expect("pool")
+}
+
+fn add(container: &str) -> Op {
+    Op::Add(Box::new(AddOp {
+        attachment: Attachment {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+            namespace: "default".into(),
+            pod: container.into(),
+            pod_uid: format!("uid-{container}"),
+        },
+        network: "net".into(),
+        decision: Decision::Ephemeral,
+        pools: vec!["p".into()],
+        requested: vec![],
+        now: 1,
+        liveness: Box::new(|_: &Attachment| Liveness::Unknown),
+    }))
+}
+
+fn del(container: &str) -> Op {
+    Op::Del {
+        container_id: container.into(),
+        ifname: "eth0".into(),
+        now: 2,
+    }
+}
+
+fn ip_of(o: Result<Outcome, WriteError>) -> Result<IpAddr, WriteError> {
+    match o? {
+        Outcome::Added(a) => Ok(a[0].ip),
+        Outcome::Changed(_) => panic!("ADD answered with changes"),
+    }
+}
+
+struct Engine {
+    writer: Writer,
+    ipam: Arc<RwLock<Ipam>>,
+    metrics: Arc<Metrics>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+fn engine(store: Arc<dyn Store>, pools: Vec<Pool>) -> Engine {
+    let snap = store.snapshot().expect("snapshot");
+    let ipam = Arc::new(RwLock::new(
+        Ipam::new(pools, snap.allocations).expect("pools"),
+    ));
+    let metrics = Arc::new(Metrics::new());
+    let (writer, thread) = Writer::start(ipam.clone(), store, metrics.clone()).expect("writer");
+    Engine {
+        writer,
+        ipam,
+        metrics,
+        _thread: thread,
+    }
+}
+
+fn embedded() -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
+    (dir, store)
+}
+
+/// A store that forwards to another, with switches to break it.
+struct Faulty {
+    inner: Arc<dyn Store>,
+    /// No change feed: this writer's view goes stale.
+    deaf: bool,
+    fail_commit: AtomicBool,
+    fail_snapshot: AtomicBool,
+    /// Every group conflicts.
+    always_conflict: AtomicBool,
+    /// While closed, commits wait.
+    closed: Mutex<bool>,
+    opened: Condvar,
+    commits: AtomicUsize,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn Store>) -> Faulty {
+        Faulty {
+            inner,
+            deaf: false,
+            fail_commit: AtomicBool::new(false),
+            fail_snapshot: AtomicBool::new(false),
+            always_conflict: AtomicBool::new(false),
+            closed: Mutex::new(false),
+            opened: Condvar::new(),
+            commits: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Store for Faulty {
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        if self.fail_snapshot.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("snapshot broken on purpose".into()));
+        }
+        self.inner.snapshot()
+    }
+
+    fn get(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
+        self.inner.get(pool, ip)
+    }
+
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        let mut closed = self.closed.lock().expect("gate");
+        while *closed {
+            closed = self.opened.wait(closed).expect("gate");
+        }
+        drop(closed);
+        if self.fail_commit.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("commit broken on purpose".into()));
+        }
+        if self.always_conflict.load(Ordering::SeqCst) {
+            return Ok(groups
+                .iter()
+                .map(|g| {
+                    Err(Conflict {
+                        pool: g[0].pool().to_owned(),
+                        ip: g[0].ip(),
+                        expected: g[0].revision(),
+                        found: 999,
+                    })
+                })
+                .collect());
+        }
+        self.inner.commit(groups)
+    }
+
+    fn subscribe(&self) -> Receiver<Event> {
+        if self.deaf {
+            channel().1
+        } else {
+            self.inner.subscribe()
+        }
+    }
+}
+
+/// An engine whose view is stale (it never hears of the other's commits) claims an address
+/// the other holds: the store refuses, it re-reads that address and plans again.
+#[tokio::test]
+async fn a_conflicting_claim_is_planned_again() {
+    let (_dir, store) = embedded();
+    let a = engine(store.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    let mut deaf = Faulty::new(store.clone());
+    deaf.deaf = true;
+    let b = engine(Arc::new(deaf), vec![pool("10.0.0.1-10.0.0.4")]);
+    let first = ip_of(a.writer.submit(add("a1")).await).expect("a1");
+    let second = ip_of(b.writer.submit(add("b1")).await).expect("b1 after a re-plan");
+    assert_ne!(first, second, "one address handed out by two engines");
+    assert_eq!(b.metrics.conflicts.get(), 1, "b's first claim conflicted");
+    // b now knows a's address from the re-read.
+    let b_state = b.ipam.read().expect("state");
+    assert!(b_state.get("p", first).is_some(), "the conflict's address was re-read");
+    let stored = store.snapshot().expect("snapshot").allocations;
+    assert_eq!(stored.len(), 2);
+}
+
+/// A request that keeps conflicting is answered "contended" after a bounded number of tries.
+#[tokio::test]
+async fn endless_conflicts_give_up_with_a_clear_error() {
+    let (_dir, store) = embedded();
+    let faulty = Arc::new(Faulty::new(store.clone()));
+    faulty.always_conflict.store(true, Ordering::SeqCst);
+    let e = engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    match e.writer.submit(add("c")).await {
+        Err(WriteError::Contended { attempts }) => assert_eq!(attempts, MAX_ATTEMPTS),
+        other => panic!("expected contended, got {other:?}"),
+    }
+    assert_eq!(faulty.commits.load(Ordering::SeqCst), MAX_ATTEMPTS as usize);
+    assert_eq!(e.ipam.read().expect("state").allocations().count(), 0);
+    assert!(store.snapshot().expect("snapshot").allocations.is_empty());
+}
+
+/// Two engines on one store, four callers each, ADD and DEL in a loop on a pool of eight:
+/// no address is ever held by two pods, every request is answered, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_share_a_small_pool_without_duplicates_or_losses() {
+    let (_dir, store) = embedded();
+    let engines: Vec<Arc<Engine>> = (0..2)
+        .map(|_| Arc::new(engine(store.clone(), vec![pool("10.0.0.1-10.0.0.8")])))
+        .collect();
+    let held: Arc<Mutex<HashMap<IpAddr, String>>> = Arc::default();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (n, e) in engines.iter().enumerate() {
+        for t in 0..4 {
+            let (e, held, answered, granted) =
+                (e.clone(), held.clone(), answered.clone(), granted.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40 {
+                    let c = format!("e{n}-t{t}-{i}");
+                    let got = e.writer.submit(add(&c)).await;
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    match ip_of(got) {
+                        Ok(ip) => {
+                            granted.fetch_add(1, Ordering::SeqCst);
+                            if let Some(other) = held.lock().expect("held").insert(ip, c.clone()) {
+                                panic!("{ip} handed to {c} while {other} holds it");
+                            }
+                            tokio::task::yield_now().await;
+                            held.lock().expect("held").remove(&ip);
+                            e.writer.submit(del(&c)).await.expect("DEL");
+                        }
+                        Err(WriteError::Contended { .. })
+                        | Err(WriteError::Alloc(AllocError::PoolExhausted { .. })) => {}
+                        Err(other) => panic!("{c}: {other}"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("caller task");
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 2 * 4 * 40, "a request got no answer");
+    assert!(
+        granted.load(Ordering::SeqCst) >= 2 * 4 * 40 / 2,
+        "most requests should get an address: {}",
+        granted.load(Ordering::SeqCst)
+    );
+    assert!(store.snapshot().expect("snapshot").allocations.is_empty(), "leaked");
+    // Each engine, once it has absorbed the other's commits, agrees: nothing allocated.
+    for e in &engines {
+        let _ = e.writer.submit(del("nobody")).await;
+        assert_eq!(e.ipam.read().expect("state").allocations().count(), 0);
+    }
+    eprintln!(
+        "conflicts re-planned: {} and {}",
+        engines[0].metrics.conflicts.get(),
+        engines[1].metrics.conflicts.get()
+    );
+}
+
+/// A failed commit leaves nothing in memory, fails readiness, and the next good commit
+/// restores it.
+#[tokio::test]
+async fn a_failed_commit_is_undone_and_fails_readiness() {
+    let (_dir, store) = embedded();
+    let faulty = Arc::new(Faulty::new(store.clone()));
+    let e = engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    faulty.fail_commit.store(true, Ordering::SeqCst);
+    let r = e.writer.submit(add("c1")).await;
+    assert!(matches!(r, Err(WriteError::Store(_))), "{r:?}");
+    assert_eq!(
+        e.ipam.read().expect("state").allocations().count(),
+        0,
+        "an uncommitted allocation stayed in memory"
+    );
+    assert!(!e.writer.healthy(), "readiness must fail while the store cannot write");
+    // A retried ADD is not answered from memory with an address that is not on disk.
+    let r = e.writer.submit(add("c1")).await;
+    assert!(r.is_err());
+    faulty.fail_commit.store(false, Ordering::SeqCst);
+    let ip = ip_of(e.writer.submit(add("c1")).await).expect("store back");
+    assert!(e.writer.healthy());
+    let stored = store.snapshot().expect("snapshot").allocations;
+    assert_eq!(stored.iter().map(|a| a.ip).collect::<Vec<_>>(), vec![ip]);
+}
+
+/// When neither committing nor re-reading the store works, the writer stops: callers get
+/// "stopped" (try again later) and readiness stays failed.
+#[tokio::test]
+async fn a_writer_that_cannot_resync_stops() {
+    let (_dir, store) = embedded();
+    let faulty = Arc::new(Faulty::new(store));
+    let e = engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    faulty.fail_commit.store(true, Ordering::SeqCst);
+    faulty.fail_snapshot.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        e.writer.submit(add("c1")).await,
+        Err(WriteError::Store(_))
+    ));
+    let mut stopped = false;
+    for _ in 0..50 {
+        if matches!(
+            e.writer.submit(add("c2")).await,
+            Err(WriteError::Stopped)
+        ) {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stopped, "the writer kept serving without a consistent state");
+    assert!(!e.writer.healthy());
+}
+
+/// A caller that gives up while its ADD is being committed gets nothing: the ADD is rolled
+/// back before anyone can see it. One that gives up while queued is never planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_gave_up_get_nothing() {
+    let (_dir, store) = embedded();
+    let faulty = Arc::new(Faulty::new(store.clone()));
+    *faulty.closed.lock().expect("gate") = true;
+    let e = Arc::new(engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.4")]));
+    let w = e.writer.clone();
+    let first = tokio::spawn(async move { w.submit(add("gives-up")).await });
+    let mut waited = 0;
+    while faulty.commits.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+        assert!(waited < 2000, "the first commit never started");
+    }
+    // While the first commit is in flight, a second ADD queues; its caller gives up too.
+    let w = e.writer.clone();
+    let second = tokio::spawn(async move { w.submit(add("gives-up-queued")).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    first.abort();
+    second.abort();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    *faulty.closed.lock().expect("gate") = false;
+    faulty.opened.notify_all();
+    // A caller that stays: the only allocation left is its own.
+    ip_of(e.writer.submit(add("stays")).await).expect("stays");
+    let stored = store.snapshot().expect("snapshot").allocations;
+    let holders: Vec<String> = stored
+        .iter()
+        .map(|a| a.holders[0].attachment.container_id.clone())
+        .collect();
+    assert_eq!(holders, ["stays"], "abandoned ADDs left allocations");
+    assert_eq!(e.ipam.read().expect("state").allocations().count(), 1);
+    // The first ADD, its rollback, and the last ADD: the queued one was never planned.
+    assert_eq!(faulty.commits.load(Ordering::SeqCst), 3);
+}
