@@ -1,6 +1,6 @@
 //! The `tether` plugin spawned as a runtime would, against a running tetherd: every supported
 //! cniVersion, CHECK, idempotent DEL, GC with valid attachments, STATUS, a retried ADD, static
-//! addresses, crash safety, and ipvlan as a second main plugin.
+//! addresses, and the bridge plugin as a second main plugin (crash safety: crash.rs).
 
 use serde_json::json;
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, cni_exec, netns};
@@ -131,42 +131,6 @@ fn bad_input_gets_the_right_codes() {
     .add(&Pod::new("default", "s3", 4))
     .expect("add");
     assert_eq!(o.code(), Some(102), "{}", o.out);
-}
-
-#[test]
-fn killed_daemon_loses_nothing_and_duplicates_nothing() {
-    let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
-    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
-    let mut got = Vec::new();
-    for i in 0..5 {
-        let p = Pod::new("default", &format!("k{i}"), i);
-        got.push((p.clone(), ipam.add(&p).expect("add").ip().expect("ip")));
-    }
-    // Crash: SIGKILL, then restart on the same state.
-    let dir = d.kill().expect("kill");
-    let d = Daemon::start_in(dir, SEED_POOL, &[]).expect("restart");
-    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
-    assert_eq!(
-        d.usage("test-ippool").expect("usage").0,
-        5,
-        "every answered ADD survived"
-    );
-    for (p, ip) in &got {
-        assert_eq!(
-            ipam.add(p).expect("retry").ip().as_ref(),
-            Some(ip),
-            "a retried ADD after the crash answers the same address"
-        );
-    }
-    let fresh = ipam
-        .add(&Pod::new("default", "after", 99))
-        .expect("add")
-        .ip()
-        .expect("ip");
-    assert!(
-        got.iter().all(|(_, ip)| ip != &fresh),
-        "no duplicate after restart"
-    );
 }
 
 #[test]
