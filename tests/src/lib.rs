@@ -43,6 +43,64 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether this runs in CI: `CI` is set to a non-empty value other than `0` or `false` (CI
+/// systems set `CI=true`). There every test must really run: a missing setup is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// For a test that cannot run its real setup here (no root, a tool missing): in CI it fails
+/// with `why`; elsewhere it prints `SKIPPED <test>: <why>` and the caller returns (a pass), so
+/// a developer without root can still run the rest.
+pub fn skip_or_fail(test: &str, why: &str) {
+    if in_ci() {
+        panic!(
+            "{test} cannot run its real setup, and in CI (CI is set) every test must run: {why}"
+        );
+    }
+    eprintln!("SKIPPED {test}: {why} (with CI set, this is a failure)");
+}
+
+/// A small deterministic random source (SplitMix64) for tests that print their seed, so that a
+/// failing run's choices can be replayed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The seed in the environment variable `var` (to replay a run), else one from the clock.
+    /// Printed, with how to replay it.
+    pub fn seed_from_env(var: &str) -> u64 {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0)
+            });
+        eprintln!("seed {seed} (replay with {var}={seed})");
+        seed
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0; the modulo bias is negligible for small `n`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
 /// The seed's pool: `test-ippool`, 10 addresses of 10.6.0.0/16.
 pub const SEED_POOL: &str = r#"apiVersion: ipam.tether.dev/v1alpha1
 kind: IPPool

@@ -30,6 +30,18 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// Whether `test` can wire real interfaces: true when it can; otherwise, through
+/// [`crate::skip_or_fail`], a failure in CI and a printed SKIPPED (false: return) elsewhere.
+pub fn require_real_setup(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(why) => {
+            crate::skip_or_fail(test, &why);
+            false
+        }
+    }
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let o = Command::new("ip")
         .args(args)

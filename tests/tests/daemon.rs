@@ -2,7 +2,10 @@
 //! metrics, readiness, graceful shutdown with state kept, and the periodic release of pinned
 //! addresses when a StatefulSet is scaled down or deleted.
 
+use std::collections::HashMap;
 use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, bin_dir, manifests};
@@ -415,65 +418,84 @@ fn release_by_hand_frees_a_pin_no_rule_can_release() {
 fn pools_reloaded_under_load_never_hand_out_an_address_twice() {
     // Pool "load" flips between 10.8.0.10-10.8.0.59 and 10.8.0.10-10.8.0.39 every 50 ms while
     // 8 callers ADD and DEL: shrinking strands allocations outside the pool (orphans), growing
-    // brings them back, and a narrow pool may be exhausted. No address may ever be in two allocations, and DEL must free
-    // everything in the end.
+    // brings them back, and a narrow pool may be exhausted. No address may ever be handed to a
+    // pod while another pod holds it, and DEL must free everything in the end.
     let wide = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: load}\nspec: {subnet: 10.8.0.0/24, ips: [10.8.0.10-10.8.0.59]}\n";
     let narrow = wide.replace("10.8.0.59", "10.8.0.39");
     let d = Daemon::start(wide, &["--pools-watch-interval-secs", "1"]).expect("daemon");
     let pools_file = d.dir.path().join("pools.yaml");
     let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["load"]).expect("ipam");
+    // The addresses held right now, by whom: shared by every caller. An ADD's address goes in
+    // once it is answered, and comes out before its DEL is sent, so a correct daemon never
+    // answers an address that is in it.
+    let held: Mutex<HashMap<String, String>> = Mutex::new(HashMap::new());
+    let hand_out = |ip: String, pod: &Pod| {
+        let other = held
+            .lock()
+            .expect("lock")
+            .insert(ip.clone(), pod.name.clone());
+        assert!(
+            other.is_none(),
+            "{ip} handed out twice: answered to {} while {} holds it",
+            pod.name,
+            other.unwrap_or_default()
+        );
+    };
     // 35 long-lived pods hold 10.8.0.10-44: every narrow reload strands 40-44.
     let long_lived: Vec<Pod> = (0..35u32)
         .map(|i| Pod::new("default", &format!("long-{i}"), 500 + i))
         .collect();
     for p in &long_lived {
-        assert!(ipam.add(p).expect("add").ok);
+        let o = ipam.add(p).expect("add");
+        assert!(o.ok, "{}", o.out);
+        hand_out(o.ip().expect("ip"), p);
     }
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let flips = std::sync::atomic::AtomicUsize::new(0);
-    let seen = std::sync::Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let flips = AtomicUsize::new(0);
+    let added = AtomicUsize::new(0);
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut flip = false;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 std::fs::write(&pools_file, if flip { &narrow } else { wide }).expect("write");
                 d.signal("HUP").expect("SIGHUP");
-                flips.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                flips.fetch_add(1, Ordering::Relaxed);
                 flip = !flip;
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
         let callers: Vec<_> = (0..8u32)
             .map(|t| {
-                let (ipam, d, seen, flips) = (&ipam, &d, &seen, &flips);
+                let (ipam, held, hand_out, flips, added) =
+                    (&ipam, &held, &hand_out, &flips, &added);
                 s.spawn(move || {
                     // At least 12 rounds each, and until the pool has flipped 8 times.
                     let mut i = 0u32;
-                    while i < 12 || flips.load(std::sync::atomic::Ordering::Relaxed) < 8 {
+                    while i < 12 || flips.load(Ordering::Relaxed) < 8 {
                         i += 1;
                         let pod = Pod::new("default", &format!("p{t}-{i}"), 10_000 * (t + 1) + i);
                         let o = ipam.add(&pod).expect("add");
                         // Exhaustion while the pool is narrow is allowed; anything else is not.
                         assert!(o.ok || o.code() == Some(100), "{}", o.out);
-                        if o.ok {
-                            let allocs = d.allocations().expect("allocations");
-                            let mut ips: Vec<&str> =
-                                allocs.iter().filter_map(|a| a["ip"].as_str()).collect();
-                            let n = ips.len();
-                            ips.sort_unstable();
-                            ips.dedup();
-                            assert_eq!(ips.len(), n, "an address in two allocations");
-                            seen.lock().expect("lock").push(o.ip().expect("ip"));
+                        let ip = o.ip();
+                        if let Some(ip) = &ip {
+                            hand_out(ip.clone(), &pod);
+                            added.fetch_add(1, Ordering::Relaxed);
+                            held.lock().expect("lock").remove(ip);
                         }
                         assert!(ipam.del(&pod).expect("del").ok);
                     }
                 })
             })
             .collect();
-        for c in callers {
-            c.join().expect("caller");
+        // Stop the flipper before reporting a caller's failure: the scope waits for it.
+        let ended: Vec<_> = callers.into_iter().map(|c| c.join()).collect();
+        stop.store(true, Ordering::Relaxed);
+        for e in ended {
+            if let Err(panic) = e {
+                std::panic::resume_unwind(panic);
+            }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let log = d.log();
     let reloads = log.matches("pools reloaded").count();
@@ -488,7 +510,24 @@ fn pools_reloaded_under_load_never_hand_out_an_address_twice() {
         reloads >= 6,
         "the pools were reloaded under load ({reloads} times)"
     );
-    assert!(!seen.lock().expect("lock").is_empty());
+    assert!(
+        added.load(Ordering::Relaxed) > 0,
+        "the callers got addresses"
+    );
+    // What the daemon holds is what the long-lived pods were answered.
+    let mut allocated: Vec<String> = d
+        .allocations()
+        .expect("allocations")
+        .iter()
+        .filter_map(|a| a["ip"].as_str().map(str::to_owned))
+        .collect();
+    let mut expected: Vec<String> = held.lock().expect("lock").keys().cloned().collect();
+    allocated.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        allocated, expected,
+        "only the long-lived pods hold addresses"
+    );
     for p in &long_lived {
         assert!(ipam.del(p).expect("del").ok);
     }

@@ -10,9 +10,19 @@ use tether_e2e::{Daemon, Pod, SEED_POOL, bin_dir, manifests, netns};
 
 const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/libcni/harness.go");
 
+/// Why the harness is not there.
+enum NoHarness {
+    /// The setup lacks something (libcni, go): a skip outside CI, a failure in CI.
+    Missing(String),
+    /// The harness did not build: always a failure.
+    Broken(String),
+}
+
 /// Builds the Go harness once (GOPATH mode, offline, against Debian's libcni).
-fn harness() -> Result<PathBuf, String> {
-    let out = bin_dir().map_err(|e| e.to_string())?.join("libcni-harness");
+fn harness() -> Result<PathBuf, NoHarness> {
+    let out = bin_dir()
+        .map_err(|e| NoHarness::Broken(e.to_string()))?
+        .join("libcni-harness");
     let fresh = |p: &Path| -> bool {
         let (Ok(a), Ok(b)) = (std::fs::metadata(p), std::fs::metadata(SOURCE)) else {
             return false;
@@ -23,9 +33,9 @@ fn harness() -> Result<PathBuf, String> {
         return Ok(out);
     }
     if !Path::new("/usr/share/gocode/src/github.com/containernetworking/cni/libcni").exists() {
-        return Err(
+        return Err(NoHarness::Missing(
             "libcni is missing: install golang-github-appc-cni-dev (scripts/setup.sh does)".into(),
-        );
+        ));
     }
     let gocache = std::env::temp_dir().join("tether-gocache");
     let o = Command::new("go")
@@ -37,12 +47,12 @@ fn harness() -> Result<PathBuf, String> {
         .env("GOCACHE", &gocache)
         .env("GOFLAGS", "")
         .output()
-        .map_err(|e| format!("go is missing ({e}): install golang-go"))?;
+        .map_err(|e| NoHarness::Missing(format!("go is missing ({e}): install golang-go")))?;
     if !o.status.success() {
-        return Err(format!(
+        return Err(NoHarness::Broken(format!(
             "building the libcni harness: {}",
             String::from_utf8_lossy(&o.stderr)
-        ));
+        )));
     }
     Ok(out)
 }
@@ -62,11 +72,17 @@ fn run(h: &Path, cni_path: &str, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn libcni_add_check_del_with_macvlan() {
-    if let Some(why) = netns::unavailable() {
-        eprintln!("SKIPPED libcni_add_check_del_with_macvlan: {why}");
+    if !netns::require_real_setup("libcni_add_check_del_with_macvlan") {
         return;
     }
-    let h = harness().expect("libcni harness builds");
+    let h = match harness() {
+        Ok(h) => h,
+        Err(NoHarness::Missing(why)) => {
+            tether_e2e::skip_or_fail("libcni_add_check_del_with_macvlan", &why);
+            return;
+        }
+        Err(NoHarness::Broken(e)) => panic!("{e}"),
+    };
     let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
     let mut lab = netns::Lab::new("tlib").expect("lab");
     let plugin = lab.network("macvlan", &d.socket, "1.0.0", &["test-ippool"]);

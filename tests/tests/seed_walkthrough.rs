@@ -21,8 +21,7 @@ fn seed_walkthrough_ipam_path() {
 
 #[test]
 fn seed_walkthrough_real_macvlan() {
-    if let Some(why) = netns::unavailable() {
-        eprintln!("SKIPPED seed_walkthrough_real_macvlan: {why}");
+    if !netns::require_real_setup("seed_walkthrough_real_macvlan") {
         return;
     }
     let rows = walkthrough::run(true, &mut |_| {}).expect("walkthrough runs");
