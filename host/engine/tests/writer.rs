@@ -182,7 +182,10 @@ async fn a_conflicting_claim_is_planned_again() {
     assert_eq!(b.metrics.conflicts.get(), 1, "b's first claim conflicted");
     // b now knows a's address from the re-read.
     let b_state = b.ipam.read().expect("state");
-    assert!(b_state.get("p", first).is_some(), "the conflict's address was re-read");
+    assert!(
+        b_state.get("p", first).is_some(),
+        "the conflict's address was re-read"
+    );
     let stored = store.snapshot().expect("snapshot").allocations;
     assert_eq!(stored.len(), 2);
 }
@@ -245,13 +248,20 @@ async fn two_engines_share_a_small_pool_without_duplicates_or_losses() {
     for t in tasks {
         t.await.expect("caller task");
     }
-    assert_eq!(answered.load(Ordering::SeqCst), 2 * 4 * 40, "a request got no answer");
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        2 * 4 * 40,
+        "a request got no answer"
+    );
     assert!(
         granted.load(Ordering::SeqCst) >= 2 * 4 * 40 / 2,
         "most requests should get an address: {}",
         granted.load(Ordering::SeqCst)
     );
-    assert!(store.snapshot().expect("snapshot").allocations.is_empty(), "leaked");
+    assert!(
+        store.snapshot().expect("snapshot").allocations.is_empty(),
+        "leaked"
+    );
     // Each engine, once it has absorbed the other's commits, agrees: nothing allocated.
     for e in &engines {
         let _ = e.writer.submit(del("nobody")).await;
@@ -279,7 +289,10 @@ async fn a_failed_commit_is_undone_and_fails_readiness() {
         0,
         "an uncommitted allocation stayed in memory"
     );
-    assert!(!e.writer.healthy(), "readiness must fail while the store cannot write");
+    assert!(
+        !e.writer.healthy(),
+        "readiness must fail while the store cannot write"
+    );
     // A retried ADD is not answered from memory with an address that is not on disk.
     let r = e.writer.submit(add("c1")).await;
     assert!(r.is_err());
@@ -305,16 +318,16 @@ async fn a_writer_that_cannot_resync_stops() {
     ));
     let mut stopped = false;
     for _ in 0..50 {
-        if matches!(
-            e.writer.submit(add("c2")).await,
-            Err(WriteError::Stopped)
-        ) {
+        if matches!(e.writer.submit(add("c2")).await, Err(WriteError::Stopped)) {
             stopped = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(stopped, "the writer kept serving without a consistent state");
+    assert!(
+        stopped,
+        "the writer kept serving without a consistent state"
+    );
     assert!(!e.writer.healthy());
 }
 
