@@ -3,7 +3,21 @@
 
 use std::time::Duration;
 
-use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, manifests};
+use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, bin_dir, manifests};
+
+/// `tetherd CMD --socket S`: (stdout, stderr).
+fn tetherd(d: &Daemon, cmd: &str) -> (String, String) {
+    let out = std::process::Command::new(bin_dir().expect("bins").join("tetherd"))
+        .args([cmd, "--socket"])
+        .arg(&d.socket)
+        .output()
+        .expect("tetherd");
+    assert!(out.status.success(), "tetherd {cmd}: {out:?}");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 const OVERLAPPING: &str = r#"apiVersion: ipam.tether.dev/v1alpha1
 kind: IPPool
@@ -66,6 +80,12 @@ fn overlapping_pools_are_refused_at_reload() {
     assert_eq!(names, ["test-ippool"], "the pools in force stay");
     let second = ipam.add(&Pod::new("default", "p2", 2)).expect("add");
     assert!(second.ok, "still serving: {}", second.out);
+    // `tetherd pools` says the files were refused, not only the log.
+    let (_, notes) = tetherd(&d, "pools");
+    assert!(
+        notes.contains("refused at the last reload") && notes.contains("twin"),
+        "{notes}"
+    );
 }
 
 /// Defect 2: a pool renamed in its file (same range) handed out an address still held under
@@ -108,6 +128,16 @@ fn renamed_pool_never_hands_out_an_address_held_under_the_old_name() {
         "{}",
         d.log()
     );
+    // `tetherd pools` and `tetherd allocations` say so too.
+    let held = format!("old/{}", held.ip().expect("ip"));
+    for cmd in ["pools", "allocations"] {
+        let (_, notes) = tetherd(&d, cmd);
+        assert!(
+            notes.contains(&format!("{held} is held under a pool no longer in force"))
+                && notes.contains("reserved in pool new"),
+            "tetherd {cmd}: {notes}"
+        );
+    }
 }
 
 /// Defect 6: a VM manifest that does not parse (half-written during an update) read as "VM

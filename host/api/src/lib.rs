@@ -192,6 +192,25 @@ pub struct PoolInfo {
 pub struct PoolList {
     /// Pools by name.
     pub pools: Vec<PoolInfo>,
+    /// Allocations held under a pool name that no longer covers their address (the pool was
+    /// removed, renamed or shrunk): each stays until released.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<OrphanInfo>,
+    /// Why the pool files were refused at the last reload: the pools above are the ones in
+    /// force before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_error: Option<String>,
+}
+
+/// An allocation held under a pool name no longer in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrphanInfo {
+    /// `POOL/IP`, as `tetherd release` takes it.
+    pub address: String,
+    /// The current pool that covers the address, where it stays reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_in: Option<String>,
 }
 
 /// Every error answer.

@@ -4,6 +4,8 @@
 //! - [`workload`]: the pod asking for an address and the owner objects that explain it.
 //! - [`decision`]: what a policy decided (ephemeral, pinned under an identity, abstain) and the
 //!   rules that validate a decision before the allocator trusts it.
+//! - [`alloc`]: the allocation state and the planning of ADD, DEL, GC and releases.
+//! - [`select`]: which pools an ADD draws from.
 //! - [`manifest`]: reading workloads and owner chains out of Kubernetes objects (JSON values),
 //!   shared by the standalone daemon, the policy test tool and the Kubernetes backend.
 
@@ -13,6 +15,7 @@ pub mod manifest;
 pub mod net;
 pub mod pool;
 pub mod samples;
+pub mod select;
 pub mod workload;
 
 pub use decision::{Decision, DecisionError, IdentityKind, ObjectKey, Pinned, ReleaseCondition};

@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 use tether_core::alloc::{
     AddRequest, AllocError, Allocation, Attachment, Change, Holder, Ipam, Liveness, Owner,
-    PoolInputs, PoolSource, select_pools,
 };
 use tether_core::pool::{IpPoolSpec, Pool, PoolError};
+use tether_core::select::{PoolInputs, PoolSource, select_pools};
 use tether_core::{Decision, IdentityKind, ObjectKey, Pinned, ReleaseCondition};
 
 fn pool(name: &str, subnet: &str, ips: &[&str]) -> Pool {
@@ -454,28 +454,31 @@ fn release_by_hand_refuses_held_addresses_unless_forced() {
     .expect("pod")[0];
     let unused: IpAddr = "10.6.168.110".parse().expect("ip");
     assert_eq!(
-        ipam.plan_free("test-ippool", unused, false).err(),
+        ipam.plan_release_by_hand("test-ippool", unused, false)
+            .err(),
         Some(AllocError::NotAllocated {
             pool: "test-ippool".into(),
             ip: unused
         })
     );
     assert_eq!(
-        ipam.plan_free("other", vm, true).err(),
+        ipam.plan_release_by_hand("other", vm, true).err(),
         Some(AllocError::NotAllocated {
             pool: "other".into(),
             ip: vm
         })
     );
     // Held: refused, naming the holder; forced: freed.
-    match ipam.plan_free("test-ippool", pod, false) {
+    match ipam.plan_release_by_hand("test-ippool", pod, false) {
         Err(AllocError::StillHeld { ip, holder }) => {
             assert_eq!(ip, pod);
             assert!(holder.contains("default/cart"), "{holder}");
         }
         other => panic!("expected StillHeld, got {other:?}"),
     }
-    let plan = ipam.plan_free("test-ippool", pod, true).expect("forced");
+    let plan = ipam
+        .plan_release_by_hand("test-ippool", pod, true)
+        .expect("forced");
     ipam.apply(&plan.changes);
     ipam.check().expect("invariants hold");
     assert!(ipam.held_by("c2", "eth0").is_empty());
@@ -487,7 +490,7 @@ fn release_by_hand_refuses_held_addresses_unless_forced() {
         "the pin outlives the pod"
     );
     let plan = ipam
-        .plan_free("test-ippool", vm, false)
+        .plan_release_by_hand("test-ippool", vm, false)
         .expect("unheld pin");
     ipam.apply(&plan.changes);
     ipam.check().expect("invariants hold");
@@ -1632,7 +1635,7 @@ fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Free { pick: i, force } => {
                 let allocs = sorted_allocations(&ipam);
                 if let Some(a) = allocs.get(pick(i, allocs.len())) {
-                    match ipam.plan_free(&a.pool, a.ip, force) {
+                    match ipam.plan_release_by_hand(&a.pool, a.ip, force) {
                         Ok(plan) => {
                             prop_assert!(force || a.holders.is_empty(), "freed held {:?}", a);
                             ipam.apply(&plan.changes);

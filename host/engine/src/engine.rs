@@ -8,12 +8,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tether_api::{
-    CniRequest, CniResult, GcResult, IpConfig, PoolInfo, PoolList, ReconcileResult, RouteConfig,
+    CniRequest, CniResult, GcResult, IpConfig, OrphanInfo, PoolInfo, PoolList, ReconcileResult,
+    RouteConfig,
 };
-use tether_core::alloc::{
-    AllocError, Assigned, Attachment, Change, Ipam, Liveness, PoolInputs, select_pools,
-};
+use tether_core::alloc::{AllocError, Assigned, Attachment, Change, Ipam, Liveness};
 use tether_core::pool::{Pool, PoolError};
+use tether_core::select::{PoolInputs, select_pools};
 use tether_core::{Decision, PolicyRequest, Workload};
 use tether_policy::PolicyError;
 use tether_store::Store;
@@ -101,6 +101,8 @@ pub struct Engine {
     judges: bool,
     ipam: Arc<RwLock<Ipam>>,
     writer: Writer,
+    /// Why the last pool reload was refused, if it was.
+    reload_error: std::sync::Mutex<Option<String>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -181,6 +183,7 @@ impl Engine {
                 judges: ports.workloads.1,
                 ipam,
                 writer,
+                reload_error: std::sync::Mutex::new(None),
                 metrics,
             },
             thread,
@@ -494,7 +497,7 @@ impl Engine {
             .ipam
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .plan_free(&req.pool, ip, req.force)?
+            .plan_release_by_hand(&req.pool, ip, req.force)?
             .changes;
         let released = addresses(&self.apply(planned).await?);
         if released.is_empty() {
@@ -507,9 +510,22 @@ impl Engine {
         Ok(ReconcileResult { released })
     }
 
-    /// The pools with their usage (`tetherd pools`).
+    /// The pools with their usage (`tetherd pools`), the allocations held under pools no
+    /// longer in force, and the last refused reload.
     pub fn pools(&self) -> PoolList {
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
+        let mut orphans: Vec<OrphanInfo> = ipam
+            .orphans()
+            .into_iter()
+            .map(|o| OrphanInfo {
+                address: format!("{}/{}", o.pool, o.ip),
+                reserved_in: ipam
+                    .pools()
+                    .find(|p| p.contains(o.ip))
+                    .map(|p| p.name.clone()),
+            })
+            .collect();
+        orphans.sort_by(|a, b| a.address.cmp(&b.address));
         PoolList {
             pools: ipam
                 .usage()
@@ -522,7 +538,21 @@ impl Engine {
                     default: u.default,
                 })
                 .collect(),
+            orphans,
+            reload_error: self
+                .reload_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
+    }
+
+    /// Records the outcome of a pool reload: the error of a refused one, or none.
+    pub fn set_reload_error(&self, error: Option<String>) {
+        *self
+            .reload_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
     }
 
     /// Whether the engine can serve: the writer can write and the workload source has

@@ -60,7 +60,7 @@ pub fn run(args: &SocketArgs) -> ExitCode {
             ]
         })
         .collect();
-    print_table(
+    let code = print_table(
         &[
             "NAME",
             "SUBNET",
@@ -69,7 +69,31 @@ pub fn run(args: &SocketArgs) -> ExitCode {
             "DEFAULT",
         ],
         &rows,
-    )
+    );
+    print_notes(&list);
+    code
+}
+
+/// What the tables cannot show: the last refused reload, and allocations held under a pool
+/// no longer in force. On stderr, so the tables stay parseable.
+fn print_notes(list: &PoolList) {
+    if let Some(e) = &list.reload_error {
+        eprintln!(
+            "warning: the pool files were refused at the last reload; the pools above are the previous ones: {e}"
+        );
+    }
+    for o in &list.orphans {
+        match &o.reserved_in {
+            Some(p) => eprintln!(
+                "note: {} is held under a pool no longer in force; the address stays reserved in pool {p} until released",
+                o.address
+            ),
+            None => eprintln!(
+                "note: {} is held under a pool no longer in force, outside every current pool; it stays until released",
+                o.address
+            ),
+        }
+    }
 }
 
 pub fn allocations(args: &AllocationsArgs) -> ExitCode {
@@ -113,10 +137,14 @@ pub fn allocations(args: &AllocationsArgs) -> ExitCode {
             ]
         })
         .collect();
-    print_table(
+    let code = print_table(
         &["ADDRESS", "NETWORK", "OWNER", "IDENTITY", "HELD-BY"],
         &rows,
-    )
+    );
+    if let Ok(pools) = client(&args.socket).get::<PoolList>("/v1/pools") {
+        print_notes(&pools);
+    }
+    code
 }
 
 pub fn release(args: &ReleaseArgs) -> ExitCode {

@@ -161,6 +161,7 @@ async fn watch_pools(service: Arc<Engine>, files: pools::PoolFiles, every: Durat
             match loaded {
                 Ok(pools) => match svc.replace_pools(pools) {
                     Ok(diff) => {
+                        svc.set_reload_error(None);
                         svc.metrics.pool_reload("ok");
                         if diff.is_empty() {
                             tracing::debug!(path = %path, "pools unchanged");
@@ -169,11 +170,13 @@ async fn watch_pools(service: Arc<Engine>, files: pools::PoolFiles, every: Durat
                         }
                     }
                     Err(e) => {
+                        svc.set_reload_error(Some(e.to_string()));
                         svc.metrics.pool_reload("error");
                         tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e}");
                     }
                 },
                 Err(e) => {
+                    svc.set_reload_error(Some(format!("{e:#}")));
                     svc.metrics.pool_reload("error");
                     tracing::error!(path = %path, "pools not reloaded, the previous ones stay in force: {e:#}");
                 }
