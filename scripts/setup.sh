@@ -30,8 +30,8 @@ done
 # Debian packages: the real peers the tests and benchmarks use. containernetworking-plugins
 # (macvlan, bridge, host-local in /usr/lib/cni), iproute2 and iputils-ping for network
 # namespaces, golang-go + golang-github-appc-cni-dev for the libcni harness, hyperfine for
-# whole-command timings.
-PKGS=(containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev ${TETHER_EXTRA_PKGS:-})
+# whole-command timings; strace delays fsync in the test of a caller that gives up mid-ADD.
+PKGS=(containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev strace ${TETHER_EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

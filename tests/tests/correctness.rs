@@ -303,3 +303,105 @@ fn check_verifies_prev_result_against_the_state() {
         "an extra address in prevResult fails CHECK"
     );
 }
+
+/// A caller that gives up (the plugin killed on the runtime's timeout) gets nothing: tetherd
+/// runs under strace with every fsync delayed by 1.5 s, the caller closes its connection
+/// 300 ms into its ADD, and the ADD is rolled back rather than left allocated.
+#[test]
+fn an_add_whose_caller_gave_up_is_rolled_back() {
+    use std::io::Write as _;
+    use std::os::unix::process::CommandExt as _;
+    let test = "an_add_whose_caller_gave_up_is_rolled_back";
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        tether_e2e::skip_or_fail(
+            test,
+            "strace is not installed (scripts/setup.sh installs it)",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = dir.path().join("pools.yaml");
+    std::fs::write(&pools, SEED_POOL).expect("pools");
+    let socket = dir.path().join("t.sock");
+    let log = std::fs::File::create(dir.path().join("log")).expect("log");
+    let mut child = std::process::Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=fsync,fdatasync",
+        ])
+        .args(["-e", "inject=fsync,fdatasync:delay_enter=1500000"])
+        .arg(bin_dir().expect("bins").join("tetherd"))
+        .arg("run")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--pools")
+        .arg(&pools)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--log-level", "info", "--chain", "builtin:stateless"])
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .expect("strace tetherd");
+    // Killing strace alone would leave tetherd running detached: kill the process group.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.0.id())])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+    let client = tether_api::client::Client::new(&socket, Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while client.get::<serde_json::Value>("/readyz").is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tetherd did not start"
+        );
+        assert!(child.try_wait().expect("wait").is_none(), "tetherd exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _guard = Kill(child);
+    let body = serde_json::to_vec(&request("gives-up", "net")).expect("json");
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    write!(
+        s,
+        "POST /v1/cni/add HTTP/1.1\r\nHost: tetherd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .expect("head");
+    s.write_all(&body).expect("body");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    // The commit (1.5 s) and the rollback's (1.5 s) finish; then nothing is allocated.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (allocations, log) = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let a: Vec<serde_json::Value> = client.get("/v1/allocations").expect("allocations");
+        let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        let settled = log.contains("ADD abandoned by its caller") && a.is_empty();
+        if settled || std::time::Instant::now() > deadline {
+            break (a, log);
+        }
+    };
+    assert!(
+        allocations.is_empty(),
+        "the abandoned ADD stayed allocated: {allocations:?}\n{log}"
+    );
+    assert!(log.contains("ADD abandoned by its caller"), "{log}");
+    // A caller that waits gets its address (the pool was given back).
+    let ok: tether_api::CniResult = client
+        .post("/v1/cni/add", &request("stays", "net"))
+        .expect("add");
+    assert_eq!(ok.ips.len(), 1);
+}
