@@ -7,7 +7,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tether_core::{Decision, PolicyRequest};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -17,6 +16,7 @@ use wasmtime::{
 };
 
 use crate::bindings::{Level, Policy, PolicyPre, tether};
+use crate::digest::sha256_hex;
 use crate::error::{PolicyError, truncate};
 use crate::semaphore::Semaphore;
 use crate::{Settings, convert};
@@ -305,7 +305,7 @@ impl Runtime {
     /// Compiles, checks and pre-instantiates a component, once per sha256. `source` names it in
     /// errors until its metadata is known (a file name, `builtin:kubevirt`, a ConfigMap key).
     pub fn load(&self, source: &str, bytes: &[u8]) -> Result<Arc<LoadedPolicy>, PolicyError> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
+        let sha256 = sha256_hex(bytes);
         if let Some(p) = self
             .cache
             .lock()
