@@ -501,15 +501,14 @@ pub(crate) fn split_name(name: &str) -> Option<(&str, &str, &str)> {
     Some((package, iface, version))
 }
 
-/// Same semver class: equal major, and equal minor while major is 0.
+/// Same semver class as [`CONTRACT_VERSION`]: equal major, and equal minor while major is 0.
+/// A version that is not semver is not compatible.
 fn compatible(version: &str) -> bool {
-    let parse = |v: &str| -> Option<(u64, u64)> {
-        let mut it = v.split(['.', '-', '+']);
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-    };
-    match (parse(version), parse(CONTRACT_VERSION)) {
-        (Some((0, a)), Some((0, b))) => a == b,
-        (Some((a, _)), Some((b, _))) => a == b,
+    match (
+        semver::Version::parse(version),
+        semver::Version::parse(CONTRACT_VERSION),
+    ) {
+        (Ok(v), Ok(ours)) => v.major == ours.major && (ours.major != 0 || v.minor == ours.minor),
         _ => false,
     }
 }
@@ -578,7 +577,9 @@ mod tests {
         assert!(compatible("0.1.7"));
         assert!(!compatible("0.2.0"));
         assert!(!compatible("1.1.0"));
+        assert!(compatible("0.1.2-rc.1+build"));
         assert!(!compatible("junk"));
+        assert!(!compatible("0.1"), "WIT package versions are full semver");
     }
 
     #[test]
