@@ -12,6 +12,7 @@ pub mod decision;
 pub mod manifest;
 pub mod net;
 pub mod pool;
+#[cfg(any(test, feature = "samples"))]
 pub mod samples;
 pub mod workload;
 
