@@ -1,4 +1,6 @@
-//! Reading Kubernetes manifests (YAML, one or more documents per file) as JSON values.
+//! Reading Kubernetes manifests (YAML, one or more documents per file) as JSON values: the one
+//! place files become documents, for every reader of manifests (the daemon's IPPool files, its
+//! workload directory, and `tetherd policy test`'s pod and owner-object files).
 
 use std::path::{Path, PathBuf};
 
