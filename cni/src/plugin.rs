@@ -106,16 +106,14 @@ fn log(file: Option<&str>, failed: bool, line: &str) {
     }
 }
 
+/// Whether CNI version `version` is `min` or later, in semver order; a version that is not
+/// semver (never one of [`SUPPORTED`], which the caller's version is checked against first)
+/// is not.
 fn at_least(version: &str, min: &str) -> bool {
-    let parse = |v: &str| -> (u32, u32, u32) {
-        let mut it = v.split('.').map(|p| p.parse().unwrap_or(0));
-        (
-            it.next().unwrap_or(0),
-            it.next().unwrap_or(0),
-            it.next().unwrap_or(0),
-        )
-    };
-    parse(version) >= parse(min)
+    match (semver::Version::parse(version), semver::Version::parse(min)) {
+        (Ok(v), Ok(min)) => v >= min,
+        _ => false,
+    }
 }
 
 /// Renders a result for `version`.
@@ -484,6 +482,28 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
 mod tests {
     use super::*;
     use tether_api::{IpConfig, RouteConfig};
+
+    #[test]
+    fn versions_in_semver_order() {
+        for (v, min, want) in [
+            ("0.3.1", "0.4.0", false),
+            ("0.4.0", "0.4.0", true),
+            ("1.0.0", "0.4.0", true),
+            ("1.1.0", "1.0.0", true),
+            ("0.10.0", "0.4.0", true),
+            ("0.4.0", "1.0.0", false),
+            ("", "0.4.0", false),
+            ("junk", "0.4.0", false),
+        ] {
+            assert_eq!(at_least(v, min), want, "{v} >= {min}");
+        }
+        // Every supported version parses, in ascending order.
+        assert!(
+            SUPPORTED
+                .windows(2)
+                .all(|w| at_least(w[1], w[0]) && !at_least(w[0], w[1]))
+        );
+    }
 
     fn result() -> CniResult {
         CniResult {

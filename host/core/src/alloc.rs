@@ -594,7 +594,7 @@ impl Ipam {
         Assigned {
             pool: a.pool.clone(),
             ip: a.ip,
-            prefix: pool.map(|p| p.subnet.prefix).unwrap_or(match a.ip {
+            prefix: pool.map(|p| p.subnet.prefix_len()).unwrap_or(match a.ip {
                 IpAddr::V4(_) => 32,
                 IpAddr::V6(_) => 128,
             }),

@@ -14,6 +14,7 @@ pub mod decision;
 pub mod manifest;
 pub mod net;
 pub mod pool;
+#[cfg(any(test, feature = "samples"))]
 pub mod samples;
 pub mod select;
 pub mod workload;

@@ -1,9 +1,11 @@
-//! Address math: families, CIDRs, ranges, as `u128` so IPv4 and IPv6 share one code path.
+//! Address math: families, subnets ([`IpNet`], from the `ipnet` crate) and ranges, as `u128`
+//! so IPv4 and IPv6 share one code path.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
+pub use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -88,102 +90,59 @@ pub enum NetError {
     MixedRange(String),
 }
 
-/// A subnet, e.g. `10.6.0.0/16`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Cidr {
-    /// The network address.
-    pub addr: IpAddr,
-    /// Prefix length.
-    pub prefix: u8,
+/// Parses a subnet, e.g. `10.6.0.0/16` or `fd00::/64`, into an [`IpNet`]. The address must be
+/// the network address: `10.6.1.0/16` is refused with the network to write instead, since a
+/// pool author who writes it most likely meant another subnet than the one the prefix makes.
+pub fn parse_cidr(s: &str) -> Result<IpNet, NetError> {
+    let text = s.trim();
+    let bad = || NetError::BadCidr(s.to_owned());
+    let net: IpNet = text.parse().map_err(|_| bad())?;
+    // ipnet reads `010.6.0.0` as 10.6.0.0; the standard parser (used for every other address
+    // of a pool) refuses such octal-looking octets, and so does a subnet.
+    let std_addr = text
+        .split_once('/')
+        .is_some_and(|(a, _)| a.parse::<IpAddr>().is_ok());
+    if !std_addr {
+        return Err(bad());
+    }
+    if net.trunc() != net {
+        return Err(NetError::HostBits {
+            given: s.to_owned(),
+            suggested: net.trunc().to_string(),
+        });
+    }
+    Ok(net)
 }
 
-impl Cidr {
+/// What the pool code needs of a subnet beyond [`IpNet`]'s own methods: its family and its
+/// bounds as numbers (the interval math of pools is on `u128`).
+pub trait SubnetExt {
     /// The family.
-    pub fn family(&self) -> Family {
-        Family::of(self.addr)
-    }
-
+    fn family(&self) -> Family;
     /// First and last address as numbers.
-    pub fn bounds(&self) -> (u128, u128) {
-        let bits = self.family().bits();
-        let host = u32::from(bits - self.prefix);
-        let size_mask = if host >= 128 {
-            u128::MAX
-        } else {
-            (1u128 << host) - 1
-        };
-        let start = to_u128(self.addr);
-        (start, start | size_mask)
-    }
-
-    /// Whether `ip` is inside.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        if Family::of(ip) != self.family() {
-            return false;
-        }
-        let (a, b) = self.bounds();
-        (a..=b).contains(&to_u128(ip))
-    }
-
+    fn bounds(&self) -> (u128, u128);
     /// The usable host range: IPv4 leaves out the network and broadcast addresses (except on
     /// /31 and /32), IPv6 leaves out the subnet-router anycast address (except on /127, /128).
-    pub fn host_range(&self) -> (u128, u128) {
+    fn host_range(&self) -> (u128, u128);
+}
+
+impl SubnetExt for IpNet {
+    fn family(&self) -> Family {
+        Family::of(self.addr())
+    }
+
+    fn bounds(&self) -> (u128, u128) {
+        (to_u128(self.network()), to_u128(self.broadcast()))
+    }
+
+    fn host_range(&self) -> (u128, u128) {
         let (a, b) = self.bounds();
-        let bits = self.family().bits();
+        let edge = self.prefix_len() + 1 >= self.max_prefix_len();
         match self.family() {
-            Family::V4 if self.prefix + 1 < bits => (a + 1, b - 1),
-            Family::V6 if self.prefix + 1 < bits => (a + 1, b),
-            _ => (a, b),
+            _ if edge => (a, b),
+            Family::V4 => (a + 1, b - 1),
+            Family::V6 => (a + 1, b),
         }
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = NetError;
-    fn from_str(s: &str) -> Result<Self, NetError> {
-        let bad = || NetError::BadCidr(s.to_owned());
-        let (a, p) = s.trim().split_once('/').ok_or_else(bad)?;
-        let addr: IpAddr = a.parse().map_err(|_| bad())?;
-        let prefix: u8 = p.parse().map_err(|_| bad())?;
-        if prefix > Family::of(addr).bits() {
-            return Err(bad());
-        }
-        let c = Cidr { addr, prefix };
-        let net = from_u128(c.family(), {
-            let host = u32::from(c.family().bits() - prefix);
-            let mask = if host >= 128 {
-                u128::MAX
-            } else {
-                (1u128 << host) - 1
-            };
-            to_u128(addr) & !mask
-        });
-        if net != addr {
-            return Err(NetError::HostBits {
-                given: s.to_owned(),
-                suggested: format!("{net}/{prefix}"),
-            });
-        }
-        Ok(c)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -216,7 +175,7 @@ impl FromStr for IpRange {
     fn from_str(s: &str) -> Result<Self, NetError> {
         let s = s.trim();
         if s.contains('/') {
-            let c: Cidr = s.parse()?;
+            let c = parse_cidr(s)?;
             let (start, end) = c.bounds();
             return Ok(IpRange {
                 family: c.family(),
@@ -299,7 +258,10 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        let c: Cidr = "10.6.0.0/16".parse().expect("cidr");
+        let c = parse_cidr("10.6.0.0/16").expect("cidr");
+        assert_eq!(c.family(), Family::V4);
+        assert_eq!(c.prefix_len(), 16);
+        assert_eq!(c.to_string(), "10.6.0.0/16");
         assert_eq!(
             c.host_range(),
             (
@@ -307,22 +269,47 @@ mod tests {
                 to_u128("10.6.255.254".parse().expect("ip"))
             )
         );
-        assert!(c.contains("10.6.3.4".parse().expect("ip")));
-        assert!(!c.contains("10.7.0.0".parse().expect("ip")));
-        assert!(!c.contains("fd00::1".parse().expect("ip")));
-        let e = "10.6.0.1/16".parse::<Cidr>().expect_err("host bits");
+        assert!(c.contains(&"10.6.3.4".parse::<IpAddr>().expect("ip")));
+        assert!(!c.contains(&"10.7.0.0".parse::<IpAddr>().expect("ip")));
+        assert!(!c.contains(&"fd00::1".parse::<IpAddr>().expect("ip")));
+        // Host bits set: refused, with the network address to write instead.
+        let e = parse_cidr("10.6.0.1/16").expect_err("host bits");
         assert_eq!(
             e.to_string(),
             "10.6.0.1/16 has host bits set; did you mean 10.6.0.0/16?"
         );
-        let v6: Cidr = "fd00::/64".parse().expect("v6");
+        let e = parse_cidr("10.6.1.0/16").expect_err("host bits");
+        assert!(e.to_string().contains("did you mean 10.6.0.0/16?"), "{e}");
+        let e = parse_cidr("fd00::1/64").expect_err("v6 host bits");
+        assert!(e.to_string().contains("did you mean fd00::/64?"), "{e}");
+        let v6 = parse_cidr(" fd00::/64 ").expect("v6, trimmed");
+        assert_eq!(v6.family(), Family::V6);
         assert_eq!(v6.host_range().1 - v6.host_range().0 + 1, (1u128 << 64) - 1);
-        let all: Cidr = "::/0".parse().expect("all");
+        let all = parse_cidr("::/0").expect("all");
         assert_eq!(all.bounds(), (0, u128::MAX));
-        let p31: Cidr = "10.0.0.0/31".parse().expect("p31");
+        assert_eq!(all.host_range(), (1, u128::MAX));
+        let all4 = parse_cidr("0.0.0.0/0").expect("all v4");
+        assert_eq!(all4.bounds(), (0, u128::from(u32::MAX)));
+        let p31 = parse_cidr("10.0.0.0/31").expect("p31");
         assert_eq!(p31.host_range().1 - p31.host_range().0, 1);
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("10.0.0.0".parse::<Cidr>().is_err());
+        let p32 = parse_cidr("10.0.0.7/32").expect("p32");
+        assert_eq!(p32.host_range(), p32.bounds());
+        let p127 = parse_cidr("fd00::/127").expect("p127");
+        assert_eq!(p127.host_range(), p127.bounds());
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0",
+            "10.0.0.0/",
+            "/16",
+            "10.0.0/16",
+            "010.0.0.0/16",
+            "nope",
+        ] {
+            let e = parse_cidr(bad).expect_err(bad);
+            assert_eq!(e, NetError::BadCidr(bad.to_owned()), "{bad}");
+            assert!(e.to_string().contains("expected e.g. 10.6.0.0/16"), "{e}");
+        }
     }
 
     #[test]

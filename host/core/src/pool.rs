@@ -10,7 +10,10 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::net::{Cidr, Family, IpRange, NetError, from_u128, normalize, subtract, to_u128};
+use crate::net::{
+    Family, IpNet, IpRange, NetError, SubnetExt, from_u128, normalize, parse_cidr, subtract,
+    to_u128,
+};
 
 /// API group/version of the IPPool resource.
 pub const API_VERSION: &str = "ipam.tether.dev/v1alpha1";
@@ -55,7 +58,7 @@ pub struct IpPoolSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
     /// Destination.
-    pub dst: Cidr,
+    pub dst: IpNet,
     /// Gateway.
     pub gw: Option<IpAddr>,
 }
@@ -166,7 +169,7 @@ pub struct Pool {
     /// Name.
     pub name: String,
     /// Subnet.
-    pub subnet: Cidr,
+    pub subnet: IpNet,
     /// Gateway.
     pub gateway: Option<IpAddr>,
     /// Routes.
@@ -194,7 +197,7 @@ impl Pool {
                 source,
             }
         };
-        let subnet: Cidr = spec.subnet.parse().map_err(net("subnet"))?;
+        let subnet = parse_cidr(&spec.subnet).map_err(net("subnet"))?;
         let outside = |field: &'static str, value: &str| PoolError::OutsideSubnet {
             pool: name.to_owned(),
             field,
@@ -220,7 +223,7 @@ impl Pool {
                 let ip: IpAddr = g
                     .parse()
                     .map_err(|_| net("gateway")(NetError::BadAddress(g.clone())))?;
-                if !subnet.contains(ip) {
+                if !subnet.contains(&ip) {
                     return Err(outside("gateway", g));
                 }
                 Some(ip)
@@ -228,7 +231,7 @@ impl Pool {
         };
         let mut routes = Vec::with_capacity(spec.routes.len());
         for r in &spec.routes {
-            let dst: Cidr = r.dst.parse().map_err(net("routes.dst"))?;
+            let dst = parse_cidr(&r.dst).map_err(net("routes.dst"))?;
             let gw = match &r.gw {
                 None => gateway,
                 Some(g) => Some(

@@ -1,5 +1,7 @@
 //! Canonical sample workloads (the seed's VM, a StatefulSet replica, a Deployment pod) for
-//! tests, benchmarks and docs across the workspace.
+//! tests and benchmarks across the workspace. Not part of the public API: compiled only for
+//! this crate's tests and with the `samples` feature, which other crates enable from their
+//! `[dev-dependencies]`.
 
 use crate::workload::{Object, OwnerReference, PolicyRequest, Workload};
 

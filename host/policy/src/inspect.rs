@@ -1,8 +1,8 @@
 //! `tetherd policy inspect`: what a component is, without trusting it.
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
+use crate::digest::sha256_hex;
 use crate::runtime::{compile, split_name};
 use crate::{PolicyError, PolicyMetadata, Runtime};
 
@@ -41,7 +41,7 @@ pub fn inspect(rt: &Runtime, source: &str, bytes: &[u8]) -> Result<Inspection, P
         Err(e) => (None, Some(e.to_string())),
     };
     Ok(Inspection {
-        sha256: hex::encode(Sha256::digest(bytes)),
+        sha256: sha256_hex(bytes),
         size: bytes.len(),
         contract,
         imports,

@@ -27,6 +27,7 @@
 mod bindings;
 mod chain;
 mod convert;
+pub mod digest;
 mod error;
 mod inspect;
 mod runtime;

@@ -7,7 +7,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tether_core::{Decision, PolicyRequest};
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -17,6 +16,7 @@ use wasmtime::{
 };
 
 use crate::bindings::{Level, Policy, PolicyPre, tether};
+use crate::digest::sha256_hex;
 use crate::error::{PolicyError, truncate};
 use crate::semaphore::Semaphore;
 use crate::{Settings, convert};
@@ -305,7 +305,7 @@ impl Runtime {
     /// Compiles, checks and pre-instantiates a component, once per sha256. `source` names it in
     /// errors until its metadata is known (a file name, `builtin:kubevirt`, a ConfigMap key).
     pub fn load(&self, source: &str, bytes: &[u8]) -> Result<Arc<LoadedPolicy>, PolicyError> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
+        let sha256 = sha256_hex(bytes);
         if let Some(p) = self
             .cache
             .lock()
@@ -501,15 +501,14 @@ pub(crate) fn split_name(name: &str) -> Option<(&str, &str, &str)> {
     Some((package, iface, version))
 }
 
-/// Same semver class: equal major, and equal minor while major is 0.
+/// Same semver class as [`CONTRACT_VERSION`]: equal major, and equal minor while major is 0.
+/// A version that is not semver is not compatible.
 fn compatible(version: &str) -> bool {
-    let parse = |v: &str| -> Option<(u64, u64)> {
-        let mut it = v.split(['.', '-', '+']);
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-    };
-    match (parse(version), parse(CONTRACT_VERSION)) {
-        (Some((0, a)), Some((0, b))) => a == b,
-        (Some((a, _)), Some((b, _))) => a == b,
+    match (
+        semver::Version::parse(version),
+        semver::Version::parse(CONTRACT_VERSION),
+    ) {
+        (Ok(v), Ok(ours)) => v.major == ours.major && (ours.major != 0 || v.minor == ours.minor),
         _ => false,
     }
 }
@@ -578,7 +577,9 @@ mod tests {
         assert!(compatible("0.1.7"));
         assert!(!compatible("0.2.0"));
         assert!(!compatible("1.1.0"));
+        assert!(compatible("0.1.2-rc.1+build"));
         assert!(!compatible("junk"));
+        assert!(!compatible("0.1"), "WIT package versions are full semver");
     }
 
     #[test]

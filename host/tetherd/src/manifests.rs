@@ -1,4 +1,6 @@
-//! Reading Kubernetes manifests (YAML, one or more documents per file) as JSON values.
+//! Reading Kubernetes manifests (YAML, one or more documents per file) as JSON values: the one
+//! place files become documents, for every reader of manifests (the daemon's IPPool files, its
+//! workload directory, and `tetherd policy test`'s pod and owner-object files).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +20,7 @@ pub enum ManifestFileError {
     Yaml {
         path: PathBuf,
         index: usize,
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     #[error("{path}: document {index}: {source}")]
     Object {
@@ -70,7 +72,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<Value>, ManifestFileError> {
         source,
     })?;
     let mut out = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (index, doc) in yaml_serde::Deserializer::from_str(&text).enumerate() {
         let v = Value::deserialize(doc).map_err(|source| ManifestFileError::Yaml {
             path: path.to_owned(),
             index,
@@ -125,4 +127,61 @@ pub fn read_objects(
         }
     }
     Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.yaml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn documents_of_a_stream() {
+        let (_d, path) = file(
+            "# pools\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {on: yes, n: 3}}\n\
+             ---\n---\n# only a comment\n---\nkind: List\nitems:\n- {kind: Namespace}\n- {kind: Pod}\n\
+             ...\n---\n{\"kind\": \"Service\"}\n",
+        );
+        let docs = read_documents(&path).expect("reads");
+        assert_eq!(
+            docs,
+            vec![
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "a", "labels": {"on": "yes", "n": 3}}}),
+                json!({"kind": "Namespace"}),
+                json!({"kind": "Pod"}),
+                json!({"kind": "Service"}),
+            ]
+        );
+        let (_d, empty) = file("");
+        assert_eq!(read_documents(&empty).expect("empty"), Vec::<Value>::new());
+    }
+
+    #[test]
+    fn errors_name_file_and_document() {
+        let (_d, path) = file("kind: Pod\n---\nkind: [unclosed\n");
+        let e = read_documents(&path).expect_err("bad yaml");
+        assert!(
+            matches!(e, ManifestFileError::Yaml { index: 1, .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with(&format!(
+                "{}: document 1 is not valid YAML: ",
+                path.display()
+            )),
+            "{e}"
+        );
+        let e = read_documents(Path::new("/nonexistent/x.yaml")).expect_err("missing");
+        assert!(
+            e.to_string().starts_with("reading /nonexistent/x.yaml: "),
+            "{e}"
+        );
+    }
 }

@@ -121,16 +121,11 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         writeln!(
             std::io::stdout(),
             "{}  {}",
-            sha256_hex(b.wasm),
+            tether_policy::digest::sha256_hex(b.wasm),
             path.display()
         )?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
