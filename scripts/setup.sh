@@ -27,11 +27,15 @@ for c in rustfmt clippy; do
   rustup component list --installed --toolchain "$channel" | grep -q "^$c" || rustup component add --toolchain "$channel" "$c"
 done
 
-# Debian packages: the real peers the tests and benchmarks use. containernetworking-plugins
+# Debian packages. gcc and libc6-dev: the linker Rust calls and the C compiler some crates
+# build with. The real peers the tests and benchmarks use: containernetworking-plugins
 # (macvlan, bridge, host-local in /usr/lib/cni), iproute2 and iputils-ping for network
-# namespaces, golang-go + golang-github-appc-cni-dev for the libcni harness, hyperfine for
-# whole-command timings; strace delays fsync in the test of a caller that gives up mid-ADD.
-PKGS=(containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev strace ${TETHER_EXTRA_PKGS:-})
+# namespaces, golang-go + golang-github-appc-cni-dev for the libcni harness. strace delays
+# fsync in the tests of a caller that gives up mid-ADD and of kills during slow commits;
+# util-linux (mkswap, swapon) gives the policy sandbox's memory-pressure test its swap file;
+# bsdutils' script(1) gives a test a terminal; python3 writes docs/benchmarks.md.
+PKGS=(gcc libc6-dev containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev
+      strace util-linux bsdutils python3 ${TETHER_EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -36,11 +36,7 @@ pub fn bin_dir() -> Result<PathBuf> {
 
 /// Whether this process is root (network namespaces and macvlan need it).
 pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    rustix::process::geteuid().is_root()
 }
 
 /// Whether this runs in CI: `CI` is set to a non-empty value other than `0` or `false` (CI
@@ -119,6 +115,32 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub workloads: PathBuf,
     child: Child,
+    /// Run under a wrapper (strace) in its own process group: signals go to the group, or
+    /// killing the wrapper alone would leave tetherd running detached.
+    group: bool,
+}
+
+/// Sends a signal by name (`HUP`, `TERM`, `KILL`, `INT`) to a process, or to the process
+/// group it leads.
+pub fn send_signal(pid: u32, name: &str, group: bool) -> Result<()> {
+    use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+    let signal = match name {
+        "HUP" => Signal::HUP,
+        "TERM" => Signal::TERM,
+        "KILL" => Signal::KILL,
+        "INT" => Signal::INT,
+        other => bail!("no such signal here: {other}"),
+    };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .context("not a process id")?;
+    if group {
+        kill_process_group(pid, signal)
+    } else {
+        kill_process(pid, signal)
+    }
+    .with_context(|| format!("kill -{name} {pid:?}"))
 }
 
 /// `[flag, value]` unless `extra` sets the flag itself.
@@ -139,12 +161,34 @@ impl Daemon {
 
     /// Starts tetherd in an existing directory (state survives a restart).
     pub fn start_in(dir: tempfile::TempDir, pools_yaml: &str, extra: &[&str]) -> Result<Daemon> {
+        Self::start_wrapped(dir, pools_yaml, extra, &[])
+    }
+
+    /// Starts tetherd under a wrapper command (e.g. `strace ... --`), in its own process group,
+    /// in an existing directory; an empty wrapper runs it directly.
+    pub fn start_wrapped(
+        dir: tempfile::TempDir,
+        pools_yaml: &str,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Daemon> {
+        use std::os::unix::process::CommandExt as _;
         let socket = dir.path().join("tether.sock");
         let workloads = dir.path().join("workloads");
         std::fs::create_dir_all(&workloads)?;
         std::fs::write(dir.path().join("pools.yaml"), pools_yaml)?;
         let log = std::fs::File::create(dir.path().join("tetherd.log"))?;
-        let child = Command::new(bin_dir()?.join("tetherd"))
+        let tetherd = bin_dir()?.join("tetherd");
+        let group = !wrapper.is_empty();
+        let mut cmd = match wrapper.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(&tetherd).process_group(0);
+                c
+            }
+            None => Command::new(&tetherd),
+        };
+        let child = cmd
             .arg("run")
             .arg("--state-dir")
             .arg(dir.path().join("state"))
@@ -167,6 +211,7 @@ impl Daemon {
             socket,
             workloads,
             child,
+            group,
         };
         d.wait_ready()?;
         Ok(d)
@@ -246,14 +291,7 @@ impl Daemon {
 
     /// Sends a signal (`HUP`, `TERM`, ...) to the daemon.
     pub fn signal(&self, name: &str) -> Result<()> {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{name} failed: {status}");
-        }
-        Ok(())
+        send_signal(self.child.id(), name, self.group)
     }
 
     /// SIGTERM, then wait; returns the directory for a restart.
@@ -273,7 +311,11 @@ impl Daemon {
 
     /// SIGKILL: a crash at an arbitrary instant.
     pub fn kill(mut self) -> Result<tempfile::TempDir> {
-        self.child.kill()?;
+        if self.group {
+            send_signal(self.child.id(), "KILL", true)?;
+        } else {
+            self.child.kill()?;
+        }
         self.child.wait()?;
         let dir = tempfile::tempdir()?;
         Ok(std::mem::replace(&mut self.dir, dir))
@@ -282,6 +324,9 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.group {
+            let _ = send_signal(self.child.id(), "KILL", true);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -355,9 +355,7 @@ fn an_add_whose_caller_gave_up_is_rolled_back() {
     struct Kill(std::process::Child);
     impl Drop for Kill {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", self.0.id())])
-                .status();
+            let _ = tether_e2e::send_signal(self.0.id(), "KILL", true);
             let _ = self.0.wait();
         }
     }

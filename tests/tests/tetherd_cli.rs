@@ -130,7 +130,10 @@ fn errors_are_printed_once_and_coloured_only_on_a_terminal() {
 
     // On a terminal (script(1) provides one): coloured, unless NO_COLOR says otherwise.
     if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("SKIPPED the terminal half: script(1) is missing (util-linux)");
+        tether_e2e::skip_or_fail(
+            "errors_are_printed_once_and_coloured_only_on_a_terminal (the terminal half)",
+            "script(1) is missing (Debian's bsdutils)",
+        );
         return;
     }
     let cmd = std::iter::once(

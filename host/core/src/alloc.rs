@@ -428,6 +428,9 @@ pub struct Ipam {
     /// ones: only a store written before overlapping pools were refused holds such. Their
     /// address goes back to the free set only with the last of them.
     doubles: Map<IpAddr, u32>,
+    /// How many allocations each pool name holds (current pools and removed ones), to find
+    /// every allocation of an address.
+    names: BTreeMap<String, usize>,
 }
 
 impl Ipam {
@@ -585,6 +588,15 @@ impl Ipam {
                 ip,
             })
             .map(|a| &**a)
+    }
+
+    /// Every allocation of an address, under whatever pool name: one, or none (more only
+    /// from a store written before overlapping pools were refused).
+    pub fn at(&self, ip: IpAddr) -> Vec<&Allocation> {
+        self.names
+            .keys()
+            .filter_map(|pool| self.get(pool, ip))
+            .collect()
     }
 
     /// What CNI returns for an allocation: the address with its pool's prefix, gateway and
@@ -960,11 +972,23 @@ impl Ipam {
         if let Some(pk) = a.pin_key() {
             self.by_pin.entry(pk).or_default().push(key.clone());
         }
+        match self.names.get_mut(&a.pool) {
+            Some(n) => *n += 1,
+            None => {
+                self.names.insert(a.pool.clone(), 1);
+            }
+        }
         self.allocs.insert(key, Box::new(a));
     }
 
     fn remove(&mut self, key: &AllocKey) -> Option<Allocation> {
         let a = *self.allocs.remove(key)?;
+        if let Some(n) = self.names.get_mut(&a.pool) {
+            *n -= 1;
+            if *n == 0 {
+                self.names.remove(&a.pool);
+            }
+        }
         // Another allocation of the same address (under another pool name, loaded from a
         // store written before overlapping pools were refused) keeps it taken.
         let shared = match self.doubles.get_mut(&a.ip) {

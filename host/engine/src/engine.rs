@@ -170,11 +170,14 @@ impl Engine {
         pools: Vec<Pool>,
         metrics: Arc<Metrics>,
     ) -> Result<(Self, std::thread::JoinHandle<()>), StartError> {
+        // Subscribed first: what another writer commits while the snapshot is read is not
+        // lost (its echo of what the snapshot holds is skipped by revision).
+        let events = ports.store.subscribe();
         let snapshot = ports.store.snapshot()?;
         let ipam = Ipam::new(pools, snapshot.allocations)?;
         crate::warn_orphans(&ipam);
         let ipam = Arc::new(RwLock::new(ipam));
-        let (writer, thread) = Writer::start(ipam.clone(), ports.store, metrics.clone())
+        let (writer, thread) = Writer::start(ipam.clone(), ports.store, events, metrics.clone())
             .map_err(StartError::Thread)?;
         Ok((
             Engine {

@@ -35,9 +35,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tether_core::Decision;
-use tether_core::alloc::{
-    AddRequest, AllocError, Assigned, Attachment, Change, Ipam, Liveness, Revision,
-};
+use tether_core::alloc::{AddRequest, AllocError, Assigned, Attachment, Change, Ipam, Liveness};
 use tether_core::pool::Pool;
 use tether_store::{Event, GroupOutcome, Store, StoreError};
 use tokio::sync::oneshot;
@@ -134,16 +132,19 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer over a loaded state.
+    /// Starts the writer over a state loaded from `store`. `events` is the store's change
+    /// feed, subscribed to *before* the state was read, so that nothing another writer
+    /// commits in between is missed (what the state already holds is recognised by its
+    /// revision and skipped).
     pub fn start(
         ipam: Arc<RwLock<Ipam>>,
         store: Arc<dyn Store>,
+        events: Receiver<Event>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let h = healthy.clone();
-        let events = store.subscribe();
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
             .spawn(move || {
@@ -212,10 +213,11 @@ struct Loop {
     carried: VecDeque<Job>,
 }
 
-type Key = (String, IpAddr);
+/// The unit of a claim: an address, whatever pool names it.
+type Key = IpAddr;
 
 fn key(c: &Change) -> Key {
-    (c.pool().to_owned(), c.ip())
+    c.ip()
 }
 
 fn plan(op: &Op, ipam: &Ipam) -> Result<(Vec<Change>, Option<Vec<Assigned>>), AllocError> {
@@ -405,7 +407,13 @@ impl Loop {
             }
         }
 
-        self.roll_back_abandoned(&mut state, &mut planned);
+        if !self.roll_back_abandoned(&mut state, &mut planned) {
+            drop(state);
+            for p in planned {
+                let _ = p.job.reply.send(p.answer);
+            }
+            return false;
+        }
         drop(state);
         for p in planned {
             if let Some(job) = p.requeue() {
@@ -441,7 +449,7 @@ impl Loop {
                     state.apply(&undo[i]);
                     tracing::debug!(%conflict, "another writer changed the address first; re-reading it");
                     self.metrics.conflicts.inc();
-                    if let Err(e) = refresh(&*self.store, state, &conflict.pool, conflict.ip) {
+                    if let Err(e) = refresh(&*self.store, state, conflict.ip) {
                         tracing::warn!("re-reading {}/{}: {e}", conflict.pool, conflict.ip);
                     }
                 }
@@ -473,8 +481,10 @@ impl Loop {
     }
 
     /// Callers that gave up while their ADD was committed: undo it before anyone sees it (the
-    /// state is still locked), as their DEL would.
-    fn roll_back_abandoned(&mut self, state: &mut Ipam, planned: &mut [Planned]) {
+    /// state is still locked), as their DEL would. False when the state can no longer be
+    /// trusted (the rollback's commit failed and so did re-reading the store): the writer
+    /// stops.
+    fn roll_back_abandoned(&mut self, state: &mut Ipam, planned: &mut [Planned]) -> bool {
         let gone: Vec<usize> = planned
             .iter()
             .enumerate()
@@ -482,7 +492,7 @@ impl Loop {
             .map(|(i, _)| i)
             .collect();
         if gone.is_empty() {
-            return;
+            return true;
         }
         let mut groups = Vec::new();
         let mut undo = Vec::new();
@@ -498,6 +508,7 @@ impl Loop {
         }
         match self.store.commit(&groups) {
             Ok(outcomes) => {
+                self.healthy.store(true, Ordering::SeqCst);
                 for (i, o) in outcomes.iter().enumerate() {
                     match o {
                         Ok(revs) => {
@@ -509,22 +520,29 @@ impl Loop {
                         }
                         Err(conflict) => {
                             state.apply(&undo[i]);
-                            let _ = refresh(&*self.store, state, &conflict.pool, conflict.ip);
+                            let _ = refresh(&*self.store, state, conflict.ip);
                         }
                     }
                 }
             }
             Err(e) => {
                 // The ADDs stay allocated, as on disk, until their DEL or a CNI GC.
+                self.healthy.store(false, Ordering::SeqCst);
                 for u in undo.iter().rev() {
                     state.apply(u);
                 }
                 tracing::warn!(
                     "rolling back abandoned ADDs failed; they stay allocated until their DEL or a CNI GC: {e}"
                 );
-                let _ = resync(&*self.store, state);
+                if let Err(e2) = resync(&*self.store, state) {
+                    tracing::error!(
+                        "re-reading the store failed too; the writer stops (restart tetherd): {e2}"
+                    );
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// Brings in what other writers committed (and the echo of this writer's own commits,
@@ -572,16 +590,14 @@ impl Planned {
     }
 }
 
-/// Re-reads one address from the store into the state.
-fn refresh(store: &dyn Store, state: &mut Ipam, pool: &str, ip: IpAddr) -> Result<(), StoreError> {
-    match store.get(pool, ip)? {
-        Some(a) => state.apply(&[Change::Put(a)]),
-        None => state.apply(&[Change::Delete {
-            pool: pool.to_owned(),
-            ip,
-            revision: Revision::default(),
-        }]),
-    }
+/// Re-reads one address from the store into the state: every allocation of it the state
+/// holds, under whatever pool name, is replaced by what the store has.
+fn refresh(store: &dyn Store, state: &mut Ipam, ip: IpAddr) -> Result<(), StoreError> {
+    let stored = store.get(ip)?;
+    let known: Vec<Change> = state.at(ip).into_iter().map(Change::delete).collect();
+    state.apply(&known);
+    let fresh: Vec<Change> = stored.into_iter().map(Change::Put).collect();
+    state.apply(&fresh);
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! store, failed commits undone, a writer that cannot resync stops, callers that gave up get
 //! nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, channel};
@@ -18,8 +18,12 @@ use tether_store::embedded::EmbeddedStore;
 use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
 
 fn pool(ips: &str) -> Pool {
+    pool_named("p", ips)
+}
+
+fn pool_named(name: &str, ips: &str) -> Pool {
     Pool::new(
-        "p",
+        name,
         &IpPoolSpec {
             subnet: "10.0.0.0/24".into(),
             ips: vec![ips.into()],
@@ -30,6 +34,10 @@ fn pool(ips: &str) -> Pool {
 }
 
 fn add(container: &str) -> Op {
+    add_in(container, "p")
+}
+
+fn add_in(container: &str, pool: &str) -> Op {
     Op::Add(Box::new(AddOp {
         attachment: Attachment {
             container_id: container.into(),
@@ -40,7 +48,7 @@ fn add(container: &str) -> Op {
         },
         network: "net".into(),
         decision: Decision::Ephemeral,
-        pools: vec!["p".into()],
+        pools: vec![pool.into()],
         requested: vec![],
         now: 1,
         liveness: Box::new(|_: &Attachment| Liveness::Unknown),
@@ -70,12 +78,14 @@ struct Engine {
 }
 
 fn engine(store: Arc<dyn Store>, pools: Vec<Pool>) -> Engine {
+    let events = store.subscribe();
     let snap = store.snapshot().expect("snapshot");
     let ipam = Arc::new(RwLock::new(
         Ipam::new(pools, snap.allocations).expect("pools"),
     ));
     let metrics = Arc::new(Metrics::new());
-    let (writer, thread) = Writer::start(ipam.clone(), store, metrics.clone()).expect("writer");
+    let (writer, thread) =
+        Writer::start(ipam.clone(), store, events, metrics.clone()).expect("writer");
     Engine {
         writer,
         ipam,
@@ -96,6 +106,8 @@ struct Faulty {
     /// No change feed: this writer's view goes stale.
     deaf: bool,
     fail_commit: AtomicBool,
+    /// Commits panic (a bug in a backend): the writer thread dies.
+    panic_commit: AtomicBool,
     fail_snapshot: AtomicBool,
     /// Every group conflicts.
     always_conflict: AtomicBool,
@@ -111,6 +123,7 @@ impl Faulty {
             inner,
             deaf: false,
             fail_commit: AtomicBool::new(false),
+            panic_commit: AtomicBool::new(false),
             fail_snapshot: AtomicBool::new(false),
             always_conflict: AtomicBool::new(false),
             closed: Mutex::new(false),
@@ -128,8 +141,8 @@ impl Store for Faulty {
         self.inner.snapshot()
     }
 
-    fn get(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError> {
-        self.inner.get(pool, ip)
+    fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
+        self.inner.get(ip)
     }
 
     fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
@@ -139,6 +152,10 @@ impl Store for Faulty {
             closed = self.opened.wait(closed).expect("gate");
         }
         drop(closed);
+        assert!(
+            !self.panic_commit.load(Ordering::SeqCst),
+            "commit panics on purpose"
+        );
         if self.fail_commit.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("commit broken on purpose".into()));
         }
@@ -188,6 +205,98 @@ async fn a_conflicting_claim_is_planned_again() {
     );
     let stored = store.snapshot().expect("snapshot").allocations;
     assert_eq!(stored.len(), 2);
+}
+
+/// The unit of a claim is the address, not the pool: an engine that knows the pool by a new
+/// name (renamed in its file, the other engine not reloaded yet) and has a stale view claims
+/// an address the other holds under the old name. The store refuses; it re-reads the address
+/// and takes another.
+#[tokio::test]
+async fn a_claim_under_another_pool_name_conflicts_and_is_planned_again() {
+    let (_dir, store) = embedded();
+    let a = engine(store.clone(), vec![pool_named("old", "10.0.0.1-10.0.0.4")]);
+    let mut deaf = Faulty::new(store.clone());
+    deaf.deaf = true;
+    let b = engine(Arc::new(deaf), vec![pool_named("new", "10.0.0.1-10.0.0.4")]);
+    let first = ip_of(a.writer.submit(add_in("a1", "old")).await).expect("a1");
+    let second = ip_of(b.writer.submit(add_in("b1", "new")).await).expect("b1 after a re-plan");
+    assert_ne!(first, second, "one address handed out under two pool names");
+    assert_eq!(b.metrics.conflicts.get(), 1, "b's first claim conflicted");
+    // b re-read the address: it holds it as an orphan of the old name, reserved.
+    let b_state = b.ipam.read().expect("state");
+    assert_eq!(
+        b_state.at(first).len(),
+        1,
+        "the conflict's address was re-read"
+    );
+    b_state.check().expect("b's state is consistent");
+}
+
+/// Two engines, one of which knows the pool by another name and never hears of the other's
+/// commits (its watch lags behind), on a pool of sixteen: each of four callers keeps two pods
+/// (an ADD, then the DEL of its older pod), so addresses stay held while others are handed
+/// out. No address is ever held by two pods, and nothing is left at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_engines_with_a_renamed_pool_never_hand_out_an_address_twice() {
+    let (_dir, store) = embedded();
+    let names = ["old", "new"];
+    let mut deaf = Faulty::new(store.clone());
+    deaf.deaf = true;
+    let stores: [Arc<dyn Store>; 2] = [store.clone(), Arc::new(deaf)];
+    let engines: Vec<Arc<Engine>> = names
+        .iter()
+        .zip(stores)
+        .map(|(n, s)| Arc::new(engine(s, vec![pool_named(n, "10.0.0.1-10.0.0.16")])))
+        .collect();
+    let held: Arc<Mutex<HashMap<IpAddr, String>>> = Arc::default();
+    let granted = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (n, e) in engines.iter().enumerate() {
+        for t in 0..2 {
+            let (e, held, name, granted) = (e.clone(), held.clone(), names[n], granted.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut mine: VecDeque<(String, IpAddr)> = VecDeque::new();
+                for i in 0..40 {
+                    let c = format!("e{n}-t{t}-{i}");
+                    match ip_of(e.writer.submit(add_in(&c, name)).await) {
+                        Ok(ip) => {
+                            granted.fetch_add(1, Ordering::SeqCst);
+                            if let Some(other) = held.lock().expect("held").insert(ip, c.clone()) {
+                                panic!("{ip} handed to {c} while {other} holds it");
+                            }
+                            mine.push_back((c, ip));
+                        }
+                        Err(WriteError::Contended { .. })
+                        | Err(WriteError::Alloc(AllocError::PoolExhausted { .. })) => {}
+                        Err(other) => panic!("{c}: {other}"),
+                    }
+                    while mine.len() > 1 {
+                        let Some((old, ip)) = mine.pop_front() else {
+                            break;
+                        };
+                        held.lock().expect("held").remove(&ip);
+                        e.writer.submit(del(&old)).await.expect("DEL");
+                    }
+                }
+                for (old, ip) in mine {
+                    held.lock().expect("held").remove(&ip);
+                    e.writer.submit(del(&old)).await.expect("DEL");
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.expect("caller task");
+    }
+    assert!(
+        granted.load(Ordering::SeqCst) >= 4 * 40 / 2,
+        "most requests should get an address: {}",
+        granted.load(Ordering::SeqCst)
+    );
+    assert!(
+        store.snapshot().expect("snapshot").allocations.is_empty(),
+        "leaked"
+    );
 }
 
 /// A request that keeps conflicting is answered "contended" after a bounded number of tries.
@@ -329,6 +438,36 @@ async fn a_writer_that_cannot_resync_stops() {
         "the writer kept serving without a consistent state"
     );
     assert!(!e.writer.healthy());
+    // Nothing of the failed commit stayed in memory (the store could not be re-read, so
+    // only the undo can have removed it).
+    assert_eq!(
+        e.ipam.read().expect("state").allocations().count(),
+        0,
+        "an uncommitted allocation stayed in memory"
+    );
+}
+
+/// A writer thread that dies (a panic in a backend) fails readiness, and callers are told it
+/// stopped.
+#[tokio::test]
+async fn a_writer_that_panics_fails_readiness() {
+    let (_dir, store) = embedded();
+    let faulty = Arc::new(Faulty::new(store));
+    let e = engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    assert!(e.writer.healthy());
+    faulty.panic_commit.store(true, Ordering::SeqCst);
+    assert!(e.writer.submit(add("c1")).await.is_err());
+    for _ in 0..100 {
+        if !e.writer.healthy() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!e.writer.healthy(), "a dead writer still reports healthy");
+    assert!(matches!(
+        e.writer.submit(add("c2")).await,
+        Err(WriteError::Stopped)
+    ));
 }
 
 /// A caller that gives up while its ADD is being committed gets nothing: the ADD is rolled

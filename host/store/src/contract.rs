@@ -45,6 +45,12 @@ fn apply(store: &dyn Store, group: Vec<Change>) -> Vec<u64> {
         .expect("the group applies")
 }
 
+/// The one record of an address.
+fn one(mut v: Vec<Allocation>) -> Allocation {
+    assert_eq!(v.len(), 1, "one record per address: {v:?}");
+    v.remove(0)
+}
+
 fn sorted(mut v: Vec<Allocation>) -> Vec<Allocation> {
     v.sort_by_key(|a| (a.pool.clone(), a.ip));
     v
@@ -55,7 +61,7 @@ pub fn starts_empty(store: &dyn Store) {
     let s = store.snapshot().expect("snapshot");
     assert!(s.allocations.is_empty(), "a new store holds allocations");
     let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-    assert_eq!(store.get("p", ip).expect("get"), None);
+    assert_eq!(store.get(ip).expect("get"), vec![]);
 }
 
 /// What is committed is in the next snapshot and `get`, with the revision the commit
@@ -70,7 +76,7 @@ pub fn commit_round_trips(store: &dyn Store) {
         sorted(store.snapshot().expect("snapshot").allocations),
         vec![a.clone(), b.clone()]
     );
-    assert_eq!(store.get("p", a.ip).expect("get"), Some(a.clone()));
+    assert_eq!(store.get(a.ip).expect("get"), vec![a.clone()]);
     // Update: a new revision.
     let mut a2 = a.clone();
     a2.holders.clear();
@@ -78,13 +84,13 @@ pub fn commit_round_trips(store: &dyn Store) {
     let r2 = apply(store, put(&a2))[0];
     assert!(r2 != a.revision && r2 != b.revision, "revision reused");
     a2.revision = r2;
-    assert_eq!(store.get("p", a.ip).expect("get"), Some(a2.clone()));
+    assert_eq!(store.get(a.ip).expect("get"), vec![a2.clone()]);
     // Delete, then create again: yet another revision.
     apply(store, vec![Change::delete(&a2)]);
-    assert_eq!(store.get("p", a.ip).expect("get"), None);
+    assert_eq!(store.get(a.ip).expect("get"), vec![]);
     assert_eq!(store.snapshot().expect("snapshot").allocations, vec![b]);
     let r3 = apply(store, put(&allocation("p", "10.0.0.1", "a")))[0];
-    let a3 = store.get("p", a.ip).expect("get").expect("created again");
+    let a3 = one(store.get(a.ip).expect("get"));
     assert_eq!(a3.revision, r3);
     assert!(
         ![a.revision, r2].contains(&r3),
@@ -108,8 +114,53 @@ pub fn create_is_a_claim(store: &dyn Store) {
         })],
         "a second claim of one address must conflict"
     );
-    let held = store.get("p", a.ip).expect("get").expect("still held");
+    let held = one(store.get(a.ip).expect("get"));
     assert_eq!(held.holders[0].attachment.container_id, "a");
+}
+
+/// The unit of a claim is the address, not the pool: a create of an address held under
+/// another pool name (a pool renamed on one node and not yet on another, or two overlapping
+/// pools) conflicts; so does an update or delete of it under a pool name it does not have.
+/// Moving a record to a new pool name is a delete under the old one and a create under the
+/// new one, in one group, in that order.
+pub fn claims_are_per_address_across_pools(store: &dyn Store) {
+    let mut a = allocation("old", "10.0.0.1", "a");
+    a.revision = apply(store, put(&a))[0];
+    // Another writer, knowing the pool by its new name, claims the same address.
+    let rival = allocation("new", "10.0.0.1", "b");
+    let out = store.commit(&[put(&rival)]).expect("commit");
+    assert_eq!(
+        out,
+        vec![Err(Conflict {
+            pool: "new".into(),
+            ip: a.ip,
+            expected: 0,
+            found: a.revision,
+        })],
+        "a claim of an address held under another pool name must conflict"
+    );
+    // An update or delete naming the wrong pool, even with the record's revision, is refused.
+    let mut wrong = a.clone();
+    wrong.pool = "new".into();
+    let out = store
+        .commit(&[put(&wrong), vec![Change::delete(&wrong)]])
+        .expect("commit");
+    assert!(out.iter().all(|o| o.is_err()), "{out:?}");
+    assert_eq!(store.get(a.ip).expect("get"), vec![a.clone()]);
+    // Create first, then delete: the create conflicts and the group leaves nothing behind.
+    let mut moved = a.clone();
+    moved.pool = "new".into();
+    moved.revision = 0;
+    let out = store
+        .commit(&[vec![Change::Put(moved.clone()), Change::delete(&a)]])
+        .expect("commit");
+    assert!(out[0].is_err(), "{out:?}");
+    assert_eq!(store.get(a.ip).expect("get"), vec![a.clone()]);
+    // Delete first, then create: the record moves.
+    let revs = apply(store, vec![Change::delete(&a), Change::Put(moved.clone())]);
+    moved.revision = revs[1];
+    assert_eq!(store.get(a.ip).expect("get"), vec![moved.clone()]);
+    assert_eq!(store.snapshot().expect("snapshot").allocations, vec![moved]);
 }
 
 /// An update or a delete planned on an old revision conflicts and changes nothing; so does
@@ -130,12 +181,12 @@ pub fn stale_revisions_conflict(store: &dyn Store) {
         out.iter().all(|o| o.is_err()),
         "stale update or delete applied: {out:?}"
     );
-    assert_eq!(store.get("p", a.ip).expect("get"), Some(newer.clone()));
+    assert_eq!(store.get(a.ip).expect("get"), vec![newer.clone()]);
     // The record deleted: an update planned on it does not bring it back.
     apply(store, vec![Change::delete(&newer)]);
     let out = store.commit(&[put(&newer)]).expect("commit");
     assert!(out[0].is_err(), "an update re-created a deleted record");
-    assert_eq!(store.get("p", a.ip).expect("get"), None);
+    assert_eq!(store.get(a.ip).expect("get"), vec![]);
 }
 
 /// A group applies whole or not at all; groups are independent.

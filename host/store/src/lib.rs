@@ -1,11 +1,13 @@
 //! Where allocations live between restarts.
 //!
-//! The [`Store`] trait speaks the allocator's terms, one address at a time: every allocation
-//! is its own record with its own [`Revision`], and every write is conditional on it. A
-//! [`Change`] that puts an allocation at revision 0 creates it only if nobody holds the
-//! address (a claim); any other change applies only if the record is still at the revision
-//! it was planned on. So two writers with stale views can never both take one address: the
-//! second one's create fails with a [`Conflict`], and it re-reads and re-plans.
+//! The [`Store`] trait speaks the allocator's terms, one address at a time: every allocated
+//! address is one record with its own [`Revision`], whatever pool it was allocated under, and
+//! every write is conditional on it. A [`Change`] that puts an allocation at revision 0
+//! creates it only if nobody holds the address, under any pool name (a claim); any other
+//! change applies only if the record of that pool and address is still at the revision it was
+//! planned on. So two writers with stale views, even of the pools (one still calls a pool by
+//! its old name), can never both take one address: the second one's create fails with a
+//! [`Conflict`], and it re-reads the address and re-plans.
 //!
 //! The embedded backend ([`embedded::EmbeddedStore`], a redb file) serves standalone mode;
 //! the Kubernetes backend maps each record to one custom resource per address and a revision
@@ -46,7 +48,8 @@ pub struct Snapshot {
     pub allocations: Vec<Allocation>,
 }
 
-/// Why a group was not applied: one of its changes found its record otherwise than planned.
+/// Why a group was not applied: one of its changes found its record otherwise than planned
+/// (`found` is the revision of the address's record, possibly under another pool name).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{pool}/{ip}: planned on revision {expected}, the store has {found}")]
 pub struct Conflict {
@@ -102,8 +105,10 @@ pub trait Store: Send + Sync {
     /// Every allocation, with its revision.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
-    /// One allocation, with its revision, if the address is allocated under `pool`.
-    fn get(&self, pool: &str, ip: IpAddr) -> Result<Option<Allocation>, StoreError>;
+    /// The record of an address, with its revision, under whatever pool it was allocated;
+    /// empty if the address is free. (More than one only in an embedded file written before
+    /// addresses were claimed across pools: see [`embedded`].)
+    fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError>;
 
     /// Applies each group whole if all its changes find their records at the revisions
     /// they were planned on, durably; returns one outcome per group, in order.

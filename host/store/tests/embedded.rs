@@ -40,6 +40,11 @@ fn contract_groups_are_atomic_and_independent() {
 }
 
 #[test]
+fn contract_claims_are_per_address_across_pools() {
+    contract::claims_are_per_address_across_pools(&fresh().1);
+}
+
+#[test]
 fn contract_racing_claims_one_wins() {
     let (_dir, store) = fresh();
     contract::racing_claims_one_wins(Arc::new(store));
@@ -109,4 +114,68 @@ fn unreadable_file_is_an_error_not_a_panic() {
     std::fs::write(&path, b"this is not a database").expect("write");
     let e = EmbeddedStore::open(&path).err().expect("refused");
     assert!(e.to_string().contains("state.redb"), "{e}");
+}
+
+#[test]
+fn an_address_held_twice_in_an_old_file_stays_taken_until_both_are_released() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let p = allocation("p", "10.0.0.1", "a");
+    let q = allocation("q", "10.0.0.1", "b");
+    {
+        // An old layout (keys `pool/ip`) holding one address twice, as overlapping pools
+        // could leave it before they were refused.
+        let db = redb::Database::create(&path).expect("create");
+        let txn = db.begin_write().expect("txn");
+        {
+            let allocs: redb::TableDefinition<&str, &[u8]> =
+                redb::TableDefinition::new("allocations");
+            let mut t = txn.open_table(allocs).expect("table");
+            for a in [&p, &q] {
+                let v = serde_json::to_vec(a).expect("json");
+                t.insert(format!("{}/{}", a.pool, a.ip).as_str(), v.as_slice())
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let s = EmbeddedStore::open(&path).expect("open an old file");
+    let mut both = s.snapshot().expect("snapshot").allocations;
+    both.sort_by_key(|a| a.pool.clone());
+    assert_eq!(
+        both.iter().map(|a| a.pool.as_str()).collect::<Vec<_>>(),
+        ["p", "q"]
+    );
+    assert_eq!(s.get(p.ip).expect("get").len(), 2, "get shows both records");
+    let claim = |pool: &str| {
+        s.commit(&[vec![Change::Put(allocation(pool, "10.0.0.1", "c"))]])
+            .expect("commit")[0]
+            .is_ok()
+    };
+    assert!(!claim("r"), "an address held twice was claimed again");
+    // Release one: the other keeps the address taken.
+    let first = both[0].clone();
+    let out = s.commit(&[vec![Change::delete(&first)]]).expect("commit");
+    assert!(out[0].is_ok(), "{out:?}");
+    assert_eq!(s.get(p.ip).expect("get"), vec![both[1].clone()]);
+    assert!(
+        !claim("r"),
+        "the second record no longer kept the address taken"
+    );
+    // Reopened, still so.
+    drop(s);
+    let s = EmbeddedStore::open(&path).expect("reopen");
+    assert_eq!(
+        s.snapshot().expect("snapshot").allocations,
+        vec![both[1].clone()]
+    );
+    let out = s.commit(&[vec![Change::delete(&both[1])]]).expect("commit");
+    assert!(out[0].is_ok(), "{out:?}");
+    let out = s
+        .commit(&[vec![Change::Put(allocation("r", "10.0.0.1", "c"))]])
+        .expect("commit");
+    assert!(
+        out[0].is_ok(),
+        "a free address could not be claimed: {out:?}"
+    );
 }

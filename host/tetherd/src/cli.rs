@@ -168,20 +168,45 @@ pub struct SandboxArgs {
     /// Reset a policy's memory between evaluations with the kernel's PAGEMAP_SCAN (only the
     /// pages it dirtied). Off by default: wasmtime still evaluates it, and a dirty page that
     /// was swapped out is neither reset nor released, so the next evaluation could read it.
-    /// Only for nodes without swap. Measured gain for the built-in policies: none.
+    /// Only for nodes without swap: refused where swap is in use when tetherd starts. Measured
+    /// gain for the built-in policies: none.
     #[arg(long, env = "TETHER_POLICY_PAGEMAP_SCAN", default_value_t = false)]
     pub policy_pagemap_scan: bool,
 }
 
 impl SandboxArgs {
-    pub fn runtime_config(&self) -> RuntimeConfig {
-        RuntimeConfig {
+    /// The runtime's settings; refuses `--policy-pagemap-scan` on a machine with swap.
+    pub fn runtime_config(&self) -> anyhow::Result<RuntimeConfig> {
+        if self.policy_pagemap_scan {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+            let swap = swap_total_kib(&meminfo);
+            if swap != Some(0) {
+                let found = swap.map_or_else(
+                    || "cannot read SwapTotal from /proc/meminfo".to_owned(),
+                    |kib| format!("this machine has {kib} KiB of swap"),
+                );
+                anyhow::bail!(
+                    "--policy-pagemap-scan is only safe without swap ({found}): a policy's page \
+                     swapped out during an evaluation is not reset, and the next evaluation could \
+                     read it. Turn swap off or leave --policy-pagemap-scan unset."
+                );
+            }
+        }
+        Ok(RuntimeConfig {
             timeout: Duration::from_millis(self.policy_timeout_ms.max(1)),
             memory_limit: self.policy_memory_mib.max(1) << 20,
             pagemap_scan: self.policy_pagemap_scan,
             ..RuntimeConfig::default()
-        }
+        })
     }
+}
+
+/// `SwapTotal` of a /proc/meminfo text, in KiB.
+fn swap_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("SwapTotal:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,4 +277,17 @@ pub struct InspectArgs {
 pub struct ExportArgs {
     /// Directory to write into (created if missing).
     pub dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::swap_total_kib;
+
+    #[test]
+    fn swap_total_is_read_from_meminfo() {
+        let text = "MemTotal:       24576000 kB\nSwapCached:            0 kB\nSwapTotal:        262140 kB\nSwapFree:         262140 kB\n";
+        assert_eq!(swap_total_kib(text), Some(262_140));
+        assert_eq!(swap_total_kib("SwapTotal:        0 kB\n"), Some(0));
+        assert_eq!(swap_total_kib("MemTotal: 1 kB\n"), None);
+    }
 }

@@ -63,7 +63,7 @@ fn test(a: TestArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|r| (PolicySource::parse(r), settings.clone()))
         .collect();
-    let rt = Runtime::new(a.sandbox.runtime_config())?;
+    let rt = Runtime::new(a.sandbox.runtime_config()?)?;
     let chain = chain::build(&rt, &sources)?;
     let owner_names: Vec<String> = owners
         .iter()
@@ -98,7 +98,7 @@ fn test(a: TestArgs) -> anyhow::Result<ExitCode> {
 fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let bytes =
         std::fs::read(&a.file).map_err(|e| anyhow::anyhow!("reading {}: {e}", a.file.display()))?;
-    let rt = Runtime::new(a.sandbox.runtime_config())?;
+    let rt = Runtime::new(a.sandbox.runtime_config()?)?;
     let source = a.file.display().to_string();
     let i = tether_policy::inspect(&rt, &source, &bytes)?;
     let loads = i.load_error.is_none();
@@ -215,7 +215,7 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     let output = a.output.unwrap_or_else(|| format!("{name}.wasm").into());
     std::fs::write(&output, &component)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", output.display()))?;
-    let rt = Runtime::new(a.sandbox.runtime_config())?;
+    let rt = Runtime::new(a.sandbox.runtime_config()?)?;
     let source = output.display().to_string();
     let i = tether_policy::inspect(&rt, &source, &component)?;
     print_json(&serde_json::to_value(&i)?)?;

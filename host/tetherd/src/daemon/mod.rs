@@ -214,7 +214,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let store_path = args.state_dir.join("tether.redb");
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
     let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
-    let runtime = Runtime::new(args.sandbox.runtime_config())?;
+    let runtime = Runtime::new(args.sandbox.runtime_config()?)?;
     let chain = chain::build(&runtime, &chain_sources(&args)?)?;
     let workloads: (Arc<dyn WorkloadSource>, bool) = match &args.workloads {
         Some(d) => (
