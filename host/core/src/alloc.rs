@@ -35,12 +35,15 @@ use crate::decision::{Decision, IdentityKind, ReleaseCondition};
 use crate::net::{Family, to_u128};
 use crate::pool::{FreeSet, Pool, PoolError, Route, addr, check_disjoint};
 
-/// Whether a pod (an attachment's holder) still exists, as far as the workload source knows.
+/// Whether a pod (an attachment's holder: that namespace, name and UID) still exists, as far as
+/// the workload source knows.
 ///
 /// Only [`Liveness::Gone`] lets the allocator act against a holder (another pod of the
 /// identity takes over, a release rule fires): a source that cannot tell (a manifest that does
-/// not parse, a cache not synced yet) answers [`Liveness::Unknown`], which keeps everything as
-/// it is.
+/// not parse or was just rewritten, a cache not synced yet) answers [`Liveness::Unknown`],
+/// which keeps everything as it is. The one other evidence is the kubelet's: an ADD for the
+/// same pod name with another UID (both set) replaces a holder the source does not say is
+/// [`Liveness::Live`] (see [`Ipam::plan_add`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Liveness {
@@ -615,10 +618,11 @@ impl Ipam {
         }
     }
 
-    /// Plans an ADD. `liveness` says whether a current holder's pod still exists: only a
-    /// holder known to be [`Liveness::Gone`] is dropped; one the source cannot judge is kept.
-    /// A holder of the same pod name with another UID is stale whatever it says (the pod was
-    /// recreated).
+    /// Plans an ADD. `liveness` says whether a current holder's pod (that UID) still exists.
+    /// Another pod takes a pinned address over from a holder only when the holder is known to
+    /// be [`Liveness::Gone`], or is the same pod name with another UID (both UIDs set: the pod
+    /// was recreated) and the source does not say it is [`Liveness::Live`]. A holder the
+    /// source cannot judge is kept, and so is one an ADD without a UID names.
     pub fn plan_add(
         &self,
         req: &AddRequest<'_>,
@@ -695,9 +699,7 @@ impl Ipam {
                     let live: Vec<&Holder> = old
                         .holders
                         .iter()
-                        .filter(|h| {
-                            !stale(h, &req.attachment) && liveness(&h.attachment) != Liveness::Gone
-                        })
+                        .filter(|h| !gives_way(h, &req.attachment, liveness(&h.attachment)))
                         .collect();
                     // The candidate pool covering the old address, whatever name the address
                     // was allocated under (a renamed pool keeps its pins).
@@ -1084,13 +1086,25 @@ impl Ipam {
     }
 }
 
-/// A holder of the same pod name with another UID: the pod was deleted and recreated.
-fn stale(h: &Holder, new: &Attachment) -> bool {
+/// Whether a holder of a pinned address gives way to `new`, whose ADD asks for it: the holder
+/// is `new` itself, or known gone, or the same pod name recreated (see [`recreated`]) while
+/// the workload source does not say the holder's UID is live.
+fn gives_way(h: &Holder, new: &Attachment, liveness: Liveness) -> bool {
     h.attachment.key() == new.key()
-        || (!new.pod.is_empty()
-            && h.attachment.namespace == new.namespace
-            && h.attachment.pod == new.pod
-            && h.attachment.pod_uid != new.pod_uid)
+        || liveness == Liveness::Gone
+        || (recreated(&h.attachment, new) && liveness != Liveness::Live)
+}
+
+/// The same pod name with another UID, both UIDs known: a pod of that name was deleted and
+/// created again (Kubernetes keeps pod names unique, so the old one no longer exists). An
+/// empty UID says nothing either way.
+fn recreated(old: &Attachment, new: &Attachment) -> bool {
+    !new.pod.is_empty()
+        && !old.pod_uid.is_empty()
+        && !new.pod_uid.is_empty()
+        && old.namespace == new.namespace
+        && old.pod == new.pod
+        && old.pod_uid != new.pod_uid
 }
 
 /// The change that removes the holders `gone` picks: an ephemeral address goes with its

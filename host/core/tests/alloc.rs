@@ -204,16 +204,131 @@ fn statefulset_pod_recreated_under_the_same_name_takes_over() {
         &all_live,
     )
     .expect("first")[0];
-    // Same name, new UID, old DEL not seen yet: the old incarnation cannot exist any more.
+    // Same name, new UID, old DEL not seen yet, and the workload source cannot tell (no
+    // source, a cache not synced): the old incarnation cannot exist any more.
+    let unknown = |_: &Attachment| Liveness::Unknown;
     let got = add(
         &mut ipam,
         att("c2", "web-0", "u2"),
         &d,
         &["test-ippool"],
-        &all_live,
+        &unknown,
     )
     .expect("recreated");
     assert_eq!(got, vec![ip]);
+    // Once more, the source knowing the old UID gone: taken over as well.
+    let got = add(
+        &mut ipam,
+        att("c3", "web-0", "u3"),
+        &d,
+        &["test-ippool"],
+        &none_live,
+    )
+    .expect("recreated again");
+    assert_eq!(got, vec![ip]);
+    let a = ipam.get("test-ippool", ip).expect("pin");
+    assert_eq!(a.holders.len(), 1);
+    assert_eq!(a.holders[0].attachment.container_id, "c3");
+}
+
+fn web_0() -> Decision {
+    Decision::Pinned(Pinned {
+        identity: "default/web-0".into(),
+        kind: IdentityKind::StatefulSetPod,
+        release: vec![ReleaseCondition::Never],
+        may_share: false,
+        pools: vec![],
+    })
+}
+
+/// Defect B: an ADD for a StatefulSet pod's name without a pod UID dropped the live holder
+/// of the name's pinned address, and both pods used it. An empty UID is no evidence that
+/// the pod was recreated: only a holder known to be gone is taken over.
+#[test]
+fn add_without_a_uid_never_drops_a_live_holder() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
+    let ip = add(
+        &mut ipam,
+        att("c1", "web-0", "u1"),
+        &web_0(),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("first")[0];
+    let unknown = |_: &Attachment| Liveness::Unknown;
+    for (live, what) in [
+        (&all_live as &dyn Fn(&Attachment) -> Liveness, "live"),
+        (&unknown, "unknown"),
+    ] {
+        let e = add(
+            &mut ipam,
+            att("c2", "web-0", ""),
+            &web_0(),
+            &["test-ippool"],
+            live,
+        )
+        .expect_err("a holder that may be live keeps the address");
+        assert!(
+            matches!(&e, AllocError::IdentityBusy { holder, .. } if holder.contains("c1")),
+            "{what}: {e}"
+        );
+        let a = ipam.get("test-ippool", ip).expect("pin");
+        assert_eq!(a.holders.len(), 1, "{what}: {:?}", a.holders);
+        assert_eq!(a.holders[0].attachment.container_id, "c1");
+    }
+    // The old holder known gone: taken over.
+    let got = add(
+        &mut ipam,
+        att("c2", "web-0", ""),
+        &web_0(),
+        &["test-ippool"],
+        &none_live,
+    )
+    .expect("gone holder is replaced");
+    assert_eq!(got, vec![ip]);
+    // A holder without a UID is not replaced by a pod with one either, while it may be live.
+    let e = add(
+        &mut ipam,
+        att("c3", "web-0", "u3"),
+        &web_0(),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect_err("busy");
+    assert!(matches!(e, AllocError::IdentityBusy { .. }), "{e}");
+}
+
+/// Defect B: a pod of the same name with another UID took the address over even when the
+/// workload source said the holder's UID is live. Both UIDs set and different is evidence
+/// only when the source does not say otherwise.
+#[test]
+fn recreated_pod_never_takes_over_from_a_holder_the_source_says_is_live() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
+    let ip = add(
+        &mut ipam,
+        att("c1", "web-0", "u1"),
+        &web_0(),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("first")[0];
+    let e = add(
+        &mut ipam,
+        att("c2", "web-0", "u2"),
+        &web_0(),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect_err("the source says u1 is live");
+    assert!(
+        matches!(&e, AllocError::IdentityBusy { holder, ip: busy, .. } if holder.contains("c1") && *busy == ip),
+        "{e}"
+    );
+    assert!(e.to_string().contains("is held by"), "{e}");
+    let a = ipam.get("test-ippool", ip).expect("pin");
+    assert_eq!(a.holders.len(), 1);
+    assert_eq!(a.holders[0].attachment.container_id, "c1");
+    assert!(ipam.held_by("c2", "eth0").is_empty());
 }
 
 #[test]
@@ -1118,8 +1233,14 @@ fn pool_step() -> impl Strategy<Value = Step> {
 
 fn pod_of(c: u8) -> Attachment {
     // Five pod names for eight containers: some containers are a recreated pod (same name,
-    // other UID), whose old holder is stale whatever its liveness.
-    att(&format!("c{c}"), &format!("p{}", c % 5), &format!("u{c}"))
+    // other UID), whose old holder gives way unless the source says it is live. The last
+    // container asks without a UID (no evidence of anything).
+    let uid = if c == CONTAINERS - 1 {
+        String::new()
+    } else {
+        format!("u{c}")
+    };
+    att(&format!("c{c}"), &format!("p{}", c % 5), &uid)
 }
 
 fn identity_text(identity: u8) -> String {
@@ -1148,14 +1269,18 @@ fn pin_of(a: &Allocation) -> Option<(&str, IdentityKind)> {
     }
 }
 
-/// The allocator's rule for a holder that a new pod replaces whatever its liveness: the same
-/// attachment, or the same pod name with another UID.
-fn stale_for(h: &Attachment, new: &Attachment) -> bool {
+/// The allocator's rule for a holder that a new pod replaces although it is not known gone:
+/// the same attachment, or the same pod name with another UID (both set) while the source
+/// does not say the holder is live.
+fn stale_for(h: &Attachment, new: &Attachment, liveness: Liveness) -> bool {
     (h.container_id == new.container_id && h.ifname == new.ifname)
         || (!new.pod.is_empty()
             && h.namespace == new.namespace
             && h.pod == new.pod
-            && h.pod_uid != new.pod_uid)
+            && !h.pod_uid.is_empty()
+            && !new.pod_uid.is_empty()
+            && h.pod_uid != new.pod_uid
+            && liveness != Liveness::Live)
 }
 
 fn sorted_allocations(ipam: &Ipam) -> Vec<Allocation> {
@@ -1478,7 +1603,7 @@ fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
                                 let kept = after.get(ip).is_some_and(|v| v.contains(h));
                                 prop_assert!(
                                     kept || liveness(h) == Liveness::Gone
-                                        || stale_for(h, &attachment),
+                                        || stale_for(h, &attachment, liveness(h)),
                                     "ADD of {} dropped {:?} holder {} of {}",
                                     attachment.describe(),
                                     liveness(h),
@@ -1520,7 +1645,11 @@ fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
                                 && a.holders.iter().any(|h| {
                                     h.attachment.describe() == holder
                                         && liveness(&h.attachment) != Liveness::Gone
-                                        && !stale_for(&h.attachment, &attachment)
+                                        && !stale_for(
+                                            &h.attachment,
+                                            &attachment,
+                                            liveness(&h.attachment),
+                                        )
                                 })
                         });
                         prop_assert!(busy, "busy for {} which may be replaced", holder);

@@ -250,7 +250,7 @@ impl Engine {
             if a.pod.is_empty() {
                 Liveness::Unknown
             } else {
-                view.pod_liveness(&a.namespace, &a.pod)
+                view.pod_liveness(&a.namespace, &a.pod, &a.pod_uid)
             }
         };
         let op = Op::Add(Box::new(AddOp {

@@ -32,8 +32,11 @@ pub trait WorkloadView: Send + Sync {
     /// A namespace's annotations.
     fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)>;
 
-    /// Whether a pod exists: [`Liveness::Gone`] only when the source knows it does not.
-    fn pod_liveness(&self, namespace: &str, name: &str) -> Liveness;
+    /// Whether the pod `namespace/name` with `uid` exists: [`Liveness::Live`] when the source
+    /// has a pod of that name whose UID is `uid` (or either UID is empty);
+    /// [`Liveness::Gone`] only when the source knows there is none (the name is missing, or
+    /// has another UID, both set); [`Liveness::Unknown`] when it cannot tell.
+    fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness;
 
     /// Whether a release condition is known to have fired (its owner known to be gone, or
     /// known to be scaled below the ordinal). Unknown never fires.
@@ -68,7 +71,7 @@ impl WorkloadView for NoWorkloads {
         Vec::new()
     }
 
-    fn pod_liveness(&self, _: &str, _: &str) -> Liveness {
+    fn pod_liveness(&self, _: &str, _: &str, _: &str) -> Liveness {
         Liveness::Unknown
     }
 

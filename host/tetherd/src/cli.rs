@@ -89,6 +89,11 @@ pub struct RunArgs {
     /// looked up by the K8S_POD_NAMESPACE/K8S_POD_NAME CNI args. Re-read when files change.
     #[arg(long, env = "TETHER_WORKLOADS")]
     pub workloads: Option<PathBuf>,
+    /// Seconds the --workloads directory must stay unchanged before an object that left a
+    /// file still there (rewritten, truncated, moved within the directory) counts as deleted.
+    /// A deleted file's objects count as deleted at once.
+    #[arg(long, env = "TETHER_WORKLOADS_SETTLE", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub workloads_settle_secs: u64,
     /// Directory that relative policy paths in --chain are resolved against.
     #[arg(long, env = "TETHER_POLICIES")]
     pub policies: Option<PathBuf>,

@@ -219,8 +219,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let workloads: (Arc<dyn WorkloadSource>, bool) = match &args.workloads {
         Some(d) => (
             Arc::new(
-                workloads::WorkloadFiles::new(d.clone())
-                    .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
+                workloads::WorkloadFiles::new(
+                    d.clone(),
+                    std::time::Duration::from_secs(args.workloads_settle_secs),
+                )
+                .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
             ),
             true,
         ),
