@@ -41,6 +41,24 @@ pub enum IdentityKind {
     Custom,
 }
 
+impl IdentityKind {
+    /// The contract's name: `virtual-machine`, `stateful-set-pod`, `ipam-claim`, `custom`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::VirtualMachine => "virtual-machine",
+            IdentityKind::StatefulSetPod => "stateful-set-pod",
+            IdentityKind::IpamClaim => "ipam-claim",
+            IdentityKind::Custom => "custom",
+        }
+    }
+}
+
+impl std::fmt::Display for IdentityKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One condition that frees a pinned address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -252,6 +270,14 @@ mod tests {
         let v = serde_json::to_value(&d).expect("serializable");
         assert_eq!(v["type"], "pinned");
         assert_eq!(v["kind"], "virtual-machine");
+        for kind in [
+            IdentityKind::VirtualMachine,
+            IdentityKind::StatefulSetPod,
+            IdentityKind::IpamClaim,
+            IdentityKind::Custom,
+        ] {
+            assert_eq!(serde_json::to_value(kind).expect("kind"), kind.as_str());
+        }
         assert_eq!(v["mayShare"], true);
         assert_eq!(v["release"][0]["scaledBelow"]["ordinal"], 2);
     }

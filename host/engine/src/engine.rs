@@ -1,6 +1,7 @@
-//! What each API call does: resolve the workload, ask the policy chain, select pools, hand the
-//! allocation to the writer; and the reconciler, which plans releases on a look at the state
-//! and has the writer delete only what is unchanged since.
+//! What each API call does: resolve the workload, ask the policy chain, check that a pinned
+//! decision claims the pod's own identity, select pools, hand the allocation to the writer;
+//! and the reconciler, which plans releases on a look at the state and has the writer delete
+//! only what is unchanged since.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -312,6 +313,8 @@ impl Engine {
             identity = match &outcome.decision { Decision::Pinned(p) => p.identity.as_str(), _ => "" },
             "policy decision"
         );
+        // Whatever the policy, it may pin the pod only under the pod's own identity.
+        outcome.check_claim(&request)?;
         let hints: Vec<String> = match &outcome.decision {
             Decision::Pinned(p) => p.pools.clone(),
             _ => Vec::new(),

@@ -48,6 +48,20 @@ pub struct ChainOutcome {
     pub steps: Vec<Step>,
 }
 
+impl ChainOutcome {
+    /// Checks that the decision claims only the pod's own identity
+    /// ([`tether_core::claim::check`]); a claim of another workload's is the deciding policy's
+    /// failure, [`PolicyError::ForeignIdentity`].
+    pub fn check_claim(&self, request: &PolicyRequest) -> Result<(), PolicyError> {
+        tether_core::claim::check(&self.decision, request).map_err(|error| {
+            PolicyError::ForeignIdentity {
+                policy: self.decided_by.clone().unwrap_or_else(|| "(none)".into()),
+                error,
+            }
+        })
+    }
+}
+
 impl Chain {
     /// Builds a chain; policy names must be unique in it.
     pub fn new(entries: Vec<ChainEntry>) -> Result<Self, PolicyError> {

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tether_core::ClaimError;
 use thiserror::Error;
 
 /// Why a policy could not be loaded or evaluated.
@@ -75,6 +76,16 @@ pub enum PolicyError {
         /// Why it is invalid.
         reason: String,
     },
+    /// The decision pins the pod under an identity that is not the pod's (another namespace's,
+    /// a VM's that does not own the pod, another StatefulSet pod's): refused by the host
+    /// ([`tether_core::claim::check`]) before anything is allocated.
+    #[error("policy {policy}: cannot pin this pod: {error}")]
+    ForeignIdentity {
+        /// Policy name.
+        policy: String,
+        /// What the claim breaks.
+        error: ClaimError,
+    },
     /// The policy refused the workload (`err` from `evaluate`).
     #[error("policy {policy}: refused the workload: {message}")]
     Refused {
@@ -107,6 +118,7 @@ impl PolicyError {
             | PolicyError::ForbiddenImport { policy, .. }
             | PolicyError::ContractMismatch { policy, .. }
             | PolicyError::InvalidDecision { policy, .. }
+            | PolicyError::ForeignIdentity { policy, .. }
             | PolicyError::Refused { policy, .. }
             | PolicyError::BadMetadata { policy, .. } => Some(policy),
             PolicyError::Engine(_) => None,
@@ -123,6 +135,7 @@ impl PolicyError {
             PolicyError::ForbiddenImport { .. } => "forbidden_import",
             PolicyError::ContractMismatch { .. } => "contract_mismatch",
             PolicyError::InvalidDecision { .. } => "invalid_decision",
+            PolicyError::ForeignIdentity { .. } => "foreign_identity",
             PolicyError::Refused { .. } => "refused",
             PolicyError::BadMetadata { .. } => "bad_metadata",
             PolicyError::Engine(_) => "engine",

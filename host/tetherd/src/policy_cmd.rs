@@ -71,7 +71,12 @@ fn test(a: TestArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let pod = workload.key();
     let request = PolicyRequest { workload, owners };
-    match chain.evaluate(&rt, &request) {
+    // As the daemon does: a decision that claims another workload's identity fails.
+    let outcome = chain.evaluate(&rt, &request).and_then(|out| {
+        out.check_claim(&request)?;
+        Ok(out)
+    });
+    match outcome {
         Ok(out) => {
             print_json(&json!({
                 "pod": pod,

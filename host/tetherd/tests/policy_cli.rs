@@ -153,6 +153,36 @@ fn hostile_policy_fails_fast_with_a_typed_error() {
     assert_eq!(v["error"]["policy"], "hostile");
 }
 
+/// `policy test` refuses, as the daemon does, a decision that pins the pod under another
+/// workload's identity: here a Deployment pod under the VM's.
+#[test]
+fn a_claim_of_another_workloads_identity_fails_the_test() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("hostile.wasm");
+    std::fs::write(&file, tether_builtins::fixtures::HOSTILE).expect("write");
+    let f = file.display().to_string();
+    let settings = [
+        "mode=pin",
+        "identity=default/vm-cirros",
+        "kind=virtual-machine",
+        "may-share=true",
+    ];
+    let mut args = vec!["--policy", f.as_str()];
+    for s in &settings {
+        args.extend(["--setting", s]);
+    }
+    let (out, v) = test_pod("deployment-pod.yaml", &args);
+    assert_eq!(out.status.code(), Some(1), "{v}");
+    assert_eq!(v["error"]["reason"], "foreign_identity", "{v}");
+    assert_eq!(v["error"]["policy"], "hostile");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("default/vm-cirros"), "{msg}");
+    // The VM's own launcher pod may claim it.
+    let (out, v) = test_pod("virt-launcher-pod.yaml", &args);
+    assert!(out.status.success(), "{v}");
+    assert_eq!(v["decision"]["identity"], "default/vm-cirros");
+}
+
 #[test]
 fn inspect_reports_and_refuses() {
     let dir = tempfile::tempdir().expect("tempdir");
