@@ -41,7 +41,7 @@ impl WorkloadView for Cluster {
         Vec::new()
     }
 
-    fn pod_liveness(&self, namespace: &str, name: &str) -> Liveness {
+    fn pod_liveness(&self, namespace: &str, name: &str, _uid: &str) -> Liveness {
         if self.pod(namespace, name).is_some() {
             Liveness::Live
         } else {
