@@ -198,8 +198,10 @@ impl Daemon {
             .arg(&workloads)
             .arg("--socket")
             .arg(&socket)
-            // Defaults a test may override: release rules only when asked, info logs.
+            // Defaults a test may override: release rules only when asked, workloads judged
+            // as soon as they change (no settle period), info logs.
             .args(default_flag(extra, "--reconcile-interval-secs", "0"))
+            .args(default_flag(extra, "--workloads-settle-secs", "0"))
             .args(default_flag(extra, "--log-level", "info"))
             .args(extra)
             .stdout(Stdio::null())

@@ -246,7 +246,9 @@ pub fn run(real_interfaces: bool, report: &mut dyn FnMut(&Row)) -> Result<Vec<Ro
         &mut rows,
     );
 
-    // 7. The VM is deleted: its address is released.
+    // 7. The VM is deleted: its address is released. (This daemon judges the workloads at
+    // once, `--workloads-settle-secs 0` being `Daemon`'s default; tetherd's own default would
+    // release it once the directory has been left alone for 5 s.)
     net.del(&t)?;
     for m in ["pod-t", "vmi", "vm"] {
         d.remove_manifest(m)?;

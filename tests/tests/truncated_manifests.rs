@@ -1,18 +1,21 @@
-//! Defect A, through `tetherd run` and the `tether` plugin: a workload manifest caught
-//! truncated in place (`kubectl get vm db -o yaml > workloads/vm.yaml` empties the file
-//! first) still parses, as nothing or as another object. It must not read as "the VM is
-//! gone": the VM's idle pinned address survives a reconcile, and is released once the file
-//! is deleted (a deliberate act), or once the directory has been left alone for the settle
-//! period (`--workloads-settle-secs`).
+//! A workload manifest caught half-written, through `tetherd run` and the `tether` plugin:
+//! `kubectl get vm db -o yaml > workloads/vm.yaml` empties the file first, and the file still
+//! parses, as nothing or as another object; a delete-then-create (git checkout, install(1))
+//! can be caught between the two. Neither may read as "the VM is gone": the VM's idle pinned
+//! address survives a reconcile while the workloads directory or one of its files changed
+//! within the settle period (`--workloads-settle-secs`), and is released once the directory
+//! has been left alone that long.
 
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, manifests};
 
-/// A daemon whose workloads hold a VM (vm.yaml) whose launcher pod took a pinned address,
-/// then went away (DEL, manifest removed): the address is idle, kept for the VM.
-fn idle_vm_address(extra: &[&str]) -> (Daemon, String) {
-    let d = Daemon::start(SEED_POOL, extra).expect("daemon");
+/// A daemon with that settle period whose workloads hold a VM (vm.yaml) whose launcher pod
+/// took a pinned address, then went away (DEL, manifest removed): the address is idle, kept
+/// for the VM.
+fn idle_vm_address(settle_secs: &str) -> (Daemon, String) {
+    let d = Daemon::start(SEED_POOL, &["--workloads-settle-secs", settle_secs]).expect("daemon");
     let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
     d.put_manifest("vm", &manifests::vm("vm-cirros", "vm-uid"))
         .expect("vm");
@@ -38,10 +41,26 @@ fn truncate_vm(d: &Daemon, text: &str) {
     std::fs::write(d.workloads.join("vm.yaml"), text).expect("write vm.yaml in place");
 }
 
+/// Sets the modification time of `dir` and of the files in it `ago` in the past: the
+/// directory left alone that long, without waiting for it.
+fn age(dir: &Path, ago: Duration) {
+    let t = SystemTime::now() - ago;
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        std::fs::File::options()
+            .write(true)
+            .open(entry.path())
+            .and_then(|f| f.set_modified(t))
+            .expect("set file mtime");
+    }
+    std::fs::File::open(dir)
+        .and_then(|f| f.set_modified(t))
+        .expect("set directory mtime");
+}
+
 #[test]
-fn a_truncated_vm_manifest_keeps_the_vm_address_until_the_file_is_deleted() {
-    // A settle period far longer than the test: only the deletion may release.
-    let (d, ip) = idle_vm_address(&["--workloads-settle-secs", "600"]);
+fn a_truncated_or_deleted_vm_manifest_keeps_the_vm_address_until_the_directory_settles() {
+    // A settle period far longer than the test: the directory settles only when aged by hand.
+    let (d, ip) = idle_vm_address("600");
     let cuts = [
         ("to 0 bytes", ""),
         (
@@ -53,21 +72,27 @@ fn a_truncated_vm_manifest_keeps_the_vm_address_until_the_file_is_deleted() {
             "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: vm-cirros\n",
         ),
     ];
-    for (what, text) in cuts {
-        truncate_vm(&d, text);
+    let kept = |what: &str| {
         assert_eq!(
             d.reconcile().expect("reconcile"),
             Vec::<String>::new(),
-            "truncated {what}: nothing released"
+            "{what}: nothing released"
         );
         assert_eq!(
             d.usage("test-ippool").expect("usage").0,
             1,
-            "truncated {what}: the VM keeps {ip}"
+            "{what}: the VM keeps {ip}"
         );
+    };
+    for (what, text) in cuts {
+        truncate_vm(&d, text);
+        kept(&format!("truncated {what}"));
     }
-    // Deleting the file is deliberate: released at once.
+    // Deleted: maybe the first half of a delete-then-create, while the directory is recent.
     d.remove_manifest("vm").expect("vm gone");
+    kept("deleted a moment ago");
+    // The directory left alone for the settle period: the VM is deleted.
+    age(&d.workloads, Duration::from_secs(601));
     assert_eq!(
         d.reconcile().expect("reconcile"),
         [format!("test-ippool/{ip}")],
@@ -78,12 +103,32 @@ fn a_truncated_vm_manifest_keeps_the_vm_address_until_the_file_is_deleted() {
 
 #[test]
 fn a_truncated_vm_manifest_left_alone_counts_as_deleted_after_the_settle_period() {
-    let (d, ip) = idle_vm_address(&["--workloads-settle-secs", "1"]);
+    const SETTLE: Duration = Duration::from_secs(3);
+    // The file's timestamp may lag the clock by a kernel tick.
+    const SLACK: Duration = Duration::from_millis(100);
+    let (d, ip) = idle_vm_address("3");
+    let t0 = Instant::now();
     truncate_vm(&d, "");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Within the settle period: kept (a daemon judging at once would release it here).
+    assert_eq!(
+        d.reconcile().expect("reconcile"),
+        Vec::<String>::new(),
+        "released {:?} after the truncation, within the settle period: {}",
+        t0.elapsed(),
+        d.log()
+    );
+    let deadline = t0 + Duration::from_secs(20);
     let released = loop {
         let released = d.reconcile().expect("reconcile");
-        if !released.is_empty() || Instant::now() > deadline {
+        let at = t0.elapsed();
+        if !released.is_empty() {
+            assert!(
+                at + SLACK >= SETTLE,
+                "released {at:?} after the truncation, before the settle period"
+            );
+            break released;
+        }
+        if Instant::now() > deadline {
             break released;
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -2,62 +2,15 @@
 //! VirtualMachineInstances, VirtualMachines, StatefulSets), built from their JSON, answering
 //! as a [`WorkloadView`]. Standalone mode fills it from manifest files.
 
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use tether_core::alloc::Liveness;
-use tether_core::manifest::{ObjectIndex, api_group, object_from_value, workload_from_pod};
+use tether_core::manifest::{ObjectIndex, object_from_value, workload_from_pod};
 use tether_core::{Object, ObjectKey, OwnerReference, ReleaseCondition, Workload};
 
 use crate::ports::WorkloadView;
-
-/// Names one object of the index, to compare what a manifest file held before and after it
-/// changed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ObjectId {
-    /// A Pod. Its UID is part of its name here: a pod recreated under its name is another
-    /// pod.
-    Pod {
-        /// Namespace.
-        namespace: String,
-        /// Name.
-        name: String,
-        /// UID (empty when the manifest has none).
-        uid: String,
-    },
-    /// Any other object but a Namespace.
-    Object {
-        /// `apiVersion` (compared by API group, as lookups are).
-        api_version: String,
-        /// Kind.
-        kind: String,
-        /// Namespace.
-        namespace: String,
-        /// Name.
-        name: String,
-    },
-}
-
-impl ObjectId {
-    /// Whether this names the object `k` points at (any version of its API group).
-    fn is(&self, k: &ObjectKey) -> bool {
-        match self {
-            ObjectId::Object {
-                api_version,
-                kind,
-                namespace,
-                name,
-            } => {
-                api_group(api_version) == api_group(&k.api_version)
-                    && *kind == k.kind
-                    && *namespace == k.namespace
-                    && *name == k.name
-            }
-            ObjectId::Pod { .. } => false,
-        }
-    }
-}
 
 /// Whether two pod UIDs may name the same pod: equal, or one of them unknown (empty).
 fn same_pod(a: &str, b: &str) -> bool {
@@ -65,6 +18,11 @@ fn same_pod(a: &str, b: &str) -> bool {
 }
 
 /// What the manifests say, indexed.
+///
+/// A missing object is judged deleted only when the index is *settled* (see
+/// [`WorkloadIndex::settled_at`]): every manifest was read, and the files have not changed
+/// for [`WorkloadIndex::settle`] since [`WorkloadIndex::newest_change`]. Until then nothing
+/// is gone and no release condition fires.
 #[derive(Debug, Default)]
 pub struct WorkloadIndex {
     /// Owner objects (everything but Pods and Namespaces).
@@ -76,32 +34,22 @@ pub struct WorkloadIndex {
     /// Files (or documents) that could not be read: while there are any, an object missing
     /// from the index may just be in one of them, so nothing is judged gone.
     pub unreadable: Vec<String>,
-    /// Objects that left a manifest file that is still there (rewritten in place, truncated,
-    /// replaced, moved within the directory) and have not come back: the file may be caught
-    /// half-written, so they are not judged gone until [`WorkloadIndex::settle`] has passed
-    /// since [`WorkloadIndex::last_change`].
-    pub vanished: HashSet<ObjectId>,
-    /// When a change in the files was last seen (`None`: nothing to wait for).
-    pub last_change: Option<Instant>,
-    /// How long the files must stay unchanged before the [`WorkloadIndex::vanished`] objects
-    /// count as gone.
+    /// The latest modification time, by the filesystem's clock, of the source (its files and
+    /// directories); `None` when there is none to wait for.
+    pub newest_change: Option<SystemTime>,
+    /// How long after [`WorkloadIndex::newest_change`] the index is settled (zero: at once,
+    /// whatever the modification times say).
     pub settle: Duration,
 }
 
 impl WorkloadIndex {
-    /// Adds one object (a parsed manifest document); returns its id (none for a Namespace).
-    pub fn insert(&mut self, v: &Value) -> Result<Option<ObjectId>, String> {
+    /// Adds one object (a parsed manifest document).
+    pub fn insert(&mut self, v: &Value) -> Result<(), String> {
         let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
         match kind {
             "Pod" => {
                 let w = workload_from_pod(v).map_err(|e| e.to_string())?;
-                let id = ObjectId::Pod {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
-                    uid: w.uid.clone(),
-                };
                 self.pods.insert((w.namespace.clone(), w.name.clone()), w);
-                Ok(Some(id))
             }
             "Namespace" => {
                 let name = v
@@ -111,43 +59,13 @@ impl WorkloadIndex {
                 let mut o = object_from_value(v).map_err(|e| e.to_string())?;
                 o.namespace = String::new();
                 self.namespaces.insert(name.to_owned(), o.annotations);
-                Ok(None)
             }
             _ => {
                 let o = object_from_value(v).map_err(|e| e.to_string())?;
-                let id = ObjectId::Object {
-                    api_version: o.api_version.clone(),
-                    kind: o.kind.clone(),
-                    namespace: o.namespace.clone(),
-                    name: o.name.clone(),
-                };
                 self.objects.insert(o);
-                Ok(Some(id))
             }
         }
-    }
-
-    /// Whether the object `id` names is in the index.
-    pub fn contains(&self, id: &ObjectId) -> bool {
-        match id {
-            ObjectId::Pod {
-                namespace,
-                name,
-                uid,
-            } => self
-                .pods
-                .get(&(namespace.clone(), name.clone()))
-                .is_some_and(|w| w.uid == *uid),
-            ObjectId::Object {
-                api_version,
-                kind,
-                namespace,
-                name,
-            } => self
-                .objects
-                .lookup(api_version, kind, namespace, name)
-                .is_some(),
-        }
+        Ok(())
     }
 
     /// Whether every manifest was read: only then may a missing object mean a deleted one.
@@ -155,39 +73,37 @@ impl WorkloadIndex {
         self.unreadable.is_empty()
     }
 
-    /// Whether a missing object is known deleted at `now`: every manifest was read, and it
-    /// did not just leave a file that is still there (`vanished` picks it among
-    /// [`WorkloadIndex::vanished`]) unless the settle period is over.
-    fn known_missing(&self, now: Instant, vanished: impl Fn(&ObjectId) -> bool) -> bool {
-        let settling = self
-            .last_change
-            .is_some_and(|t| now.saturating_duration_since(t) < self.settle);
-        self.complete() && !(settling && self.vanished.iter().any(vanished))
+    /// Whether what the index lacks is known deleted at `now`: every manifest was read, and
+    /// the settle period has passed since the newest change (a change in the future, by a
+    /// skewed clock, is not settled). A file that changed within it may be caught
+    /// half-written, or between a delete and a create.
+    pub fn settled_at(&self, now: SystemTime) -> bool {
+        self.complete()
+            && (self.settle.is_zero()
+                || self.newest_change.is_none_or(|t| {
+                    now.duration_since(t)
+                        .is_ok_and(|since| since >= self.settle)
+                }))
     }
 
     /// Whether the pod `namespace/name` with `uid` exists at `now`: live when a manifest has
-    /// that pod (same UID, or either UID empty); gone when every manifest was read and it
-    /// has not (the name is missing, or has another UID, both set), unless the pod just left
-    /// a file that is still there and the settle period is not over; unknown otherwise.
+    /// that pod (same UID, or either UID empty); gone when the index is settled (see
+    /// [`WorkloadIndex::settled_at`]) and it has not (the name is missing, or has another
+    /// UID, both set); unknown otherwise.
     pub fn pod_liveness_at(
         &self,
         namespace: &str,
         name: &str,
         uid: &str,
-        now: Instant,
+        now: SystemTime,
     ) -> Liveness {
         if self
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .is_some_and(|w| same_pod(&w.uid, uid))
         {
-            return Liveness::Live;
-        }
-        let just_left = |id: &ObjectId| {
-            matches!(id, ObjectId::Pod { namespace: n, name: m, uid: u }
-                if n == namespace && m == name && same_pod(u, uid))
-        };
-        if self.known_missing(now, just_left) {
+            Liveness::Live
+        } else if self.settled_at(now) {
             Liveness::Gone
         } else {
             Liveness::Unknown
@@ -196,7 +112,7 @@ impl WorkloadIndex {
 
     /// [`WorkloadIndex::pod_liveness_at`] now.
     pub fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
-        self.pod_liveness_at(namespace, name, uid, Instant::now())
+        self.pod_liveness_at(namespace, name, uid, SystemTime::now())
     }
 
     fn lookup(&self, k: &ObjectKey) -> Option<&Object> {
@@ -204,24 +120,25 @@ impl WorkloadIndex {
             .lookup(&k.api_version, &k.kind, &k.namespace, &k.name)
     }
 
-    /// Whether a release condition is known to hold at `now`: its owner is gone (missing,
-    /// every manifest was read, and it did not just leave a file that is still there unless
-    /// the settle period is over), or scaled below the ordinal. Unknown never fires.
-    pub fn fires_at(&self, c: &ReleaseCondition, now: Instant) -> bool {
-        let gone = |k: &ObjectKey| self.known_missing(now, |id| id.is(k));
+    /// Whether a release condition is known to hold at `now`: the index is settled (see
+    /// [`WorkloadIndex::settled_at`]; a half-written StatefulSet may say `replicas: 1`), and
+    /// the owner is missing, or scaled below the ordinal. Unknown never fires.
+    pub fn fires_at(&self, c: &ReleaseCondition, now: SystemTime) -> bool {
+        if !self.settled_at(now) {
+            return false;
+        }
         match c {
-            ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none() && gone(k),
-            ReleaseCondition::ScaledBelow { owner, ordinal } => match self.lookup(owner) {
-                None => gone(owner),
-                Some(o) => o.replicas.is_some_and(|r| r <= *ordinal),
-            },
+            ReleaseCondition::OwnerDeleted(k) => self.lookup(k).is_none(),
+            ReleaseCondition::ScaledBelow { owner, ordinal } => self
+                .lookup(owner)
+                .is_none_or(|o| o.replicas.is_some_and(|r| r <= *ordinal)),
             ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
         }
     }
 
     /// [`WorkloadIndex::fires_at`] now.
     pub fn fires(&self, c: &ReleaseCondition) -> bool {
-        self.fires_at(c, Instant::now())
+        self.fires_at(c, SystemTime::now())
     }
 }
 
@@ -275,25 +192,89 @@ mod tests {
         assert_eq!(live("c", "u1"), Liveness::Gone);
     }
 
+    fn sts(replicas: u32) -> WorkloadIndex {
+        let mut idx = index(&[]);
+        idx.insert(&json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db", "namespace": "ns"}, "spec": {"replicas": replicas}}))
+            .expect("sts");
+        idx
+    }
+
+    fn below(ordinal: u32) -> ReleaseCondition {
+        ReleaseCondition::ScaledBelow {
+            owner: ObjectKey {
+                api_version: "apps/v1".into(),
+                kind: "StatefulSet".into(),
+                namespace: "ns".into(),
+                name: "db".into(),
+            },
+            ordinal,
+        }
+    }
+
+    fn deleted(name: &str) -> ReleaseCondition {
+        ReleaseCondition::OwnerDeleted(ObjectKey {
+            api_version: "apps/v1".into(),
+            kind: "StatefulSet".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+        })
+    }
+
     #[test]
-    fn nothing_is_gone_while_a_file_is_unreadable_or_an_object_just_left_one() {
-        let mut idx = index(&[("a", "u1")]);
+    fn nothing_is_gone_while_a_file_is_unreadable() {
+        let mut idx = sts(1);
+        idx.insert(&json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "ns", "uid": "u1"}}))
+            .expect("pod");
+        assert!(idx.fires(&below(1)));
         idx.unreadable.push("x.yaml: bad".into());
+        assert_eq!(idx.pod_liveness("ns", "a", "u1"), Liveness::Live);
         assert_eq!(idx.pod_liveness("ns", "a", "u2"), Liveness::Unknown);
         assert_eq!(idx.pod_liveness("ns", "c", "u1"), Liveness::Unknown);
-        idx.unreadable.clear();
-        let t0 = Instant::now();
-        idx.vanished.insert(ObjectId::Pod {
-            namespace: "ns".into(),
-            name: "c".into(),
-            uid: "u1".into(),
-        });
-        idx.last_change = Some(t0);
+        assert!(
+            !idx.fires(&below(1)),
+            "the StatefulSet may be in that file too"
+        );
+        assert!(!idx.fires(&deleted("other")));
+    }
+
+    /// A4 and the settle rule: while the files changed within the settle period nothing is
+    /// gone and nothing fires, not even `scaled-below` on a StatefulSet that is there (cut
+    /// from `replicas: 10` to `replicas: 1`, it still parses).
+    #[test]
+    fn nothing_is_gone_and_nothing_fires_until_the_files_settle() {
+        let mut idx = sts(1);
+        idx.insert(&json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "ns", "uid": "u1"}}))
+            .expect("pod");
+        let t0 = SystemTime::now();
+        idx.newest_change = Some(t0);
         idx.settle = Duration::from_secs(5);
-        let at = |uid: &str, t: Instant| idx.pod_liveness_at("ns", "c", uid, t);
-        assert_eq!(at("u1", t0), Liveness::Unknown);
-        assert_eq!(at("", t0), Liveness::Unknown);
-        assert_eq!(at("u9", t0), Liveness::Gone, "not the pod that left");
-        assert_eq!(at("u1", t0 + Duration::from_secs(5)), Liveness::Gone);
+        let settling = [t0, t0 + Duration::from_millis(4999)];
+        let settled = [t0 + Duration::from_secs(5), t0 + Duration::from_secs(3600)];
+        for now in settling {
+            assert!(!idx.settled_at(now));
+            assert!(!idx.fires_at(&below(1), now), "scaled-below");
+            assert!(!idx.fires_at(&deleted("other"), now), "owner-deleted");
+            assert_eq!(idx.pod_liveness_at("ns", "a", "u1", now), Liveness::Live);
+            assert_eq!(idx.pod_liveness_at("ns", "a", "", now), Liveness::Live);
+            assert_eq!(idx.pod_liveness_at("ns", "a", "u2", now), Liveness::Unknown);
+            assert_eq!(idx.pod_liveness_at("ns", "c", "u1", now), Liveness::Unknown);
+        }
+        for now in settled {
+            assert!(idx.settled_at(now));
+            assert!(idx.fires_at(&below(1), now));
+            assert!(!idx.fires_at(&below(0), now));
+            assert!(idx.fires_at(&deleted("other"), now));
+            assert!(!idx.fires_at(&deleted("db"), now));
+            assert_eq!(idx.pod_liveness_at("ns", "a", "u2", now), Liveness::Gone);
+            assert_eq!(idx.pod_liveness_at("ns", "c", "u1", now), Liveness::Gone);
+        }
+        // A change in the future (a skewed clock) is not settled.
+        assert!(!idx.settled_at(t0 - Duration::from_secs(60)));
+        // A zero settle period judges at once, whatever the times say.
+        idx.settle = Duration::ZERO;
+        assert!(idx.fires_at(&below(1), t0 - Duration::from_secs(60)));
     }
 }

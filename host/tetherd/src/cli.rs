@@ -89,9 +89,10 @@ pub struct RunArgs {
     /// looked up by the K8S_POD_NAMESPACE/K8S_POD_NAME CNI args. Re-read when files change.
     #[arg(long, env = "TETHER_WORKLOADS")]
     pub workloads: Option<PathBuf>,
-    /// Seconds the --workloads directory must stay unchanged before an object that left a
-    /// file still there (rewritten, truncated, moved within the directory) counts as deleted.
-    /// A deleted file's objects count as deleted at once.
+    /// Seconds that must pass after the newest modification time in the --workloads directory
+    /// (the directory, its subdirectories, its manifest files) before anything missing from it
+    /// counts as deleted and release rules fire: a file may be caught half-written, or between
+    /// a delete and a create. 0 judges at once.
     #[arg(long, env = "TETHER_WORKLOADS_SETTLE", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub workloads_settle_secs: u64,
     /// Directory that relative policy paths in --chain are resolved against.

@@ -4,35 +4,52 @@
 //!
 //! # What counts as deleted
 //!
-//! A file that does not parse makes the whole index incomplete: nothing is judged gone. A
-//! file that parses may still be half-written: `kubectl get vm db -o yaml > vm.yaml` empties
-//! the file first, and a file cut inside a block mapping reads as another object. So an object
-//! that leaves a file that is still there (rewritten in place, replaced by a rename onto it,
-//! or moved to another name within the directory) is judged gone only once no file of the
-//! directory has changed for the settle period. An object whose file was deleted (or moved out
-//! of the directory) is gone at once: deleting a file is deliberate and atomic.
+//! A missing object (and a pod of another UID) is judged gone, and release rules fire, only
+//! when the directory is *settled*: every manifest parses, and the settle period
+//! (`--workloads-settle-secs`) has passed since the newest modification time, by the
+//! filesystem's own clock, among the directory, its subdirectories and its manifest files. A
+//! file is rewritten in place by truncating it first (`kubectl get vms -o yaml > vms.yaml`),
+//! and replaced by deleting then creating it (git checkout, install(1)); caught in between,
+//! it still parses, as nothing or as another object (`name: vm-cir`, a pod without its
+//! `namespace:`, a StatefulSet cut from `replicas: 10` to `replicas: 1`). Any such write
+//! leaves a recent modification time on the file, or on its directory for a deletion or a
+//! rename, so until the directory has been left alone for the settle period nothing is
+//! gone (a pod in the manifests is live, any other unknown) and no release rule fires. No
+//! memory of earlier reads is involved: start-up, a file sighted half-written twice, and a
+//! deletion are judged alike. A file that changes while it is read counts as changed then.
+//! The cost: a deleted file's objects count as gone only once the directory has been still
+//! for the settle period (an ADD waiting for a holder to be gone fails with code 11 and is
+//! retried; a pod recreated under its name with a new UID still takes its pin over from the
+//! unknown old holder at once, see `tether_core::alloc::Ipam::plan_add`), and a timestamp in
+//! the future keeps the directory unsettled until it is that old. A settle period of zero
+//! judges at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use tether_engine::index::{ObjectId, WorkloadIndex};
+use tether_engine::index::WorkloadIndex;
 use tether_engine::ports::{WorkloadSource, WorkloadView};
 
 /// What tells one version of a file from the next: modification time, length, and the file
 /// itself (device, inode), which a rename onto the path replaces.
 type Stamp = (SystemTime, u64, (u64, u64));
 
+fn stamp(meta: &std::fs::Metadata) -> Stamp {
+    (
+        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        meta.len(),
+        (meta.dev(), meta.ino()),
+    )
+}
+
 struct FileEntry {
     stamp: Stamp,
     /// The documents, or why the file could not be read.
     docs: Result<Vec<Value>, String>,
-    /// The objects the file held when last read (while it cannot be read, those of its last
-    /// readable version).
-    objects: HashSet<ObjectId>,
 }
 
 /// The directory and its parsed files.
@@ -40,18 +57,15 @@ pub struct WorkloadDir {
     dir: PathBuf,
     files: HashMap<PathBuf, FileEntry>,
     index: Arc<WorkloadIndex>,
-    /// How long the directory must stay unchanged before an object that left a file still
-    /// there counts as gone.
+    /// How long the directory must stay unchanged before a missing object counts as gone.
     settle: Duration,
-    /// Objects that left a file still there and have not come back, with that file.
-    vanished: HashMap<ObjectId, PathBuf>,
-    /// When a change in the files was last seen.
-    changed_at: Option<Instant>,
+    /// Why the directory could not be listed last time, if it could not.
+    unlisted: Option<String>,
 }
 
 impl WorkloadDir {
-    /// Watches `dir` (created if missing). An object that leaves a file that is still there
-    /// counts as gone once no file has changed for `settle`.
+    /// Watches `dir` (created if missing). A missing object counts as gone once the
+    /// directory has been unchanged for `settle` (see the module documentation).
     pub fn new(dir: PathBuf, settle: Duration) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let mut w = WorkloadDir {
@@ -59,113 +73,109 @@ impl WorkloadDir {
             files: HashMap::new(),
             index: Arc::new(WorkloadIndex::default()),
             settle,
-            vanished: HashMap::new(),
-            changed_at: None,
+            unlisted: None,
         };
         w.refresh();
         Ok(w)
     }
 
-    /// Re-reads changed files and returns the current index. An unreadable file (say, one
-    /// half-written during an update) is read again once it changes; meanwhile the index is
-    /// incomplete and judges nothing gone (see [`WorkloadIndex::complete`]). Objects that left
-    /// a file still there are judged gone only after the settle period (see the module
-    /// documentation).
+    /// Re-reads the files that changed and returns the current index, which carries the
+    /// newest modification time of the directory (see the module documentation). An
+    /// unreadable file (say, one half-written during an update) is read again once it
+    /// changes; meanwhile the index is incomplete and judges nothing gone (see
+    /// [`WorkloadIndex::complete`]), and so does a directory that cannot be listed.
     pub fn refresh(&mut self) -> Arc<WorkloadIndex> {
-        self.refresh_at(Instant::now())
-    }
-
-    fn refresh_at(&mut self, now: Instant) -> Arc<WorkloadIndex> {
-        let paths = match crate::manifests::manifest_files(&self.dir, true) {
-            Ok(p) => p,
+        let newest = match self.rescan() {
+            Ok((changed, newest)) => {
+                let relisted = self.unlisted.take().is_some();
+                if !changed && !relisted && newest == self.index.newest_change {
+                    return self.index.clone();
+                }
+                newest
+            }
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), "listing workloads: {e}");
-                return self.index.clone();
+                tracing::warn!(dir = %self.dir.display(), "listing workloads; nothing is judged gone until it can be listed: {e}");
+                self.unlisted = Some(format!("listing {}: {e}", self.dir.display()));
+                self.index.newest_change
             }
         };
-        let mut changed = paths.len() != self.files.len();
+        self.index = Arc::new(self.build(newest));
+        self.index.clone()
+    }
+
+    /// Re-reads the files that changed. Returns whether any changed, appeared or left, and
+    /// the newest modification time of the directory, its subdirectories and its manifest
+    /// files.
+    fn rescan(&mut self) -> std::io::Result<(bool, Option<SystemTime>)> {
+        let paths = crate::manifests::manifest_files(&self.dir, true)?;
+        let mut changed = false;
+        let mut newest = None;
         let mut seen = HashMap::with_capacity(paths.len());
-        // Files there before and now, in another version: what they held before.
-        let mut rewritten: Vec<(PathBuf, HashSet<ObjectId>)> = Vec::new();
         for path in paths {
-            let read = std::fs::metadata(&path);
-            if let Err(e) = &read
-                && e.kind() == std::io::ErrorKind::NotFound
-            {
-                // Listed a moment ago and gone now: deleted meanwhile (a rename's source).
-                continue;
-            }
-            let old = self.files.remove(&path);
-            let (stamp, docs) = match read {
-                Ok(meta) => {
-                    let stamp = (
-                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                        meta.len(),
-                        (meta.dev(), meta.ino()),
+            let meta = match std::fs::metadata(&path) {
+                // Listed a moment ago and gone now (a rename's source): the directory's
+                // modification time shows it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    changed = true;
+                    let unknown = (SystemTime::UNIX_EPOCH, 0, (0, 0));
+                    let docs = Err(e.to_string());
+                    seen.insert(
+                        path,
+                        FileEntry {
+                            stamp: unknown,
+                            docs,
+                        },
                     );
-                    match old {
-                        Some(e) if e.stamp == stamp => {
-                            seen.insert(path, e);
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    let docs = crate::manifests::read_documents(&path).map_err(|e| {
-                        tracing::warn!(file = %path.display(), "workload manifest unreadable; nothing is judged gone until it is fixed: {e}");
-                        e.to_string()
-                    });
-                    (stamp, docs)
+                    continue;
                 }
-                Err(e) => ((SystemTime::UNIX_EPOCH, 0, (0, 0)), Err(e.to_string())),
+                Ok(m) => m,
             };
-            changed = true;
-            let before = match old {
-                Some(e) => {
-                    rewritten.push((path.clone(), e.objects.clone()));
-                    e.objects
+            let before = stamp(&meta);
+            newest = newest.max(Some(before.0));
+            match self.files.remove(&path) {
+                Some(e) if e.stamp == before => {
+                    seen.insert(path, e);
+                    continue;
                 }
-                None => HashSet::new(),
-            };
+                _ => changed = true,
+            }
+            let docs = crate::manifests::read_documents(&path).map_err(|e| {
+                tracing::warn!(file = %path.display(), "workload manifest unreadable; nothing is judged gone until it is fixed: {e}");
+                e.to_string()
+            });
+            // Changed while it was read: what was read may be half-written, whatever time the
+            // file shows afterwards (`cp -p` sets an old one back). It counts as changed now
+            // (and is read again next time, its stamp being the one from before).
+            if std::fs::metadata(&path).map(|m| stamp(&m)).ok() != Some(before) {
+                newest = newest.max(Some(SystemTime::now()));
+            }
             seen.insert(
                 path,
                 FileEntry {
-                    stamp,
+                    stamp: before,
                     docs,
-                    // Filled when the index is built; kept while the file cannot be read.
-                    objects: before,
                 },
             );
         }
         // What is left of the previous listing is no longer there.
-        let left = std::mem::replace(&mut self.files, seen);
-        if !changed && left.is_empty() {
-            return self.index.clone();
-        }
-        // The objects that left a file still there before the last change are gone for good
-        // once the directory stayed unchanged for the settle period.
-        if self
-            .changed_at
-            .is_some_and(|t| now.saturating_duration_since(t) >= self.settle)
-        {
-            self.vanished.clear();
-        }
-        self.changed_at = Some(now);
-        let mut candidates: Vec<(ObjectId, PathBuf)> = Vec::new();
-        if !left.is_empty() {
-            let here = file_ids(&self.dir);
-            for (path, f) in left {
-                if here.contains(&f.stamp.2) {
-                    // Moved within the directory (an editor's backup, another name): its
-                    // objects are elsewhere, or on their way back.
-                    candidates.extend(f.objects.into_iter().map(|id| (id, path.clone())));
-                } else {
-                    // Deleted: its objects are gone at once, even those that had left it.
-                    self.vanished.retain(|_, from| *from != path);
-                }
-            }
-        }
-        let mut idx = WorkloadIndex::default();
-        for (path, f) in &mut self.files {
+        changed |= !self.files.is_empty();
+        self.files = seen;
+        // After the files: a deletion or a rename the listing saw is in these times.
+        Ok((changed, newest.max(newest_dir_change(&self.dir)?)))
+    }
+
+    /// The index of the files read, settled `self.settle` after `newest`.
+    fn build(&self, newest: Option<SystemTime>) -> WorkloadIndex {
+        let mut idx = WorkloadIndex {
+            newest_change: newest,
+            settle: self.settle,
+            ..WorkloadIndex::default()
+        };
+        idx.unreadable.extend(self.unlisted.clone());
+        let mut files: Vec<_> = self.files.iter().collect();
+        files.sort_by(|a, b| a.0.cmp(b.0));
+        for (path, f) in files {
             let docs = match &f.docs {
                 Ok(d) => d,
                 Err(e) => {
@@ -173,72 +183,32 @@ impl WorkloadDir {
                     continue;
                 }
             };
-            let mut objects = HashSet::with_capacity(docs.len());
-            let mut complete = true;
             for doc in docs {
-                match idx.insert(doc) {
-                    Ok(id) => objects.extend(id),
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), "object unreadable; nothing is judged gone until it is fixed: {e}");
-                        idx.unreadable.push(format!("{}: {e}", path.display()));
-                        complete = false;
-                    }
+                if let Err(e) = idx.insert(doc) {
+                    tracing::warn!(file = %path.display(), "object unreadable; nothing is judged gone until it is fixed: {e}");
+                    idx.unreadable.push(format!("{}: {e}", path.display()));
                 }
             }
-            if complete {
-                f.objects = objects;
-            } else {
-                f.objects.extend(objects);
-            }
         }
-        for (path, before) in rewritten {
-            if let Some(f) = self.files.get(&path) {
-                candidates.extend(
-                    before
-                        .into_iter()
-                        .filter(|id| !f.objects.contains(id))
-                        .map(|id| (id, path.clone())),
-                );
-            }
-        }
-        for (id, path) in candidates {
-            if !idx.contains(&id) {
-                tracing::info!(file = %path.display(), object = ?id, settle = ?self.settle, "object left a workload manifest that is still there; judged gone only once the directory is unchanged for the settle period");
-                self.vanished.insert(id, path);
-            }
-        }
-        self.vanished.retain(|id, _| !idx.contains(id));
-        if !self.vanished.is_empty() {
-            idx.vanished = self.vanished.keys().cloned().collect();
-            idx.last_change = Some(now);
-            idx.settle = self.settle;
-        }
-        self.index = Arc::new(idx);
-        self.index.clone()
+        idx
     }
 }
 
-/// (device, inode) of every file under `dir`, whatever its name (hidden, or not a
-/// manifest): where a file that left the listing may have been moved to.
-fn file_ids(dir: &Path) -> HashSet<(u64, u64)> {
-    fn walk(dir: &Path, out: &mut HashSet<(u64, u64)>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            if meta.is_dir() {
-                walk(&entry.path(), out);
-            } else {
-                out.insert((meta.dev(), meta.ino()));
-            }
+/// The newest modification time of `dir` and of its subdirectories (hidden ones left out,
+/// as the listing leaves them out): creating, deleting or renaming a file there sets it.
+fn newest_dir_change(dir: &Path) -> std::io::Result<Option<SystemTime>> {
+    let mut newest = std::fs::metadata(dir)?.modified().ok();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let hidden = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with('.'));
+        if !hidden && entry.file_type()?.is_dir() {
+            newest = newest.max(newest_dir_change(&entry.path())?);
         }
     }
-    let mut out = HashSet::new();
-    walk(dir, &mut out);
-    out
+    Ok(newest)
 }
 
 /// The directory as the engine's workload source: every view re-reads what changed.
@@ -271,7 +241,7 @@ mod tests {
     use tether_core::alloc::Liveness;
     use tether_core::{ObjectKey, ReleaseCondition};
 
-    /// Longer than any test: "now" is always within it, `now + SETTLE` always after it.
+    /// Longer than any test: what a test writes is within it, what [`age`] ages is past it.
     const SETTLE: Duration = Duration::from_secs(60);
 
     const VM: &str = "apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata:\n  name: vm-cirros\n  namespace: prod\n  uid: vm-uid-1\nspec:\n  runStrategy: Always\n";
@@ -300,21 +270,63 @@ mod tests {
         }
     }
 
-    /// A directory holding vm.yaml, sts.yaml and db-0.yaml, read once.
-    fn populated() -> (tempfile::TempDir, WorkloadDir) {
+    /// Sets the modification time of `dir`, of its subdirectories and of every file in them
+    /// `ago` before now: the directory left alone that long, without waiting for it.
+    fn age(dir: &Path, ago: Duration) {
+        fn walk(dir: &Path, t: SystemTime) {
+            for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+                let path = entry.path();
+                if entry.file_type().expect("file type").is_dir() {
+                    walk(&path, t);
+                } else {
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(t))
+                        .expect("set file mtime");
+                }
+            }
+            std::fs::File::open(dir)
+                .and_then(|f| f.set_modified(t))
+                .expect("set directory mtime");
+        }
+        walk(dir, SystemTime::now() - ago);
+    }
+
+    /// Sets one file's modification time.
+    fn touch(path: &Path, t: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(t))
+            .expect("set file mtime");
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).expect("write");
+    }
+
+    /// A directory holding vm.yaml, sts.yaml and db-0.yaml, written long ago, watched with a
+    /// settle period of `settle`.
+    fn populated_with(settle: Duration) -> (tempfile::TempDir, WorkloadDir) {
         let tmp = tempfile::tempdir().expect("tempdir");
         for (name, text) in [("vm.yaml", VM), ("sts.yaml", STS), ("db-0.yaml", POD)] {
-            std::fs::write(tmp.path().join(name), text).expect("write");
+            write(tmp.path(), name, text);
         }
-        let w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("workloads");
+        age(tmp.path(), 2 * SETTLE);
+        let w = WorkloadDir::new(tmp.path().to_owned(), settle).expect("workloads");
         (tmp, w)
+    }
+
+    fn populated() -> (tempfile::TempDir, WorkloadDir) {
+        populated_with(SETTLE)
     }
 
     fn pod(idx: &WorkloadIndex, uid: &str) -> Liveness {
         idx.pod_liveness("prod", "db-0", uid)
     }
 
-    /// What the index says about the VM, the StatefulSet and db-0 now.
+    /// What the index says about the VM (deleted?), the StatefulSet (below 1?) and db-0 now.
     fn judged(idx: &WorkloadIndex) -> (bool, bool, Liveness) {
         (
             idx.fires(&vm_deleted()),
@@ -323,41 +335,38 @@ mod tests {
         )
     }
 
-    /// The same once the settle period is over.
-    fn judged_after_settle(idx: &WorkloadIndex) -> (bool, bool, Liveness) {
-        let later = Instant::now() + SETTLE;
-        (
-            idx.fires_at(&vm_deleted(), later),
-            idx.fires_at(&sts_below(1), later),
-            idx.pod_liveness_at("prod", "db-0", POD_UID, later),
-        )
+    /// The same once the directory has been left alone for the settle period.
+    fn judged_after_settle(tmp: &Path, w: &mut WorkloadDir) -> (bool, bool, Liveness) {
+        age(tmp, 2 * SETTLE);
+        judged(&w.refresh())
     }
 
+    const LIVE: (bool, bool, Liveness) = (false, false, Liveness::Live);
     const UNKNOWN: (bool, bool, Liveness) = (false, false, Liveness::Unknown);
     const GONE: (bool, bool, Liveness) = (true, true, Liveness::Gone);
 
-    fn write(dir: &Path, name: &str, text: &str) {
-        std::fs::write(dir.join(name), text).expect("write");
-    }
-
     #[test]
     fn everything_present_is_live() {
-        let (_tmp, mut w) = populated();
+        let (tmp, mut w) = populated();
         let idx = w.refresh();
-        assert_eq!(judged(&idx), (false, false, Liveness::Live));
-        assert_eq!(judged_after_settle(&idx), (false, false, Liveness::Live));
+        assert_eq!(judged(&idx), LIVE);
         // UIDs: the same or an unknown one is that pod; another one is not.
         assert_eq!(pod(&idx, ""), Liveness::Live);
         assert_eq!(pod(&idx, "another-uid"), Liveness::Gone);
         assert_eq!(idx.pod_liveness("prod", "db-1", POD_UID), Liveness::Gone);
+        // A file just written: what is there is live, nothing else is known gone.
+        write(tmp.path(), "db-0.yaml", POD);
+        let idx = w.refresh();
+        assert_eq!(judged(&idx), LIVE);
+        assert_eq!(pod(&idx, "another-uid"), Liveness::Unknown);
+        assert_eq!(idx.pod_liveness("prod", "db-1", POD_UID), Liveness::Unknown);
     }
 
-    /// Defect A: `kubectl get vm -o yaml > vm.yaml` truncates the file to 0 bytes first; an
-    /// empty file parses as no document, and read as "the VM is gone".
+    /// `kubectl get vm -o yaml > vm.yaml` truncates the file to 0 bytes first; an empty file
+    /// parses as no document, and read as "the VM is gone".
     #[test]
     fn a_file_truncated_to_nothing_judges_nothing_gone() {
         let (tmp, mut w) = populated();
-        w.refresh();
         for name in ["vm.yaml", "sts.yaml", "db-0.yaml"] {
             write(tmp.path(), name, "");
         }
@@ -365,11 +374,11 @@ mod tests {
         assert_eq!(judged(&idx), UNKNOWN);
         assert_eq!(pod(&idx, ""), Liveness::Unknown);
         // Left so for the settle period: deleted, as far as anyone can tell.
-        assert_eq!(judged_after_settle(&idx), GONE);
+        assert_eq!(judged_after_settle(tmp.path(), &mut w), GONE);
     }
 
-    /// Defect A: a file cut inside a block mapping still parses, as another object (a VM
-    /// named `vm-cir`, a pod in `default`) or as the object without its uid.
+    /// A file cut inside a block mapping still parses, as another object (a VM named
+    /// `vm-cir`, a pod in `default`) or as the object without its uid.
     #[test]
     fn a_block_style_truncation_judges_nothing_gone() {
         let cuts = [
@@ -393,14 +402,13 @@ mod tests {
         ];
         for (vm, sts, pod) in cuts {
             let (tmp, mut w) = populated();
-            w.refresh();
             write(tmp.path(), "vm.yaml", vm);
             write(tmp.path(), "sts.yaml", sts);
             write(tmp.path(), "db-0.yaml", pod);
             let idx = w.refresh();
             assert!(idx.complete(), "the cut files parse: {:?}", idx.unreadable);
             assert_eq!(judged(&idx), UNKNOWN, "{vm:?}");
-            assert_eq!(judged_after_settle(&idx), GONE, "{vm:?}");
+            assert_eq!(judged_after_settle(tmp.path(), &mut w), GONE, "{vm:?}");
         }
     }
 
@@ -409,7 +417,6 @@ mod tests {
     #[test]
     fn a_pod_cut_inside_its_uid_is_not_another_pod() {
         let (tmp, mut w) = populated();
-        w.refresh();
         let cut = &POD[..POD.find(POD_UID).expect("uid") + 8];
         write(tmp.path(), "db-0.yaml", cut);
         let idx = w.refresh();
@@ -418,168 +425,249 @@ mod tests {
         assert_eq!(pod(&idx, ""), Liveness::Live, "a pod of that name is there");
     }
 
-    /// The settle period runs from the last change of any file, and ends with the directory
-    /// unchanged.
+    /// A1: a file rewritten in place on a schedule (`kubectl get vms -o yaml > vms.yaml`
+    /// every 30 s) is sighted empty twice, 30 s apart, rewritten whole in between unseen.
+    /// What was sighted before does not matter: the file was just written, so it may be
+    /// half-written.
     #[test]
-    fn the_settle_period_restarts_with_every_change() {
-        let (tmp, mut w) = populated();
-        let t0 = Instant::now();
-        w.refresh_at(t0);
+    fn a_file_rewritten_on_a_schedule_is_judged_by_its_time_not_by_sightings() {
+        let settle = Duration::from_secs(5);
+        let (tmp, mut w) = populated_with(settle);
         write(tmp.path(), "vm.yaml", "");
-        let idx = w.refresh_at(t0);
-        assert!(!idx.fires_at(&vm_deleted(), t0 + SETTLE / 2));
-        // Another file changes halfway: the VM waits a whole period more.
-        write(
-            tmp.path(),
-            "sts.yaml",
-            &STS.replace("replicas: 3", "replicas: 30"),
-        );
-        let idx = w.refresh_at(t0 + SETTLE / 2);
-        assert!(!idx.fires_at(&vm_deleted(), t0 + SETTLE));
-        assert!(idx.fires_at(&vm_deleted(), t0 + SETTLE / 2 + SETTLE));
-        // Once settled it stays gone, whatever changes later.
-        let idx = w.refresh_at(t0 + 2 * SETTLE);
-        assert!(idx.fires_at(&vm_deleted(), t0 + 2 * SETTLE));
-        write(tmp.path(), "sts.yaml", STS);
-        let idx = w.refresh_at(t0 + 2 * SETTLE);
-        assert!(idx.fires_at(&vm_deleted(), t0 + 2 * SETTLE));
-        assert!(idx.vanished.is_empty());
+        write(tmp.path(), "db-0.yaml", "");
+        assert_eq!(judged(&w.refresh()), UNKNOWN, "first sighting");
+        // Rewritten whole, unseen; 30 s pass.
+        write(tmp.path(), "vm.yaml", VM);
+        write(tmp.path(), "db-0.yaml", POD);
+        age(tmp.path(), Duration::from_secs(30));
+        // Truncated again by the next run, and sighted so.
+        write(tmp.path(), "vm.yaml", "");
+        write(tmp.path(), "db-0.yaml", "");
+        assert_eq!(judged(&w.refresh()), UNKNOWN, "second sighting");
+        // The run never finished: left empty for 30 s, the VM and the pod are gone.
+        age(tmp.path(), Duration::from_secs(30));
+        assert_eq!(judged(&w.refresh()), (true, false, Liveness::Gone));
     }
 
-    /// A file replaced atomically (a temporary renamed onto it) without the object is a
-    /// rewrite, not a deletion.
+    /// A2: a file deleted (maybe the first half of a delete-then-create: git checkout,
+    /// install(1)) is judged like a file rewritten: its objects are gone once the directory,
+    /// whose modification time the deletion set, has been left alone for the settle period.
     #[test]
-    fn a_file_replaced_by_rename_without_the_object_is_a_rewrite() {
+    fn a_deleted_file_is_gone_once_the_directory_settles() {
         let (tmp, mut w) = populated();
-        w.refresh();
-        let other = VM.replace("vm-cirros", "vm-other");
-        write(tmp.path(), ".vm.yaml.tmp", &other);
-        std::fs::rename(tmp.path().join(".vm.yaml.tmp"), tmp.path().join("vm.yaml"))
-            .expect("rename");
-        let idx = w.refresh();
-        assert!(!idx.fires(&vm_deleted()));
-        assert!(idx.fires_at(&vm_deleted(), Instant::now() + SETTLE));
-    }
-
-    /// A pod manifest rewritten for a recreated pod: the new UID is live at once, the old one
-    /// is gone once the directory settles (until then, an ADD of the new pod still takes the
-    /// address over: see `tether_core::alloc::Ipam::plan_add`).
-    #[test]
-    fn a_pod_rewritten_with_another_uid() {
-        let (tmp, mut w) = populated();
-        w.refresh();
-        write(tmp.path(), "db-0.yaml", &POD.replace(POD_UID, "uid-2"));
-        let idx = w.refresh();
-        assert_eq!(pod(&idx, "uid-2"), Liveness::Live);
-        assert_eq!(pod(&idx, ""), Liveness::Live);
-        assert_eq!(pod(&idx, POD_UID), Liveness::Unknown);
-        let later = Instant::now() + SETTLE;
+        std::fs::remove_file(tmp.path().join("vm.yaml")).expect("rm");
+        std::fs::remove_file(tmp.path().join("db-0.yaml")).expect("rm");
+        assert_eq!(judged(&w.refresh()), UNKNOWN);
+        // Created again: live.
+        write(tmp.path(), "vm.yaml", VM);
+        write(tmp.path(), "db-0.yaml", POD);
+        assert_eq!(judged(&w.refresh()), LIVE);
+        // Deleted for good.
+        std::fs::remove_file(tmp.path().join("vm.yaml")).expect("rm");
+        std::fs::remove_file(tmp.path().join("db-0.yaml")).expect("rm");
+        assert_eq!(judged(&w.refresh()), UNKNOWN);
         assert_eq!(
-            idx.pod_liveness_at("prod", "db-0", POD_UID, later),
-            Liveness::Gone
+            judged_after_settle(tmp.path(), &mut w),
+            (true, false, Liveness::Gone)
         );
+        std::fs::remove_file(tmp.path().join("sts.yaml")).expect("rm");
+        assert!(!w.refresh().fires(&sts_below(1)));
+        assert_eq!(judged_after_settle(tmp.path(), &mut w), GONE);
     }
 
-    /// A file renamed within the directory: its objects are still there (another manifest
-    /// name) or may be on their way back (an editor's backup, `vm.yaml~`).
+    /// A deletion in a subdirectory sets that subdirectory's modification time only.
     #[test]
-    fn a_file_moved_within_the_directory_is_not_a_deletion() {
-        let (tmp, mut w) = populated();
-        w.refresh();
-        std::fs::rename(tmp.path().join("vm.yaml"), tmp.path().join("vm2.yaml")).expect("mv");
-        let idx = w.refresh();
-        assert!(!idx.fires(&vm_deleted()), "moved to another manifest");
-        assert!(idx.vanished.is_empty(), "still there: {:?}", idx.vanished);
-        std::fs::rename(tmp.path().join("vm2.yaml"), tmp.path().join("vm2.yaml~")).expect("mv");
-        let idx = w.refresh();
-        assert!(!idx.fires(&vm_deleted()), "moved to a backup name");
-        assert!(idx.fires_at(&vm_deleted(), Instant::now() + SETTLE));
-        std::fs::rename(tmp.path().join("vm2.yaml~"), tmp.path().join("vm.yaml")).expect("mv");
-        let idx = w.refresh();
-        assert!(
-            !idx.fires_at(&vm_deleted(), Instant::now() + SETTLE),
-            "back"
-        );
-        // Moved out of the directory: deleted.
-        let out = tempfile::tempdir().expect("tempdir");
-        std::fs::rename(tmp.path().join("vm.yaml"), out.path().join("vm.yaml")).expect("mv");
+    fn a_file_deleted_in_a_subdirectory_waits_for_it_to_settle() {
+        let (tmp, _) = populated();
+        let sub = tmp.path().join("vms");
+        std::fs::create_dir(&sub).expect("mkdir");
+        std::fs::rename(tmp.path().join("vm.yaml"), sub.join("vm.yaml")).expect("mv");
+        age(tmp.path(), 2 * SETTLE);
+        let mut w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("workloads");
+        assert_eq!(judged(&w.refresh()), LIVE);
+        std::fs::remove_file(sub.join("vm.yaml")).expect("rm");
+        assert!(!w.refresh().fires(&vm_deleted()));
+        age(tmp.path(), 2 * SETTLE);
         assert!(w.refresh().fires(&vm_deleted()));
     }
 
-    /// Deleting a file is deliberate: its objects are gone at once.
+    /// A3: at start-up, a file caught half-written is judged by its time, as later.
     #[test]
-    fn a_deleted_file_is_gone_at_once() {
-        let (tmp, mut w) = populated();
-        w.refresh();
-        std::fs::remove_file(tmp.path().join("vm.yaml")).expect("rm");
-        std::fs::remove_file(tmp.path().join("db-0.yaml")).expect("rm");
-        let idx = w.refresh();
-        assert!(idx.fires(&vm_deleted()));
-        assert_eq!(pod(&idx, POD_UID), Liveness::Gone);
-        std::fs::remove_file(tmp.path().join("sts.yaml")).expect("rm");
-        assert!(w.refresh().fires(&sts_below(1)));
-    }
-
-    /// A truncated file that is then deleted: gone at once, too.
-    #[test]
-    fn a_truncated_file_then_deleted_is_gone_at_once() {
-        let (tmp, mut w) = populated();
-        w.refresh();
+    fn start_up_with_a_file_just_written_judges_nothing_gone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
         write(tmp.path(), "vm.yaml", "");
+        write(tmp.path(), "sts.yaml", STS);
         write(
             tmp.path(),
             "db-0.yaml",
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: db",
         );
+        let mut w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("dir");
         assert_eq!(judged(&w.refresh()), UNKNOWN);
-        std::fs::remove_file(tmp.path().join("vm.yaml")).expect("rm");
-        std::fs::remove_file(tmp.path().join("db-0.yaml")).expect("rm");
-        let idx = w.refresh();
-        assert!(idx.fires(&vm_deleted()));
-        assert_eq!(pod(&idx, POD_UID), Liveness::Gone);
+        assert_eq!(
+            judged_after_settle(tmp.path(), &mut w),
+            (true, false, Liveness::Gone)
+        );
     }
 
-    /// A file that does not parse keeps what it held: once it parses without the object,
-    /// that object left a file that is still there.
+    /// A4: a StatefulSet cut from `replicas: 10` to `replicas: 1` still parses, and is there:
+    /// `scaled-below` fires only once the directory settles.
     #[test]
-    fn an_unreadable_file_remembers_its_objects() {
+    fn a_statefulset_cut_to_fewer_replicas_fires_only_once_settled() {
         let (tmp, mut w) = populated();
-        w.refresh();
+        write(
+            tmp.path(),
+            "sts.yaml",
+            &STS.replace("replicas: 3", "replicas: 10"),
+        );
+        age(tmp.path(), 2 * SETTLE);
+        assert!(!w.refresh().fires(&sts_below(1)));
+        write(
+            tmp.path(),
+            "sts.yaml",
+            &STS.replace("replicas: 3", "replicas: 1"),
+        );
+        assert!(!w.refresh().fires(&sts_below(1)));
+        age(tmp.path(), 2 * SETTLE);
+        let idx = w.refresh();
+        assert!(idx.fires(&sts_below(1)));
+        assert!(!idx.fires(&sts_below(0)));
+    }
+
+    /// The newest change anywhere in the directory counts, and a time in the future is not
+    /// settled.
+    #[test]
+    fn the_newest_change_in_the_directory_decides() {
+        let (tmp, mut w) = populated();
+        write(tmp.path(), "vm.yaml", "");
+        age(tmp.path(), 2 * SETTLE);
+        assert!(w.refresh().fires(&vm_deleted()));
+        // Another file changes: the VM waits a whole period more.
+        write(
+            tmp.path(),
+            "sts.yaml",
+            &STS.replace("replicas: 3", "replicas: 30"),
+        );
+        assert!(!w.refresh().fires(&vm_deleted()));
+        age(tmp.path(), 2 * SETTLE);
+        assert!(w.refresh().fires(&vm_deleted()));
+        // A file from a clock an hour ahead.
+        touch(
+            &tmp.path().join("sts.yaml"),
+            SystemTime::now() + Duration::from_secs(3600),
+        );
+        assert!(!w.refresh().fires(&vm_deleted()));
+    }
+
+    /// A file replaced atomically (a temporary renamed onto it) without the object.
+    #[test]
+    fn a_file_replaced_by_rename_without_the_object_is_a_change() {
+        let (tmp, mut w) = populated();
+        let other = VM.replace("vm-cirros", "vm-other");
+        write(tmp.path(), ".vm.yaml.tmp", &other);
+        std::fs::rename(tmp.path().join(".vm.yaml.tmp"), tmp.path().join("vm.yaml"))
+            .expect("rename");
+        assert!(!w.refresh().fires(&vm_deleted()));
+        age(tmp.path(), 2 * SETTLE);
+        assert!(w.refresh().fires(&vm_deleted()));
+    }
+
+    /// A pod manifest rewritten for a recreated pod: the new UID is live at once, the old one
+    /// gone once the directory settles (until then, an ADD of the new pod still takes the
+    /// address over: see `tether_core::alloc::Ipam::plan_add`).
+    #[test]
+    fn a_pod_rewritten_with_another_uid() {
+        let (tmp, mut w) = populated();
+        write(tmp.path(), "db-0.yaml", &POD.replace(POD_UID, "uid-2"));
+        let idx = w.refresh();
+        assert_eq!(pod(&idx, "uid-2"), Liveness::Live);
+        assert_eq!(pod(&idx, ""), Liveness::Live);
+        assert_eq!(pod(&idx, POD_UID), Liveness::Unknown);
+        age(tmp.path(), 2 * SETTLE);
+        assert_eq!(pod(&w.refresh(), POD_UID), Liveness::Gone);
+    }
+
+    /// A file renamed within the directory or out of it: a change like any other.
+    #[test]
+    fn a_file_moved_is_a_change() {
+        let (tmp, mut w) = populated();
+        std::fs::rename(tmp.path().join("vm.yaml"), tmp.path().join("vm2.yaml")).expect("mv");
+        assert_eq!(
+            judged_after_settle(tmp.path(), &mut w),
+            LIVE,
+            "another name"
+        );
+        std::fs::rename(tmp.path().join("vm2.yaml"), tmp.path().join("vm2.yaml~")).expect("mv");
+        assert!(!w.refresh().fires(&vm_deleted()), "an editor's backup name");
+        std::fs::rename(tmp.path().join("vm2.yaml~"), tmp.path().join("vm.yaml")).expect("mv");
+        assert_eq!(judged_after_settle(tmp.path(), &mut w), LIVE, "back");
+        let out = tempfile::tempdir().expect("tempdir");
+        std::fs::rename(tmp.path().join("vm.yaml"), out.path().join("vm.yaml")).expect("mv");
+        assert!(!w.refresh().fires(&vm_deleted()), "moved out");
+        age(tmp.path(), 2 * SETTLE);
+        assert!(w.refresh().fires(&vm_deleted()));
+    }
+
+    /// A file that does not parse: nothing is gone, however old the directory.
+    #[test]
+    fn an_unreadable_file_judges_nothing_gone() {
+        let (tmp, mut w) = populated();
         write(tmp.path(), "vm.yaml", "kind: [unclosed");
+        age(tmp.path(), 2 * SETTLE);
         let idx = w.refresh();
         assert!(!idx.complete());
-        assert!(!idx.fires_at(&vm_deleted(), Instant::now() + SETTLE));
+        assert!(!idx.fires(&vm_deleted()));
+        assert!(
+            !idx.fires(&sts_below(3)),
+            "the StatefulSet is there, but maybe twice"
+        );
+        assert_eq!(pod(&idx, "another-uid"), Liveness::Unknown);
         write(tmp.path(), "vm.yaml", "");
         let idx = w.refresh();
         assert!(idx.complete());
         assert!(!idx.fires(&vm_deleted()));
-        assert!(idx.fires_at(&vm_deleted(), Instant::now() + SETTLE));
+        age(tmp.path(), 2 * SETTLE);
+        assert!(w.refresh().fires(&vm_deleted()));
+    }
+
+    /// A directory that cannot be listed judges nothing gone.
+    #[test]
+    fn a_directory_that_cannot_be_listed_judges_nothing_gone() {
+        let (tmp, mut w) = populated();
+        std::fs::remove_dir_all(tmp.path()).expect("rm -r");
+        let idx = w.refresh();
+        assert!(!idx.complete());
+        assert_eq!(judged(&idx), LIVE, "what was read stays");
+        assert_eq!(pod(&idx, "another-uid"), Liveness::Unknown);
+        std::fs::create_dir(tmp.path()).expect("mkdir");
+        age(tmp.path(), 2 * SETTLE);
+        assert_eq!(judged(&w.refresh()), GONE);
     }
 
     /// The object written back: live again.
     #[test]
     fn an_object_written_back_is_live() {
         let (tmp, mut w) = populated();
-        w.refresh();
         write(tmp.path(), "vm.yaml", "");
         write(tmp.path(), "db-0.yaml", "");
         w.refresh();
         write(tmp.path(), "vm.yaml", VM);
         write(tmp.path(), "db-0.yaml", POD);
-        let idx = w.refresh();
-        assert_eq!(judged(&idx), (false, false, Liveness::Live));
-        assert_eq!(judged_after_settle(&idx), (false, false, Liveness::Live));
-        assert!(idx.vanished.is_empty());
+        assert_eq!(judged(&w.refresh()), LIVE);
+        assert_eq!(judged_after_settle(tmp.path(), &mut w), LIVE);
     }
 
-    /// Without a settle period, an object that left its file is gone at once (the behaviour
-    /// before the settle period existed).
+    /// Without a settle period, a missing object is gone at once, whatever the times say.
     #[test]
     fn a_zero_settle_period_judges_at_once() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        write(tmp.path(), "vm.yaml", VM);
-        let mut w = WorkloadDir::new(tmp.path().to_owned(), Duration::ZERO).expect("dir");
+        let (tmp, mut w) = populated_with(Duration::ZERO);
         write(tmp.path(), "vm.yaml", "");
         assert!(w.refresh().fires(&vm_deleted()));
+        std::fs::remove_file(tmp.path().join("db-0.yaml")).expect("rm");
+        touch(
+            &tmp.path().join("sts.yaml"),
+            SystemTime::now() + Duration::from_secs(3600),
+        );
+        assert_eq!(pod(&w.refresh(), POD_UID), Liveness::Gone);
     }
 }
