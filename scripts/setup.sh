@@ -32,11 +32,12 @@ done
 # (macvlan, bridge, host-local in /usr/lib/cni), iproute2 and iputils-ping for network
 # namespaces, golang-go + golang-github-appc-cni-dev for the libcni harness. strace delays
 # fsync in the tests of a caller that gives up mid-ADD and of kills during slow commits;
-# util-linux (mkswap, swapon) gives the policy sandbox's memory-pressure test its swap file;
-# bsdutils' script(1) gives a test a terminal; python3 writes docs/benchmarks.md; etcd-server,
-# openssl and curl run the test control plane (scripts/kube-apiserver.sh).
+# util-linux (mkswap) and mount (swapon, swapoff) give the policy sandbox's memory-pressure
+# test its swap file; bsdutils' script(1) gives a test a terminal; python3 writes
+# docs/benchmarks.md; etcd-server, openssl and curl run the test control plane
+# (scripts/kube-apiserver.sh).
 PKGS=(gcc libc6-dev containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev
-      strace util-linux bsdutils python3 etcd-server openssl curl ${TETHER_EXTRA_PKGS:-})
+      strace util-linux mount bsdutils python3 etcd-server openssl curl ${TETHER_EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

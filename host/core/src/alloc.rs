@@ -696,6 +696,23 @@ impl Ipam {
                     .map(|a| &**a)
                     .find(|a| Family::of(a.ip) == family);
                 if let Some(old) = existing {
+                    // A store written before overlapping pools were refused may hold the
+                    // address a second time, for someone else: never hand it out while that
+                    // record stands (`tetherd release` removes it).
+                    if let Some(other) = self.at(old.ip).into_iter().find(|o| o.pool != old.pool) {
+                        return Err(AllocError::AddressInUse {
+                            ip: old.ip,
+                            holder: match (&other.owner, other.holders.first()) {
+                                (_, Some(h)) => h.attachment.describe(),
+                                (Owner::Pinned { identity, .. }, None) => {
+                                    format!("identity {identity} (pool {})", other.pool)
+                                }
+                                (Owner::Ephemeral, None) => {
+                                    format!("another allocation (pool {})", other.pool)
+                                }
+                            },
+                        });
+                    }
                     let live: Vec<&Holder> = old
                         .holders
                         .iter()

@@ -734,6 +734,51 @@ fn overlapping_pools_are_refused_naming_both_and_the_overlap() {
     assert!(err.to_string().contains("overlap"), "{err}");
 }
 
+/// A store written before overlapping pools were refused may hold an address twice: a VM's
+/// stopped pin under pool `b` and a running pod under pool `a`. The VM's pod coming back must
+/// not be put on the address while the other record stands.
+#[test]
+fn a_pin_on_an_address_held_twice_by_an_old_store_is_not_handed_out() {
+    let a = pool("a", "10.9.0.0/24", &["10.9.0.10-10.9.0.11"]);
+    let b = pool("b", "10.9.1.0/24", &["10.9.1.10"]);
+    // The old store: the pod under `a` and the VM's idle pin under `b`, one address.
+    let mut ipam = Ipam::new(vec![a.clone()], vec![]).expect("pool");
+    let vm = add(
+        &mut ipam,
+        att("c1", "vm-pod", "u1"),
+        &vm_decision(false),
+        &["a"],
+        &all_live,
+    )
+    .expect("pinned add");
+    del(&mut ipam, "c1");
+    let mut records: Vec<_> = ipam.allocations().cloned().collect();
+    let mut pod = records[0].clone();
+    pod.owner = tether_core::alloc::Owner::Ephemeral;
+    pod.holders = vec![tether_core::alloc::Holder {
+        attachment: att("c9", "other-pod", "u9"),
+        shared: false,
+        since: 1,
+    }];
+    pod.idle_since = None;
+    records[0].pool = "b".into();
+    records.push(pod);
+    // `b` now names the VM's record; both pools in force (they do not overlap).
+    let mut ipam = Ipam::new(vec![a, b], records).expect("rebuild from the old store");
+    let err = add(
+        &mut ipam,
+        att("c2", "vm-pod-2", "u2"),
+        &vm_decision(false),
+        &["a"],
+        &all_live,
+    )
+    .expect_err("the address is held by another record");
+    assert!(
+        matches!(&err, AllocError::AddressInUse { ip, holder } if *ip == vm[0] && holder.contains("other-pod")),
+        "{err}"
+    );
+}
+
 /// Defect 2: a pool renamed in its file (same range) handed out an address still held under
 /// the old name.
 #[test]

