@@ -29,9 +29,7 @@ fn free_ports() -> Result<u16> {
         let l = TcpListener::bind("127.0.0.1:0")?;
         let port = l.local_addr()?.port();
         drop(l);
-        if port < 65000
-            && (1..=2).all(|i| TcpListener::bind(("127.0.0.1", port + i)).is_ok())
-        {
+        if port < 65000 && (1..=2).all(|i| TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
             return Ok(port);
         }
     }
@@ -87,7 +85,10 @@ impl Cluster {
             .arg(name)
             .output()?;
         if !out.status.success() {
-            bail!("adding node {name}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "adding node {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }

@@ -77,8 +77,9 @@ async fn crds_install_and_the_pool_reads_like_the_seed() {
     install_crds(&client).await;
 
     // The seed's pool, as its YAML is written for standalone mode.
-    let spec: serde_json::Value =
-        yaml_serde::from_str::<serde_json::Value>(tether_e2e::SEED_POOL).expect("seed yaml")["spec"].clone();
+    let spec: serde_json::Value = yaml_serde::from_str::<serde_json::Value>(tether_e2e::SEED_POOL)
+        .expect("seed yaml")["spec"]
+        .clone();
     let spec: IPPoolSpec = serde_json::from_value(spec).expect("the standalone spec is the CRD's");
     let pools: Api<IPPool> = Api::all(client.clone());
     pools
@@ -100,7 +101,14 @@ async fn crds_install_and_the_pool_reads_like_the_seed() {
         .collect();
     assert_eq!(
         columns,
-        ["Name", "SUBNET", "ALLOCATED-IP-COUNT", "TOTAL-IP-COUNT", "DEFAULT", "AGE"],
+        [
+            "Name",
+            "SUBNET",
+            "ALLOCATED-IP-COUNT",
+            "TOTAL-IP-COUNT",
+            "DEFAULT",
+            "AGE"
+        ],
         "{table}"
     );
     let row = &table["rows"][0]["cells"];

@@ -11,6 +11,9 @@ use tether_kube::crd::{IPAllocation, crds};
 use tether_kube::store::KubeStore;
 use tether_store::{Store, contract};
 
+/// One function of the contract suite.
+type ContractFn = fn(&dyn Store);
+
 #[test]
 fn the_kubernetes_store_keeps_the_store_contract() {
     let test = "the_kubernetes_store_keeps_the_store_contract";
@@ -52,13 +55,22 @@ fn the_kubernetes_store_keeps_the_store_contract() {
         });
         Arc::new(KubeStore::new(client.clone(), rt.handle().clone()))
     };
-    let steps: [(&str, fn(&dyn Store)); 6] = [
+    let steps: [(&str, ContractFn); 6] = [
         ("starts_empty", contract::starts_empty),
         ("commit_round_trips", contract::commit_round_trips),
         ("create_is_a_claim", contract::create_is_a_claim),
-        ("claims_are_per_address_across_pools", contract::claims_are_per_address_across_pools),
-        ("stale_revisions_conflict", contract::stale_revisions_conflict),
-        ("groups_are_atomic_and_independent", contract::groups_are_atomic_and_independent),
+        (
+            "claims_are_per_address_across_pools",
+            contract::claims_are_per_address_across_pools,
+        ),
+        (
+            "stale_revisions_conflict",
+            contract::stale_revisions_conflict,
+        ),
+        (
+            "groups_are_atomic_and_independent",
+            contract::groups_are_atomic_and_independent,
+        ),
     ];
     for (name, step) in steps {
         eprintln!("contract: {name}");

@@ -150,7 +150,9 @@ pub struct AllocationOwner {
     /// `Ephemeral`, or the pinned identity's kind: `VirtualMachine`, `StatefulSetPod`,
     /// `IPAMClaim`, `Custom`.
     pub kind: String,
-    /// The pinned identity (`namespace/name`); for an ephemeral address, its pod.
+    /// The pinned identity (`namespace/name`); for an ephemeral address, its pod (absent
+    /// once no pod holds it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// When a pinned address is released (any fires), as the policy contract writes them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -168,16 +170,13 @@ pub struct AllocationHolder {
     /// CNI_IFNAME.
     pub ifname: String,
     /// The pod's namespace.
-    #[serde(default)]
     pub namespace: String,
     /// The pod's name.
-    #[serde(default)]
     pub pod: String,
     /// The pod's uid.
-    #[serde(rename = "podUID", default)]
+    #[serde(rename = "podUID")]
     pub pod_uid: String,
     /// Joined while another pod held the address (a migration target).
-    #[serde(default)]
     pub shared: bool,
     /// Since when (unix seconds).
     pub since: u64,
@@ -474,7 +473,9 @@ mod tests {
             assert_eq!(got, name);
             assert!(
                 got.len() <= 253
-                    && got.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && got
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
                     && !got.starts_with('-')
                     && !got.ends_with('-'),
                 "{got} is not a valid object name"
@@ -513,10 +514,19 @@ mod tests {
         };
         let mut o = IPAllocation::from_allocation(&a);
         assert_eq!(o.metadata.name.as_deref(), Some("10-6-168-101"));
-        assert!(o.to_allocation().is_err(), "no resourceVersion: no revision");
+        assert!(
+            o.to_allocation().is_err(),
+            "no resourceVersion: no revision"
+        );
         o.metadata.resource_version = Some("4711".into());
         let back = o.to_allocation().expect("round trip");
-        assert_eq!(back, Allocation { revision: 4711, ..a });
+        assert_eq!(
+            back,
+            Allocation {
+                revision: 4711,
+                ..a
+            }
+        );
     }
 
     #[test]
@@ -533,5 +543,7 @@ mod tests {
         ] {
             assert!(yaml.contains(needle), "{needle} missing from:\n{yaml}");
         }
+        // The API server refuses a schema whose default does not match its type.
+        assert!(!yaml.contains("default: null"), "{yaml}");
     }
 }

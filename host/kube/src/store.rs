@@ -23,8 +23,7 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, channel};
 
 use futures::StreamExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Preconditions;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::watcher;
 use tether_core::alloc::{Allocation, Change, Revision};
 use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
@@ -69,9 +68,17 @@ fn read(o: &IPAllocation) -> Result<Allocation, StoreError> {
 
 /// What a write did, to undo it if a later change of its group conflicts.
 enum Done {
-    Created { name: String, revision: Revision },
-    Replaced { before: Allocation, revision: Revision },
-    Deleted { before: Allocation },
+    Created {
+        name: String,
+        revision: Revision,
+    },
+    Replaced {
+        before: Allocation,
+        revision: Revision,
+    },
+    Deleted {
+        before: Allocation,
+    },
 }
 
 impl KubeStore {
@@ -131,7 +138,13 @@ impl KubeStore {
                 match self.api.replace(&name, &PostParams::default(), &o).await {
                     Ok(o) => {
                         let r = revision_of(&o);
-                        Ok(Ok((Done::Replaced { before, revision: r }, r)))
+                        Ok(Ok((
+                            Done::Replaced {
+                                before,
+                                revision: r,
+                            },
+                            r,
+                        )))
                     }
                     Err(e) if matches!(status(&e), Some(409 | 404)) => {
                         Ok(Err(self.conflict(c).await?))
@@ -186,7 +199,10 @@ impl KubeStore {
                 }
                 Done::Deleted { before } => self
                     .api
-                    .create(&PostParams::default(), &IPAllocation::from_allocation(&before))
+                    .create(
+                        &PostParams::default(),
+                        &IPAllocation::from_allocation(&before),
+                    )
                     .await
                     .map(|_| ()),
             };
@@ -275,9 +291,14 @@ impl KubeStore {
                         }]
                     }
                     Ok(watcher::Event::InitDone) => {
-                        let Some(seen) = relisted.take() else { continue };
-                        let gone: Vec<IpAddr> =
-                            known.keys().filter(|ip| !seen.contains(ip)).copied().collect();
+                        let Some(seen) = relisted.take() else {
+                            continue;
+                        };
+                        let gone: Vec<IpAddr> = known
+                            .keys()
+                            .filter(|ip| !seen.contains(ip))
+                            .copied()
+                            .collect();
                         gone.into_iter()
                             .filter_map(|ip| {
                                 known.remove(&ip).map(|(pool, revision)| Event::Deleted {
@@ -294,7 +315,9 @@ impl KubeStore {
                         continue;
                     }
                 };
-                let mut live = subs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut live = subs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 live.retain(|s| events.iter().all(|e| s.send(e.clone()).is_ok()));
                 // The store is gone and so is every subscriber: nobody to watch for.
                 if live.is_empty() && std::sync::Arc::strong_count(&subs) == 1 {
