@@ -33,10 +33,11 @@ done
 # namespaces, golang-go + golang-github-appc-cni-dev for the libcni harness. strace delays
 # fsync in the tests of a caller that gives up mid-ADD and of kills during slow commits;
 # util-linux (mkswap) and mount (swapon, swapoff) give the policy sandbox's memory-pressure
-# test its swap file;
-# bsdutils' script(1) gives a test a terminal; python3 writes docs/benchmarks.md.
+# test its swap file; bsdutils' script(1) gives a test a terminal; python3 writes
+# docs/benchmarks.md; etcd-server, openssl and curl run the test control plane
+# (scripts/kube-apiserver.sh).
 PKGS=(gcc libc6-dev containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev
-      strace util-linux mount bsdutils python3 ${TETHER_EXTRA_PKGS:-})
+      strace util-linux mount bsdutils python3 etcd-server openssl curl ${TETHER_EXTRA_PKGS:-})
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -47,5 +48,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     say "not root: skipping Debian packages ${missing[*]} (tests that need them say so and skip)"
   fi
+fi
+# The test control plane: kube-apiserver, controller-manager and scheduler v1.20.2, built once
+# from Debian's source package (a few minutes) and cached under /var/cache/tether-testenv.
+if [ "$(id -u)" = 0 ]; then
+  say "test control plane: $(bash scripts/kube-apiserver.sh build)"
+else
+  say "not root: not building the test control plane (the Kubernetes tests say so and skip)"
 fi
 say "ready"

@@ -7,6 +7,7 @@
 
 #![allow(missing_docs)] // a test harness: the module docs say what each piece is for
 
+pub mod cluster;
 pub mod netns;
 pub mod walkthrough;
 

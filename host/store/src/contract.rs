@@ -234,6 +234,8 @@ pub fn racing_claims_one_wins(store: Arc<dyn Store>) {
 }
 
 /// Subscribers see every applied change with its new revision, and nothing that conflicted.
+/// (A backend may deliver them a little later than `commit` returns, as a watch does: this
+/// waits up to ten seconds for them.)
 pub fn subscribers_see_applied_changes(store: &dyn Store) {
     let feed = store.subscribe();
     let mut a = allocation("p", "10.0.0.1", "a");
@@ -243,16 +245,23 @@ pub fn subscribers_see_applied_changes(store: &dyn Store) {
         .expect("commit");
     assert!(out[0].is_err());
     apply(store, vec![Change::delete(&a)]);
-    let events: Vec<Event> = feed.try_iter().collect();
-    assert_eq!(
-        events,
-        vec![
-            Event::Put(a.clone()),
-            Event::Deleted {
-                pool: "p".into(),
-                ip: a.ip,
-                revision: a.revision,
-            },
-        ]
-    );
+    let expected = vec![
+        Event::Put(a.clone()),
+        Event::Deleted {
+            pool: "p".into(),
+            ip: a.ip,
+            revision: a.revision,
+        },
+    ];
+    let mut events: Vec<Event> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while events.len() < expected.len() && std::time::Instant::now() < deadline {
+        if let Ok(e) = feed.recv_timeout(std::time::Duration::from_millis(100)) {
+            events.push(e);
+        }
+    }
+    // Anything more (the conflicting claim) would show up by now.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    events.extend(feed.try_iter());
+    assert_eq!(events, expected);
 }

@@ -34,6 +34,9 @@ pub enum Command {
     /// Author and inspect policies: build, test, inspect, export.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print the CustomResourceDefinitions of Kubernetes mode (IPPool, IPAllocation,
+    /// PinnedIdentity) as YAML, for `kubectl apply -f -`.
+    Crd,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,5 +19,15 @@ fn main() -> std::process::ExitCode {
         cli::Command::Release(args) => pools_cmd::release(&args),
         cli::Command::Wait(args) => pools_cmd::wait(&args),
         cli::Command::Policy(cmd) => policy_cmd::run(cmd),
+        cli::Command::Crd => match tether_kube::crd::crds_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                std::process::ExitCode::from(1)
+            }
+        },
     }
 }

@@ -1,0 +1,367 @@
+//! The Kubernetes store: one [`IPAllocation`] object per allocated address, named by the
+//! address alone, so the API server itself refuses a second claim of an address.
+//!
+//! How the [`Store`] contract maps onto the API:
+//!
+//! - a record's revision is its object's `resourceVersion` (etcd's revision: a number that
+//!   changes on every write and is never reused);
+//! - a `Put` at revision 0 is a create: `409 AlreadyExists` is the conflict;
+//! - any other `Put` is a replace carrying the revision as `resourceVersion`; a `Delete` is a
+//!   delete with a `resourceVersion` precondition: `409 Conflict` (changed since) and `404`
+//!   (gone since) are conflicts;
+//! - a group's changes are written one by one; when one conflicts, the ones already made are
+//!   undone (each undo itself conditional), then the conflict is reported. A failure of the
+//!   API (not a conflict) is a [`StoreError::Backend`]: re-read before trusting anything.
+//! - the change feed is a watch of the objects.
+//!
+//! The trait is synchronous (the engine's writer is a plain thread); calls run on the tokio
+//! runtime handle the store is given, so they must not be made from inside that runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
+
+use futures::StreamExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::runtime::watcher;
+use tether_core::alloc::{Allocation, Change, Revision};
+use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
+use tokio::runtime::Handle;
+
+use crate::crd::{IPAllocation, allocation_name};
+
+/// Allocations as custom resources.
+pub struct KubeStore {
+    api: Api<IPAllocation>,
+    rt: Handle,
+    subscribers: std::sync::Arc<Mutex<Vec<Sender<Event>>>>,
+    watching: Mutex<bool>,
+}
+
+fn backend(op: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("{op}: {e}"))
+}
+
+/// The HTTP status of an API error, if the call got that far.
+fn status(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+fn revision_of(o: &IPAllocation) -> Revision {
+    o.metadata
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn read(o: &IPAllocation) -> Result<Allocation, StoreError> {
+    o.to_allocation().map_err(|e| StoreError::Corrupt {
+        key: o.metadata.name.clone().unwrap_or_default(),
+        reason: e.to_string(),
+    })
+}
+
+/// What a write did, to undo it if a later change of its group conflicts.
+enum Done {
+    Created {
+        name: String,
+        revision: Revision,
+    },
+    Replaced {
+        before: Allocation,
+        revision: Revision,
+    },
+    Deleted {
+        before: Allocation,
+    },
+}
+
+impl KubeStore {
+    /// A store over `client`, running its calls on `rt`.
+    pub fn new(client: kube::Client, rt: Handle) -> KubeStore {
+        KubeStore {
+            api: Api::all(client),
+            rt,
+            subscribers: std::sync::Arc::default(),
+            watching: Mutex::new(false),
+        }
+    }
+
+    async fn current(&self, ip: IpAddr) -> Result<Option<IPAllocation>, StoreError> {
+        self.api
+            .get_opt(&allocation_name(ip))
+            .await
+            .map_err(|e| backend("reading an address", e))
+    }
+
+    /// The conflict of a change, with the revision the address's record has now.
+    async fn conflict(&self, c: &Change) -> Result<Conflict, StoreError> {
+        let found = self.current(c.ip()).await?.map_or(0, |o| revision_of(&o));
+        Ok(Conflict {
+            pool: c.pool().to_owned(),
+            ip: c.ip(),
+            expected: c.revision(),
+            found,
+        })
+    }
+
+    /// Applies one change; `Ok(Err(conflict))` when the record was not as planned.
+    async fn apply(&self, c: &Change) -> Result<Result<(Done, Revision), Conflict>, StoreError> {
+        let name = allocation_name(c.ip());
+        match c {
+            Change::Put(a) if a.revision == 0 => {
+                match self
+                    .api
+                    .create(&PostParams::default(), &IPAllocation::from_allocation(a))
+                    .await
+                {
+                    Ok(o) => {
+                        let r = revision_of(&o);
+                        Ok(Ok((Done::Created { name, revision: r }, r)))
+                    }
+                    Err(e) if status(&e) == Some(409) => Ok(Err(self.conflict(c).await?)),
+                    Err(e) => Err(backend("creating an address", e)),
+                }
+            }
+            Change::Put(a) => {
+                let before = match self.current(a.ip).await? {
+                    Some(o) if revision_of(&o) == a.revision && o.spec.pool == a.pool => read(&o)?,
+                    _ => return Ok(Err(self.conflict(c).await?)),
+                };
+                let mut o = IPAllocation::from_allocation(a);
+                o.metadata.resource_version = Some(a.revision.to_string());
+                match self.api.replace(&name, &PostParams::default(), &o).await {
+                    Ok(o) => {
+                        let r = revision_of(&o);
+                        Ok(Ok((
+                            Done::Replaced {
+                                before,
+                                revision: r,
+                            },
+                            r,
+                        )))
+                    }
+                    Err(e) if matches!(status(&e), Some(409 | 404)) => {
+                        Ok(Err(self.conflict(c).await?))
+                    }
+                    Err(e) => Err(backend("updating an address", e)),
+                }
+            }
+            Change::Delete { pool, ip, revision } => {
+                let before = match self.current(*ip).await? {
+                    Some(o) if revision_of(&o) == *revision && &o.spec.pool == pool => read(&o)?,
+                    _ => return Ok(Err(self.conflict(c).await?)),
+                };
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version: Some(revision.to_string()),
+                        uid: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                match self.api.delete(&name, &dp).await {
+                    Ok(_) => Ok(Ok((Done::Deleted { before }, 0))),
+                    Err(e) if matches!(status(&e), Some(409 | 404)) => {
+                        Ok(Err(self.conflict(c).await?))
+                    }
+                    Err(e) => Err(backend("deleting an address", e)),
+                }
+            }
+        }
+    }
+
+    /// Undoes a group's writes, newest first, each conditional on what it wrote.
+    async fn undo(&self, done: Vec<Done>) -> Result<(), StoreError> {
+        for d in done.into_iter().rev() {
+            let undone = match d {
+                Done::Created { name, revision } => {
+                    let dp = DeleteParams {
+                        preconditions: Some(Preconditions {
+                            resource_version: Some(revision.to_string()),
+                            uid: None,
+                        }),
+                        ..DeleteParams::default()
+                    };
+                    self.api.delete(&name, &dp).await.map(|_| ())
+                }
+                Done::Replaced { before, revision } => {
+                    let mut o = IPAllocation::from_allocation(&before);
+                    o.metadata.resource_version = Some(revision.to_string());
+                    self.api
+                        .replace(&allocation_name(before.ip), &PostParams::default(), &o)
+                        .await
+                        .map(|_| ())
+                }
+                Done::Deleted { before } => self
+                    .api
+                    .create(
+                        &PostParams::default(),
+                        &IPAllocation::from_allocation(&before),
+                    )
+                    .await
+                    .map(|_| ()),
+            };
+            undone.map_err(|e| backend("undoing part of a group", e))?;
+        }
+        Ok(())
+    }
+
+    async fn commit_async(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+        let mut out = Vec::with_capacity(groups.len());
+        for group in groups {
+            let mut done = Vec::with_capacity(group.len());
+            let mut revs = Vec::with_capacity(group.len());
+            let mut conflict = None;
+            for c in group {
+                match self.apply(c).await? {
+                    Ok((d, r)) => {
+                        done.push(d);
+                        revs.push(r);
+                    }
+                    Err(x) => {
+                        conflict = Some(x);
+                        break;
+                    }
+                }
+            }
+            match conflict {
+                Some(x) => {
+                    self.undo(done).await?;
+                    out.push(Err(x));
+                }
+                None => out.push(Ok(revs)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts the watch that feeds subscribers, once.
+    fn watch(&self) {
+        let mut watching = self
+            .watching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *watching {
+            return;
+        }
+        *watching = true;
+        let api = self.api.clone();
+        let subs = self.subscribers.clone();
+        self.rt.spawn(async move {
+            // What the watch has shown, so that a re-list (after the watch fell behind) can
+            // report the objects deleted in the gap, which no delete event announces.
+            let mut known: HashMap<IpAddr, (String, Revision)> = HashMap::new();
+            let mut relisted: Option<HashSet<IpAddr>> = None;
+            let mut stream = watcher(api, watcher::Config::default()).boxed();
+            while let Some(ev) = stream.next().await {
+                let events = match ev {
+                    Ok(watcher::Event::Init) => {
+                        relisted = Some(HashSet::new());
+                        continue;
+                    }
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        match o.to_allocation() {
+                            Ok(a) => {
+                                if let Some(seen) = relisted.as_mut() {
+                                    seen.insert(a.ip);
+                                }
+                                known.insert(a.ip, (a.pool.clone(), a.revision));
+                                vec![Event::Put(a)]
+                            }
+                            Err(e) => {
+                                tracing::warn!("skipping an unreadable address object: {e}");
+                                continue;
+                            }
+                        }
+                    }
+                    Ok(watcher::Event::Delete(o)) => {
+                        // The revision the record had (the delete event's own is newer).
+                        let revision = known
+                            .remove(&o.spec.address)
+                            .map_or_else(|| revision_of(&o), |(_, r)| r);
+                        vec![Event::Deleted {
+                            pool: o.spec.pool.clone(),
+                            ip: o.spec.address,
+                            revision,
+                        }]
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let Some(seen) = relisted.take() else {
+                            continue;
+                        };
+                        let gone: Vec<IpAddr> = known
+                            .keys()
+                            .filter(|ip| !seen.contains(ip))
+                            .copied()
+                            .collect();
+                        gone.into_iter()
+                            .filter_map(|ip| {
+                                known.remove(&ip).map(|(pool, revision)| Event::Deleted {
+                                    pool,
+                                    ip,
+                                    revision,
+                                })
+                            })
+                            .collect()
+                    }
+                    Err(e) => {
+                        tracing::warn!("watching address objects: {e}; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                let mut live = subs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                live.retain(|s| events.iter().all(|e| s.send(e.clone()).is_ok()));
+                // The store is gone and so is every subscriber: nobody to watch for.
+                if live.is_empty() && std::sync::Arc::strong_count(&subs) == 1 {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+impl Store for KubeStore {
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.rt.block_on(async {
+            let list = self
+                .api
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| backend("listing addresses", e))?;
+            let allocations = list.items.iter().map(read).collect::<Result<_, _>>()?;
+            Ok(Snapshot { allocations })
+        })
+    }
+
+    fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
+        self.rt.block_on(async {
+            self.current(ip)
+                .await?
+                .map(|o| read(&o))
+                .transpose()
+                .map(|a| a.into_iter().collect())
+        })
+    }
+
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+        self.rt.block_on(self.commit_async(groups))
+    }
+
+    fn subscribe(&self) -> Receiver<Event> {
+        let (tx, rx) = channel();
+        self.subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tx);
+        self.watch();
+        rx
+    }
+}

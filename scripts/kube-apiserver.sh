@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Tether's own copy (it started from the workplace's testenv recipe; maintained here).
+# A real Kubernetes control plane on loopback, for integration tests: etcd, kube-apiserver, and
+# optionally kube-controller-manager (StatefulSet/ReplicaSet controllers, ownerReference garbage
+# collection, ...) and kube-scheduler. There is no kubelet: a test plays the node (`node DIR NAME`
+# registers a schedulable Node; the test then calls CNI for the pods the scheduler binds to it and
+# patches their status, as a kubelet would).
+#
+# No registry ships these binaries, but Debian bookworm's `kubernetes` source package holds the full
+# v1.20.2 tree with vendor/, which builds offline with Debian's Go 1.19. The binaries are cached, so
+# only the first build on a machine pays (about 3-6 min on 2 cores).
+#
+#   kube-apiserver.sh build                 build (once) and print the cache directory
+#   kube-apiserver.sh start DIR [PORT]      start etcd + apiserver, state in DIR; writes DIR/kubeconfig
+#   WITH_CONTROLLERS=1 kube-apiserver.sh start DIR [PORT]   also controller-manager and scheduler
+#   kube-apiserver.sh node DIR NAME         register a schedulable Node NAME (Ready, no taints)
+#   kube-apiserver.sh stop DIR              stop what `start DIR` started
+#
+# Limits of v1.20: no CRD validation rules (x-kubernetes-validations), no streaming lists;
+# CRUD, resourceVersion conflicts (409), watch, ConfigMaps, Leases, RBAC, TokenRequest all work.
+# Everything listens on 127.0.0.1 only. Auth: TLS + a static admin token (see DIR/kubeconfig).
+set -euo pipefail
+
+CACHE=${TETHER_TESTENV_CACHE:-/var/cache/tether-testenv}
+BIN="$CACHE/kube-apiserver-v1.20.2"
+CM="$CACHE/kube-controller-manager-v1.20.2"
+SCHED="$CACHE/kube-scheduler-v1.20.2"
+PKG_VERSION=1.20.5+really1.20.2-1.1+deb12u1
+
+# scripts/setup.sh installs these; the fallback keeps the script usable on its own.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 \
+    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }
+}
+
+build() {
+  if [ -x "$BIN" ] && [ -x "$CM" ] && [ -x "$SCHED" ]; then echo "$CACHE"; return; fi
+  need go golang-go; need openssl openssl; need curl curl
+  local W; W=$(mktemp -d "${TMPDIR:-/tmp}/kapi-build.XXXXXX"); chmod 755 "$W"
+  # A private deb-src list, made from this machine's own apt mirror, so /etc/apt stays untouched.
+  local mirror
+  mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$mirror" ] || mirror=$(awk '$1=="deb"{for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$mirror" ] || { echo "no Debian mirror found in /etc/apt" >&2; exit 1; }
+  mkdir -p "$W/apt/lists/partial" "$W/dl" "$W/gopath/src/k8s.io"
+  printf 'Types: deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" >"$W/apt/src.sources"
+  local apt=(-o "Dir::Etc::sourcelist=$W/apt/src.sources" -o Dir::Etc::sourceparts=/nonexistent -o "Dir::State::Lists=$W/apt/lists")
+  apt-get "${apt[@]}" update -qq
+  (cd "$W/dl" && apt-get "${apt[@]}" source --download-only "kubernetes=$PKG_VERSION" >/dev/null \
+     && apt-get download golang-github-modern-go-reflect2-dev >/dev/null)
+  tar xzf "$W"/dl/kubernetes_*.orig.tar.gz -C "$W"
+  local src; src=$(echo "$W"/kubernetes-1.20*)
+  # The vendored reflect2 v1.0.1 crashes (SIGSEGV in mapiterinit) under Go >= 1.18: use Debian's 1.0.2.
+  dpkg-deb -x "$W"/dl/golang-github-modern-go-reflect2-dev_*.deb "$W/r2"
+  rm -rf "$src/vendor/github.com/modern-go/reflect2"
+  cp -r "$W/r2/usr/share/gocode/src/github.com/modern-go/reflect2" "$src/vendor/github.com/modern-go/reflect2"
+  rm -f "$src/vendor/github.com/modern-go/reflect2/go.mod"
+  ln -sfn "$src" "$W/gopath/src/k8s.io/kubernetes"
+  (
+    cd "$W/gopath/src/k8s.io/kubernetes"
+    export GOPATH="$W/gopath" GOCACHE="$W/gocache" GO111MODULE=off CGO_ENABLED=0 GOFLAGS=
+    # pkg/generated/openapi is not in the tarball: generate it with the vendored openapi-gen.
+    go build -o "$W/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
+    dirs=$(set +o pipefail; find -L pkg cmd plugin vendor third_party -type f -name '*.go' \
+      -not -path 'vendor/k8s.io/code-generator/*' -not -path 'vendor/k8s.io/sample-apiserver/*' -not -path '*/testdata/*' 2>/dev/null \
+      | { xargs grep -l '^// *+k8s:openapi-gen=' || true; } | xargs -n1 dirname | sort -u | sed 's#^#k8s.io/kubernetes/#' | paste -sd,)
+    "$W/openapi-gen" --logtostderr=false -i "$dirs" -p k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
+      -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$W/violations.report"
+    ld="-s -w"
+    for v in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+      ld="$ld -X $v.gitVersion=v1.20.2 -X $v.gitMajor=1 -X $v.gitMinor=20 -X $v.gitTreeState=clean -X $v.buildDate=2021-01-13T00:00:00Z"
+    done
+    mkdir -p "$CACHE"
+    mkdir -p "$W/out"
+    go build -ldflags "$ld" -o "$W/out/" ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler
+  ) >"$W/build.log" 2>&1 || { tail -30 "$W/build.log" >&2; exit 1; }
+  mv "$W/out/kube-controller-manager" "$CM"; mv "$W/out/kube-scheduler" "$SCHED"; mv "$W/out/kube-apiserver" "$BIN"
+  rm -rf "$W"
+  echo "$CACHE"
+}
+
+start() {
+  local dir=${1:?usage: start DIR [PORT]} port=${2:-16443}
+  build >/dev/null
+  need etcd etcd-server
+  mkdir -p "$dir/pki"; dir=$(cd "$dir" && pwd)
+  local pki="$dir/pki" etcd_port=$((port + 1)) peer_port=$((port + 2))
+  if [ ! -f "$pki/ca.crt" ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=tether-test-ca -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >"$pki/ext.cnf"
+    openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 3650 \
+      -extfile "$pki/ext.cnf" -out "$pki/apiserver.crt" 2>/dev/null
+    openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+    openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+    echo "tether-admin-token,admin,admin-uid,system:masters" >"$pki/tokens.csv"
+  fi
+  rm -rf "$dir/etcd-data"
+  etcd --name t --data-dir "$dir/etcd-data" --unsafe-no-fsync \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "t=http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
+  echo $! >"$dir/etcd.pid"
+  "$BIN" --etcd-servers="http://127.0.0.1:$etcd_port" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$port" --insecure-port=0 \
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" --client-ca-file="$pki/ca.crt" \
+    --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
+    --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$pki/sa.pub" \
+    --service-account-signing-key-file="$pki/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
+    --endpoint-reconciler-type=none --cert-dir="$dir/cert" >"$dir/apiserver.log" 2>&1 &
+  echo $! >"$dir/apiserver.pid"
+  cat >"$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster: {server: "https://127.0.0.1:$port", certificate-authority: "$pki/ca.crt"}
+users:
+- name: admin
+  user: {token: tether-admin-token}
+contexts:
+- name: test
+  context: {cluster: test, user: admin}
+current-context: test
+EOF
+  for _ in $(seq 1 240); do
+    if [ "$(curl -s --cacert "$pki/ca.crt" -H 'Authorization: Bearer tether-admin-token' "https://127.0.0.1:$port/readyz" 2>/dev/null)" = ok ]; then
+      if [ -n "${WITH_CONTROLLERS:-}" ]; then
+        "$CM" --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+          --authorization-kubeconfig="$dir/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
+          --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+          --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route' \
+          --leader-elect=false >"$dir/controller-manager.log" 2>&1 &
+        echo $! >"$dir/controller-manager.pid"
+        "$SCHED" --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+          --authorization-kubeconfig="$dir/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
+          --leader-elect=false >"$dir/scheduler.log" 2>&1 &
+        echo $! >"$dir/scheduler.pid"
+      fi
+      echo "$dir/kubeconfig"; return 0
+    fi
+    sleep 0.5
+  done
+  echo "kube-apiserver did not become ready; see $dir/apiserver.log" >&2
+  stop "$dir"; exit 1
+}
+
+node() {
+  local dir=${1:?usage: node DIR NAME} name=${2:?usage: node DIR NAME}
+  local url; url=$(grep -o 'https://127.0.0.1:[0-9]*' "$dir/kubeconfig" | head -1)
+  local c=(curl -sf --cacert "$dir/pki/ca.crt" -H 'Authorization: Bearer tether-admin-token')
+  "${c[@]}" -X POST -H 'Content-Type: application/json' "$url/api/v1/nodes" \
+    -d "{\"apiVersion\":\"v1\",\"kind\":\"Node\",\"metadata\":{\"name\":\"$name\",\"labels\":{\"kubernetes.io/hostname\":\"$name\"}}}" >/dev/null
+  local now; now=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  "${c[@]}" -X PATCH -H 'Content-Type: application/merge-patch+json' "$url/api/v1/nodes/$name/status" \
+    -d "{\"status\":{\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"KubeletReady\",\"lastHeartbeatTime\":\"$now\"}],\"allocatable\":{\"cpu\":\"64\",\"memory\":\"256Gi\",\"pods\":\"1000\"},\"capacity\":{\"cpu\":\"64\",\"memory\":\"256Gi\",\"pods\":\"1000\"}}}" >/dev/null
+  # The apiserver taints new nodes not-ready; with no node lifecycle controller nothing re-adds it.
+  "${c[@]}" -X PATCH -H 'Content-Type: application/merge-patch+json' "$url/api/v1/nodes/$name" -d '{"spec":{"taints":null}}' >/dev/null
+  echo "$name"
+}
+
+stop() {
+  local dir=${1:?usage: stop DIR}
+  for p in scheduler controller-manager apiserver etcd; do
+    if [ -f "$dir/$p.pid" ]; then kill "$(cat "$dir/$p.pid")" 2>/dev/null || true; rm -f "$dir/$p.pid"; fi
+  done
+}
+
+case "${1:-}" in
+  build) build ;;
+  start) shift; start "$@" ;;
+  node) shift; node "$@" ;;
+  stop) shift; stop "$@" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,110 @@
+//! A real control plane for tests: etcd and kube-apiserver v1.20.2 on loopback, started with
+//! `scripts/kube-apiserver.sh` (which builds them once from Debian's source package and caches
+//! them under /var/cache/tether-testenv). No kubelet runs: tests play the node.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// A running etcd + kube-apiserver; stopped on drop.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    /// The admin kubeconfig (token auth, TLS to 127.0.0.1).
+    pub kubeconfig: PathBuf,
+}
+
+/// The repository's root (this crate is `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A free loopback port with the two after it free too (the script puts etcd's client and
+/// peer ports there).
+fn free_ports() -> Result<u16> {
+    for _ in 0..50 {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        drop(l);
+        if port < 65000 && (1..=2).all(|i| TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    bail!("no three free loopback ports in a row")
+}
+
+impl Cluster {
+    /// Starts a fresh control plane (with the controller-manager and scheduler when
+    /// `controllers`). Fails when the binaries cannot be built or the apiserver does not
+    /// become ready; the message says why.
+    pub fn start(controllers: bool) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let port = free_ports()?;
+        let script = repo_root().join("scripts/kube-apiserver.sh");
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .arg("start")
+            .arg(dir.path())
+            .arg(port.to_string());
+        if controllers {
+            cmd.env("WITH_CONTROLLERS", "1");
+        }
+        let out = cmd.output().context("running scripts/kube-apiserver.sh")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/kube-apiserver.sh start failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let kubeconfig = dir.path().join("kubeconfig");
+        Ok(Cluster { dir, kubeconfig })
+    }
+
+    /// A kube client for the admin user.
+    pub async fn client(&self) -> Result<kube::Client> {
+        // rustls needs one crypto provider chosen before the first TLS connection.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Registers a schedulable node.
+    pub fn add_node(&self, name: &str) -> Result<()> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/kube-apiserver.sh"))
+            .arg("node")
+            .arg(self.dir.path())
+            .arg(name)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "adding node {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The apiserver's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts/kube-apiserver.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}

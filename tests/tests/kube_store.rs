@@ -1,0 +1,84 @@
+//! The Kubernetes store against the store contract, on a real kube-apiserver (v1.20.2): the
+//! same functions the embedded store's tests call. One control plane for all of them; the
+//! address objects are removed between functions (each expects an empty store).
+
+use std::sync::Arc;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use tether_e2e::cluster::Cluster;
+use tether_kube::crd::{IPAllocation, crds};
+use tether_kube::store::KubeStore;
+use tether_store::{Store, contract};
+
+/// One function of the contract suite.
+type ContractFn = fn(&dyn Store);
+
+#[test]
+fn the_kubernetes_store_keeps_the_store_contract() {
+    let test = "the_kubernetes_store_keeps_the_store_contract";
+    let c = match Cluster::start(false) {
+        Ok(c) => c,
+        Err(e) => {
+            tether_e2e::skip_or_fail(test, &format!("no test apiserver: {e:#}"));
+            return;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt.block_on(c.client()).expect("client");
+    rt.block_on(async {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crds() {
+            api.create(&PostParams::default(), &crd).await.expect("CRD");
+        }
+        // Established takes a moment: wait until the address objects can be listed.
+        let objects: Api<IPAllocation> = Api::all(client.clone());
+        for _ in 0..100 {
+            if objects.list(&ListParams::default()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the IPAllocation CRD never served");
+    });
+    let fresh = || {
+        rt.block_on(async {
+            let objects: Api<IPAllocation> = Api::all(client.clone());
+            objects
+                .delete_collection(&DeleteParams::default(), &ListParams::default())
+                .await
+                .expect("clear the address objects");
+        });
+        Arc::new(KubeStore::new(client.clone(), rt.handle().clone()))
+    };
+    let steps: [(&str, ContractFn); 6] = [
+        ("starts_empty", contract::starts_empty),
+        ("commit_round_trips", contract::commit_round_trips),
+        ("create_is_a_claim", contract::create_is_a_claim),
+        (
+            "claims_are_per_address_across_pools",
+            contract::claims_are_per_address_across_pools,
+        ),
+        (
+            "stale_revisions_conflict",
+            contract::stale_revisions_conflict,
+        ),
+        (
+            "groups_are_atomic_and_independent",
+            contract::groups_are_atomic_and_independent,
+        ),
+    ];
+    for (name, step) in steps {
+        eprintln!("contract: {name}");
+        step(&*fresh());
+    }
+    eprintln!("contract: racing_claims_one_wins");
+    contract::racing_claims_one_wins(fresh());
+    eprintln!("contract: subscribers_see_applied_changes");
+    contract::subscribers_see_applied_changes(&*fresh());
+    drop(c);
+}
