@@ -76,6 +76,30 @@ impl Cluster {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// Installs Tether's CRDs and waits until they serve.
+    pub async fn install_crds(&self, client: &kube::Client) -> Result<()> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use kube::api::{Api, ListParams, PostParams};
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in tether_kube::crd::crds() {
+            api.create(&PostParams::default(), &crd)
+                .await
+                .context("creating a CRD")?;
+        }
+        // Established takes a moment: wait until every kind can be listed.
+        let pools: Api<tether_kube::crd::IPPool> = Api::all(client.clone());
+        let objects: Api<tether_kube::crd::IPAllocation> = Api::all(client.clone());
+        for _ in 0..100 {
+            if pools.list(&ListParams::default()).await.is_ok()
+                && objects.list(&ListParams::default()).await.is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        bail!("the CRDs never served")
+    }
+
     /// Registers a schedulable node.
     pub fn add_node(&self, name: &str) -> Result<()> {
         let out = Command::new("bash")

@@ -41,26 +41,27 @@ fn truncate_vm(d: &Daemon, text: &str) {
     std::fs::write(d.workloads.join("vm.yaml"), text).expect("write vm.yaml in place");
 }
 
-/// Sets the modification time of `dir` and of the files in it `ago` in the past: the
-/// directory left alone that long, without waiting for it.
-fn age(dir: &Path, ago: Duration) {
-    let t = SystemTime::now() - ago;
-    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
-        std::fs::File::options()
-            .write(true)
-            .open(entry.path())
-            .and_then(|f| f.set_modified(t))
-            .expect("set file mtime");
+/// Reconciles until something is released or `within` has passed since `t0`; returns what
+/// was released and when.
+fn released_within(d: &Daemon, t0: Instant, within: Duration) -> (Vec<String>, Duration) {
+    loop {
+        let released = d.reconcile().expect("reconcile");
+        let at = t0.elapsed();
+        if !released.is_empty() || at > within {
+            return (released, at);
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    std::fs::File::open(dir)
-        .and_then(|f| f.set_modified(t))
-        .expect("set directory mtime");
 }
+
+/// The file's timestamp may lag the clock by a kernel tick.
+const SLACK: Duration = Duration::from_millis(100);
 
 #[test]
 fn a_truncated_or_deleted_vm_manifest_keeps_the_vm_address_until_the_directory_settles() {
-    // A settle period far longer than the test: the directory settles only when aged by hand.
-    let (d, ip) = idle_vm_address("600");
+    // tetherd's default settle period.
+    const SETTLE: Duration = Duration::from_secs(5);
+    let (d, ip) = idle_vm_address("5");
     let cuts = [
         ("to 0 bytes", ""),
         (
@@ -87,25 +88,41 @@ fn a_truncated_or_deleted_vm_manifest_keeps_the_vm_address_until_the_directory_s
     for (what, text) in cuts {
         truncate_vm(&d, text);
         kept(&format!("truncated {what}"));
+        // `cp -p` and `touch -d` set an old modification time after writing: still recent.
+        set_old_mtime(&d.workloads);
+        kept(&format!("truncated {what}, modification time set back"));
     }
     // Deleted: maybe the first half of a delete-then-create, while the directory is recent.
     d.remove_manifest("vm").expect("vm gone");
+    let t0 = Instant::now();
     kept("deleted a moment ago");
+    set_old_mtime(&d.workloads);
+    kept("deleted a moment ago, modification times set back");
     // The directory left alone for the settle period: the VM is deleted.
-    age(&d.workloads, Duration::from_secs(601));
-    assert_eq!(
-        d.reconcile().expect("reconcile"),
-        [format!("test-ippool/{ip}")],
-        "{}",
-        d.log()
-    );
+    let (released, at) = released_within(&d, t0, 4 * SETTLE);
+    assert!(at + SLACK >= SETTLE, "released {at:?} after the deletion");
+    assert_eq!(released, [format!("test-ippool/{ip}")], "{}", d.log());
+}
+
+/// Sets the modification time of `dir` and of the files in it an hour back, as `cp -p`,
+/// `rsync -t` or `touch -d` may.
+fn set_old_mtime(dir: &Path) {
+    let t = SystemTime::now() - Duration::from_secs(3600);
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        std::fs::File::options()
+            .write(true)
+            .open(entry.path())
+            .and_then(|f| f.set_modified(t))
+            .expect("set file mtime");
+    }
+    std::fs::File::open(dir)
+        .and_then(|f| f.set_modified(t))
+        .expect("set directory mtime");
 }
 
 #[test]
 fn a_truncated_vm_manifest_left_alone_counts_as_deleted_after_the_settle_period() {
     const SETTLE: Duration = Duration::from_secs(3);
-    // The file's timestamp may lag the clock by a kernel tick.
-    const SLACK: Duration = Duration::from_millis(100);
     let (d, ip) = idle_vm_address("3");
     let t0 = Instant::now();
     truncate_vm(&d, "");
@@ -117,21 +134,10 @@ fn a_truncated_vm_manifest_left_alone_counts_as_deleted_after_the_settle_period(
         t0.elapsed(),
         d.log()
     );
-    let deadline = t0 + Duration::from_secs(20);
-    let released = loop {
-        let released = d.reconcile().expect("reconcile");
-        let at = t0.elapsed();
-        if !released.is_empty() {
-            assert!(
-                at + SLACK >= SETTLE,
-                "released {at:?} after the truncation, before the settle period"
-            );
-            break released;
-        }
-        if Instant::now() > deadline {
-            break released;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let (released, at) = released_within(&d, t0, Duration::from_secs(20));
+    assert!(
+        released.is_empty() || at + SLACK >= SETTLE,
+        "released {at:?} after the truncation, before the settle period"
+    );
     assert_eq!(released, [format!("test-ippool/{ip}")], "{}", d.log());
 }

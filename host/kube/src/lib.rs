@@ -10,7 +10,12 @@
 //! - [`crd::PinnedIdentity`] (namespaced): one record per pinned identity (a VM, a StatefulSet
 //!   pod), named after it, derived from the address objects.
 //!
+//!
+//! [`store::KubeStore`] keeps allocations as those objects, and [`workloads::KubeWorkloads`]
+//! answers the engine's questions about pods and their owners from watch caches.
+//!
 //! The domain types stay in `tether-core`, free of Kubernetes; the conversions live here.
 
 pub mod crd;
 pub mod store;
+pub mod workloads;

@@ -11,7 +11,10 @@
 //! re-keys every record by its address. Two records of one address (written by a release that
 //! let overlapping pools both hand it out) cannot share a key: the second goes to the
 //! `doubles` table, keyed `ip/pool`, keeps its address taken, and is promoted to the address's
-//! key when the first one is deleted. Nothing is dropped.
+//! key when the first one is deleted. Nothing is dropped. An older release started on a file
+//! again (a downgrade) may write a record of an address already held under the *same* pool
+//! name; the engine could keep only one of those, so opening refuses the file, changing
+//! nothing, and says how to resolve it ([`StoreError::Twice`]).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -199,7 +202,9 @@ impl EmbeddedStore {
 }
 
 /// Moves records keyed `pool/ip` (older layouts) to their address's key, or to `doubles`
-/// when the address already has a record. Returns how many it moved. Reads keys only, so a
+/// when the address already has a record under another pool name; refuses one that would
+/// make a second record under the same pool name ([`StoreError::Twice`]). Returns how many
+/// it moved. Reads keys only, so a
 /// store of a million records costs a fraction of a second.
 fn rekey(t: &mut Tables<'_>) -> Result<usize, StoreError> {
     let mut old = Vec::new();
@@ -214,15 +219,48 @@ fn rekey(t: &mut Tables<'_>) -> Result<usize, StoreError> {
         let a = decode(&k, &v)?;
         t.0.remove(k.as_str()).map_err(backend)?;
         let main = main_key(a.ip);
-        if t.0.get(main.as_str()).map_err(backend)?.is_none() {
-            t.0.insert(main.as_str(), v.as_slice()).map_err(backend)?;
-        } else {
-            tracing::warn!(pool = %a.pool, ip = %a.ip, "the store holds this address twice (written before overlapping pools were refused); both records are kept until released");
-            t.1.insert(double_key(a.ip, &a.pool).as_str(), v.as_slice())
-                .map_err(backend)?;
+        let double = double_key(a.ip, &a.pool);
+        match read(&t.0, &main)? {
+            None => {
+                t.0.insert(main.as_str(), v.as_slice()).map_err(backend)?;
+            }
+            Some(c) if c.pool != a.pool && read(&t.1, &double)?.is_none() => {
+                tracing::warn!(pool = %a.pool, ip = %a.ip, held_under = %c.pool, "the store holds this address twice (written before overlapping pools were refused); both records are kept until released");
+                t.1.insert(double.as_str(), v.as_slice()).map_err(backend)?;
+            }
+            // The same pool name twice: refused (the caller's transaction, aborted, changes
+            // nothing), never one record written over the other.
+            Some(c) => {
+                let first = match c.pool == a.pool {
+                    true => c,
+                    false => read(&t.1, &double)?.unwrap_or(c),
+                };
+                return Err(StoreError::Twice {
+                    ip: a.ip,
+                    pool: a.pool.clone(),
+                    first: holders(&first),
+                    second: holders(&a),
+                });
+            }
         }
     }
     Ok(moved)
+}
+
+/// Who holds a record, for messages.
+fn holders(a: &Allocation) -> String {
+    match (&a.owner, a.holders.is_empty()) {
+        (_, false) => a
+            .holders
+            .iter()
+            .map(|h| h.attachment.describe())
+            .collect::<Vec<_>>()
+            .join(", "),
+        (tether_core::alloc::Owner::Pinned { identity, .. }, true) => {
+            format!("kept for {identity}")
+        }
+        (tether_core::alloc::Owner::Ephemeral, true) => "no holder".to_owned(),
+    }
 }
 
 impl Store for EmbeddedStore {

@@ -94,6 +94,25 @@ pub enum StoreError {
         /// Why.
         reason: String,
     },
+    /// A file holds one address twice under one pool name: an older tetherd wrote the second
+    /// record after a downgrade. The engine keys an address by its pool, so it could keep
+    /// only one, and the other's pod would share the address unseen. Nothing was changed.
+    #[error(
+        "the store holds {ip} twice under pool {pool} ({first}; {second}): an older tetherd wrote \
+         the second record after a downgrade. Nothing was changed. Start that older tetherd \
+         again, release the address of one of them (`tetherd release {pool}/{ip}`) or delete \
+         its pod, then start this one"
+    )]
+    Twice {
+        /// The address.
+        ip: std::net::IpAddr,
+        /// The pool name both records carry.
+        pool: String,
+        /// Who holds the first record.
+        first: String,
+        /// Who holds the second.
+        second: String,
+    },
     /// The backend failed (I/O, database). Nothing of the commit may be assumed applied or
     /// not applied: re-read the store.
     #[error("store backend: {0}")]

@@ -263,3 +263,79 @@ fn records_written_by_an_older_release_after_the_rekey_are_seen() {
         "an address an older release wrote was claimed again"
     );
 }
+
+/// Writes `records` into `path` as an older release did: keys `pool/ip`, plain JSON.
+fn write_old_layout(path: &std::path::Path, records: &[&tether_core::alloc::Allocation]) {
+    let db = redb::Database::create(path).expect("open");
+    let txn = db.begin_write().expect("txn");
+    {
+        let allocs: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("allocations");
+        let mut t = txn.open_table(allocs).expect("table");
+        for a in records {
+            let v = serde_json::to_vec(a).expect("json");
+            t.insert(format!("{}/{}", a.pool, a.ip).as_str(), v.as_slice())
+                .expect("insert");
+        }
+    }
+    txn.commit().expect("commit");
+}
+
+/// After a downgrade, an older release may record an address a second time under the pool
+/// name it is already held under. The engine keys an address by pool: it would see one of
+/// the two, and hand the address back to the other's identity while that pod still has it.
+/// Opening refuses the file, naming both holders, and changes nothing.
+#[test]
+fn an_address_recorded_twice_under_one_pool_name_is_refused_not_overwritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let s = EmbeddedStore::open(&path).expect("create at the current layout");
+    s.commit(&[vec![Change::Put(allocation("p", "10.0.0.1", "first"))]])
+        .expect("commit")[0]
+        .as_ref()
+        .expect("claimed");
+    drop(s);
+    write_old_layout(&path, &[&allocation("p", "10.0.0.1", "second")]);
+    for attempt in ["first open", "second open: nothing was changed"] {
+        let err = match EmbeddedStore::open(&path) {
+            Ok(_) => panic!("{attempt}: opened a file holding 10.0.0.1 twice under p"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("10.0.0.1")
+                && err.contains("pool p")
+                && err.contains("first")
+                && err.contains("second"),
+            "{attempt}: {err}"
+        );
+    }
+
+    // The same through the doubles table: p and q hold the address (old layout), then an
+    // older release writes q's record again.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    write_old_layout(
+        &path,
+        &[
+            &allocation("p", "10.0.0.2", "one"),
+            &allocation("q", "10.0.0.2", "two"),
+        ],
+    );
+    let s = EmbeddedStore::open(&path).expect("both kept");
+    assert_eq!(
+        s.get("10.0.0.2".parse().expect("ip")).expect("get").len(),
+        2
+    );
+    drop(s);
+    write_old_layout(&path, &[&allocation("q", "10.0.0.2", "three")]);
+    let err = EmbeddedStore::open(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("10.0.0.2")
+            && err.contains("pool q")
+            && err.contains("two")
+            && err.contains("three"),
+        "{err:?}"
+    );
+}

@@ -79,10 +79,24 @@ pub struct ReleaseArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Where the embedded store lives.
+    /// Kubernetes mode: allocations as IPAllocation objects, pools from IPPool objects,
+    /// workloads from the API server (in-cluster config, or KUBECONFIG). Needs --node-name.
+    /// --pools, --workloads and the embedded store are not used.
+    #[arg(long, env = "TETHER_KUBERNETES")]
+    pub kubernetes: bool,
+    /// This node's name, as the API server knows it (Kubernetes mode): the daemon watches the
+    /// pods bound to it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The kubeconfig to use (Kubernetes mode); without it, the in-cluster config or
+    /// KUBECONFIG, as kubectl finds them.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the embedded store lives (standalone mode; accepted in both).
     #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
     pub state_dir: PathBuf,
     /// IPPool manifests: a file or a directory. Reloaded when a file changes, and on SIGHUP.
+    /// (Standalone mode.)
     #[arg(long, env = "TETHER_POOLS", default_value = "/etc/tether/pools")]
     pub pools: PathBuf,
     /// Seconds between checks of the pool files for changes (0: reload on SIGHUP only).
@@ -92,10 +106,11 @@ pub struct RunArgs {
     /// looked up by the K8S_POD_NAMESPACE/K8S_POD_NAME CNI args. Re-read when files change.
     #[arg(long, env = "TETHER_WORKLOADS")]
     pub workloads: Option<PathBuf>,
-    /// Seconds that must pass after the newest modification time in the --workloads directory
-    /// (the directory, its subdirectories, its manifest files) before anything missing from it
-    /// counts as deleted and release rules fire: a file may be caught half-written, or between
-    /// a delete and a create. 0 judges at once.
+    /// Seconds that must pass after the newest change in the --workloads directory (the
+    /// directory, its subdirectories, its manifest files; the inode change time, which `cp -p`
+    /// or `touch -d` cannot set back) before anything missing from it counts as deleted and
+    /// release rules fire: a file may be caught half-written, or between a delete and a
+    /// create. 0 judges at once.
     #[arg(long, env = "TETHER_WORKLOADS_SETTLE", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub workloads_settle_secs: u64,
     /// Directory that relative policy paths in --chain are resolved against.

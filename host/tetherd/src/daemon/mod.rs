@@ -1,7 +1,9 @@
 //! `tetherd run`: the daemon. Standalone mode: an embedded store, pools from manifests,
-//! workloads from a manifest directory, policies built in or from files.
+//! workloads from a manifest directory, policies built in or from files. Kubernetes mode
+//! (`--kubernetes`): IPAllocation objects, IPPool objects, workloads from the API server.
 
 mod http;
+mod kube;
 mod pools;
 mod workloads;
 
@@ -208,40 +210,88 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: no new requests; finishing those in flight");
 }
 
+/// Where pools come from.
+enum PoolSource {
+    Files(pools::PoolFiles),
+    Kube(::kube::Client),
+}
+
+/// The store, workload source and pools of one mode.
+struct Adapters {
+    store: Arc<dyn Store>,
+    workloads: (Arc<dyn WorkloadSource>, bool),
+    pools: Vec<tether_core::pool::Pool>,
+    pool_source: PoolSource,
+    /// For the start-up log.
+    store_name: String,
+}
+
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
-    let store_path = args.state_dir.join("tether.redb");
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
-    let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
     let runtime = Runtime::new(args.sandbox.runtime_config()?)?;
     let chain = chain::build(&runtime, &chain_sources(&args)?)?;
-    let workloads: (Arc<dyn WorkloadSource>, bool) = match &args.workloads {
-        Some(d) => (
-            Arc::new(
-                workloads::WorkloadFiles::new(
-                    d.clone(),
-                    std::time::Duration::from_secs(args.workloads_settle_secs),
-                )
-                .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
+    let adapters = if args.kubernetes {
+        let Some(node) = args.node_name.as_deref().filter(|n| !n.is_empty()) else {
+            anyhow::bail!("--kubernetes needs the node's name: --node-name or NODE_NAME");
+        };
+        let k = kube::connect(node, args.kubeconfig.as_deref()).await?;
+        Adapters {
+            store: Arc::new(k.store),
+            workloads: (Arc::new(k.workloads), true),
+            pools: k.pools,
+            pool_source: PoolSource::Kube(k.client),
+            store_name: "IPAllocation objects".to_owned(),
+        }
+    } else {
+        let store_path = args.state_dir.join("tether.redb");
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&store_path)?);
+        let (pool_files, pools) = pools::PoolFiles::open(&args.pools)?;
+        let workloads: (Arc<dyn WorkloadSource>, bool) = match &args.workloads {
+            Some(d) => (
+                Arc::new(
+                    workloads::WorkloadFiles::new(
+                        d.clone(),
+                        std::time::Duration::from_secs(args.workloads_settle_secs),
+                    )
+                    .map_err(|e| anyhow::anyhow!("workloads dir {}: {e}", d.display()))?,
+                ),
+                true,
             ),
-            true,
-        ),
-        None => (Arc::new(NoWorkloads), false),
+            None => (Arc::new(NoWorkloads), false),
+        };
+        Adapters {
+            store,
+            workloads,
+            pools,
+            pool_source: PoolSource::Files(pool_files),
+            store_name: store_path.display().to_string(),
+        }
     };
+    let Adapters {
+        store,
+        workloads,
+        pools,
+        pool_source,
+        store_name,
+    } = adapters;
     let metrics = Arc::new(Metrics::new());
     let ports = Ports {
         store,
         workloads,
         policies: Arc::new(PolicyChain { runtime, chain }),
     };
-    let (service, writer_thread) = Engine::start(ports, pools, metrics)
-        .map_err(|e| anyhow::anyhow!("pools {}: {e}", args.pools.display()))?;
+    // Off the async workers: the Kubernetes store's reads block on this runtime.
+    let (service, writer_thread) =
+        tokio::task::spawn_blocking(move || Engine::start(ports, pools, metrics))
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the engine: {e}"))?
+            .map_err(|e| anyhow::anyhow!("pools: {e}"))?;
     let service = Arc::new(service);
     let listener = bind(&args.socket)?;
     tracing::info!(
         socket = %args.socket.display(),
-        store = %store_path.display(),
+        store = %store_name,
         chain = ?service.chain_names(),
         pools = service.pools().pools.len(),
         "tetherd started"
@@ -264,11 +314,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
-    let pool_watcher = tokio::spawn(watch_pools(
-        service.clone(),
-        pool_files,
-        Duration::from_secs(args.pools_watch_interval_secs),
-    ));
+    let pool_watcher = match pool_source {
+        PoolSource::Files(files) => tokio::spawn(watch_pools(
+            service.clone(),
+            files,
+            Duration::from_secs(args.pools_watch_interval_secs),
+        )),
+        PoolSource::Kube(client) => tokio::spawn(kube::watch_pools(service.clone(), client)),
+    };
 
     tracing::info!(target: crate::cli::READY_TARGET, "ready, listening on {}", args.socket.display());
     axum::serve(listener, http::router(service.clone()))

@@ -6,8 +6,12 @@
 //!
 //! A missing object (and a pod of another UID) is judged gone, and release rules fire, only
 //! when the directory is *settled*: every manifest parses, and the settle period
-//! (`--workloads-settle-secs`) has passed since the newest modification time, by the
-//! filesystem's own clock, among the directory, its subdirectories and its manifest files. A
+//! (`--workloads-settle-secs`) has passed since the newest change, by the filesystem's own
+//! clock, among the directory, its subdirectories and its manifest files (symbolic links and
+//! their targets both). A change is the inode's status-change time (ctime), which every
+//! write, rename and deletion sets and no program can set back: `cp -p`, `rsync -t` and
+//! `touch -d` set an old *modification* time after writing, which would make a file caught
+//! half-written look long settled. A
 //! file is rewritten in place by truncating it first (`kubectl get vms -o yaml > vms.yaml`),
 //! and replaced by deleting then creating it (git checkout, install(1)); caught in between,
 //! it still parses, as nothing or as another object (`name: vm-cir`, a pod without its
@@ -23,6 +27,12 @@
 //! unknown old holder at once, see `tether_core::alloc::Ipam::plan_add`), and a timestamp in
 //! the future keeps the directory unsettled until it is that old. A settle period of zero
 //! judges at once.
+//!
+//! A manifest that is a symbolic link whose target is missing (being replaced, or gone) is
+//! unreadable, like a file that does not parse: nothing is judged gone until it resolves or
+//! the link is removed. A file read within a second of its last change is read again next
+//! time, however its stamp compares: a timestamp has the kernel tick's granularity, so a
+//! rewrite in the same tick with the same length would otherwise go unseen.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -34,16 +44,45 @@ use serde_json::Value;
 use tether_engine::index::WorkloadIndex;
 use tether_engine::ports::{WorkloadSource, WorkloadView};
 
-/// What tells one version of a file from the next: modification time, length, and the file
+/// Which of an inode's times is its last change.
+#[derive(Clone, Copy, Debug)]
+enum ChangeTime {
+    /// The status-change time (ctime): set by every write, rename and deletion, and by
+    /// setting the other times, never settable by a program. What the daemon uses.
+    Status,
+    /// The modification time, which tests set back to age a directory without waiting.
+    #[cfg(test)]
+    Modified,
+}
+
+impl ChangeTime {
+    fn of(self, meta: &std::fs::Metadata) -> SystemTime {
+        match self {
+            ChangeTime::Status => {
+                let nanos = u32::try_from(meta.ctime_nsec()).unwrap_or(0);
+                u64::try_from(meta.ctime()).map_or(SystemTime::UNIX_EPOCH, |secs| {
+                    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
+                })
+            }
+            #[cfg(test)]
+            ChangeTime::Modified => meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+}
+
+/// A file read this soon after its last change is read again next time (see the module
+/// documentation).
+const RECENT: Duration = Duration::from_secs(1);
+
+/// What tells one version of a file from the next: change time, length, and the file
 /// itself (device, inode), which a rename onto the path replaces.
 type Stamp = (SystemTime, u64, (u64, u64));
 
-fn stamp(meta: &std::fs::Metadata) -> Stamp {
-    (
-        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-        meta.len(),
-        (meta.dev(), meta.ino()),
-    )
+/// A stamp no file has: what is cached under it is read again.
+const REREAD: Stamp = (SystemTime::UNIX_EPOCH, u64::MAX, (0, 0));
+
+fn stamp(meta: &std::fs::Metadata, clock: ChangeTime) -> Stamp {
+    (clock.of(meta), meta.len(), (meta.dev(), meta.ino()))
 }
 
 struct FileEntry {
@@ -61,12 +100,17 @@ pub struct WorkloadDir {
     settle: Duration,
     /// Why the directory could not be listed last time, if it could not.
     unlisted: Option<String>,
+    clock: ChangeTime,
 }
 
 impl WorkloadDir {
     /// Watches `dir` (created if missing). A missing object counts as gone once the
     /// directory has been unchanged for `settle` (see the module documentation).
     pub fn new(dir: PathBuf, settle: Duration) -> std::io::Result<Self> {
+        Self::with_clock(dir, settle, ChangeTime::Status)
+    }
+
+    fn with_clock(dir: PathBuf, settle: Duration, clock: ChangeTime) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let mut w = WorkloadDir {
             dir,
@@ -74,6 +118,7 @@ impl WorkloadDir {
             index: Arc::new(WorkloadIndex::default()),
             settle,
             unlisted: None,
+            clock,
         };
         w.refresh();
         Ok(w)
@@ -111,27 +156,51 @@ impl WorkloadDir {
         let mut changed = false;
         let mut newest = None;
         let mut seen = HashMap::with_capacity(paths.len());
+        let now = SystemTime::now();
+        let unreadable = |why: String| FileEntry {
+            stamp: REREAD,
+            docs: Err(why),
+        };
         for path in paths {
-            let meta = match std::fs::metadata(&path) {
-                // Listed a moment ago and gone now (a rename's source): the directory's
-                // modification time shows it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            let link = match std::fs::symlink_metadata(&path) {
+                // Listed a moment ago and gone now (a rename's source): changed now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    newest = newest.max(Some(now));
+                    continue;
+                }
                 Err(e) => {
                     changed = true;
-                    let unknown = (SystemTime::UNIX_EPOCH, 0, (0, 0));
-                    let docs = Err(e.to_string());
-                    seen.insert(
-                        path,
-                        FileEntry {
-                            stamp: unknown,
-                            docs,
-                        },
-                    );
+                    seen.insert(path, unreadable(e.to_string()));
                     continue;
                 }
                 Ok(m) => m,
             };
-            let before = stamp(&meta);
+            let is_link = link.file_type().is_symlink();
+            if is_link {
+                // Re-pointed: the link is new.
+                newest = newest.max(Some(self.clock.of(&link)));
+            }
+            let meta = match std::fs::metadata(&path) {
+                Err(e) if is_link => {
+                    // The target is missing (replaced by delete-then-create, or gone): not
+                    // "no objects".
+                    changed = true;
+                    tracing::warn!(file = %path.display(), "workload manifest is a link whose target cannot be read; nothing is judged gone until it can: {e}");
+                    seen.insert(path, unreadable(format!("link target: {e}")));
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    newest = newest.max(Some(now));
+                    continue;
+                }
+                Err(e) => {
+                    changed = true;
+                    seen.insert(path, unreadable(e.to_string()));
+                    continue;
+                }
+                Ok(m) => m,
+            };
+            let before = stamp(&meta, self.clock);
             newest = newest.max(Some(before.0));
             match self.files.remove(&path) {
                 Some(e) if e.stamp == before => {
@@ -144,16 +213,23 @@ impl WorkloadDir {
                 tracing::warn!(file = %path.display(), "workload manifest unreadable; nothing is judged gone until it is fixed: {e}");
                 e.to_string()
             });
-            // Changed while it was read: what was read may be half-written, whatever time the
-            // file shows afterwards (`cp -p` sets an old one back). It counts as changed now
-            // (and is read again next time, its stamp being the one from before).
-            if std::fs::metadata(&path).map(|m| stamp(&m)).ok() != Some(before) {
-                newest = newest.max(Some(SystemTime::now()));
+            // Changed while it was read: what was read may be half-written. It counts as
+            // changed now (and is read again next time).
+            let after = std::fs::metadata(&path).map(|m| stamp(&m, self.clock)).ok();
+            if after != Some(before) {
+                newest = newest.max(Some(now));
             }
+            // Changed within a tick or so of the read, or while it was read: read again next
+            // time.
+            let recent = now.duration_since(before.0).map_or(true, |d| d < RECENT);
             seen.insert(
                 path,
                 FileEntry {
-                    stamp: before,
+                    stamp: if recent || after != Some(before) {
+                        REREAD
+                    } else {
+                        before
+                    },
                     docs,
                 },
             );
@@ -162,7 +238,10 @@ impl WorkloadDir {
         changed |= !self.files.is_empty();
         self.files = seen;
         // After the files: a deletion or a rename the listing saw is in these times.
-        Ok((changed, newest.max(newest_dir_change(&self.dir)?)))
+        Ok((
+            changed,
+            newest.max(newest_dir_change(&self.dir, self.clock)?),
+        ))
     }
 
     /// The index of the files read, settled `self.settle` after `newest`.
@@ -194,10 +273,10 @@ impl WorkloadDir {
     }
 }
 
-/// The newest modification time of `dir` and of its subdirectories (hidden ones left out,
-/// as the listing leaves them out): creating, deleting or renaming a file there sets it.
-fn newest_dir_change(dir: &Path) -> std::io::Result<Option<SystemTime>> {
-    let mut newest = std::fs::metadata(dir)?.modified().ok();
+/// The newest change time of `dir` and of its subdirectories (hidden ones left out, as the
+/// listing leaves them out): creating, deleting or renaming a file there sets it.
+fn newest_dir_change(dir: &Path, clock: ChangeTime) -> std::io::Result<Option<SystemTime>> {
+    let mut newest = Some(clock.of(&std::fs::metadata(dir)?));
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let hidden = entry
@@ -205,7 +284,7 @@ fn newest_dir_change(dir: &Path) -> std::io::Result<Option<SystemTime>> {
             .to_str()
             .is_some_and(|n| n.starts_with('.'));
         if !hidden && entry.file_type()?.is_dir() {
-            newest = newest.max(newest_dir_change(&entry.path())?);
+            newest = newest.max(newest_dir_change(&entry.path(), clock)?);
         }
     }
     Ok(newest)
@@ -293,6 +372,12 @@ mod tests {
         walk(dir, SystemTime::now() - ago);
     }
 
+    /// The directory watched by modification time, which [`age`] sets back: the settle rule
+    /// tested without waiting (the daemon's own clock, the change time, is tested below).
+    fn aged(dir: &Path, settle: Duration) -> WorkloadDir {
+        WorkloadDir::with_clock(dir.to_owned(), settle, ChangeTime::Modified).expect("workloads")
+    }
+
     /// Sets one file's modification time.
     fn touch(path: &Path, t: SystemTime) {
         std::fs::File::options()
@@ -314,7 +399,7 @@ mod tests {
             write(tmp.path(), name, text);
         }
         age(tmp.path(), 2 * SETTLE);
-        let w = WorkloadDir::new(tmp.path().to_owned(), settle).expect("workloads");
+        let w = aged(tmp.path(), settle);
         (tmp, w)
     }
 
@@ -483,7 +568,7 @@ mod tests {
         std::fs::create_dir(&sub).expect("mkdir");
         std::fs::rename(tmp.path().join("vm.yaml"), sub.join("vm.yaml")).expect("mv");
         age(tmp.path(), 2 * SETTLE);
-        let mut w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("workloads");
+        let mut w = aged(tmp.path(), SETTLE);
         assert_eq!(judged(&w.refresh()), LIVE);
         std::fs::remove_file(sub.join("vm.yaml")).expect("rm");
         assert!(!w.refresh().fires(&vm_deleted()));
@@ -502,7 +587,7 @@ mod tests {
             "db-0.yaml",
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: db",
         );
-        let mut w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("dir");
+        let mut w = aged(tmp.path(), SETTLE);
         assert_eq!(judged(&w.refresh()), UNKNOWN);
         assert_eq!(
             judged_after_settle(tmp.path(), &mut w),
@@ -669,5 +754,101 @@ mod tests {
             SystemTime::now() + Duration::from_secs(3600),
         );
         assert_eq!(pod(&w.refresh(), POD_UID), Liveness::Gone);
+    }
+
+    /// `cp -p`, `rsync -t` and `touch -d` set an old modification time after writing: a file
+    /// caught half-written, or a deletion, must not look long settled. The daemon judges by
+    /// the change time, which nothing sets back.
+    #[test]
+    fn an_old_modification_time_set_back_does_not_settle_the_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        write(tmp.path(), "vm.yaml", "");
+        write(tmp.path(), "sts.yaml", STS);
+        age(tmp.path(), 2 * SETTLE);
+        let mut w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("workloads");
+        let idx = w.refresh();
+        let later = SystemTime::now() + 2 * SETTLE;
+        assert!(
+            !idx.fires(&vm_deleted()),
+            "written a moment ago, whatever its modification time says"
+        );
+        assert!(
+            idx.fires_at(&vm_deleted(), later),
+            "settled after the period"
+        );
+        // Judged by the modification time, the same directory looks long settled.
+        assert!(aged(tmp.path(), SETTLE).refresh().fires(&vm_deleted()));
+
+        // A deletion, the directory's modification time set back.
+        std::fs::remove_file(tmp.path().join("sts.yaml")).expect("rm");
+        age(tmp.path(), 2 * SETTLE);
+        let idx = w.refresh();
+        assert!(!idx.fires(&sts_below(1)), "deleted a moment ago");
+        assert!(idx.fires_at(&sts_below(1), SystemTime::now() + 2 * SETTLE));
+    }
+
+    /// A manifest that is a symbolic link: its target deleted (the first half of a
+    /// delete-then-create) leaves the link dangling and the directory untouched; that is no
+    /// file to read, not a file without objects.
+    #[test]
+    fn a_symlinked_manifest_whose_target_is_missing_judges_nothing_gone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let targets = tempfile::tempdir().expect("tempdir");
+        write(targets.path(), "vm.yaml", VM);
+        std::os::unix::fs::symlink(targets.path().join("vm.yaml"), tmp.path().join("vm.yaml"))
+            .expect("symlink");
+        write(tmp.path(), "sts.yaml", STS);
+        write(tmp.path(), "db-0.yaml", POD);
+        let mut w = WorkloadDir::new(tmp.path().to_owned(), SETTLE).expect("workloads");
+        let later = || SystemTime::now() + 2 * SETTLE;
+        let idx = w.refresh();
+        assert!(idx.complete(), "{:?}", idx.unreadable);
+        assert!(!idx.fires_at(&vm_deleted(), later()), "the VM is there");
+
+        std::fs::remove_file(targets.path().join("vm.yaml")).expect("rm target");
+        let idx = w.refresh();
+        assert!(!idx.complete(), "a dangling link is unreadable");
+        assert!(
+            !idx.fires_at(&vm_deleted(), later()),
+            "the VM's manifest is being replaced, however long it takes"
+        );
+        assert_eq!(
+            idx.pod_liveness_at("prod", "db-0", "another-uid", later()),
+            Liveness::Unknown
+        );
+
+        // The target created again without the VM: a change, judged when it settles.
+        write(
+            targets.path(),
+            "vm.yaml",
+            &VM.replace("vm-cirros", "vm-other"),
+        );
+        let idx = w.refresh();
+        assert!(idx.complete(), "{:?}", idx.unreadable);
+        assert!(!idx.fires(&vm_deleted()), "the target changed a moment ago");
+        assert!(idx.fires_at(&vm_deleted(), later()));
+    }
+
+    /// A timestamp has the kernel tick's granularity: a file rewritten with the same length
+    /// within the tick it was read in shows the same stamp. A file read that soon after its
+    /// change is read again next time.
+    #[test]
+    fn a_file_read_just_after_it_changed_is_read_again() {
+        let (tmp, mut w) = populated();
+        let path = tmp.path().join("vm.yaml");
+        let t = SystemTime::now();
+        write(tmp.path(), "vm.yaml", VM);
+        touch(&path, t);
+        assert!(!w.refresh().fires(&vm_deleted()));
+        // Rewritten in place, same length, same time (same tick), another object.
+        let other = VM.replace("vm-cirros", "vm-cirrus");
+        assert_eq!(other.len(), VM.len());
+        write(tmp.path(), "vm.yaml", &other);
+        touch(&path, t);
+        assert!(
+            w.refresh()
+                .fires_at(&vm_deleted(), SystemTime::now() + 2 * SETTLE),
+            "read again: the VM is no longer there"
+        );
     }
 }

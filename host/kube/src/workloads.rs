@@ -1,0 +1,657 @@
+//! Kubernetes mode's workload source: watch caches of this node's pods and of the objects the
+//! policies look at (Namespaces, StatefulSets, ReplicaSets, Deployments, and KubeVirt's
+//! VirtualMachines, VirtualMachineInstances and VirtualMachineInstanceMigrations once their
+//! CRDs exist), answering the engine's [`WorkloadView`].
+//!
+//! # What is kept
+//!
+//! Only what the policy contract carries: an object's identity, labels, annotations, owner
+//! references, `spec.replicas` and whether it is being deleted; a pod's node. Each event is
+//! converted as it arrives and the API's object dropped, so memory grows with the number of
+//! objects, not their size.
+//!
+//! # What counts as gone
+//!
+//! The engine asks two questions whose wrong answer costs an address: is this pod gone (so
+//! another pod of its identity may take its address over), and has this release rule fired
+//! (so a pinned address is freed). A cache can lag the API server by a moment, and this
+//! node's pod cache does not hold the pods of other nodes (a migration's source, a VM's
+//! launcher pod recreated elsewhere). So the caches answer only "it is there"; "it is gone"
+//! and "it was scaled down" are confirmed by a read from the API server (`404`, or another
+//! UID), and anything the API server cannot answer is unknown, never gone. Until every
+//! cache has listed once, the source is not synced and an ADD is answered "try again later".
+//!
+//! The engine calls the view from blocking threads (the writer thread, `spawn_blocking`);
+//! API reads run on the runtime handle the source was started with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::discovery::{ApiCapabilities, Scope};
+use kube::error::DiscoveryError;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use tether_core::alloc::Liveness;
+use tether_core::manifest::{api_group, object_from_value, workload_from_pod};
+use tether_core::workload::Pairs;
+use tether_core::{Object, ObjectKey, OwnerReference, ReleaseCondition, Workload};
+use tether_engine::ports::{WorkloadSource, WorkloadView};
+use tokio::runtime::Handle;
+
+/// How long one confirming read may take before the answer is "unknown".
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the KubeVirt CRDs are looked for while they are missing.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(15);
+/// Owner chains deeper than this are cut (a loop of owner references).
+const MAX_OWNER_DEPTH: usize = 8;
+
+/// What a watch feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feeds {
+    /// This node's pods.
+    Pods,
+    /// Namespaces' annotations.
+    Namespaces,
+    /// Owner objects.
+    Owners,
+}
+
+/// One watched resource.
+#[derive(Clone)]
+struct Watched {
+    resource: ApiResource,
+    feeds: Feeds,
+}
+
+impl Watched {
+    fn label(&self) -> String {
+        format!("{}/{}", self.resource.api_version, self.resource.kind)
+    }
+}
+
+/// The built-in kinds: always watched.
+fn builtin_kinds() -> Vec<Watched> {
+    let r = |group: &str, version: &str, kind: &str, plural: &str| {
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+    };
+    vec![
+        Watched {
+            resource: r("", "v1", "Pod", "pods"),
+            feeds: Feeds::Pods,
+        },
+        Watched {
+            resource: r("", "v1", "Namespace", "namespaces"),
+            feeds: Feeds::Namespaces,
+        },
+        Watched {
+            resource: r("apps", "v1", "StatefulSet", "statefulsets"),
+            feeds: Feeds::Owners,
+        },
+        Watched {
+            resource: r("apps", "v1", "ReplicaSet", "replicasets"),
+            feeds: Feeds::Owners,
+        },
+        Watched {
+            resource: r("apps", "v1", "Deployment", "deployments"),
+            feeds: Feeds::Owners,
+        },
+    ]
+}
+
+/// KubeVirt's kinds, watched once their CRDs are served.
+const KUBEVIRT_GROUP_VERSION: &str = "kubevirt.io/v1";
+const KUBEVIRT_KINDS: [&str; 3] = [
+    "VirtualMachine",
+    "VirtualMachineInstance",
+    "VirtualMachineInstanceMigration",
+];
+
+/// A resource found by discovery, and whether it is namespaced.
+type Resolved = Option<(ApiResource, bool)>;
+
+/// Objects of one kind by (namespace, name).
+type Objects = HashMap<(String, String), Object>;
+
+#[derive(Default)]
+struct State {
+    /// This node's pods by (namespace, name).
+    pods: HashMap<(String, String), Workload>,
+    /// Owner objects by (group, kind).
+    owners: HashMap<(String, String), Objects>,
+    /// Namespace annotations by name.
+    namespaces: HashMap<String, Pairs>,
+    /// Each watched resource, and whether it has listed once.
+    listed: HashMap<String, bool>,
+    /// Whether the KubeVirt CRDs have been looked for once.
+    discovered: bool,
+}
+
+struct Shared {
+    client: Client,
+    rt: Handle,
+    node: String,
+    state: RwLock<State>,
+    /// Resources resolved by discovery, by (apiVersion, kind); `None`: not served.
+    resolved: Mutex<HashMap<(String, String), Resolved>>,
+}
+
+/// Workloads from the API server (see the module documentation).
+#[derive(Clone)]
+pub struct KubeWorkloads {
+    shared: Arc<Shared>,
+}
+
+/// Sizes of the caches, for metrics and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheSizes {
+    /// This node's pods.
+    pub pods: usize,
+    /// Owner objects of every kind.
+    pub owners: usize,
+    /// Namespaces.
+    pub namespaces: usize,
+}
+
+impl KubeWorkloads {
+    /// Starts the watches of node `node` on `rt`. The source is synced once every watch has
+    /// listed and the KubeVirt CRDs have been looked for.
+    pub fn start(client: Client, rt: Handle, node: &str) -> KubeWorkloads {
+        let shared = Arc::new(Shared {
+            client,
+            rt: rt.clone(),
+            node: node.to_owned(),
+            state: RwLock::default(),
+            resolved: Mutex::default(),
+        });
+        for w in builtin_kinds() {
+            spawn_watch(&shared, w);
+        }
+        rt.spawn(discover_kubevirt(shared.clone()));
+        KubeWorkloads { shared }
+    }
+
+    /// How many objects the caches hold.
+    pub fn sizes(&self) -> CacheSizes {
+        let s = self.shared.read();
+        CacheSizes {
+            pods: s.pods.len(),
+            owners: s.owners.values().map(HashMap::len).sum(),
+            namespaces: s.namespaces.len(),
+        }
+    }
+
+    /// The watched resources that have not listed yet.
+    pub fn unsynced(&self) -> Vec<String> {
+        let s = self.shared.read();
+        let mut out: Vec<String> = s
+            .listed
+            .iter()
+            .filter(|(_, done)| !**done)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !s.discovered {
+            out.push(format!("discovery of {KUBEVIRT_GROUP_VERSION}"));
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Shared {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs an API read on the runtime, bounded by [`READ_TIMEOUT`]; `None` on timeout.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        self.rt
+            .block_on(async { tokio::time::timeout(READ_TIMEOUT, f).await.ok() })
+    }
+
+    /// The resource of `api_version`/`kind`, from discovery (cached); `None` when the API
+    /// server does not serve it, `Err` when it cannot tell.
+    fn resource(
+        &self,
+        api_version: &str,
+        kind: &str,
+    ) -> Result<Option<(ApiResource, bool)>, String> {
+        let key = (api_version.to_owned(), kind.to_owned());
+        if let Some(r) = self
+            .resolved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(r.clone());
+        }
+        let (group, version) = match api_version.rsplit_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let found = match self.block_on(kube::discovery::pinned_kind(&self.client, &gvk)) {
+            None => return Err(format!("discovery of {api_version} {kind}: timed out")),
+            Some(Ok((ar, caps))) => Some((ar, is_namespaced(&caps))),
+            // The group or the kind is not served: no such object can exist.
+            Some(Err(kube::Error::Api(s))) if s.code == 404 => None,
+            Some(Err(kube::Error::Discovery(
+                DiscoveryError::MissingKind(_)
+                | DiscoveryError::MissingResource(_)
+                | DiscoveryError::MissingApiGroup(_),
+            ))) => None,
+            Some(Err(e)) => return Err(format!("discovery of {api_version} {kind}: {e}")),
+        };
+        self.resolved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, found.clone());
+        Ok(found)
+    }
+
+    /// Reads one object from the API server: `Ok(None)` when it does not exist (or its kind
+    /// is not served), `Err` when the API server cannot tell.
+    fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Value>, String> {
+        let Some((ar, namespaced)) = self.resource(api_version, kind)? else {
+            return Ok(None);
+        };
+        let api: Api<DynamicObject> = if namespaced {
+            Api::namespaced_with(self.client.clone(), namespace, &ar)
+        } else {
+            Api::all_with(self.client.clone(), &ar)
+        };
+        match self.block_on(api.get_opt(name)) {
+            None => Err(format!("reading {kind} {namespace}/{name}: timed out")),
+            Some(Err(e)) => Err(format!("reading {kind} {namespace}/{name}: {e}")),
+            Some(Ok(None)) => Ok(None),
+            Some(Ok(Some(o))) => Ok(Some(to_value(&ar, &o))),
+        }
+    }
+
+    /// An owner object: from the cache, else from the API server. An object whose UID is not
+    /// the reference's (a stale reference to a recreated owner) is not that owner.
+    fn owner(&self, namespace: &str, r: &OwnerReference) -> Option<Object> {
+        let cached = self
+            .read()
+            .owners
+            .get(&(api_group(&r.api_version).to_owned(), r.kind.clone()))
+            .and_then(|m| m.get(&(namespace.to_owned(), r.name.clone())))
+            .cloned();
+        let o = match cached {
+            Some(o) => o,
+            None => match self.get(&r.api_version, &r.kind, namespace, &r.name) {
+                Ok(Some(v)) => object_from_value(&v).ok()?,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner not in the caches and not readable: {e}");
+                    return None;
+                }
+            },
+        };
+        (r.uid.is_empty() || o.uid.is_empty() || r.uid == o.uid).then_some(o)
+    }
+}
+
+fn is_namespaced(caps: &ApiCapabilities) -> bool {
+    matches!(caps.scope, Scope::Namespaced)
+}
+
+/// An object as the manifest readers take it: list items come without apiVersion and kind.
+fn to_value(ar: &ApiResource, o: &DynamicObject) -> Value {
+    let mut v = serde_json::to_value(o).unwrap_or(Value::Null);
+    if let Some(m) = v.as_object_mut() {
+        m.insert("apiVersion".into(), Value::String(ar.api_version.clone()));
+        m.insert("kind".into(), Value::String(ar.kind.clone()));
+    }
+    v
+}
+
+/// One converted object of a watch.
+enum Entry {
+    Pod(Workload),
+    Namespace(String, Pairs),
+    Owner(Object),
+}
+
+fn convert(w: &Watched, o: &DynamicObject) -> Result<Entry, String> {
+    let v = to_value(&w.resource, o);
+    match w.feeds {
+        Feeds::Pods => workload_from_pod(&v)
+            .map(Entry::Pod)
+            .map_err(|e| e.to_string()),
+        Feeds::Namespaces => {
+            let o = object_from_value(&v).map_err(|e| e.to_string())?;
+            Ok(Entry::Namespace(o.name, o.annotations))
+        }
+        Feeds::Owners => object_from_value(&v)
+            .map(Entry::Owner)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// What one watch has seen since its last (re-)list began.
+#[derive(Default)]
+struct Listing {
+    pods: HashMap<(String, String), Workload>,
+    namespaces: HashMap<String, Pairs>,
+    owners: Objects,
+}
+
+impl State {
+    fn apply(&mut self, w: &Watched, e: Entry) {
+        match e {
+            Entry::Pod(p) => {
+                self.pods.insert((p.namespace.clone(), p.name.clone()), p);
+            }
+            Entry::Namespace(n, a) => {
+                self.namespaces.insert(n, a);
+            }
+            Entry::Owner(o) => {
+                self.owners
+                    .entry(kind_key(w))
+                    .or_default()
+                    .insert((o.namespace.clone(), o.name.clone()), o);
+            }
+        }
+    }
+
+    fn delete(&mut self, w: &Watched, o: &DynamicObject) {
+        let ns = o.metadata.namespace.clone().unwrap_or_default();
+        let name = o.metadata.name.clone().unwrap_or_default();
+        match w.feeds {
+            Feeds::Pods => {
+                self.pods.remove(&(ns, name));
+            }
+            Feeds::Namespaces => {
+                self.namespaces.remove(&name);
+            }
+            Feeds::Owners => {
+                if let Some(m) = self.owners.get_mut(&kind_key(w)) {
+                    m.remove(&(ns, name));
+                }
+            }
+        }
+    }
+
+    /// A (re-)list finished: its objects replace the resource's (what was deleted in a gap of
+    /// the watch leaves).
+    fn replace(&mut self, w: &Watched, l: Listing) {
+        match w.feeds {
+            Feeds::Pods => self.pods = l.pods,
+            Feeds::Namespaces => self.namespaces = l.namespaces,
+            Feeds::Owners => {
+                self.owners.insert(kind_key(w), l.owners);
+            }
+        }
+        self.listed.insert(w.label(), true);
+    }
+}
+
+fn kind_key(w: &Watched) -> (String, String) {
+    (w.resource.group.clone(), w.resource.kind.clone())
+}
+
+fn spawn_watch(shared: &Arc<Shared>, w: Watched) {
+    {
+        let mut s = shared.write();
+        if s.listed.contains_key(&w.label()) {
+            return;
+        }
+        s.listed.insert(w.label(), false);
+    }
+    shared.rt.spawn(watch(shared.clone(), w));
+}
+
+/// Keeps one resource's cache (re-listing after a gap, with kube's backoff).
+async fn watch(shared: Arc<Shared>, w: Watched) {
+    let api: Api<DynamicObject> = Api::all_with(shared.client.clone(), &w.resource);
+    let mut config = watcher::Config::default();
+    if w.feeds == Feeds::Pods {
+        config = config.fields(&format!("spec.nodeName={}", shared.node));
+    }
+    let label = w.label();
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut listing: Option<Listing> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(resource = %label, "watch failed; retrying: {e}");
+                continue;
+            }
+        };
+        match event {
+            Event::Init => listing = Some(Listing::default()),
+            Event::InitApply(o) => match (convert(&w, &o), listing.as_mut()) {
+                (Ok(Entry::Pod(p)), Some(l)) => {
+                    l.pods.insert((p.namespace.clone(), p.name.clone()), p);
+                }
+                (Ok(Entry::Namespace(n, a)), Some(l)) => {
+                    l.namespaces.insert(n, a);
+                }
+                (Ok(Entry::Owner(o)), Some(l)) => {
+                    l.owners.insert((o.namespace.clone(), o.name.clone()), o);
+                }
+                (Ok(_), None) => {}
+                (Err(e), _) => {
+                    tracing::warn!(resource = %label, "object unreadable, left out: {e}")
+                }
+            },
+            Event::InitDone => {
+                let l = listing.take().unwrap_or_default();
+                let count = l.pods.len() + l.namespaces.len() + l.owners.len();
+                shared.write().replace(&w, l);
+                tracing::info!(resource = %label, objects = count, "listed");
+            }
+            Event::Apply(o) => match convert(&w, &o) {
+                Ok(e) => shared.write().apply(&w, e),
+                Err(e) => tracing::warn!(resource = %label, "object unreadable, left out: {e}"),
+            },
+            Event::Delete(o) => shared.write().delete(&w, &o),
+        }
+    }
+}
+
+/// Watches KubeVirt's kinds once the API server serves them (looked for every
+/// [`DISCOVERY_INTERVAL`] until they are).
+async fn discover_kubevirt(shared: Arc<Shared>) {
+    loop {
+        match shared
+            .client
+            .list_api_group_resources(KUBEVIRT_GROUP_VERSION)
+            .await
+        {
+            Ok(list) => {
+                let mut all = true;
+                for kind in KUBEVIRT_KINDS {
+                    match list
+                        .resources
+                        .iter()
+                        .find(|r| r.kind == kind && !r.name.contains('/'))
+                    {
+                        Some(r) => spawn_watch(
+                            &shared,
+                            Watched {
+                                resource: ApiResource::from_gvk_with_plural(
+                                    &GroupVersionKind::gvk("kubevirt.io", "v1", kind),
+                                    &r.name,
+                                ),
+                                feeds: Feeds::Owners,
+                            },
+                        ),
+                        None => all = false,
+                    }
+                }
+                shared.write().discovered = true;
+                if all {
+                    return;
+                }
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                shared.write().discovered = true;
+            }
+            Err(e) => {
+                // Not known either way: not synced until it can be told.
+                tracing::warn!("looking for the KubeVirt API ({KUBEVIRT_GROUP_VERSION}): {e}");
+            }
+        }
+        tokio::time::sleep(DISCOVERY_INTERVAL).await;
+    }
+}
+
+impl WorkloadSource for KubeWorkloads {
+    fn synced(&self) -> bool {
+        let s = self.shared.read();
+        s.discovered && s.listed.values().all(|done| *done)
+    }
+
+    fn view(&self) -> Arc<dyn WorkloadView> {
+        Arc::new(self.clone())
+    }
+}
+
+impl WorkloadView for KubeWorkloads {
+    fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
+        let cached = self
+            .shared
+            .read()
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned();
+        // An ADD may come a moment before the watch brings its pod.
+        cached.or_else(|| match self.shared.get("v1", "Pod", namespace, name) {
+            Ok(Some(v)) => workload_from_pod(&v).ok(),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), "pod not in the cache and not readable: {e}");
+                None
+            }
+        })
+    }
+
+    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object> {
+        let mut chain: Vec<Object> = Vec::new();
+        let mut next = owners.iter().find(|r| r.controller).cloned();
+        while let Some(r) = next {
+            if chain.len() >= MAX_OWNER_DEPTH {
+                break;
+            }
+            let Some(o) = self.shared.owner(namespace, &r) else {
+                break;
+            };
+            if chain.iter().any(|c| c.kind == o.kind && c.name == o.name) {
+                break;
+            }
+            next = o.controller().cloned();
+            chain.push(o);
+        }
+        chain
+    }
+
+    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
+        let cached = self.shared.read().namespaces.get(namespace).cloned();
+        cached.unwrap_or_else(|| match self.shared.get("v1", "Namespace", "", namespace) {
+            Ok(Some(v)) => object_from_value(&v)
+                .map(|o| o.annotations)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        })
+    }
+
+    fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
+        let same = |other: &str| uid.is_empty() || other.is_empty() || uid == other;
+        if let Some(p) = self
+            .shared
+            .read()
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            && same(&p.uid)
+        {
+            return Liveness::Live;
+        }
+        // Not here (another node's pod, or a cache a moment behind): the API server decides.
+        match self.shared.get("v1", "Pod", namespace, name) {
+            Ok(None) => Liveness::Gone,
+            Ok(Some(v)) => {
+                let other = v
+                    .pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if same(other) {
+                    Liveness::Live
+                } else {
+                    Liveness::Gone
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), "pod liveness unknown: {e}");
+                Liveness::Unknown
+            }
+        }
+    }
+
+    fn fires(&self, condition: &ReleaseCondition) -> bool {
+        let owner = match condition {
+            ReleaseCondition::OwnerDeleted(k) | ReleaseCondition::ScaledBelow { owner: k, .. } => k,
+            ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => return false,
+        };
+        // The cache says "still there, not scaled below": it is not fired. Anything else is
+        // confirmed by the API server.
+        let cached = self
+            .shared
+            .read()
+            .owners
+            .get(&(api_group(&owner.api_version).to_owned(), owner.kind.clone()))
+            .and_then(|m| m.get(&(owner.namespace.clone(), owner.name.clone())))
+            .cloned();
+        if let Some(o) = &cached
+            && !holds(condition, Some(o))
+        {
+            return false;
+        }
+        match self.read_owner(owner) {
+            Ok(o) => holds(condition, o.as_ref()),
+            Err(e) => {
+                tracing::warn!(owner = %format!("{} {}/{}", owner.kind, owner.namespace, owner.name), "release rule not judged: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl KubeWorkloads {
+    fn read_owner(&self, k: &ObjectKey) -> Result<Option<Object>, String> {
+        match self
+            .shared
+            .get(&k.api_version, &k.kind, &k.namespace, &k.name)?
+        {
+            None => Ok(None),
+            Some(v) => object_from_value(&v).map(Some).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Whether `condition` holds given the owner as it is (`None`: it does not exist).
+fn holds(condition: &ReleaseCondition, owner: Option<&Object>) -> bool {
+    match condition {
+        ReleaseCondition::OwnerDeleted(_) => owner.is_none(),
+        ReleaseCondition::ScaledBelow { ordinal, .. } => {
+            owner.is_none_or(|o| o.replicas.is_some_and(|r| r <= *ordinal))
+        }
+        ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
+    }
+}

@@ -1,0 +1,238 @@
+//! `tetherd run --kubernetes` on a real kube-apiserver (v1.20.2), two nodes, each its own
+//! daemon, through the real `tether` plugin: addresses are IPAllocation objects shared by
+//! both, pools are IPPool objects, and pods and their owners come from the API server.
+//!
+//! No controller-manager runs here: the test creates the pods as the controllers would (with
+//! their owner references) and plays each node's kubelet (CNI ADD/DEL).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tether_e2e::cluster::Cluster;
+use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
+use tether_kube::crd::{IPAllocation, IPPool, allocation_name};
+
+/// The apiserver, a runtime to talk to it, and a client.
+struct Env {
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    client: kube::Client,
+}
+
+impl Env {
+    fn start(test: &str) -> Option<Env> {
+        let cluster = match Cluster::start(false) {
+            Ok(c) => c,
+            Err(e) => {
+                tether_e2e::skip_or_fail(test, &format!("no test apiserver: {e:#}"));
+                return None;
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = rt.block_on(cluster.client()).expect("client");
+        rt.block_on(cluster.install_crds(&client)).expect("CRDs");
+        // The ServiceAccount admission wants the namespace's `default` account, which the
+        // controller-manager (not running here) would create.
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
+        rt.block_on(
+            Api::<ServiceAccount>::namespaced(client.clone(), "default")
+                .create(&PostParams::default(), &sa),
+        )
+        .expect("ServiceAccount");
+        let pool: IPPool = yaml_serde::from_str(SEED_POOL).expect("seed pool");
+        rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
+            .expect("IPPool");
+        Some(Env {
+            cluster,
+            rt,
+            client,
+        })
+    }
+
+    /// A tetherd for node `node`.
+    fn daemon(&self, node: &str) -> Daemon {
+        let kubeconfig = self.cluster.kubeconfig.display().to_string();
+        Daemon::start(
+            "",
+            &[
+                "--kubernetes",
+                "--node-name",
+                node,
+                "--kubeconfig",
+                &kubeconfig,
+            ],
+        )
+        .expect("tetherd --kubernetes")
+    }
+
+    /// Creates a pod bound to `node` (as the scheduler leaves it), owned by `owner` if given;
+    /// returns it as the plugin's caller sees it (with the API server's UID).
+    fn pod(&self, ns: &str, name: &str, node: &str, owner: Option<serde_json::Value>) -> Pod {
+        let mut meta = json!({"name": name, "namespace": ns});
+        if let Some(o) = owner {
+            meta["ownerReferences"] = json!([o]);
+        }
+        let p: KPod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"nodeName": node, "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "pause"}]}
+        }))
+        .expect("pod");
+        let created = self
+            .rt
+            .block_on(
+                Api::<KPod>::namespaced(self.client.clone(), ns).create(&PostParams::default(), &p),
+            )
+            .expect("create pod");
+        let uid = created.metadata.uid.expect("uid");
+        let mut pod = Pod::new(ns, name, 0);
+        pod.container_id = format!("ctr-{name}-{}", &uid[..8]);
+        pod.uid = uid;
+        pod
+    }
+
+    fn delete_pod(&self, ns: &str, name: &str) {
+        self.rt
+            .block_on(
+                Api::<KPod>::namespaced(self.client.clone(), ns)
+                    .delete(name, &DeleteParams::default().grace_period(0)),
+            )
+            .expect("delete pod");
+    }
+
+    /// The IPAllocation objects, by name.
+    fn objects(&self) -> Vec<IPAllocation> {
+        self.rt
+            .block_on(Api::<IPAllocation>::all(self.client.clone()).list(&ListParams::default()))
+            .expect("list")
+            .items
+    }
+}
+
+fn add(ipam: &Ipam, pod: &Pod) -> String {
+    let out = ipam.add(pod).expect("add");
+    assert!(out.ok, "ADD {}: {}", pod.name, out.out);
+    out.ip().expect("an address")
+}
+
+#[test]
+fn two_nodes_share_the_pool_through_the_api_server() {
+    let test = "two_nodes_share_the_pool_through_the_api_server";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    let a = env.daemon("node-a");
+    let b = env.daemon("node-b");
+    let ipam_a = Ipam::new(&a.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let ipam_b = Ipam::new(&b.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+
+    // A stateless pod on each node: distinct addresses, each an object named by its address.
+    let p1 = env.pod("default", "web-1", "node-a", None);
+    let p2 = env.pod("default", "web-2", "node-b", None);
+    let ip1 = add(&ipam_a, &p1);
+    let ip2 = add(&ipam_b, &p2);
+    assert_ne!(ip1, ip2, "two nodes handed out one address");
+    let names: HashSet<String> = env
+        .objects()
+        .iter()
+        .filter_map(|o| o.metadata.name.clone())
+        .collect();
+    for ip in [&ip1, &ip2] {
+        let name = allocation_name(ip.parse().expect("ip"));
+        assert!(
+            names.contains(&name),
+            "no object {name} for {ip}: {names:?}"
+        );
+    }
+    // DEL frees the object; the other node may then hand the address out.
+    assert!(ipam_a.del(&p1).expect("del").ok);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.objects().len() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(env.objects().len(), 1, "web-1's object outlived its DEL");
+
+    // A StatefulSet pod keeps its address across nodes: db-0 on node-a, then recreated on
+    // node-b (new UID), gets the same address from the other daemon.
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db"}},
+                              "spec": {"containers": [{"name": "c", "image": "pause"}]}}}
+    }))
+    .expect("sts");
+    let sts_api = Api::<StatefulSet>::namespaced(env.client.clone(), "default");
+    let sts = env
+        .rt
+        .block_on(sts_api.create(&PostParams::default(), &sts))
+        .expect("create sts");
+    let owner = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db",
+        "uid": sts.metadata.uid.clone().expect("uid"), "controller": true});
+    let db0 = env.pod("default", "db-0", "node-a", Some(owner.clone()));
+    let db_ip = add(&ipam_a, &db0);
+    assert!(ipam_a.del(&db0).expect("del").ok);
+    env.delete_pod("default", "db-0");
+    let db0_again = env.pod("default", "db-0", "node-b", Some(owner));
+    assert_eq!(
+        add(&ipam_b, &db0_again),
+        db_ip,
+        "db-0 recreated on another node lost its address"
+    );
+    assert!(ipam_b.del(&db0_again).expect("del").ok);
+    env.delete_pod("default", "db-0");
+
+    // Scaled to zero: the release rule fires, from the API server's word.
+    assert!(
+        b.reconcile().expect("reconcile").is_empty(),
+        "released while the StatefulSet still wants db-0"
+    );
+    env.rt
+        .block_on(sts_api.patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        ))
+        .expect("scale to 0");
+    // The daemon's cache may lag the patch by a moment; the API server has the last word.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let released = loop {
+        let released = b.reconcile().expect("reconcile");
+        if !released.is_empty() || Instant::now() > deadline {
+            break released;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(released, [format!("test-ippool/{db_ip}")], "{}", b.log());
+
+    // Both nodes at once, four pods each, competing for the same free addresses.
+    let pods_a: Vec<Pod> = (0..4)
+        .map(|i| env.pod("default", &format!("a-{i}"), "node-a", None))
+        .collect();
+    let pods_b: Vec<Pod> = (0..4)
+        .map(|i| env.pod("default", &format!("b-{i}"), "node-b", None))
+        .collect();
+    let (ips_a, ips_b) = std::thread::scope(|s| {
+        let ta = s.spawn(|| pods_a.iter().map(|p| add(&ipam_a, p)).collect::<Vec<_>>());
+        let tb = s.spawn(|| pods_b.iter().map(|p| add(&ipam_b, p)).collect::<Vec<_>>());
+        (ta.join().expect("node-a"), tb.join().expect("node-b"))
+    });
+    let all: Vec<&String> = ips_a.iter().chain(&ips_b).chain([&ip2]).collect();
+    let distinct: HashSet<&&String> = all.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "an address handed out twice: {all:?}"
+    );
+    assert_eq!(env.objects().len(), all.len(), "one object per address");
+    drop((a, b));
+}
