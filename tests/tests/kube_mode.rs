@@ -9,12 +9,14 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Event as KEvent;
 use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::Cluster;
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
-use tether_kube::crd::{IPAllocation, IPPool, allocation_name};
+use tether_kube::crd::{IPAllocation, IPPool, IPPoolStatus, allocation_name};
 
 /// The apiserver, a runtime to talk to it, and a client.
 struct Env {
@@ -69,6 +71,8 @@ impl Env {
                 node,
                 "--kubeconfig",
                 &kubeconfig,
+                "--lease-namespace",
+                "default",
             ],
         )
         .expect("tetherd --kubernetes")
@@ -109,6 +113,55 @@ impl Env {
             .expect("delete pod");
     }
 
+    /// The node whose daemon holds the releasers' Lease (waits for one to).
+    fn leader(&self) -> String {
+        let api = Api::<Lease>::namespaced(self.client.clone(), "default");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let holder = self
+                .rt
+                .block_on(api.get_opt("tether-releaser"))
+                .expect("lease")
+                .and_then(|l| l.spec)
+                .and_then(|s| s.holder_identity)
+                .filter(|h| !h.is_empty());
+            match holder {
+                Some(h) => return h,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+                None => panic!("no daemon took the releasers' Lease"),
+            }
+        }
+    }
+
+    /// Waits until IPPool `name`'s status satisfies `want`; returns it.
+    fn pool_status(&self, name: &str, want: impl Fn(&IPPoolStatus) -> bool) -> IPPoolStatus {
+        let api = Api::<IPPool>::all(self.client.clone());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self
+                .rt
+                .block_on(api.get(name))
+                .expect("pool")
+                .status
+                .unwrap_or_default();
+            if want(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "IPPool {name} status never as expected: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn create_pool(&self, yaml: &str) {
+        let pool: IPPool = yaml_serde::from_str(yaml).expect("pool yaml");
+        self.rt
+            .block_on(Api::<IPPool>::all(self.client.clone()).create(&PostParams::default(), &pool))
+            .expect("create IPPool");
+    }
+
     /// The IPAllocation objects, by name.
     fn objects(&self) -> Vec<IPAllocation> {
         self.rt
@@ -134,6 +187,16 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     let b = env.daemon("node-b");
     let ipam_a = Ipam::new(&a.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
     let ipam_b = Ipam::new(&b.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    // One of them is elected to apply release rules; the other refuses to.
+    let (lead, other, other_ipam, other_node) = match env.leader().as_str() {
+        "node-a" => (&a, &b, &ipam_b, "node-b"),
+        "node-b" => (&b, &a, &ipam_a, "node-a"),
+        h => panic!("the Lease is held by {h:?}"),
+    };
+    let refused = other
+        .reconcile()
+        .expect_err("a daemon not elected applied release rules");
+    assert!(refused.to_string().contains("Lease"), "{refused:#}");
 
     // A stateless pod on each node: distinct addresses, each an object named by its address.
     let p1 = env.pod("default", "web-1", "node-a", None);
@@ -193,7 +256,7 @@ fn two_nodes_share_the_pool_through_the_api_server() {
 
     // Scaled to zero: the release rule fires, from the API server's word.
     assert!(
-        b.reconcile().expect("reconcile").is_empty(),
+        lead.reconcile().expect("reconcile").is_empty(),
         "released while the StatefulSet still wants db-0"
     );
     env.rt
@@ -206,13 +269,13 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     // The daemon's cache may lag the patch by a moment; the API server has the last word.
     let deadline = Instant::now() + Duration::from_secs(10);
     let released = loop {
-        let released = b.reconcile().expect("reconcile");
+        let released = lead.reconcile().expect("reconcile");
         if !released.is_empty() || Instant::now() > deadline {
             break released;
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert_eq!(released, [format!("test-ippool/{db_ip}")], "{}", b.log());
+    assert_eq!(released, [format!("test-ippool/{db_ip}")], "{}", lead.log());
 
     // Both nodes at once, four pods each, competing for the same free addresses.
     let pods_a: Vec<Pod> = (0..4)
@@ -234,5 +297,57 @@ fn two_nodes_share_the_pool_through_the_api_server() {
         "an address handed out twice: {all:?}"
     );
     assert_eq!(env.objects().len(), all.len(), "one object per address");
+
+    // The elected daemon writes the pool's counts, as `kubectl get ippools` shows them,
+    // including what the other daemon allocated after the elected one last did anything.
+    let extra = env.pod("default", "extra", other_node, None);
+    let extra_ip = add(other_ipam, &extra);
+    let mut all = all;
+    all.push(&extra_ip);
+    let used = i64::try_from(all.len()).expect("count");
+    let ready = |s: &IPPoolStatus, status: &str, reason: &str| {
+        s.conditions
+            .first()
+            .is_some_and(|c| c.type_ == "Ready" && c.status == status && c.reason == reason)
+    };
+    env.pool_status("test-ippool", |s| {
+        s.allocated_ip_count == used && s.total_ip_count == 10 && ready(s, "True", "Serving")
+    });
+
+    // An invalid pool serves nothing and says why, with an Event.
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: bad}\nspec: {subnet: 10.7.0.0/16, ips: [10.8.0.1-10.8.0.9]}\n",
+    );
+    let bad = env.pool_status("bad", |s| ready(s, "False", "Invalid"));
+    assert!(!bad.conditions[0].message.is_empty());
+    let events = Api::<KEvent>::namespaced(env.client.clone(), "default");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !env
+        .rt
+        .block_on(events.list(&ListParams::default()))
+        .expect("events")
+        .items
+        .iter()
+        .any(|e| {
+            e.involved_object.name.as_deref() == Some("bad")
+                && e.reason.as_deref() == Some("Invalid")
+        })
+    {
+        assert!(Instant::now() < deadline, "no Event for the invalid pool");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A pool created over a serving one serves nothing; the older one keeps serving.
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: shadow}\nspec: {subnet: 10.6.0.0/16, ips: [10.6.168.110-10.6.168.120]}\n",
+    );
+    env.pool_status("shadow", |s| ready(s, "False", "Overlaps"));
+    env.pool_status("test-ippool", |s| ready(s, "True", "Serving"));
+    // The pool is full; the extra pod goes, and its address is free again for anyone.
+    assert!(other_ipam.del(&extra).expect("del").ok);
+    all.pop();
+    let late = env.pod("default", "late", "node-a", None);
+    let late_ip = add(&ipam_a, &late);
+    assert!(!all.contains(&&late_ip), "{late_ip} handed out twice");
     drop((a, b));
 }

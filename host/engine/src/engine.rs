@@ -54,6 +54,9 @@ pub enum EngineError {
     /// CHECK: the attachment holds other addresses than prevResult lists.
     #[error("{0}")]
     Mismatch(String),
+    /// Another daemon applies the release rules.
+    #[error("{0}")]
+    NotElected(String),
 }
 
 impl From<AllocError> for EngineError {
@@ -90,6 +93,7 @@ impl EngineError {
             EngineError::Unknown(_) => "unknown_container",
             EngineError::Unavailable(_) => "unavailable",
             EngineError::Mismatch(_) => "mismatch",
+            EngineError::NotElected(_) => "not_elected",
         }
     }
 }
@@ -104,9 +108,14 @@ pub struct Engine {
     writer: Writer,
     /// Why the last pool reload was refused, if it was.
     reload_error: std::sync::Mutex<Option<String>>,
+    /// Whether this daemon may apply release rules now (see [`Engine::set_release_gate`]).
+    release_gate: std::sync::RwLock<Option<ReleaseGate>>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
 }
+
+/// Says whether this daemon may apply release rules now, or why not.
+pub type ReleaseGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What the engine is built from.
 pub struct Ports {
@@ -188,6 +197,7 @@ impl Engine {
                 ipam,
                 writer,
                 reload_error: std::sync::Mutex::new(None),
+                release_gate: std::sync::RwLock::new(None),
                 metrics,
             },
             thread,
@@ -463,10 +473,27 @@ impl Engine {
         }
     }
 
+    /// Makes the reconciler ask `gate` first (Kubernetes mode: only the daemon holding the
+    /// releasers' Lease applies release rules). Releases by hand are not gated.
+    pub fn set_release_gate(&self, gate: ReleaseGate) {
+        *self
+            .release_gate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(gate);
+    }
+
     /// The reconciler: releases pinned addresses whose release condition is known to have
     /// fired. It plans on a look at the state and the workloads, then deletes only what is
     /// unchanged since it looked (a pod that took the address back meanwhile keeps it).
     pub async fn reconcile(self: &Arc<Self>) -> Result<ReconcileResult, EngineError> {
+        let gate = self
+            .release_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(gate) = gate {
+            gate().map_err(EngineError::NotElected)?;
+        }
         if !self.workloads.synced() {
             return Err(EngineError::NotSynced);
         }

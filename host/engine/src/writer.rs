@@ -48,6 +48,10 @@ const MAX_BATCH: usize = 256;
 const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 /// How often one request is planned again after its commit conflicted.
 pub const MAX_ATTEMPTS: u32 = 8;
+/// How often an idle writer applies what other writers committed (the change feed), so that
+/// reads (`/v1/pools`, a retried ADD, the reconciler's plan, pool status) see it without
+/// waiting for this daemon's next request.
+const IDLE_ABSORB: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One ADD, with everything decided before it reaches the writer.
 pub struct AddOp {
@@ -270,8 +274,12 @@ impl Loop {
     /// The next batch: carried jobs first, then what arrives.
     fn gather(&mut self, concurrent: &mut bool) -> Option<Vec<Job>> {
         let mut jobs: Vec<Job> = self.carried.drain(..).collect();
-        if jobs.is_empty() {
-            jobs.push(self.rx.recv().ok()?);
+        while jobs.is_empty() {
+            match self.rx.recv_timeout(IDLE_ABSORB) {
+                Ok(j) => jobs.push(j),
+                Err(RecvTimeoutError::Timeout) => self.absorb_idle(),
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
         }
         while jobs.len() < MAX_BATCH {
             match self.rx.try_recv() {
@@ -549,23 +557,42 @@ impl Loop {
     /// which the state already holds).
     fn absorb_events(&self, state: &mut Ipam) {
         for e in self.events.try_iter() {
-            match e {
-                Event::Put(a) => {
-                    if state
-                        .get(&a.pool, a.ip)
-                        .is_none_or(|cur| cur.revision < a.revision)
-                    {
-                        state.apply(&[Change::Put(a)]);
-                    }
-                }
-                Event::Deleted { pool, ip, revision } => {
-                    if state
-                        .get(&pool, ip)
-                        .is_some_and(|cur| cur.revision <= revision)
-                    {
-                        state.apply(&[Change::Delete { pool, ip, revision }]);
-                    }
-                }
+            absorb(state, e);
+        }
+    }
+
+    /// While idle: applies what the change feed brought, if anything (the state's lock is
+    /// taken only then).
+    fn absorb_idle(&self) {
+        let Ok(first) = self.events.try_recv() else {
+            return;
+        };
+        let mut state = self
+            .ipam
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        absorb(&mut state, first);
+        self.absorb_events(&mut state);
+    }
+}
+
+/// Applies one change-feed event unless the state already has it (or something newer).
+fn absorb(state: &mut Ipam, e: Event) {
+    match e {
+        Event::Put(a) => {
+            if state
+                .get(&a.pool, a.ip)
+                .is_none_or(|cur| cur.revision < a.revision)
+            {
+                state.apply(&[Change::Put(a)]);
+            }
+        }
+        Event::Deleted { pool, ip, revision } => {
+            if state
+                .get(&pool, ip)
+                .is_some_and(|cur| cur.revision <= revision)
+            {
+                state.apply(&[Change::Delete { pool, ip, revision }]);
             }
         }
     }

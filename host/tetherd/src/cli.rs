@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// KUBECONFIG, as kubectl finds them.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The namespace of the releasers' Lease (`tether-releaser`, Kubernetes mode): the daemon
+    /// holding it applies release rules and writes pool status. The chart sets it to the
+    /// daemon's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tether-system")]
+    pub lease_namespace: String,
     /// Where the embedded store lives (standalone mode; accepted in both).
     #[arg(long, env = "TETHER_STATE_DIR", default_value = "/var/lib/tether")]
     pub state_dir: PathBuf,

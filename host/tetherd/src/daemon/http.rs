@@ -70,7 +70,9 @@ impl From<&EngineError> for ApiError {
             EngineError::MissingEnv(_) => (StatusCode::BAD_REQUEST, codes::INVALID_ENV),
             EngineError::Unknown(_) => (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER),
             EngineError::Mismatch(_) => (StatusCode::CONFLICT, codes::CHECK_MISMATCH),
-            EngineError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::NOT_AVAILABLE),
+            EngineError::Unavailable(_) | EngineError::NotElected(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::NOT_AVAILABLE)
+            }
         };
         ApiError(status, body(code, msg))
     }

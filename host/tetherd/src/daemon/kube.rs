@@ -3,19 +3,20 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::Api;
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use tether_core::pool::{Pool, check_disjoint, from_manifest};
 use tether_engine::Engine;
-use tether_kube::crd::IPPool;
+use tether_kube::crd::{IPPool, IPPoolStatus};
 use tether_kube::store::KubeStore;
 use tether_kube::workloads::KubeWorkloads;
-use tokio::runtime::Handle;
 
 /// How long the pools may keep changing before they are put in force.
 const POOL_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -26,6 +27,11 @@ pub struct KubeMode {
     pub store: KubeStore,
     pub workloads: KubeWorkloads,
     pub pools: Vec<Pool>,
+    /// What became of each IPPool, for the status writer.
+    pub verdicts: Arc<Mutex<Verdicts>>,
+    /// The runtime the client's connections, the store's calls and the workload watches run
+    /// on (see [`connect`]).
+    pub runtime: tokio::runtime::Runtime,
 }
 
 /// Connects (in-cluster config, or KUBECONFIG, as kube infers it), starts the workload
@@ -41,26 +47,56 @@ pub async fn connect(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<Ku
         }
         None => kube::Config::infer().await?,
     };
-    let client = kube::Client::try_from(config)
-        .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
+    // The store and the workload view are synchronous and block on API calls from the
+    // engine's writer thread, which holds the state's lock meanwhile; the daemon's own async
+    // workers may be waiting for that lock. API traffic therefore runs on a runtime of its
+    // own, whose workers never wait for the engine, or a commit could wait forever for a
+    // response no free worker is left to read.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tetherd-kube")
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the Kubernetes API runtime: {e}"))?;
+    let client = {
+        let _on = runtime.enter();
+        kube::Client::try_from(config)
+            .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?
+    };
     let api: Api<IPPool> = Api::all(client.clone());
     let list = api.list(&Default::default()).await.map_err(|e| {
         anyhow::anyhow!(
             "listing IPPools (are the CRDs installed? `tetherd crd | kubectl apply -f -`): {e}"
         )
     })?;
-    let pools = serving(&list.items);
+    let (pools, verdicts) = serving(&list.items);
     Ok(KubeMode {
-        store: KubeStore::new(client.clone(), Handle::current()),
-        workloads: KubeWorkloads::start(client.clone(), Handle::current(), node),
+        verdicts: Arc::new(Mutex::new(verdicts)),
+        store: KubeStore::new(client.clone(), runtime.handle().clone()),
+        workloads: KubeWorkloads::start(client.clone(), runtime.handle().clone(), node),
         client,
         pools,
+        runtime,
     })
 }
 
-/// The pools that serve: every valid IPPool that overlaps no other. An invalid pool, or two
-/// pools sharing an address, serve nothing (each logged); the others are unaffected.
-pub fn serving(objects: &[IPPool]) -> Vec<Pool> {
+/// Why an IPPool serves nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// `Invalid` or `Overlaps` (the Ready condition's reason).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What became of each IPPool object at the last evaluation, by name.
+pub type Verdicts = BTreeMap<String, Option<Refusal>>;
+
+/// The pools that serve: every valid IPPool that shares no address with an older one. An
+/// invalid pool, or one overlapping an older pool (by creation time, then name), serves
+/// nothing (logged, and reported in its status by the elected daemon); the others are
+/// unaffected, so a pool created by mistake over a serving one never takes it down.
+pub fn serving(objects: &[IPPool]) -> (Vec<Pool>, Verdicts) {
+    let mut verdicts = Verdicts::new();
     let mut valid = Vec::with_capacity(objects.len());
     for o in objects {
         let name = o.metadata.name.clone().unwrap_or_default();
@@ -70,25 +106,46 @@ pub fn serving(objects: &[IPPool]) -> Vec<Pool> {
             m.insert("kind".into(), tether_core::pool::KIND.into());
         }
         match from_manifest(&v) {
-            Ok(p) => valid.push(p),
-            Err(e) => tracing::error!(pool = %name, "IPPool invalid; it serves nothing: {e}"),
+            Ok(p) => valid.push((o.metadata.creation_timestamp.clone().map(|t| t.0), p)),
+            Err(e) => {
+                tracing::error!(pool = %name, "IPPool invalid; it serves nothing: {e}");
+                verdicts.insert(
+                    name,
+                    Some(Refusal {
+                        reason: "Invalid",
+                        message: e.to_string(),
+                    }),
+                );
+            }
         }
     }
-    let overlapping: Vec<bool> = (0..valid.len())
-        .map(|i| {
-            (0..valid.len())
-                .any(|j| i != j && check_disjoint(&[valid[i].clone(), valid[j].clone()]).is_err())
-        })
-        .collect();
-    let mut out = Vec::with_capacity(valid.len());
-    for (p, overlaps) in valid.into_iter().zip(overlapping) {
-        if overlaps {
-            tracing::error!(pool = %p.name, "IPPool overlaps another; neither serves until one is changed");
-        } else {
+    valid.sort_by(|a, b| (a.0, &a.1.name).cmp(&(b.0, &b.1.name)));
+    let mut out: Vec<Pool> = Vec::with_capacity(valid.len());
+    for (_, p) in valid {
+        let older: Vec<&str> = out
+            .iter()
+            .filter(|q| check_disjoint(&[(*q).clone(), p.clone()]).is_err())
+            .map(|q| q.name.as_str())
+            .collect();
+        if older.is_empty() {
+            verdicts.insert(p.name.clone(), None);
             out.push(p);
+        } else {
+            let message = format!(
+                "shares addresses with {}, which is older; it serves nothing until changed",
+                older.join(", ")
+            );
+            tracing::error!(pool = %p.name, "IPPool {message}");
+            verdicts.insert(
+                p.name.clone(),
+                Some(Refusal {
+                    reason: "Overlaps",
+                    message,
+                }),
+            );
         }
     }
-    out
+    (out, verdicts)
 }
 
 /// IPPools by name, as last listed and watched.
@@ -130,7 +187,11 @@ fn apply(
 
 /// Puts the IPPools in force whenever they change, once they have been still for
 /// [`POOL_DEBOUNCE`]. A set the engine refuses leaves the pools in force, logged and counted.
-pub async fn watch_pools(service: Arc<Engine>, client: kube::Client) {
+pub async fn watch_pools(
+    service: Arc<Engine>,
+    client: kube::Client,
+    verdicts: Arc<Mutex<Verdicts>>,
+) {
     let api: Api<IPPool> = Api::all(client);
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -157,7 +218,8 @@ pub async fn watch_pools(service: Arc<Engine>, client: kube::Client) {
             // Re-listing: put in force what the list ends with.
             continue;
         }
-        let pools = serving(&objects.values().cloned().collect::<Vec<_>>());
+        let (pools, judged) = serving(&objects.values().cloned().collect::<Vec<_>>());
+        *verdicts.lock().unwrap_or_else(PoisonError::into_inner) = judged;
         let svc = service.clone();
         match tokio::task::spawn_blocking(move || svc.replace_pools(pools)).await {
             Ok(Ok(diff)) => {
@@ -174,5 +236,170 @@ pub async fn watch_pools(service: Arc<Engine>, client: kube::Client) {
             }
             Err(e) => tracing::error!("pool change task: {e}"),
         }
+    }
+}
+
+/// The Lease whose holder applies release rules and writes pool status.
+pub const RELEASER_LEASE: &str = "tether-releaser";
+/// How often the elected daemon looks at the pools' status.
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Joins the election for [`RELEASER_LEASE`] in `namespace` as `identity`, makes the
+/// engine's reconciler wait for it, and writes pool status while elected.
+pub async fn cluster_duties(
+    service: Arc<Engine>,
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+    verdicts: Arc<Mutex<Verdicts>>,
+) {
+    let manager = loop {
+        match kube_lease_manager::LeaseManagerBuilder::new(client.clone(), RELEASER_LEASE)
+            .with_namespace(namespace.clone())
+            .with_identity(identity.clone())
+            .with_duration(15)
+            .with_grace(5)
+            .with_field_manager(format!("tetherd-{identity}"))
+            .build()
+            .await
+        {
+            Ok(m) => break m,
+            Err(e) => {
+                tracing::warn!(lease = %format!("{namespace}/{RELEASER_LEASE}"), "joining the releasers' election; no release rule is applied here until it works: {e}");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let (elected, _task) = manager.watch().await;
+    let gate = elected.clone();
+    let lease = format!("{namespace}/{RELEASER_LEASE}");
+    service.set_release_gate(Arc::new(move || {
+        if *gate.borrow() {
+            Ok(())
+        } else {
+            Err(format!(
+                "this daemon does not hold the releasers' Lease {lease}; the holder applies release rules"
+            ))
+        }
+    }));
+    let mut written: BTreeMap<String, IPPoolStatus> = BTreeMap::new();
+    let mut was_elected = false;
+    loop {
+        tokio::time::sleep(STATUS_INTERVAL).await;
+        let now = *elected.borrow();
+        if now != was_elected {
+            tracing::info!(lease = %format!("{namespace}/{RELEASER_LEASE}"), elected = now, "releasers' election");
+            was_elected = now;
+            written.clear();
+        }
+        if !now {
+            continue;
+        }
+        write_status(&service, &client, &verdicts, &mut written).await;
+    }
+}
+
+/// Writes each IPPool's status where it changed since it was last written.
+async fn write_status(
+    service: &Arc<Engine>,
+    client: &kube::Client,
+    verdicts: &Arc<Mutex<Verdicts>>,
+    written: &mut BTreeMap<String, IPPoolStatus>,
+) {
+    let verdicts = verdicts
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let usage = service.pools();
+    let api: Api<IPPool> = Api::all(client.clone());
+    for (name, verdict) in verdicts {
+        let count = |s: &str| {
+            s.parse::<u128>()
+                .map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX))
+        };
+        let (allocated, total) = usage
+            .pools
+            .iter()
+            .find(|p| p.name == name)
+            .map_or((0, 0), |p| (count(&p.allocated), count(&p.total)));
+        let (status, reason, message) = match &verdict {
+            // Never empty: the v1.20 API server reads an empty string there as null and
+            // refuses the status.
+            None => ("True", "Serving", "the pool hands out addresses".to_owned()),
+            Some(r) => ("False", r.reason, r.message.clone()),
+        };
+        let previous = written.get(&name);
+        let transition = previous
+            .and_then(|p| p.conditions.first())
+            .filter(|c| c.status == status && c.reason == reason)
+            .map(|c| c.last_transition_time.clone());
+        let desired = IPPoolStatus {
+            allocated_ip_count: allocated,
+            total_ip_count: total,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: message.clone(),
+                observed_generation: None,
+                last_transition_time: transition
+                    .clone()
+                    .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now())),
+            }],
+        };
+        if previous == Some(&desired) {
+            continue;
+        }
+        let patch = serde_json::json!({ "status": desired });
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(o) => {
+                if transition.is_none() && verdict.is_some() {
+                    event(client, &o, reason, &message).await;
+                }
+                written.insert(name, desired);
+            }
+            Err(e) => {
+                tracing::warn!(pool = %name, "writing IPPool status: {e}");
+                written.remove(&name);
+            }
+        }
+    }
+}
+
+/// Posts a Warning Event on an IPPool (cluster-scoped: the Event lives in `default`).
+async fn event(client: &kube::Client, pool: &IPPool, reason: &str, message: &str) {
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let e = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{name}.")),
+            namespace: Some("default".into()),
+            ..ObjectMeta::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(tether_core::pool::API_VERSION.into()),
+            kind: Some(tether_core::pool::KIND.into()),
+            name: Some(name.clone()),
+            uid: pool.metadata.uid.clone(),
+            ..ObjectReference::default()
+        },
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some("Warning".into()),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        source: Some(EventSource {
+            component: Some("tetherd".into()),
+            host: None,
+        }),
+        ..Event::default()
+    };
+    let api: Api<Event> = Api::namespaced(client.clone(), "default");
+    if let Err(e) = api.create(&Default::default(), &e).await {
+        tracing::warn!(pool = %name, "posting an Event: {e}");
     }
 }

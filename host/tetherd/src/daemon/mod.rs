@@ -213,7 +213,11 @@ async fn shutdown_signal() {
 /// Where pools come from.
 enum PoolSource {
     Files(pools::PoolFiles),
-    Kube(::kube::Client),
+    Kube(
+        ::kube::Client,
+        Arc<std::sync::Mutex<kube::Verdicts>>,
+        tokio::runtime::Runtime,
+    ),
 }
 
 /// The store, workload source and pools of one mode.
@@ -240,7 +244,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             store: Arc::new(k.store),
             workloads: (Arc::new(k.workloads), true),
             pools: k.pools,
-            pool_source: PoolSource::Kube(k.client),
+            pool_source: PoolSource::Kube(k.client, k.verdicts, k.runtime),
             store_name: "IPAllocation objects".to_owned(),
         }
     } else {
@@ -305,8 +309,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = svc.reconcile().await {
-                    tracing::warn!("periodic reconcile: {e}");
+                match svc.reconcile().await {
+                    Ok(_) => {}
+                    Err(tether_engine::EngineError::NotElected(why)) => {
+                        tracing::debug!("periodic reconcile skipped: {why}");
+                    }
+                    Err(e) => tracing::warn!("periodic reconcile: {e}"),
                 }
             }
         }))
@@ -314,13 +322,28 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
+    let mut kube_runtime = None;
     let pool_watcher = match pool_source {
         PoolSource::Files(files) => tokio::spawn(watch_pools(
             service.clone(),
             files,
             Duration::from_secs(args.pools_watch_interval_secs),
         )),
-        PoolSource::Kube(client) => tokio::spawn(kube::watch_pools(service.clone(), client)),
+        PoolSource::Kube(client, verdicts, runtime) => {
+            kube_runtime = Some(runtime);
+            // No release rule is applied before this daemon knows it is elected.
+            service.set_release_gate(Arc::new(|| {
+                Err("this daemon has not joined the releasers' Lease yet".to_owned())
+            }));
+            tokio::spawn(kube::cluster_duties(
+                service.clone(),
+                client.clone(),
+                args.lease_namespace.clone(),
+                args.node_name.clone().unwrap_or_default(),
+                verdicts.clone(),
+            ));
+            tokio::spawn(kube::watch_pools(service.clone(), client, verdicts))
+        }
     };
 
     tracing::info!(target: crate::cli::READY_TARGET, "ready, listening on {}", args.socket.display());
@@ -341,6 +364,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     .await;
     if joined.is_err() {
         tracing::warn!("the writer did not stop within 10s");
+    }
+    if let Some(rt) = kube_runtime {
+        // Dropping a runtime may not block inside another one.
+        rt.shutdown_background();
     }
     tracing::info!("stopped");
     Ok(())
