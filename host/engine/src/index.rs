@@ -166,6 +166,40 @@ impl WorkloadView for WorkloadIndex {
     }
 }
 
+/// An index judged as of one moment: the moment it was read for a request. An ADD's view
+/// is asked about holders later, on the writer thread, maybe after a wait behind a slow
+/// commit; judged then, a view that found the files unsettled could count as settled
+/// without the files having been looked at again.
+#[derive(Debug, Clone)]
+pub struct IndexAt {
+    /// The index.
+    pub index: std::sync::Arc<WorkloadIndex>,
+    /// When it was read.
+    pub at: SystemTime,
+}
+
+impl WorkloadView for IndexAt {
+    fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
+        self.index.pod(namespace, name)
+    }
+
+    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object> {
+        self.index.owner_chain(namespace, owners)
+    }
+
+    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
+        self.index.namespace_annotations(namespace)
+    }
+
+    fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
+        self.index.pod_liveness_at(namespace, name, uid, self.at)
+    }
+
+    fn fires(&self, condition: &ReleaseCondition) -> bool {
+        self.index.fires_at(condition, self.at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,15 @@
 //! the future keeps the directory unsettled until it is that old. A settle period of zero
 //! judges at once.
 //!
+//! Some disappearances leave no change time anywhere: a filesystem unmounted from a
+//! subdirectory (or from the directory itself), the directory's own symbolic link
+//! re-pointed. So a file of the last listing found gone, or a directory found replaced (its
+//! device or inode changed), counts as a change at the moment it is noticed. That memory is
+//! the process's own: a daemon restarted just after such a change judges by the times alone.
+//!
+//! Each view handed to the engine is judged as of the moment it was read
+//! ([`IndexAt`]), not when the engine gets round to asking it.
+//!
 //! A manifest that is a symbolic link whose target is missing (being replaced, or gone) is
 //! unreadable, like a file that does not parse: nothing is judged gone until it resolves or
 //! the link is removed. A file read within a second of its last change is read again next
@@ -41,7 +50,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use tether_engine::index::WorkloadIndex;
+use tether_engine::index::{IndexAt, WorkloadIndex};
 use tether_engine::ports::{WorkloadSource, WorkloadView};
 
 /// Which of an inode's times is its last change.
@@ -85,6 +94,13 @@ fn stamp(meta: &std::fs::Metadata, clock: ChangeTime) -> Stamp {
     (clock.of(meta), meta.len(), (meta.dev(), meta.ino()))
 }
 
+/// Directories as (path, device, inode).
+type Tree = Vec<(PathBuf, u64, u64)>;
+
+/// What a test does between a file's stat and its read.
+#[cfg(test)]
+type ReadHook = Box<dyn FnMut(&Path) + Send>;
+
 struct FileEntry {
     stamp: Stamp,
     /// The documents, or why the file could not be read.
@@ -101,6 +117,15 @@ pub struct WorkloadDir {
     /// Why the directory could not be listed last time, if it could not.
     unlisted: Option<String>,
     clock: ChangeTime,
+    /// The directories (the root, through a symbolic link, and every subdirectory) as
+    /// (path, device, inode) at the last listing.
+    tree: Tree,
+    /// When files of the last listing were found gone, or a directory replaced, with no
+    /// change time to show it (see the module documentation).
+    shifted: Option<SystemTime>,
+    /// Called between a file's stat and its read (tests rewrite the file there).
+    #[cfg(test)]
+    before_read: Option<ReadHook>,
 }
 
 impl WorkloadDir {
@@ -119,6 +144,10 @@ impl WorkloadDir {
             settle,
             unlisted: None,
             clock,
+            tree: Vec::new(),
+            shifted: None,
+            #[cfg(test)]
+            before_read: None,
         };
         w.refresh();
         Ok(w)
@@ -209,6 +238,10 @@ impl WorkloadDir {
                 }
                 _ => changed = true,
             }
+            #[cfg(test)]
+            if let Some(hook) = self.before_read.as_mut() {
+                hook(&path);
+            }
             let docs = crate::manifests::read_documents(&path).map_err(|e| {
                 tracing::warn!(file = %path.display(), "workload manifest unreadable; nothing is judged gone until it is fixed: {e}");
                 e.to_string()
@@ -235,12 +268,20 @@ impl WorkloadDir {
             );
         }
         // What is left of the previous listing is no longer there.
-        changed |= !self.files.is_empty();
+        let vanished = !self.files.is_empty();
         self.files = seen;
         // After the files: a deletion or a rename the listing saw is in these times.
+        let (dirs_changed, tree) = dir_tree(&self.dir, self.clock)?;
+        // Files gone, or a directory replaced (a mount come or gone, the root's link
+        // re-pointed), may leave no change time anywhere: it happened now, as far as
+        // anyone can tell.
+        if vanished || (!self.tree.is_empty() && tree != self.tree) {
+            self.shifted = Some(now);
+        }
+        self.tree = tree;
         Ok((
-            changed,
-            newest.max(newest_dir_change(&self.dir, self.clock)?),
+            changed || vanished,
+            newest.max(dirs_changed).max(self.shifted),
         ))
     }
 
@@ -274,20 +315,34 @@ impl WorkloadDir {
 }
 
 /// The newest change time of `dir` and of its subdirectories (hidden ones left out, as the
-/// listing leaves them out): creating, deleting or renaming a file there sets it.
-fn newest_dir_change(dir: &Path, clock: ChangeTime) -> std::io::Result<Option<SystemTime>> {
-    let mut newest = Some(clock.of(&std::fs::metadata(dir)?));
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let hidden = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|n| n.starts_with('.'));
-        if !hidden && entry.file_type()?.is_dir() {
-            newest = newest.max(newest_dir_change(&entry.path(), clock)?);
+/// listing leaves them out): creating, deleting or renaming a file there sets it. With it,
+/// every directory as (path, device, inode), `dir` itself through a symbolic link.
+fn dir_tree(dir: &Path, clock: ChangeTime) -> std::io::Result<(Option<SystemTime>, Tree)> {
+    fn walk(
+        dir: &Path,
+        clock: ChangeTime,
+        newest: &mut Option<SystemTime>,
+        tree: &mut Tree,
+    ) -> std::io::Result<()> {
+        let meta = std::fs::metadata(dir)?;
+        *newest = (*newest).max(Some(clock.of(&meta)));
+        tree.push((dir.to_owned(), meta.dev(), meta.ino()));
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let hidden = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with('.'));
+            if !hidden && entry.file_type()?.is_dir() {
+                walk(&entry.path(), clock, newest, tree)?;
+            }
         }
+        Ok(())
     }
-    Ok(newest)
+    let (mut newest, mut tree) = (None, Vec::new());
+    walk(dir, clock, &mut newest, &mut tree)?;
+    tree.sort();
+    Ok((newest, tree))
 }
 
 /// The directory as the engine's workload source: every view re-reads what changed.
@@ -306,10 +361,16 @@ impl WorkloadSource for WorkloadFiles {
     }
 
     fn view(&self) -> Arc<dyn WorkloadView> {
-        self.0
+        let index = self
+            .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .refresh()
+            .refresh();
+        // Judged as of now, however late it is asked (an ADD waits for the writer).
+        Arc::new(IndexAt {
+            index,
+            at: SystemTime::now(),
+        })
     }
 }
 
@@ -422,8 +483,15 @@ mod tests {
 
     /// The same once the directory has been left alone for the settle period.
     fn judged_after_settle(tmp: &Path, w: &mut WorkloadDir) -> (bool, bool, Liveness) {
-        age(tmp, 2 * SETTLE);
+        age_all(tmp, w, 2 * SETTLE);
         judged(&w.refresh())
+    }
+
+    /// [`age`], and what the watcher noticed itself (files gone, directories replaced) as
+    /// long ago.
+    fn age_all(tmp: &Path, w: &mut WorkloadDir, ago: Duration) {
+        age(tmp, ago);
+        w.shifted = w.shifted.map(|t| t - ago);
     }
 
     const LIVE: (bool, bool, Liveness) = (false, false, Liveness::Live);
@@ -572,7 +640,7 @@ mod tests {
         assert_eq!(judged(&w.refresh()), LIVE);
         std::fs::remove_file(sub.join("vm.yaml")).expect("rm");
         assert!(!w.refresh().fires(&vm_deleted()));
-        age(tmp.path(), 2 * SETTLE);
+        age_all(tmp.path(), &mut w, 2 * SETTLE);
         assert!(w.refresh().fires(&vm_deleted()));
     }
 
@@ -689,7 +757,7 @@ mod tests {
         let out = tempfile::tempdir().expect("tempdir");
         std::fs::rename(tmp.path().join("vm.yaml"), out.path().join("vm.yaml")).expect("mv");
         assert!(!w.refresh().fires(&vm_deleted()), "moved out");
-        age(tmp.path(), 2 * SETTLE);
+        age_all(tmp.path(), &mut w, 2 * SETTLE);
         assert!(w.refresh().fires(&vm_deleted()));
     }
 
@@ -726,7 +794,12 @@ mod tests {
         assert_eq!(pod(&idx, "another-uid"), Liveness::Unknown);
         std::fs::create_dir(tmp.path()).expect("mkdir");
         age(tmp.path(), 2 * SETTLE);
-        assert_eq!(judged(&w.refresh()), GONE);
+        assert_eq!(
+            judged(&w.refresh()),
+            UNKNOWN,
+            "another directory, noticed a moment ago, whatever its times say"
+        );
+        assert_eq!(judged_after_settle(tmp.path(), &mut w), GONE);
     }
 
     /// The object written back: live again.
@@ -850,5 +923,139 @@ mod tests {
                 .fires_at(&vm_deleted(), SystemTime::now() + 2 * SETTLE),
             "read again: the VM is no longer there"
         );
+    }
+
+    /// A file gone with no change time to show it (a filesystem unmounted from under the
+    /// directory: here, a deletion whose directory time is set back) counts as a change when
+    /// it is noticed.
+    #[test]
+    fn a_file_gone_without_a_change_time_is_a_change_when_noticed() {
+        let (tmp, mut w) = populated();
+        std::fs::remove_file(tmp.path().join("vm.yaml")).expect("rm");
+        age(tmp.path(), 2 * SETTLE);
+        let idx = w.refresh();
+        assert!(
+            !idx.fires(&vm_deleted()),
+            "gone a moment ago, whatever the times say"
+        );
+        assert!(idx.fires_at(&vm_deleted(), SystemTime::now() + 2 * SETTLE));
+    }
+
+    /// The directory given is a symbolic link, re-pointed at another tree (`ln -sfn v2
+    /// workloads`): nothing under the new target changed lately.
+    #[test]
+    fn the_directory_link_re_pointed_is_a_change() {
+        let top = tempfile::tempdir().expect("tempdir");
+        let (v1, v2) = (top.path().join("v1"), top.path().join("v2"));
+        for (dir, vm) in [(&v1, VM), (&v2, "")] {
+            std::fs::create_dir(dir).expect("mkdir");
+            write(dir, "vm.yaml", vm);
+            write(dir, "sts.yaml", STS);
+            write(dir, "db-0.yaml", POD);
+            age(dir, 2 * SETTLE);
+        }
+        let link = top.path().join("workloads");
+        std::os::unix::fs::symlink(&v1, &link).expect("symlink");
+        let mut w = aged(&link, SETTLE);
+        assert_eq!(judged(&w.refresh()), LIVE);
+        let tmp_link = top.path().join("workloads.new");
+        std::os::unix::fs::symlink(&v2, &tmp_link).expect("symlink");
+        std::fs::rename(&tmp_link, &link).expect("re-point");
+        let idx = w.refresh();
+        assert!(!idx.fires(&vm_deleted()), "another tree a moment ago");
+        assert!(idx.fires_at(&vm_deleted(), SystemTime::now() + 2 * SETTLE));
+    }
+
+    /// A file stat'ed whole, then rewritten while it is read: what was read may be
+    /// half-written, whatever its times say afterwards.
+    #[test]
+    fn a_file_rewritten_while_it_is_read_is_a_change() {
+        let (tmp, mut w) = populated();
+        let path = tmp.path().join("vm.yaml");
+        // Changed long ago (so it is read again), then cut while being read, its old time
+        // set back as `cp -p` would.
+        write(tmp.path(), "vm.yaml", &format!("{VM}# rev 2\n"));
+        age(tmp.path(), 2 * SETTLE);
+        let old = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let target = path.clone();
+        w.before_read = Some(Box::new(move |p: &Path| {
+            if p == target {
+                std::fs::write(p, "").expect("cut");
+                touch(p, old);
+            }
+        }));
+        let idx = w.refresh();
+        w.before_read = None;
+        assert!(!idx.fires(&vm_deleted()), "read while being rewritten");
+        assert!(idx.fires_at(&vm_deleted(), SystemTime::now() + 2 * SETTLE));
+    }
+
+    /// A view is judged as of when it was read: asked later (an ADD waiting behind a slow
+    /// commit), it does not become settled on its own.
+    #[test]
+    fn a_view_is_judged_when_it_was_read() {
+        let settle = Duration::from_millis(300);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        write(tmp.path(), "sts.yaml", STS);
+        let files = WorkloadFiles(Mutex::new(
+            WorkloadDir::new(tmp.path().to_owned(), settle).expect("dir"),
+        ));
+        let early = files.view();
+        std::thread::sleep(2 * settle);
+        assert_eq!(
+            early.pod_liveness("prod", "db-0", POD_UID),
+            Liveness::Unknown,
+            "read before the directory settled"
+        );
+        assert!(!early.fires(&vm_deleted()));
+        let late = files.view();
+        assert_eq!(late.pod_liveness("prod", "db-0", POD_UID), Liveness::Gone);
+        assert!(late.fires(&vm_deleted()));
+    }
+
+    /// The real case: a filesystem holding a manifest unmounted from under the directory.
+    /// Needs root (mount); skipped elsewhere, failed in CI.
+    #[test]
+    fn a_filesystem_unmounted_from_under_the_directory_is_a_change() {
+        if !rustix::process::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: mount is needed"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let (tmp, _) = populated();
+        let sub = tmp.path().join("vms");
+        std::fs::create_dir(&sub).expect("mkdir");
+        let mount = |args: &[&str]| {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("run mount");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let sub_s = sub.to_str().expect("utf-8 path");
+        // The mount point itself long unchanged, as it will be seen once unmounted.
+        age(tmp.path(), 2 * SETTLE);
+        mount(&["mount", "-t", "tmpfs", "tether-test", sub_s]);
+        write(&sub, "vm.yaml", VM);
+        std::fs::remove_file(tmp.path().join("vm.yaml")).expect("rm");
+        age(tmp.path(), 2 * SETTLE);
+        let mut w = aged(tmp.path(), SETTLE);
+        assert_eq!(judged(&w.refresh()), LIVE);
+        mount(&["umount", sub_s]);
+        let idx = w.refresh();
+        assert!(
+            !idx.fires(&vm_deleted()),
+            "unmounted a moment ago, whatever the times say"
+        );
+        assert!(idx.fires_at(&vm_deleted(), SystemTime::now() + 2 * SETTLE));
     }
 }
