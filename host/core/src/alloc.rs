@@ -434,6 +434,10 @@ pub struct Ipam {
     /// How many allocations each pool name holds (current pools and removed ones), to find
     /// every allocation of an address.
     names: BTreeMap<String, usize>,
+    /// Where each pool's search starts, as a seed (see [`Ipam::spread_cursors`]).
+    spread: Option<u64>,
+    /// Set while applying another writer's changes: their addresses do not move the cursor.
+    foreign: bool,
 }
 
 impl Ipam {
@@ -487,6 +491,7 @@ impl Ipam {
                 (p.name.clone(), PoolState { pool: p, free })
             })
             .collect();
+        self.place_cursors();
         Ok(())
     }
 
@@ -950,6 +955,52 @@ impl Ipam {
         }
     }
 
+    /// [`Ipam::apply`] for changes another writer made (another node's, read from the store):
+    /// their addresses leave this writer's search where it was, so writers that spread their
+    /// searches (see [`Ipam::spread_cursors`]) keep to their parts of a pool.
+    pub fn apply_foreign(&mut self, changes: &[Change]) {
+        self.foreign = true;
+        self.apply(changes);
+        self.foreign = false;
+    }
+
+    /// Starts each pool's search for a free address at a point derived from `seed` and the
+    /// pool's name, here and after every pool change, instead of after the highest address
+    /// taken. Writers sharing a pool (one per node) with different seeds then take addresses
+    /// from different parts of it and rarely race for one. Without it (one writer), the
+    /// search is plain next-fit from the pool's start.
+    pub fn spread_cursors(&mut self, seed: u64) {
+        self.spread = Some(seed);
+        self.place_cursors();
+    }
+
+    /// The seed of [`Ipam::spread_cursors`], if set.
+    pub fn spread(&self) -> Option<u64> {
+        self.spread
+    }
+
+    fn place_cursors(&mut self) {
+        let Some(seed) = self.spread else { return };
+        for (name, ps) in &mut self.pools {
+            let size: u128 = ps.pool.ranges.iter().map(|&(s, e)| e - s + 1).sum();
+            if size == 0 {
+                continue;
+            }
+            let mut h =
+                std::hash::BuildHasher::build_hasher(&foldhash::fast::FixedState::with_seed(seed));
+            std::hash::Hash::hash(name, &mut h);
+            let mut k = u128::from(std::hash::Hasher::finish(&h)) % size;
+            for &(s, e) in &ps.pool.ranges {
+                let len = e - s + 1;
+                if k < len {
+                    ps.free.set_cursor(s + k);
+                    break;
+                }
+                k -= len;
+            }
+        }
+    }
+
     /// Applies persisted changes.
     pub fn apply(&mut self, changes: &[Change]) {
         for c in changes {
@@ -969,8 +1020,13 @@ impl Ipam {
     }
 
     fn insert(&mut self, a: Allocation) {
+        let foreign = self.foreign;
         if let Some(ps) = self.covering_mut(&a.pool, a.ip)
-            && !ps.free.take(to_u128(a.ip))
+            && !(if foreign {
+                ps.free.take_quiet(to_u128(a.ip))
+            } else {
+                ps.free.take(to_u128(a.ip))
+            })
         {
             // Already taken by another allocation: planning never does this, a store may.
             *self.doubles.entry(a.ip).or_default() += 1;

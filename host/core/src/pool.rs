@@ -427,6 +427,18 @@ impl FreeSet {
     /// cursor moves the cursor past it, so planning with [`FreeSet::peek_next`] and applying
     /// with `take` is next-fit too, and a rebuilt set resumes after the highest address taken.
     pub fn take(&mut self, n: u128) -> bool {
+        if !self.take_quiet(n) {
+            return false;
+        }
+        if n >= self.cursor {
+            self.cursor = n.wrapping_add(1);
+        }
+        true
+    }
+
+    /// Takes a specific address without moving the cursor: for an address another writer
+    /// took (another node's), so that this one keeps to its own part of the pool.
+    pub fn take_quiet(&mut self, n: u128) -> bool {
         let Some((s, e)) = self.interval_of(n) else {
             return false;
         };
@@ -438,10 +450,12 @@ impl FreeSet {
             self.free.insert(n + 1, e);
         }
         self.count -= 1;
-        if n >= self.cursor {
-            self.cursor = n.wrapping_add(1);
-        }
         true
+    }
+
+    /// Moves the cursor: the next [`FreeSet::take_next`] searches from `n`.
+    pub fn set_cursor(&mut self, n: u128) {
+        self.cursor = n;
     }
 
     /// Gives an address back; false when it was already free.
@@ -602,6 +616,22 @@ mod tests {
                 .starts_with("IPPool p: spec: unknown field `exclude`"),
             "{e}"
         );
+    }
+
+    /// Another writer's address taken quietly leaves this writer's search where it was.
+    #[test]
+    fn a_quiet_take_leaves_the_cursor() {
+        let mut f = FreeSet::new(&[(0, 99)]);
+        f.set_cursor(50);
+        assert!(f.take_quiet(60), "another node took 60");
+        assert!(f.take_quiet(10));
+        assert!(!f.take_quiet(60));
+        assert_eq!(f.take_next(), Some(50));
+        assert_eq!(f.take_next(), Some(51));
+        assert_eq!(f.count(), 96);
+        // A loud take ahead moves it past.
+        assert!(f.take(70));
+        assert_eq!(f.take_next(), Some(71));
     }
 
     #[test]

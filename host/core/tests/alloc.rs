@@ -1932,3 +1932,45 @@ proptest! {
         walk_reloads_and_migrations(steps)?;
     }
 }
+
+/// Two writers (two nodes) sharing a pool, with different seeds, search different parts of
+/// it; one's allocations, applied to the other as foreign, do not pull its search along.
+#[test]
+fn spread_writers_keep_to_their_parts_of_a_pool() {
+    let shared = || pool("p", "10.0.0.0/16", &["10.0.0.1-10.0.3.254"]);
+    let mut a = Ipam::new(vec![shared()], Vec::new()).expect("a");
+    let mut b = Ipam::new(vec![shared()], Vec::new()).expect("b");
+    a.spread_cursors(1);
+    b.spread_cursors(2);
+    let d = Decision::Ephemeral;
+    let a1 = add(&mut a, att("ca1", "pa1", "ua1"), &d, &["p"], &all_live).expect("a1")[0];
+    let b1 = add(&mut b, att("cb1", "pb1", "ub1"), &d, &["p"], &all_live).expect("b1")[0];
+    assert_ne!(a1, b1, "two seeds, one starting point");
+    // Each sees the other's allocation through the store.
+    let from_a: Vec<Change> = a
+        .allocations()
+        .filter(|x| x.ip == a1)
+        .cloned()
+        .map(Change::Put)
+        .collect();
+    let from_b: Vec<Change> = b
+        .allocations()
+        .filter(|x| x.ip == b1)
+        .cloned()
+        .map(Change::Put)
+        .collect();
+    b.apply_foreign(&from_a);
+    a.apply_foreign(&from_b);
+    let a2 = add(&mut a, att("ca2", "pa2", "ua2"), &d, &["p"], &all_live).expect("a2")[0];
+    let b2 = add(&mut b, att("cb2", "pb2", "ub2"), &d, &["p"], &all_live).expect("b2")[0];
+    let next = |ip: IpAddr| match ip {
+        IpAddr::V4(v) => IpAddr::V4((u32::from(v) + 1).into()),
+        IpAddr::V6(_) => ip,
+    };
+    assert_eq!(a2, next(a1), "a goes on from its own last address");
+    assert_eq!(b2, next(b1), "b goes on from its own last address");
+    // Without spreading, both would have taken the pool's first address.
+    let mut plain = Ipam::new(vec![shared()], Vec::new()).expect("plain");
+    let first = add(&mut plain, att("c", "p", "u"), &d, &["p"], &all_live).expect("first")[0];
+    assert_eq!(first.to_string(), "10.0.0.1");
+}

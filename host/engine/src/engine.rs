@@ -473,6 +473,16 @@ impl Engine {
         }
     }
 
+    /// Spreads the searches for free addresses (see
+    /// [`tether_core::alloc::Ipam::spread_cursors`]): for daemons sharing pools, each with its
+    /// own `seed` (its node's name, hashed).
+    pub fn spread_cursors(&self, seed: u64) {
+        self.ipam
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .spread_cursors(seed);
+    }
+
     /// Makes the reconciler ask `gate` first (Kubernetes mode: only the daemon holding the
     /// releasers' Lease applies release rules). Releases by hand are not gated.
     pub fn set_release_gate(&self, gate: ReleaseGate) {

@@ -584,7 +584,7 @@ fn absorb(state: &mut Ipam, e: Event) {
                 .get(&a.pool, a.ip)
                 .is_none_or(|cur| cur.revision < a.revision)
             {
-                state.apply(&[Change::Put(a)]);
+                state.apply_foreign(&[Change::Put(a)]);
             }
         }
         Event::Deleted { pool, ip, revision } => {
@@ -592,7 +592,7 @@ fn absorb(state: &mut Ipam, e: Event) {
                 .get(&pool, ip)
                 .is_some_and(|cur| cur.revision <= revision)
             {
-                state.apply(&[Change::Delete { pool, ip, revision }]);
+                state.apply_foreign(&[Change::Delete { pool, ip, revision }]);
             }
         }
     }
@@ -622,9 +622,9 @@ impl Planned {
 fn refresh(store: &dyn Store, state: &mut Ipam, ip: IpAddr) -> Result<(), StoreError> {
     let stored = store.get(ip)?;
     let known: Vec<Change> = state.at(ip).into_iter().map(Change::delete).collect();
-    state.apply(&known);
+    state.apply_foreign(&known);
     let fresh: Vec<Change> = stored.into_iter().map(Change::Put).collect();
-    state.apply(&fresh);
+    state.apply_foreign(&fresh);
     Ok(())
 }
 
@@ -632,8 +632,11 @@ fn refresh(store: &dyn Store, state: &mut Ipam, ip: IpAddr) -> Result<(), StoreE
 fn resync(store: &dyn Store, state: &mut Ipam) -> Result<(), StoreError> {
     let snap = store.snapshot()?;
     let pools: Vec<Pool> = state.pools().cloned().collect();
-    let fresh = Ipam::new(pools, snap.allocations)
+    let mut fresh = Ipam::new(pools, snap.allocations)
         .map_err(|e| StoreError::Backend(format!("rebuilding the state: {e}")))?;
+    if let Some(seed) = state.spread() {
+        fresh.spread_cursors(seed);
+    }
     *state = fresh;
     Ok(())
 }

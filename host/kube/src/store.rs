@@ -9,7 +9,8 @@
 //! - any other `Put` is a replace carrying the revision as `resourceVersion`; a `Delete` is a
 //!   delete with a `resourceVersion` precondition: `409 Conflict` (changed since) and `404`
 //!   (gone since) are conflicts;
-//! - a group's changes are written one by one; when one conflicts, the ones already made are
+//! - the groups of one commit are written concurrently (they touch different addresses);
+//!   a group's changes are written one by one; when one conflicts, the ones already made are
 //!   undone (each undo itself conditional), then the conflict is reported. A failure of the
 //!   API (not a conflict) is a [`StoreError::Backend`]: re-read before trusting anything.
 //! - the change feed is a watch of the objects.
@@ -30,6 +31,9 @@ use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
 use tokio::runtime::Handle;
 
 use crate::crd::{IPAllocation, allocation_name};
+
+/// How many groups of one commit are in flight at once.
+const CONCURRENT_GROUPS: usize = 32;
 
 /// Allocations as custom resources.
 pub struct KubeStore {
@@ -211,33 +215,35 @@ impl KubeStore {
         Ok(())
     }
 
+    /// Commits the groups concurrently (at most [`CONCURRENT_GROUPS`] at once): they touch
+    /// different addresses (the engine's writer never batches two groups on one address), so
+    /// their order does not matter, and a batch costs one API round trip, not one per group.
     async fn commit_async(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
-        let mut out = Vec::with_capacity(groups.len());
-        for group in groups {
-            let mut done = Vec::with_capacity(group.len());
-            let mut revs = Vec::with_capacity(group.len());
-            let mut conflict = None;
-            for c in group {
-                match self.apply(c).await? {
-                    Ok((d, r)) => {
-                        done.push(d);
-                        revs.push(r);
-                    }
-                    Err(x) => {
-                        conflict = Some(x);
-                        break;
-                    }
+        futures::stream::iter(groups.iter().map(|g| self.commit_group(g)))
+            .buffered(CONCURRENT_GROUPS)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// One group: its changes in order; a conflict undoes what the group wrote.
+    async fn commit_group(&self, group: &[Change]) -> Result<GroupOutcome, StoreError> {
+        let mut done = Vec::with_capacity(group.len());
+        let mut revs = Vec::with_capacity(group.len());
+        for c in group {
+            match self.apply(c).await? {
+                Ok((d, r)) => {
+                    done.push(d);
+                    revs.push(r);
                 }
-            }
-            match conflict {
-                Some(x) => {
+                Err(x) => {
                     self.undo(done).await?;
-                    out.push(Err(x));
+                    return Ok(Err(x));
                 }
-                None => out.push(Ok(revs)),
             }
         }
-        Ok(out)
+        Ok(Ok(revs))
     }
 
     /// Starts the watch that feeds subscribers, once.

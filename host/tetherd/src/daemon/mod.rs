@@ -220,6 +220,14 @@ enum PoolSource {
     ),
 }
 
+/// A node's seed for spreading its searches: a stable hash of its name.
+fn node_seed(node: &str) -> u64 {
+    // FNV-1a: stable across releases and processes.
+    node.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The store, workload source and pools of one mode.
 struct Adapters {
     store: Arc<dyn Store>,
@@ -331,6 +339,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         )),
         PoolSource::Kube(client, verdicts, runtime) => {
             kube_runtime = Some(runtime);
+            // Each node searches its own part of a shared pool: nodes rarely race for one
+            // address.
+            service.spread_cursors(node_seed(args.node_name.as_deref().unwrap_or_default()));
             // No release rule is applied before this daemon knows it is elected.
             service.set_release_gate(Arc::new(|| {
                 Err("this daemon has not joined the releasers' Lease yet".to_owned())
