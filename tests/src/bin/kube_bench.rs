@@ -221,10 +221,16 @@ fn main() -> Result<()> {
             )
         })
         .collect::<Result<_>>()?;
-    let ipams: Vec<Ipam> = daemons
+    let mut ipams: Vec<Ipam> = daemons
         .iter()
         .map(|d| Ipam::new(&d.socket, "bench", "1.0.0", &["shared"]))
         .collect::<Result<_>>()?;
+    // The plugin as shipped (scripts/dist.sh), when given.
+    if let Some(p) = std::env::var_os("TETHER_CNI_PLUGIN") {
+        for i in &mut ipams {
+            i.plugin = p.clone().into();
+        }
+    }
     let api_metrics = || -> Result<f64> {
         let text =
             rt.block_on(client.request_text(http::Request::get("/metrics").body(Vec::new())?))?;
