@@ -347,12 +347,17 @@ fn a_configmap_policy_is_swapped_in_and_a_broken_one_refused() {
         || readyz(&socket).is_ok_and(|c| c == ["kubevirt", "stateless"]),
         || daemon.log(),
     );
-    let metrics = daemon.client().get_text("/metrics").expect("metrics");
-    assert!(
-        metrics
-            .contains("tether_policy_reloads_total{source=\"configmap:custom\",result=\"ok\"} 3"),
-        "{metrics}"
+    // A new version with the same component (its digest added): put in force from the
+    // cache, not compiled again.
+    env.put_policy("custom", kubevirt, Some(&sha256(kubevirt).to_uppercase()));
+    eventually(
+        "the same component in force again, from the cache",
+        || daemon.log().contains("compiled=false"),
+        || daemon.log(),
     );
+    let metrics = daemon.client().get_text("/metrics").expect("metrics");
+    let line = "tether_policy_reloads_total{source=\"configmap:custom\",result=\"ok\"} 4";
+    assert!(metrics.contains(line), "no {line} in\n{metrics}");
 }
 
 /// Runs `tetherd policy export --configmaps --namespace NS`.
