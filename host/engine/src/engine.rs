@@ -48,6 +48,9 @@ pub enum EngineError {
     /// The workload source has not seen everything yet.
     #[error("the workload caches have not synced yet; try again")]
     NotSynced,
+    /// The policy chain is not in force yet.
+    #[error("the policy chain is not loaded yet ({0}); try again")]
+    PoliciesNotLoaded(String),
     /// The allocation changed between the look and the write.
     #[error("{0}")]
     Changed(String),
@@ -86,6 +89,7 @@ impl EngineError {
             EngineError::Write(WriteError::Abandoned) => "abandoned",
             EngineError::Write(WriteError::Contended { .. }) => "contended",
             EngineError::NotSynced => "not_synced",
+            EngineError::PoliciesNotLoaded(_) => "policies_not_loaded",
             EngineError::Changed(_) => "changed",
             EngineError::Policy(_) => "policy",
             EngineError::BadRequest(_) => "bad_request",
@@ -230,6 +234,9 @@ impl Engine {
         let attachment = Self::attachment(&req)?;
         if !self.workloads.synced() {
             return Err(EngineError::NotSynced);
+        }
+        if let Some(why) = self.policies.unready() {
+            return Err(EngineError::PoliciesNotLoaded(why));
         }
         let requested = req
             .requested_ips
@@ -598,10 +605,23 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner) = error;
     }
 
-    /// Whether the engine can serve: the writer can write and the workload source has
-    /// synced. What `/readyz` reports.
+    /// Whether the engine can serve: the writer can write, the workload source has synced
+    /// and the policy chain is in force. What `/readyz` reports.
     pub fn ready(&self) -> bool {
-        self.writer.healthy() && self.workloads.synced()
+        self.unready_reason().is_none()
+    }
+
+    /// Why the engine cannot serve, if it cannot.
+    pub fn unready_reason(&self) -> Option<String> {
+        if !self.writer.healthy() {
+            return Some("the writer cannot commit to the store (see the log)".into());
+        }
+        if !self.workloads.synced() {
+            return Some("the workload caches have not synced yet".into());
+        }
+        self.policies
+            .unready()
+            .map(|why| format!("the policy chain is not loaded yet: {why}"))
     }
 
     /// Puts new pool definitions in force between two writer batches. Every allocation is

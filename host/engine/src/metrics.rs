@@ -1,5 +1,5 @@
-//! Prometheus metrics: CNI calls and allocation failures by reason, policy latency, store
-//! commits, pool capacity and usage.
+//! Prometheus metrics: CNI calls and allocation failures by reason, policy latency and
+//! reloads, store commits, pool capacity and usage.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,11 +39,22 @@ pub struct ReloadLabels {
     pub result: String,
 }
 
+/// Labels of a policy reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyReloadLabels {
+    /// Where the policy came from, as the chain names it (`configmap:NAME`).
+    pub source: String,
+    /// `ok`, or why it was refused (`invalid_module`, `sha256_mismatch`, ...).
+    pub result: String,
+}
+
 /// Every metric the daemon exports, registered under the `tether_` prefix.
 pub struct Metrics {
     registry: Registry,
     /// Pool reloads by result (`ok`, `error`).
     pub pool_reloads: Family<ReloadLabels, Counter>,
+    /// Policy reloads (Kubernetes mode: a ConfigMap of the chain changed) by source and result.
+    pub policy_reloads: Family<PolicyReloadLabels, Counter>,
     /// CNI calls by command and result (`ok` or the failure reason).
     pub calls: Family<CallLabels, Counter>,
     /// Policy evaluation latency.
@@ -114,6 +125,12 @@ impl Metrics {
             "Reloads of the pool manifests by result",
             pool_reloads.clone(),
         );
+        let policy_reloads = Family::<PolicyReloadLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Loads of a policy of the chain from its source (a ConfigMap) by source and result",
+            policy_reloads.clone(),
+        );
         let conflicts = Counter::default();
         registry.register(
             "store_conflicts",
@@ -124,6 +141,7 @@ impl Metrics {
             registry,
             conflicts,
             pool_reloads,
+            policy_reloads,
             calls,
             policy_seconds,
             commit_seconds,
@@ -147,6 +165,16 @@ impl Metrics {
     pub fn pool_reload(&self, result: &str) {
         self.pool_reloads
             .get_or_create(&ReloadLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one policy reload from `source`: `ok` or the reason it was refused.
+    pub fn policy_reload(&self, source: &str, result: &str) {
+        self.policy_reloads
+            .get_or_create(&PolicyReloadLabels {
+                source: source.to_owned(),
                 result: result.to_owned(),
             })
             .inc();

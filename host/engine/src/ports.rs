@@ -3,9 +3,10 @@
 //!
 //! Standalone mode implements [`WorkloadSource`] with a directory of manifests and
 //! [`Decide`] with [`PolicyChain`] over built-in and file policies; Kubernetes mode with
-//! informer caches and policies from ConfigMaps.
+//! informer caches and, when the chain names ConfigMaps, a [`SwappableChain`] replaced as
+//! they change.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use tether_core::alloc::Liveness;
 use tether_core::{Object, OwnerReference, PolicyRequest, ReleaseCondition, Workload};
@@ -87,12 +88,19 @@ pub trait Decide: Send + Sync {
 
     /// The policies, in order.
     fn names(&self) -> Vec<String>;
+
+    /// Why the policies cannot decide yet (Kubernetes mode: a ConfigMap of the chain not
+    /// loaded once); `None` once they can. Until then an ADD answers "try again later" and the
+    /// daemon is not ready.
+    fn unready(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A chain of Wasm policies on one runtime.
 pub struct PolicyChain {
     /// The runtime the policies run on.
-    pub runtime: Runtime,
+    pub runtime: Arc<Runtime>,
     /// The policies.
     pub chain: Chain,
 }
@@ -104,5 +112,81 @@ impl Decide for PolicyChain {
 
     fn names(&self) -> Vec<String> {
         self.chain.names().into_iter().map(str::to_owned).collect()
+    }
+}
+
+/// A chain that can be replaced while it serves: each evaluation takes the chain in force
+/// when it starts and finishes on it, while [`replace`](Self::replace) puts the next one in
+/// force for the evaluations after. Until a first chain is in force it is not ready
+/// ([`Decide::unready`]) and says what it waits for.
+pub struct SwappableChain {
+    runtime: Arc<Runtime>,
+    current: RwLock<Current>,
+}
+
+enum Current {
+    Waiting(String),
+    Serving(Arc<Chain>),
+}
+
+impl SwappableChain {
+    /// No chain yet: waiting for what `why` says.
+    pub fn waiting(runtime: Arc<Runtime>, why: impl Into<String>) -> Self {
+        SwappableChain {
+            runtime,
+            current: RwLock::new(Current::Waiting(why.into())),
+        }
+    }
+
+    /// The runtime the chains run on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Puts `chain` in force.
+    pub fn replace(&self, chain: Chain) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) =
+            Current::Serving(Arc::new(chain));
+    }
+
+    /// While no chain is in force, says what it now waits for; once one is, does nothing.
+    pub fn still_waiting(&self, why: impl Into<String>) {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if let Current::Waiting(w) = &mut *current {
+            *w = why.into();
+        }
+    }
+
+    /// The chain in force, if there is one.
+    pub fn chain(&self) -> Option<Arc<Chain>> {
+        match &*self.current.read().unwrap_or_else(PoisonError::into_inner) {
+            Current::Serving(c) => Some(c.clone()),
+            Current::Waiting(_) => None,
+        }
+    }
+}
+
+impl Decide for SwappableChain {
+    fn decide(&self, request: &PolicyRequest) -> Result<ChainOutcome, PolicyError> {
+        match self.chain() {
+            Some(chain) => chain.evaluate(&self.runtime, request),
+            None => Err(PolicyError::Engine(format!(
+                "no policy chain in force yet: {}",
+                self.unready().unwrap_or_default()
+            ))),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.chain().map_or_else(Vec::new, |c| {
+            c.names().into_iter().map(str::to_owned).collect()
+        })
+    }
+
+    fn unready(&self) -> Option<String> {
+        match &*self.current.read().unwrap_or_else(PoisonError::into_inner) {
+            Current::Waiting(why) => Some(why.clone()),
+            Current::Serving(_) => None,
+        }
     }
 }

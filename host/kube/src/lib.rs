@@ -13,9 +13,12 @@
 //!
 //! [`store::KubeStore`] keeps allocations as those objects, and [`workloads::KubeWorkloads`]
 //! answers the engine's questions about pods and their owners from watch caches.
+//! [`policies::ConfigMapPolicies`] loads policy components from labelled ConfigMaps and puts
+//! the chain in force without a restart.
 //!
 //! The domain types stay in `tether-core`, free of Kubernetes; the conversions live here.
 
 pub mod crd;
+pub mod policies;
 pub mod store;
 pub mod workloads;

@@ -46,6 +46,16 @@ pub enum PolicyError {
         /// What is wrong.
         reason: String,
     },
+    /// The component is larger than the runtime accepts.
+    #[error("policy {policy}: the component is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Policy name (its source: the policy never loaded).
+        policy: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The component imports something the host does not provide.
     #[error(
         "policy {policy}: imports `{import}`; policies may import only tether:policy/host (no WASI, no network, no files)"
@@ -115,6 +125,7 @@ impl PolicyError {
             | PolicyError::MemoryLimit { policy, .. }
             | PolicyError::Trap { policy, .. }
             | PolicyError::InvalidModule { policy, .. }
+            | PolicyError::TooLarge { policy, .. }
             | PolicyError::ForbiddenImport { policy, .. }
             | PolicyError::ContractMismatch { policy, .. }
             | PolicyError::InvalidDecision { policy, .. }
@@ -132,6 +143,7 @@ impl PolicyError {
             PolicyError::MemoryLimit { .. } => "memory_limit",
             PolicyError::Trap { .. } => "trap",
             PolicyError::InvalidModule { .. } => "invalid_module",
+            PolicyError::TooLarge { .. } => "too_large",
             PolicyError::ForbiddenImport { .. } => "forbidden_import",
             PolicyError::ContractMismatch { .. } => "contract_mismatch",
             PolicyError::InvalidDecision { .. } => "invalid_decision",

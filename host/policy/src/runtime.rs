@@ -61,6 +61,10 @@ pub struct RuntimeConfig {
     /// evaluation. wasmtime itself ships it off by default and calls it still under
     /// evaluation.
     pub pagemap_scan: bool,
+    /// Largest component accepted, in bytes: a bigger one is refused before it is compiled
+    /// ([`PolicyError::TooLarge`]). The default, 1 MiB, is also the most a ConfigMap holds;
+    /// the built-in policies are about 40 KiB.
+    pub max_component_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -75,6 +79,7 @@ impl Default for RuntimeConfig {
             // the SDK's 64 KiB arena): reset in place, never faulted in again.
             keep_resident: 1024 << 10,
             pagemap_scan: false,
+            max_component_bytes: 1 << 20,
         }
     }
 }
@@ -304,7 +309,15 @@ impl Runtime {
 
     /// Compiles, checks and pre-instantiates a component, once per sha256. `source` names it in
     /// errors until its metadata is known (a file name, `builtin:kubevirt`, a ConfigMap key).
+    /// A component over [`RuntimeConfig::max_component_bytes`] is refused before anything else.
     pub fn load(&self, source: &str, bytes: &[u8]) -> Result<Arc<LoadedPolicy>, PolicyError> {
+        if bytes.len() > self.config.max_component_bytes {
+            return Err(PolicyError::TooLarge {
+                policy: source.to_owned(),
+                size: bytes.len(),
+                limit: self.config.max_component_bytes,
+            });
+        }
         let sha256 = sha256_hex(bytes);
         if let Some(p) = self
             .cache
@@ -347,6 +360,25 @@ impl Runtime {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(sha256, policy.clone());
         Ok(policy)
+    }
+
+    /// Whether the component of this sha256 is compiled and cached: [`load`](Self::load)
+    /// would return it without compiling.
+    pub fn is_cached(&self, sha256: &str) -> bool {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(sha256)
+    }
+
+    /// Drops the compiled policies whose sha256 `keep` refuses, so that a daemon whose
+    /// policies are replaced again and again does not keep every version compiled. A policy
+    /// still in a chain stays alive through its `Arc`; it is only compiled again if loaded again.
+    pub fn retain_cached(&self, keep: impl Fn(&str) -> bool) {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|sha256, _| keep(sha256));
     }
 
     fn store(&self, policy: &str) -> Store<HostState> {
@@ -593,5 +625,30 @@ mod tests {
         let core = b"\0asm\x01\0\0\0";
         let e = rt.load("core.wasm", core).expect_err("refused");
         assert!(e.to_string().contains("not a component"), "{e}");
+    }
+
+    #[test]
+    fn oversized_components_are_refused_before_compiling() {
+        let rt = Runtime::new(RuntimeConfig {
+            max_component_bytes: 16,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime");
+        let mut big = b"\0asm\x0d\0\x01\0".to_vec();
+        big.resize(17, 0);
+        let e = rt.load("big.wasm", &big).expect_err("refused");
+        assert!(
+            matches!(
+                e,
+                PolicyError::TooLarge {
+                    size: 17,
+                    limit: 16,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.reason(), "too_large");
+        assert!(!rt.is_cached(&sha256_hex(&big)));
     }
 }

@@ -121,17 +121,25 @@ pub struct RunArgs {
     /// Directory that relative policy paths in --chain are resolved against.
     #[arg(long, env = "TETHER_POLICIES")]
     pub policies: Option<PathBuf>,
-    /// The policy chain, in order: `builtin:NAME` or a .wasm path.
+    /// The policy chain, in order: `builtin:NAME`, a .wasm path, or (Kubernetes mode)
+    /// `configmap:NAME`, a ConfigMap labelled `ipam.tether.dev/policy` in --policy-namespace.
     #[arg(
         long,
         env = "TETHER_CHAIN",
         default_value = "builtin:kubevirt,builtin:statefulset,builtin:stateless"
     )]
     pub chain: String,
-    /// Pin KubeVirt VM addresses (false leaves builtin:kubevirt out of the chain).
+    /// The namespace of the policy ConfigMaps the chain names (Kubernetes mode). Default: the
+    /// client's namespace (in a pod: its own, from the service account; with a kubeconfig:
+    /// the context's, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub policy_namespace: Option<String>,
+    /// Pin KubeVirt VM addresses (false leaves the policy named kubevirt out of the chain,
+    /// built in or from a ConfigMap).
     #[arg(long, env = "TETHER_ENABLE_KUBEVIRT_STATIC_IP", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_kubevirt_static_ip: bool,
-    /// Pin StatefulSet pod addresses (false leaves builtin:statefulset out of the chain).
+    /// Pin StatefulSet pod addresses (false leaves the policy named statefulset out of the
+    /// chain, built in or from a ConfigMap).
     #[arg(long, env = "TETHER_ENABLE_STATEFULSET", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_statefulset: bool,
     /// A setting for one policy of the chain, POLICY:KEY=VALUE. Repeatable.
@@ -201,6 +209,10 @@ pub struct SandboxArgs {
     /// gain for the built-in policies: none.
     #[arg(long, env = "TETHER_POLICY_PAGEMAP_SCAN", default_value_t = false)]
     pub policy_pagemap_scan: bool,
+    /// Largest policy component accepted, in KiB: a bigger one is refused before it is
+    /// compiled. The default is also the most a ConfigMap can hold.
+    #[arg(long, env = "TETHER_POLICY_MAX_KIB", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub policy_max_kib: u64,
 }
 
 impl SandboxArgs {
@@ -216,6 +228,7 @@ impl SandboxArgs {
             timeout: Duration::from_millis(self.policy_timeout_ms.max(1)),
             memory_limit: self.policy_memory_mib.max(1) << 20,
             pagemap_scan: self.policy_pagemap_scan,
+            max_component_bytes: usize::try_from(self.policy_max_kib << 10).unwrap_or(usize::MAX),
             ..RuntimeConfig::default()
         })
     }
@@ -250,7 +263,9 @@ pub enum PolicyCommand {
     Test(TestArgs),
     /// Print a component's metadata, contract version, imports, exports and sha256 as JSON.
     Inspect(InspectArgs),
-    /// Write the built-in policies to DIR as kubevirt.wasm, statefulset.wasm, stateless.wasm.
+    /// Write the built-in policies to DIR as kubevirt.wasm, statefulset.wasm, stateless.wasm;
+    /// or, with --configmaps, print them as policy ConfigMap manifests (YAML) for Kubernetes
+    /// mode's `--chain configmap:NAME`.
     Export(ExportArgs),
     /// Build a policy crate into a component: cargo build for wasm32-unknown-unknown, then
     /// wrap the module as a component and check that tetherd accepts it.
@@ -311,7 +326,15 @@ pub struct InspectArgs {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// Directory to write into (created if missing).
-    pub dir: PathBuf,
+    #[arg(required_unless_present = "configmaps", conflicts_with = "configmaps")]
+    pub dir: Option<PathBuf>,
+    /// Print ConfigMap manifests instead (YAML on stdout; the same bytes on every run), one
+    /// per built-in policy, named tether-policy-NAME, labelled, with their sha256.
+    #[arg(long)]
+    pub configmaps: bool,
+    /// The manifests' namespace (with --configmaps). Default: none, for `kubectl apply -n`.
+    #[arg(long, requires = "configmaps")]
+    pub namespace: Option<String>,
 }
 
 #[cfg(test)]

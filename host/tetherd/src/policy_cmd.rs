@@ -116,13 +116,21 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&a.dir)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", a.dir.display()))?;
+    use std::io::Write;
+    if a.configmaps {
+        let yaml = configmap_manifests(a.namespace.as_deref())?;
+        std::io::stdout().lock().write_all(yaml.as_bytes())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(dir) = a.dir else {
+        anyhow::bail!("give a directory, or --configmaps");
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     for b in tether_builtins::BUILTINS {
-        let path = a.dir.join(format!("{}.wasm", b.name));
+        let path = dir.join(format!("{}.wasm", b.name));
         std::fs::write(&path, b.wasm)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-        use std::io::Write;
         writeln!(
             std::io::stdout(),
             "{}  {}",
@@ -131,6 +139,53 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The name `policy export --configmaps` gives the ConfigMap of built-in policy `name`.
+pub fn configmap_name(name: &str) -> String {
+    format!("tether-policy-{name}")
+}
+
+/// The built-in policies as policy ConfigMap manifests (see [`tether_kube::policies`]), in the
+/// order of the default chain: a function of the component bytes alone, so every run (and
+/// every build from the same policies/) prints the same bytes.
+pub fn configmap_manifests(namespace: Option<&str>) -> anyhow::Result<String> {
+    use std::fmt::Write;
+    use tether_kube::policies::{COMPONENT_KEY, POLICY_LABEL, SHA256_KEY};
+    // JSON strings are YAML scalars: quoting without a YAML emitter's choices.
+    let quote = |s: &str| serde_json::to_string(s);
+    let chain: Vec<String> = tether_builtins::BUILTINS
+        .iter()
+        .map(|b| format!("configmap:{}", configmap_name(b.name)))
+        .collect();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "# The built-in policies of tetherd as policy ConfigMaps (`tetherd policy export --configmaps`).\n\
+         # Apply them in the daemon's namespace and run it with\n\
+         #   --chain {}",
+        chain.join(",")
+    )?;
+    for b in tether_builtins::BUILTINS {
+        let sha256 = tether_policy::digest::sha256_hex(b.wasm);
+        // base64, as the API's binaryData carries bytes.
+        let data = serde_json::to_string(&k8s_openapi::ByteString(b.wasm.to_vec()))?;
+        writeln!(out, "---")?;
+        writeln!(out, "apiVersion: v1")?;
+        writeln!(out, "kind: ConfigMap")?;
+        writeln!(out, "metadata:")?;
+        writeln!(out, "  name: {}", quote(&configmap_name(b.name))?)?;
+        if let Some(ns) = namespace {
+            writeln!(out, "  namespace: {}", quote(ns)?)?;
+        }
+        writeln!(out, "  labels:")?;
+        writeln!(out, "    {}: {}", quote(POLICY_LABEL)?, quote(b.name)?)?;
+        writeln!(out, "data:")?;
+        writeln!(out, "  {}: {}", quote(SHA256_KEY)?, quote(&sha256)?)?;
+        writeln!(out, "binaryData:")?;
+        writeln!(out, "  {}: {data}", quote(COMPONENT_KEY)?)?;
+    }
+    Ok(out)
 }
 
 fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -230,4 +285,47 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    /// The manifests parse as ConfigMaps whose components check out against their digests,
+    /// and are the same bytes every time.
+    #[test]
+    fn configmap_manifests_round_trip() {
+        let yaml = configmap_manifests(Some("tether-system")).expect("manifests");
+        assert_eq!(
+            yaml,
+            configmap_manifests(Some("tether-system")).expect("again")
+        );
+        let mut names = Vec::new();
+        for doc in yaml_serde::Deserializer::from_str(&yaml) {
+            let cm: ConfigMap = serde::Deserialize::deserialize(doc).expect("a ConfigMap");
+            let (bytes, sha256) = tether_kube::policies::component(&cm).expect("checks out");
+            let name = cm.metadata.name.clone().expect("name");
+            let label =
+                &cm.metadata.labels.as_ref().expect("labels")[tether_kube::policies::POLICY_LABEL];
+            let b = tether_builtins::builtin(label).expect("names a built-in");
+            assert_eq!(bytes, b.wasm);
+            assert_eq!(sha256, tether_policy::digest::sha256_hex(b.wasm));
+            assert_eq!(cm.metadata.namespace.as_deref(), Some("tether-system"));
+            names.push(name);
+        }
+        assert_eq!(
+            names,
+            [
+                "tether-policy-kubevirt",
+                "tether-policy-statefulset",
+                "tether-policy-stateless"
+            ]
+        );
+        assert!(
+            !configmap_manifests(None)
+                .expect("manifests")
+                .contains("namespace:")
+        );
+    }
 }

@@ -64,6 +64,7 @@ impl From<&EngineError> for ApiError {
                 WriteError::Stopped | WriteError::Abandoned | WriteError::Contended { .. },
             )
             | EngineError::NotSynced
+            | EngineError::PoliciesNotLoaded(_)
             | EngineError::Changed(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN),
             EngineError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::POLICY_FAILED),
             EngineError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_CONFIG),
@@ -178,18 +179,20 @@ async fn allocations(State(s): State<AppState>) -> Json<Vec<tether_core::alloc::
     Json(s.allocations())
 }
 
-/// Ready while the writer runs and its last commit succeeded: a daemon that cannot write
-/// answers 503, so the kubelet (or `tetherd wait`) sees it.
+/// Ready while the writer runs and its last commit succeeded, the workload caches have
+/// synced and the policy chain is in force: otherwise 503 with the reason, so the kubelet (or
+/// `tetherd wait`) sees it.
 async fn ready(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let ready = s.ready();
+    let unready = s.unready_reason();
+    let ready = unready.is_none();
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = serde_json::json!({"ready": ready, "chain": s.chain_names()});
-    if !ready {
-        body["reason"] = "the writer cannot commit to the store (see the log)".into();
+    if let Some(why) = unready {
+        body["reason"] = why.into();
     }
     (status, Json(body))
 }

@@ -4,6 +4,7 @@
 
 mod http;
 mod kube;
+mod kube_policies;
 mod pools;
 mod workloads;
 
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_engine::ports::{NoWorkloads, PolicyChain, WorkloadSource};
+use tether_engine::ports::{NoWorkloads, WorkloadSource};
 use tether_engine::{Engine, Metrics, Ports};
 use tether_policy::Runtime;
 use tether_store::Store;
@@ -63,7 +64,7 @@ fn chain_sources(args: &RunArgs) -> anyhow::Result<Vec<(PolicySource, tether_pol
                 (n == "kubevirt" && !args.enable_kubevirt_static_ip)
                     || (n == "statefulset" && !args.enable_statefulset)
             }
-            PolicySource::File(_) => false,
+            PolicySource::File(_) | PolicySource::ConfigMap(_) => false,
         };
         if off {
             tracing::info!(policy = item, "left out of the chain by configuration");
@@ -83,6 +84,7 @@ fn chain_sources(args: &RunArgs) -> anyhow::Result<Vec<(PolicySource, tether_pol
             .find(|(src, _)| match src {
                 PolicySource::Builtin(n) => n == policy,
                 PolicySource::File(p) => p.file_stem().and_then(|x| x.to_str()) == Some(policy),
+                PolicySource::ConfigMap(n) => n == policy,
             })
             .ok_or_else(|| {
                 anyhow::anyhow!("--policy-setting names {policy:?}, which is not in the chain")
@@ -241,8 +243,8 @@ struct Adapters {
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
-    let runtime = Runtime::new(args.sandbox.runtime_config()?)?;
-    let chain = chain::build(&runtime, &chain_sources(&args)?)?;
+    let runtime = Arc::new(Runtime::new(args.sandbox.runtime_config()?)?);
+    let slots = chain::slots(&runtime, &chain_sources(&args)?)?;
     let adapters = if args.kubernetes {
         let Some(node) = args.node_name.as_deref().filter(|n| !n.is_empty()) else {
             anyhow::bail!("--kubernetes needs the node's name: --node-name or NODE_NAME");
@@ -288,10 +290,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         store_name,
     } = adapters;
     let metrics = Arc::new(Metrics::new());
+    let client = match &pool_source {
+        PoolSource::Kube(c, ..) => Some(c.clone()),
+        PoolSource::Files(_) => None,
+    };
+    let policies = kube_policies::start(&args, runtime, slots, client, metrics.clone())?;
     let ports = Ports {
         store,
         workloads,
-        policies: Arc::new(PolicyChain { runtime, chain }),
+        policies: policies.decide,
     };
     // Off the async workers: the Kubernetes store's reads block on this runtime.
     let (service, writer_thread) =
@@ -365,6 +372,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         r.abort();
     }
     pool_watcher.abort();
+    if let Some(w) = policies.watch {
+        w.abort();
+    }
     drop(service);
     let _ = std::fs::remove_file(&args.socket);
     // The writer ends once the last handle is gone, after finishing its batch.
