@@ -298,6 +298,16 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     );
     assert_eq!(env.objects().len(), all.len(), "one object per address");
 
+    // Metrics for the API calls, the caches and their sync state.
+    let text = a.client().get_text("/metrics").expect("metrics");
+    for want in [
+        "tether_kube_api_calls_total{verb=\"create\",result=\"ok\"}",
+        "tether_kube_cache_synced{resource=\"v1/Pod\"} 1",
+        "tether_kube_cache_objects{resource=\"apps/v1/StatefulSet\"} 1",
+    ] {
+        assert!(text.contains(want), "no {want} in:\n{text}");
+    }
+
     // The elected daemon writes the pool's counts, as `kubectl get ippools` shows them,
     // including what the other daemon allocated after the elected one last did anything.
     let extra = env.pod("default", "extra", other_node, None);

@@ -48,6 +48,22 @@ pub struct PolicyReloadLabels {
     pub result: String,
 }
 
+/// Labels of a watched Kubernetes resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    /// `apiVersion/Kind`, e.g. `v1/Pod`.
+    pub resource: String,
+}
+
+/// Labels of a Kubernetes API call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// `create`, `replace`, `delete`, `get`.
+    pub verb: String,
+    /// `ok`, `conflict`, `not_found` or `error`.
+    pub result: String,
+}
+
 /// Every metric the daemon exports, registered under the `tether_` prefix.
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +85,12 @@ pub struct Metrics {
     pub pool_total: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     /// Allocated addresses per pool.
     pub pool_allocated: Family<PoolLabels, Gauge<f64, AtomicU64>>,
+    /// Kubernetes mode: objects in each watch cache.
+    pub kube_cache_objects: Family<ResourceLabels, Gauge>,
+    /// Kubernetes mode: 1 once a watch cache has listed, by resource.
+    pub kube_cache_synced: Family<ResourceLabels, Gauge>,
+    /// Kubernetes mode: API calls of the store and the workload source by verb and result.
+    pub kube_api_calls: Family<ApiLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -137,8 +159,29 @@ impl Metrics {
             "Writes that found their address changed by another writer first",
             conflicts.clone(),
         );
+        let kube_cache_objects = Family::<ResourceLabels, Gauge>::default();
+        registry.register(
+            "kube_cache_objects",
+            "Objects in each watch cache (Kubernetes mode)",
+            kube_cache_objects.clone(),
+        );
+        let kube_cache_synced = Family::<ResourceLabels, Gauge>::default();
+        registry.register(
+            "kube_cache_synced",
+            "1 once a watch cache has listed (Kubernetes mode)",
+            kube_cache_synced.clone(),
+        );
+        let kube_api_calls = Family::<ApiLabels, Counter>::default();
+        registry.register(
+            "kube_api_calls",
+            "Kubernetes API calls of the store and the workload source by verb and result",
+            kube_api_calls.clone(),
+        );
         Metrics {
             registry,
+            kube_cache_objects,
+            kube_cache_synced,
+            kube_api_calls,
             conflicts,
             pool_reloads,
             policy_reloads,
@@ -175,6 +218,16 @@ impl Metrics {
         self.policy_reloads
             .get_or_create(&PolicyReloadLabels {
                 source: source.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one Kubernetes API call.
+    pub fn kube_api_call(&self, verb: &str, result: &str) {
+        self.kube_api_calls
+            .get_or_create(&ApiLabels {
+                verb: verb.to_owned(),
                 result: result.to_owned(),
             })
             .inc();

@@ -41,6 +41,7 @@ pub struct KubeStore {
     rt: Handle,
     subscribers: std::sync::Arc<Mutex<Vec<Sender<Event>>>>,
     watching: Mutex<bool>,
+    metrics: Option<std::sync::Arc<tether_engine::Metrics>>,
 }
 
 fn backend(op: &str, e: impl std::fmt::Display) -> StoreError {
@@ -93,7 +94,14 @@ impl KubeStore {
             rt,
             subscribers: std::sync::Arc::default(),
             watching: Mutex::new(false),
+            metrics: None,
         }
+    }
+
+    /// Counts the store's API calls in `metrics` (`tether_kube_api_calls_total`).
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<tether_engine::Metrics>) -> KubeStore {
+        self.metrics = Some(metrics);
+        self
     }
 
     async fn current(&self, ip: IpAddr) -> Result<Option<IPAllocation>, StoreError> {
@@ -232,7 +240,21 @@ impl KubeStore {
         let mut done = Vec::with_capacity(group.len());
         let mut revs = Vec::with_capacity(group.len());
         for c in group {
-            match self.apply(c).await? {
+            let applied = self.apply(c).await;
+            if let Some(m) = &self.metrics {
+                let verb = match c {
+                    Change::Put(a) if a.revision == 0 => "create",
+                    Change::Put(_) => "replace",
+                    Change::Delete { .. } => "delete",
+                };
+                let result = match &applied {
+                    Ok(Ok(_)) => "ok",
+                    Ok(Err(_)) => "conflict",
+                    Err(_) => "error",
+                };
+                m.kube_api_call(verb, result);
+            }
+            match applied? {
                 Ok((d, r)) => {
                     done.push(d);
                     revs.push(r);

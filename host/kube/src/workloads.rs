@@ -132,6 +132,7 @@ struct State {
 }
 
 struct Shared {
+    metrics: Option<Arc<tether_engine::Metrics>>,
     client: Client,
     rt: Handle,
     node: String,
@@ -161,7 +162,19 @@ impl KubeWorkloads {
     /// Starts the watches of node `node` on `rt`. The source is synced once every watch has
     /// listed and the KubeVirt CRDs have been looked for.
     pub fn start(client: Client, rt: Handle, node: &str) -> KubeWorkloads {
+        Self::start_with_metrics(client, rt, node, None)
+    }
+
+    /// [`KubeWorkloads::start`], keeping `metrics` up to date: objects per cache, whether each
+    /// has listed, and the API reads made to confirm what a cache does not show.
+    pub fn start_with_metrics(
+        client: Client,
+        rt: Handle,
+        node: &str,
+        metrics: Option<Arc<tether_engine::Metrics>>,
+    ) -> KubeWorkloads {
         let shared = Arc::new(Shared {
+            metrics,
             client,
             rt: rt.clone(),
             node: node.to_owned(),
@@ -203,6 +216,29 @@ impl KubeWorkloads {
 }
 
 impl Shared {
+    /// Updates the cache gauges of `w`'s resource.
+    fn gauge(&self, w: &Watched) {
+        let Some(m) = &self.metrics else { return };
+        let (count, listed) = {
+            let s = self.read();
+            let count = match w.feeds {
+                Feeds::Pods => s.pods.len(),
+                Feeds::Namespaces => s.namespaces.len(),
+                Feeds::Owners => s.owners.get(&kind_key(w)).map_or(0, HashMap::len),
+            };
+            (count, s.listed.get(&w.label()).copied().unwrap_or(false))
+        };
+        let labels = tether_engine::metrics::ResourceLabels {
+            resource: w.label(),
+        };
+        m.kube_cache_objects
+            .get_or_create(&labels)
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        m.kube_cache_synced
+            .get_or_create(&labels)
+            .set(i64::from(listed));
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
@@ -274,7 +310,16 @@ impl Shared {
         } else {
             Api::all_with(self.client.clone(), &ar)
         };
-        match self.block_on(api.get_opt(name)) {
+        let got = self.block_on(api.get_opt(name));
+        if let Some(m) = &self.metrics {
+            let result = match &got {
+                None | Some(Err(_)) => "error",
+                Some(Ok(None)) => "not_found",
+                Some(Ok(Some(_))) => "ok",
+            };
+            m.kube_api_call("get", result);
+        }
+        match got {
             None => Err(format!("reading {kind} {namespace}/{name}: timed out")),
             Some(Err(e)) => Err(format!("reading {kind} {namespace}/{name}: {e}")),
             Some(Ok(None)) => Ok(None),
@@ -463,6 +508,7 @@ async fn watch(shared: Arc<Shared>, w: Watched) {
             },
             Event::Delete(o) => shared.write().delete(&w, &o),
         }
+        shared.gauge(&w);
     }
 }
 

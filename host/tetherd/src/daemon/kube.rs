@@ -36,7 +36,11 @@ pub struct KubeMode {
 
 /// Connects (in-cluster config, or KUBECONFIG, as kube infers it), starts the workload
 /// watches of `node`, and reads the pools.
-pub async fn connect(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<KubeMode> {
+pub async fn connect(
+    node: &str,
+    kubeconfig: Option<&Path>,
+    metrics: Arc<tether_engine::Metrics>,
+) -> anyhow::Result<KubeMode> {
     // kube's TLS is rustls; the process picks its crypto provider once.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match kubeconfig {
@@ -72,8 +76,14 @@ pub async fn connect(node: &str, kubeconfig: Option<&Path>) -> anyhow::Result<Ku
     let (pools, verdicts) = serving(&list.items);
     Ok(KubeMode {
         verdicts: Arc::new(Mutex::new(verdicts)),
-        store: KubeStore::new(client.clone(), runtime.handle().clone()),
-        workloads: KubeWorkloads::start(client.clone(), runtime.handle().clone(), node),
+        store: KubeStore::new(client.clone(), runtime.handle().clone())
+            .with_metrics(metrics.clone()),
+        workloads: KubeWorkloads::start_with_metrics(
+            client.clone(),
+            runtime.handle().clone(),
+            node,
+            Some(metrics),
+        ),
         client,
         pools,
         runtime,

@@ -245,11 +245,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
     let runtime = Arc::new(Runtime::new(args.sandbox.runtime_config()?)?);
     let slots = chain::slots(&runtime, &chain_sources(&args)?)?;
+    let metrics = Arc::new(Metrics::new());
     let adapters = if args.kubernetes {
         let Some(node) = args.node_name.as_deref().filter(|n| !n.is_empty()) else {
             anyhow::bail!("--kubernetes needs the node's name: --node-name or NODE_NAME");
         };
-        let k = kube::connect(node, args.kubeconfig.as_deref()).await?;
+        let k = kube::connect(node, args.kubeconfig.as_deref(), metrics.clone()).await?;
         Adapters {
             store: Arc::new(k.store),
             workloads: (Arc::new(k.workloads), true),
@@ -289,7 +290,6 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         pool_source,
         store_name,
     } = adapters;
-    let metrics = Arc::new(Metrics::new());
     let client = match &pool_source {
         PoolSource::Kube(c, ..) => Some(c.clone()),
         PoolSource::Files(_) => None,
