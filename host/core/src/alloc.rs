@@ -974,6 +974,34 @@ impl Ipam {
         self.place_cursors();
     }
 
+    /// After losing a race for `ip` to another writer: when searches are spread (see
+    /// [`Ipam::spread_cursors`]), moves the search of the pool covering `ip` to another
+    /// point of it, derived from the seed and `ip`, so two writers that ran into each other's
+    /// part of a pool stop racing for the same next address.
+    pub fn scatter(&mut self, ip: IpAddr) {
+        let Some(seed) = self.spread else { return };
+        let n = to_u128(ip);
+        let Some(ps) = self.pools.values_mut().find(|ps| ps.pool.contains(ip)) else {
+            return;
+        };
+        let size: u128 = ps.pool.ranges.iter().map(|&(s, e)| e - s + 1).sum();
+        if size == 0 {
+            return;
+        }
+        let mut h =
+            std::hash::BuildHasher::build_hasher(&foldhash::fast::FixedState::with_seed(seed));
+        std::hash::Hash::hash(&n, &mut h);
+        let mut k = u128::from(std::hash::Hasher::finish(&h)) % size;
+        for &(s, e) in &ps.pool.ranges {
+            let len = e - s + 1;
+            if k < len {
+                ps.free.set_cursor(s + k);
+                break;
+            }
+            k -= len;
+        }
+    }
+
     /// The seed of [`Ipam::spread_cursors`], if set.
     pub fn spread(&self) -> Option<u64> {
         self.spread

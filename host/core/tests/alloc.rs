@@ -1974,3 +1974,26 @@ fn spread_writers_keep_to_their_parts_of_a_pool() {
     let first = add(&mut plain, att("c", "p", "u"), &d, &["p"], &all_live).expect("first")[0];
     assert_eq!(first.to_string(), "10.0.0.1");
 }
+
+/// A writer that lost a race moves its search elsewhere (when searches are spread); without
+/// spreading, nothing moves.
+#[test]
+fn a_lost_race_scatters_a_spread_search() {
+    let shared = || pool("p", "10.0.0.0/16", &["10.0.0.1-10.0.3.254"]);
+    let d = Decision::Ephemeral;
+    let mut a = Ipam::new(vec![shared()], Vec::new()).expect("a");
+    a.spread_cursors(1);
+    let first = add(&mut a, att("c1", "p1", "u1"), &d, &["p"], &all_live).expect("a1")[0];
+    a.scatter(first);
+    let after = add(&mut a, att("c2", "p2", "u2"), &d, &["p"], &all_live).expect("a2")[0];
+    let next = |ip: IpAddr| match ip {
+        IpAddr::V4(v) => IpAddr::V4((u32::from(v) + 1).into()),
+        IpAddr::V6(_) => ip,
+    };
+    assert_ne!(after, next(first), "the search moved away");
+    let mut plain = Ipam::new(vec![shared()], Vec::new()).expect("plain");
+    let f = add(&mut plain, att("c1", "p1", "u1"), &d, &["p"], &all_live).expect("f")[0];
+    plain.scatter(f);
+    let g = add(&mut plain, att("c2", "p2", "u2"), &d, &["p"], &all_live).expect("g")[0];
+    assert_eq!(g, next(f), "one writer: plain next-fit");
+}

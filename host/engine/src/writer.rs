@@ -460,6 +460,8 @@ impl Loop {
                     if let Err(e) = refresh(&*self.store, state, conflict.ip) {
                         tracing::warn!("re-reading {}/{}: {e}", conflict.pool, conflict.ip);
                     }
+                    // Another writer is taking addresses right here: search elsewhere.
+                    state.scatter(conflict.ip);
                 }
             }
         }

@@ -62,11 +62,20 @@ pub async fn connect(
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("starting the Kubernetes API runtime: {e}"))?;
-    let client = {
+    //
+    // Two clients, so two connection pools: a connection is driven by the runtime it was
+    // opened on, and one opened by a task of the daemon's runtime (the pool watch, the
+    // election, the status writer) and then reused by the writer's commit would wait for
+    // workers that may be waiting for the writer. The store and the workload watches use
+    // `engine_client`, whose connections are all opened on the API runtime; the daemon's own
+    // tasks use `client`.
+    let engine_client = {
         let _on = runtime.enter();
-        kube::Client::try_from(config)
+        kube::Client::try_from(config.clone())
             .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?
     };
+    let client = kube::Client::try_from(config)
+        .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
     let api: Api<IPPool> = Api::all(client.clone());
     let list = api.list(&Default::default()).await.map_err(|e| {
         anyhow::anyhow!(
@@ -76,10 +85,10 @@ pub async fn connect(
     let (pools, verdicts) = serving(&list.items);
     Ok(KubeMode {
         verdicts: Arc::new(Mutex::new(verdicts)),
-        store: KubeStore::new(client.clone(), runtime.handle().clone())
+        store: KubeStore::new(engine_client.clone(), runtime.handle().clone())
             .with_metrics(metrics.clone()),
         workloads: KubeWorkloads::start_with_metrics(
-            client.clone(),
+            engine_client,
             runtime.handle().clone(),
             node,
             Some(metrics),
