@@ -81,7 +81,19 @@ impl Env {
     /// Creates a pod bound to `node` (as the scheduler leaves it), owned by `owner` if given;
     /// returns it as the plugin's caller sees it (with the API server's UID).
     fn pod(&self, ns: &str, name: &str, node: &str, owner: Option<serde_json::Value>) -> Pod {
-        let mut meta = json!({"name": name, "namespace": ns});
+        self.pod_annotated(ns, name, node, owner, json!({}))
+    }
+
+    /// [`Env::pod`] with annotations.
+    fn pod_annotated(
+        &self,
+        ns: &str,
+        name: &str,
+        node: &str,
+        owner: Option<serde_json::Value>,
+        annotations: serde_json::Value,
+    ) -> Pod {
+        let mut meta = json!({"name": name, "namespace": ns, "annotations": annotations});
         if let Some(o) = owner {
             meta["ownerReferences"] = json!([o]);
         }
@@ -360,4 +372,79 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     let late_ip = add(&ipam_a, &late);
     assert!(!all.contains(&&late_ip), "{late_ip} handed out twice");
     drop((a, b));
+}
+
+/// Which pools an ADD draws from, in Kubernetes mode: the pod's annotation (read from the API
+/// server, not the CNI call), then the namespace's, then the CNI config, then the pools marked
+/// default.
+#[test]
+fn pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default() {
+    let test = "pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: other}\nspec: {subnet: 10.7.0.0/16, ips: [10.7.0.1-10.7.0.9]}\n",
+    );
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: fallback}\nspec: {subnet: 10.8.0.0/16, ips: [10.8.0.1-10.8.0.9], default: true}\n",
+    );
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({
+        "metadata": {"name": "special", "annotations": {"ipam.tether.dev/default-ippool": "other"}}
+    }))
+    .expect("namespace");
+    env.rt
+        .block_on(
+            Api::<k8s_openapi::api::core::v1::Namespace>::all(env.client.clone())
+                .create(&PostParams::default(), &ns),
+        )
+        .expect("create namespace");
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
+    env.rt
+        .block_on(
+            Api::<ServiceAccount>::namespaced(env.client.clone(), "special")
+                .create(&PostParams::default(), &sa),
+        )
+        .expect("ServiceAccount");
+    let d = env.daemon("node-a");
+    // Wait until the pools are in force (the watch puts them in 200 ms after they settle).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.usage("fallback").is_err() || d.usage("other").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "pools never in force: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let with_config = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let without = Ipam::new(&d.socket, "net", "1.0.0", &[]).expect("ipam");
+
+    let annotated = env.pod_annotated(
+        "default",
+        "annotated",
+        "node-a",
+        None,
+        json!({"ipam.tether.dev/ippool": "other"}),
+    );
+    assert!(
+        add(&with_config, &annotated).starts_with("10.7.0."),
+        "pod annotation"
+    );
+    let plain = env.pod("default", "plain", "node-a", None);
+    assert!(
+        add(&with_config, &plain).starts_with("10.6.168."),
+        "CNI config"
+    );
+    let in_special = env.pod("special", "in-special", "node-a", None);
+    assert!(
+        add(&with_config, &in_special).starts_with("10.7.0."),
+        "namespace annotation over CNI config"
+    );
+    let bare = env.pod("default", "bare", "node-a", None);
+    assert!(
+        add(&without, &bare).starts_with("10.8.0."),
+        "the pool marked default"
+    );
 }
