@@ -443,8 +443,35 @@ fn pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default() {
         "namespace annotation over CNI config"
     );
     let bare = env.pod("default", "bare", "node-a", None);
+    let bare_ip = add(&without, &bare);
+    assert!(bare_ip.starts_with("10.8.0."), "the pool marked default");
+
+    // `tetherd pools` and `tetherd allocations` read a Kubernetes-mode daemon as they read a
+    // standalone one.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(tether_e2e::bin_dir().expect("bin").join("tetherd"))
+            .args(args)
+            .arg("--socket")
+            .arg(&d.socket)
+            .output()
+            .expect("run tetherd");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let pools = cli(&["pools"]);
+    for name in ["test-ippool", "other", "fallback"] {
+        assert!(
+            pools.contains(name),
+            "{name} missing from `tetherd pools`:\n{pools}"
+        );
+    }
+    let allocations = cli(&["allocations"]);
     assert!(
-        add(&without, &bare).starts_with("10.8.0."),
-        "the pool marked default"
+        allocations.contains(&bare_ip),
+        "`tetherd allocations`:\n{allocations}"
     );
 }
