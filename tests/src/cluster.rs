@@ -132,3 +132,36 @@ impl Drop for Cluster {
             .status();
     }
 }
+
+/// A control plane with Tether's CRDs installed, a runtime to talk to it, and an admin client.
+pub struct TestCluster {
+    pub cluster: Cluster,
+    pub rt: tokio::runtime::Runtime,
+    pub client: kube::Client,
+}
+
+impl TestCluster {
+    /// Starts one for `test` (with the controller-manager and scheduler when `controllers`);
+    /// `None` after [`crate::skip_or_fail`] when it cannot start.
+    pub fn start(test: &str, controllers: bool) -> Option<TestCluster> {
+        let cluster = match Cluster::start(controllers) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::skip_or_fail(test, &format!("no test control plane: {e:#}"));
+                return None;
+            }
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = rt.block_on(cluster.client()).expect("client");
+        rt.block_on(cluster.install_crds(&client)).expect("CRDs");
+        Some(TestCluster {
+            cluster,
+            rt,
+            client,
+        })
+    }
+}

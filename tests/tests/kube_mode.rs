@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Event as KEvent;
 use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tether_e2e::cluster::Cluster;
+use tether_e2e::cluster::{Cluster, TestCluster};
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
 use tether_kube::crd::{IPAllocation, IPPool, IPPoolStatus, allocation_name};
 
@@ -27,20 +27,11 @@ struct Env {
 
 impl Env {
     fn start(test: &str) -> Option<Env> {
-        let cluster = match Cluster::start(false) {
-            Ok(c) => c,
-            Err(e) => {
-                tether_e2e::skip_or_fail(test, &format!("no test apiserver: {e:#}"));
-                return None;
-            }
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let client = rt.block_on(cluster.client()).expect("client");
-        rt.block_on(cluster.install_crds(&client)).expect("CRDs");
+        let TestCluster {
+            cluster,
+            rt,
+            client,
+        } = TestCluster::start(test, false)?;
         // The ServiceAccount admission wants the namespace's `default` account, which the
         // controller-manager (not running here) would create.
         let sa: ServiceAccount =

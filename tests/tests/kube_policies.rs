@@ -14,7 +14,7 @@ use k8s_openapi::api::events::v1::Event as KubeEvent;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tether_builtins::fixtures;
-use tether_e2e::cluster::Cluster;
+use tether_e2e::cluster::{Cluster, TestCluster};
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
 use tether_kube::crd::IPPool;
 
@@ -30,20 +30,11 @@ struct Env {
 
 impl Env {
     fn start(test: &str) -> Option<Env> {
-        let cluster = match Cluster::start(false) {
-            Ok(c) => c,
-            Err(e) => {
-                tether_e2e::skip_or_fail(test, &format!("no test apiserver: {e:#}"));
-                return None;
-            }
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let client = rt.block_on(cluster.client()).expect("client");
-        rt.block_on(cluster.install_crds(&client)).expect("CRDs");
+        let TestCluster {
+            cluster,
+            rt,
+            client,
+        } = TestCluster::start(test, false)?;
         let ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": NS}})).expect("namespace");
         rt.block_on(Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns))

@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod as KPod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tether_e2e::cluster::Cluster;
+use tether_e2e::cluster::{Cluster, TestCluster};
 use tether_e2e::kubelet::Kubelet;
 use tether_e2e::kubevirt::{self, Vm};
 use tether_e2e::{Daemon, Ipam, SEED_POOL};
@@ -182,20 +182,14 @@ impl Env {
 #[test]
 fn the_seed_walkthrough_on_two_nodes() {
     let test = "the_seed_walkthrough_on_two_nodes";
-    let cluster = match Cluster::start(true) {
-        Ok(c) => c,
-        Err(e) => {
-            tether_e2e::skip_or_fail(test, &format!("no test control plane: {e:#}"));
-            return;
-        }
+    let Some(TestCluster {
+        cluster,
+        rt,
+        client,
+    }) = TestCluster::start(test, true)
+    else {
+        return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = rt.block_on(cluster.client()).expect("client");
-    rt.block_on(cluster.install_crds(&client)).expect("CRDs");
     rt.block_on(kubevirt::install(&client))
         .expect("KubeVirt CRDs");
     let pool: IPPool = yaml_serde::from_str(SEED_POOL).expect("seed pool");

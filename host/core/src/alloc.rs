@@ -414,6 +414,25 @@ pub struct AddRequest<'a> {
     pub now: u64,
 }
 
+/// Moves a pool's search to a point derived from `seed` and `key`.
+fn place_cursor(ps: &mut PoolState, seed: u64, key: &impl std::hash::Hash) {
+    let size: u128 = ps.pool.ranges.iter().map(|&(s, e)| e - s + 1).sum();
+    if size == 0 {
+        return;
+    }
+    let mut h = std::hash::BuildHasher::build_hasher(&foldhash::fast::FixedState::with_seed(seed));
+    key.hash(&mut h);
+    let mut k = u128::from(std::hash::Hasher::finish(&h)) % size;
+    for &(s, e) in &ps.pool.ranges {
+        let len = e - s + 1;
+        if k < len {
+            ps.free.set_cursor(s + k);
+            return;
+        }
+        k -= len;
+    }
+}
+
 /// The state of every pool and allocation.
 #[derive(Debug, Clone, Default)]
 pub struct Ipam {
@@ -980,25 +999,8 @@ impl Ipam {
     /// part of a pool stop racing for the same next address.
     pub fn scatter(&mut self, ip: IpAddr) {
         let Some(seed) = self.spread else { return };
-        let n = to_u128(ip);
-        let Some(ps) = self.pools.values_mut().find(|ps| ps.pool.contains(ip)) else {
-            return;
-        };
-        let size: u128 = ps.pool.ranges.iter().map(|&(s, e)| e - s + 1).sum();
-        if size == 0 {
-            return;
-        }
-        let mut h =
-            std::hash::BuildHasher::build_hasher(&foldhash::fast::FixedState::with_seed(seed));
-        std::hash::Hash::hash(&n, &mut h);
-        let mut k = u128::from(std::hash::Hasher::finish(&h)) % size;
-        for &(s, e) in &ps.pool.ranges {
-            let len = e - s + 1;
-            if k < len {
-                ps.free.set_cursor(s + k);
-                break;
-            }
-            k -= len;
+        if let Some(ps) = self.pools.values_mut().find(|ps| ps.pool.contains(ip)) {
+            place_cursor(ps, seed, &to_u128(ip));
         }
     }
 
@@ -1010,22 +1012,7 @@ impl Ipam {
     fn place_cursors(&mut self) {
         let Some(seed) = self.spread else { return };
         for (name, ps) in &mut self.pools {
-            let size: u128 = ps.pool.ranges.iter().map(|&(s, e)| e - s + 1).sum();
-            if size == 0 {
-                continue;
-            }
-            let mut h =
-                std::hash::BuildHasher::build_hasher(&foldhash::fast::FixedState::with_seed(seed));
-            std::hash::Hash::hash(name, &mut h);
-            let mut k = u128::from(std::hash::Hasher::finish(&h)) % size;
-            for &(s, e) in &ps.pool.ranges {
-                let len = e - s + 1;
-                if k < len {
-                    ps.free.set_cursor(s + k);
-                    break;
-                }
-                k -= len;
-            }
+            place_cursor(ps, seed, name);
         }
     }
 
