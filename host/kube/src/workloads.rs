@@ -147,17 +147,6 @@ pub struct KubeWorkloads {
     shared: Arc<Shared>,
 }
 
-/// Sizes of the caches, for metrics and logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheSizes {
-    /// This node's pods.
-    pub pods: usize,
-    /// Owner objects of every kind.
-    pub owners: usize,
-    /// Namespaces.
-    pub namespaces: usize,
-}
-
 impl KubeWorkloads {
     /// Starts the watches of node `node` on `rt`. The source is synced once every watch has
     /// listed and the KubeVirt CRDs have been looked for.
@@ -186,32 +175,6 @@ impl KubeWorkloads {
         }
         rt.spawn(discover_kubevirt(shared.clone()));
         KubeWorkloads { shared }
-    }
-
-    /// How many objects the caches hold.
-    pub fn sizes(&self) -> CacheSizes {
-        let s = self.shared.read();
-        CacheSizes {
-            pods: s.pods.len(),
-            owners: s.owners.values().map(HashMap::len).sum(),
-            namespaces: s.namespaces.len(),
-        }
-    }
-
-    /// The watched resources that have not listed yet.
-    pub fn unsynced(&self) -> Vec<String> {
-        let s = self.shared.read();
-        let mut out: Vec<String> = s
-            .listed
-            .iter()
-            .filter(|(_, done)| !**done)
-            .map(|(k, _)| k.clone())
-            .collect();
-        if !s.discovered {
-            out.push(format!("discovery of {KUBEVIRT_GROUP_VERSION}"));
-        }
-        out.sort();
-        out
     }
 }
 

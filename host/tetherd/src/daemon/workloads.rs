@@ -191,23 +191,14 @@ impl WorkloadDir {
             docs: Err(why),
         };
         for path in paths {
-            let link = match std::fs::symlink_metadata(&path) {
-                // Listed a moment ago and gone now (a rename's source): changed now.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    newest = newest.max(Some(now));
-                    continue;
-                }
-                Err(e) => {
-                    changed = true;
-                    seen.insert(path, unreadable(e.to_string()));
-                    continue;
-                }
-                Ok(m) => m,
-            };
-            let is_link = link.file_type().is_symlink();
-            if is_link {
-                // Re-pointed: the link is new.
-                newest = newest.max(Some(self.clock.of(&link)));
+            // A link's own time counts too (re-pointed: the link is new); a path gone or
+            // unreadable is handled below, once.
+            let link = std::fs::symlink_metadata(&path)
+                .ok()
+                .filter(|m| m.file_type().is_symlink());
+            let is_link = link.is_some();
+            if let Some(l) = &link {
+                newest = newest.max(Some(self.clock.of(l)));
             }
             let meta = match std::fs::metadata(&path) {
                 Err(e) if is_link => {
@@ -218,6 +209,7 @@ impl WorkloadDir {
                     seen.insert(path, unreadable(format!("link target: {e}")));
                     continue;
                 }
+                // Listed a moment ago and gone now (a rename's source): changed now.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     newest = newest.max(Some(now));
                     continue;
