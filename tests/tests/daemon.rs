@@ -536,3 +536,56 @@ fn pools_reloaded_under_load_never_hand_out_an_address_twice() {
         "every DEL freed its address, orphans included"
     );
 }
+
+/// Standalone, a pool's nodeSelector is matched against `--node-labels` and its
+/// namespaceSelector against the Namespace manifests in --workloads: a pod named into a pool
+/// that may not serve it gets code 102 saying which selector did not match.
+#[test]
+fn pool_selectors_standalone() {
+    let pools = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: zoned}\nspec: {subnet: 10.9.0.0/24, nodeSelector: {matchLabels: {zone: b}}}\n---\napiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: tenants}\nspec: {subnet: 10.10.0.0/24, namespaceSelector: {matchLabels: {tenant: blue}}}\n";
+    let d = Daemon::start(
+        pools,
+        &["--node-name", "n1", "--node-labels", "zone=a,rack=1"],
+    )
+    .expect("daemon");
+    d.put_manifest(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: blue, labels: {tenant: blue}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: red, labels: {tenant: red}}\n",
+    )
+    .expect("namespaces");
+    let zoned = Ipam::new(&d.socket, "net", "1.0.0", &["zoned"]).expect("ipam");
+    let o = zoned.add(&Pod::new("blue", "p", 1)).expect("add");
+    assert_eq!(o.code(), Some(102), "{}", o.out);
+    assert!(
+        o.out["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nodeSelector (zone=b) does not match node \"n1\""),
+        "{}",
+        o.out
+    );
+    let tenants = Ipam::new(&d.socket, "net", "1.0.0", &["tenants"]).expect("ipam");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ok = loop {
+        // The manifests are read when they change: wait for them.
+        let o = tenants.add(&Pod::new("blue", "p", 1)).expect("add");
+        if o.ok || Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        ok.ip().is_some_and(|ip| ip.starts_with("10.10.0.")),
+        "{}",
+        ok.out
+    );
+    for ns in ["red", "elsewhere"] {
+        let o = tenants.add(&Pod::new(ns, "q", 2)).expect("add");
+        assert_eq!(o.code(), Some(102), "{ns}: {}", o.out);
+    }
+    drop(d);
+    let d = Daemon::start(pools, &["--node-labels", "zone=b"]).expect("daemon");
+    let zoned = Ipam::new(&d.socket, "net", "1.0.0", &["zoned"]).expect("ipam");
+    let o = zoned.add(&Pod::new("blue", "p", 1)).expect("add");
+    assert!(o.ok, "{}", o.out);
+}

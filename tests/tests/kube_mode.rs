@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::{Cluster, TestCluster};
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
-use tether_kube::crd::{IPAllocation, IPPool, IPPoolStatus, allocation_name};
+use tether_kube::crd::{IPAllocation, IPPool, IPPoolStatus, PinnedIdentity, allocation_name};
 
 /// The apiserver, a runtime to talk to it, and a client.
 struct Env {
@@ -165,6 +165,30 @@ impl Env {
             .expect("create IPPool");
     }
 
+    /// Waits until the PinnedIdentity record `ns/name` (None: its absence) satisfies `want`;
+    /// returns it.
+    fn pin(
+        &self,
+        ns: &str,
+        name: &str,
+        what: &str,
+        want: impl Fn(Option<&PinnedIdentity>) -> bool,
+    ) -> Option<PinnedIdentity> {
+        let api = Api::<PinnedIdentity>::namespaced(self.client.clone(), ns);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = self.rt.block_on(api.get_opt(name)).expect("get record");
+            if want(o.as_ref()) {
+                return o;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PinnedIdentity {ns}/{name} never {what}: {o:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The IPAllocation objects, by name.
     fn objects(&self) -> Vec<IPAllocation> {
         self.rt
@@ -254,8 +278,58 @@ fn two_nodes_share_the_pool_through_the_api_server() {
         db_ip,
         "db-0 recreated on another node lost its address"
     );
+
+    // db-0's PinnedIdentity record, derived from its address object by the elected daemon:
+    // its address and its holder; repaired when deleted or edited by hand.
+    let addresses = |o: &PinnedIdentity| -> Vec<String> {
+        o.spec
+            .addresses
+            .iter()
+            .map(|a| a.address.to_string())
+            .collect()
+    };
+    let record = env
+        .pin("default", "db-0", "shows db-0 holding its address", |o| {
+            o.is_some_and(|o| addresses(o) == [db_ip.clone()] && o.spec.holders == ["db-0"])
+        })
+        .expect("record");
+    assert_eq!(record.spec.kind, "StatefulSetPod");
+    assert_eq!(record.spec.identity, "default/db-0");
+    let pins = Api::<PinnedIdentity>::namespaced(env.client.clone(), "default");
+    env.rt
+        .block_on(pins.delete("db-0", &DeleteParams::default()))
+        .expect("delete the record by hand");
+    let again = env
+        .pin(
+            "default",
+            "db-0",
+            "re-created after a delete by hand",
+            |o| {
+                o.is_some_and(|o| {
+                    o.metadata.uid != record.metadata.uid && addresses(o) == [db_ip.clone()]
+                })
+            },
+        )
+        .expect("record");
+    env.rt
+        .block_on(pins.patch(
+            "db-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"addresses": [], "holders": ["nobody"]}})),
+        ))
+        .expect("edit the record by hand");
+    env.pin("default", "db-0", "repaired after an edit by hand", |o| {
+        o.is_some_and(|o| {
+            o.metadata.uid == again.metadata.uid
+                && addresses(o) == [db_ip.clone()]
+                && o.spec.holders == ["db-0"]
+        })
+    });
     assert!(ipam_b.del(&db0_again).expect("del").ok);
     env.delete_pod("default", "db-0");
+    env.pin("default", "db-0", "shows no holder after DEL", |o| {
+        o.is_some_and(|o| addresses(o) == [db_ip.clone()] && o.spec.holders.is_empty())
+    });
 
     // Scaled to zero: the release rule fires, from the API server's word.
     assert!(
@@ -279,6 +353,12 @@ fn two_nodes_share_the_pool_through_the_api_server() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(released, [format!("test-ippool/{db_ip}")], "{}", lead.log());
+    env.pin(
+        "default",
+        "db-0",
+        "removed once its address was released",
+        |o| o.is_none(),
+    );
 
     // Both nodes at once, four pods each, competing for the same free addresses.
     let pods_a: Vec<Pod> = (0..4)
@@ -436,6 +516,99 @@ fn pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default() {
     let bare = env.pod("default", "bare", "node-a", None);
     let bare_ip = add(&without, &bare);
     assert!(bare_ip.starts_with("10.8.0."), "the pool marked default");
+
+    // Selectors: a pool with a nodeSelector serves only the nodes it matches (from the Node
+    // object's labels, watched); one with a namespaceSelector only the namespaces it
+    // matches; a default pool that may not serve a pod is passed over.
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: zoned}\nspec: {subnet: 10.9.0.0/16, ips: [10.9.0.1-10.9.0.9], nodeSelector: {matchLabels: {zone: b}}}\n",
+    );
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: tenants}\nspec: {subnet: 10.10.0.0/16, ips: [10.10.0.1-10.10.0.9], namespaceSelector: {matchExpressions: [{key: tenant, operator: In, values: [blue, green]}]}}\n",
+    );
+    env.create_pool(
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: a-zoned-default}\nspec: {subnet: 10.11.0.0/16, ips: [10.11.0.1-10.11.0.9], default: true, nodeSelector: {matchLabels: {zone: c}}}\n",
+    );
+    env.cluster.add_node("node-a").expect("node-a");
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(env.client.clone());
+    let label_node = |zone: &str| {
+        env.rt
+            .block_on(nodes.patch(
+                "node-a",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"zone": zone}}})),
+            ))
+            .expect("label node-a");
+    };
+    label_node("a");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ["zoned", "tenants", "a-zoned-default"]
+        .iter()
+        .any(|p| d.usage(p).is_err())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pools never in force: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Refused, as long as it does not match; served once it does (the daemon watches).
+    let refused_until = |pod: &Pod, want: &str, fix: &dyn Fn()| -> String {
+        let out = with_config.add(pod).expect("add");
+        assert_eq!(out.code(), Some(102), "{}", out.out);
+        let msg = out.out["msg"].as_str().unwrap_or_default().to_owned();
+        assert!(msg.contains(want), "{msg}");
+        fix();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = with_config.add(pod).expect("add");
+            if out.ok {
+                return out.ip().expect("ip");
+            }
+            assert!(Instant::now() < deadline, "never served: {}", out.out);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let zoned = env.pod_annotated(
+        "default",
+        "zoned",
+        "node-a",
+        None,
+        json!({"ipam.tether.dev/ippool": "zoned"}),
+    );
+    let ip = refused_until(
+        &zoned,
+        "its nodeSelector (zone=b) does not match node \"node-a\"",
+        &|| label_node("b"),
+    );
+    assert!(ip.starts_with("10.9.0."), "{ip}");
+    let tenant = env.pod_annotated(
+        "special",
+        "tenant",
+        "node-a",
+        None,
+        json!({"ipam.tether.dev/ippool": "tenants"}),
+    );
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(env.client.clone());
+    let ip = refused_until(
+        &tenant,
+        "its namespaceSelector (tenant in (blue,green)) does not match namespace \"special\"",
+        &|| {
+            env.rt
+                .block_on(namespaces.patch(
+                    "special",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": {"tenant": "green"}}})),
+                ))
+                .expect("label namespace");
+        },
+    );
+    assert!(ip.starts_with("10.10.0."), "{ip}");
+    // Two default pools; the first by name (a-zoned-default) wants zone c: passed over.
+    let bare2 = env.pod("default", "bare2", "node-a", None);
+    let bare2_ip = add(&without, &bare2);
+    assert!(bare2_ip.starts_with("10.8.0."), "{bare2_ip}");
 
     // `tetherd pools` and `tetherd allocations` read a Kubernetes-mode daemon as they read a
     // standalone one.

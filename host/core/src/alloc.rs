@@ -279,6 +279,14 @@ pub enum AllocError {
         /// Pools that exist.
         known: Vec<String>,
     },
+    /// A selected pool's node or namespace selector leaves this pod out.
+    #[error("pool {pool:?} may not serve this pod: {reason}")]
+    PoolNotAllowed {
+        /// The pool.
+        pool: String,
+        /// Which selector, and what it did not match.
+        reason: String,
+    },
     /// Nothing names a pool and there is no default pool.
     #[error(
         "no pool selected for this pod: annotate it with {ANNOTATION_POOL}, annotate its namespace with {ANNOTATION_NS_DEFAULT}, list pools in the CNI config, or mark a pool `default: true`"

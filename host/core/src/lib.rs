@@ -8,13 +8,15 @@
 //!   only from a pod the VM owns, a StatefulSet pod's only from that pod, any other only in the
 //!   pod's namespace).
 //! - [`alloc`]: the allocation state and the planning of ADD, DEL, GC and releases.
-//! - [`select`]: which pools an ADD draws from.
+//! - [`select`]: which pools an ADD draws from, and which of them may serve it.
+//! - [`labels`]: label selectors (a pool's node and namespace selectors).
 //! - [`manifest`]: reading workloads and owner chains out of Kubernetes objects (JSON values),
 //!   shared by the standalone daemon, the policy test tool and the Kubernetes backend.
 
 pub mod alloc;
 pub mod claim;
 pub mod decision;
+pub mod labels;
 pub mod manifest;
 pub mod net;
 pub mod pool;

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::labels::LabelSelector;
 use crate::net::{
     Family, IpNet, IpRange, NetError, SubnetExt, from_u128, normalize, parse_cidr, subtract,
     to_u128,
@@ -52,6 +53,27 @@ pub struct IpPoolSpec {
     /// A cluster default pool: used when nothing else names a pool.
     #[serde(default)]
     pub default: bool,
+    /// Only nodes whose labels match hand out addresses of this pool (every node when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// Only pods of namespaces whose labels match get addresses of this pool (every
+    /// namespace when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+/// Who asks for an address, as a pool's selectors see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Requester<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// The node's labels (`None`: not known).
+    pub node_labels: Option<&'a [(String, String)]>,
+    /// The pod's namespace.
+    pub namespace: &'a str,
+    /// The namespace's labels (`None`: not known).
+    pub namespace_labels: Option<&'a [(String, String)]>,
 }
 
 /// A validated route.
@@ -66,6 +88,16 @@ pub struct Route {
 /// A pool spec that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PoolError {
+    /// A selector that cannot be evaluated.
+    #[error("pool {pool}: {field}: {reason}")]
+    Selector {
+        /// Pool.
+        pool: String,
+        /// `nodeSelector` or `namespaceSelector`.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// Bad pool name.
     #[error("pool name {0:?} must be 1-253 characters of a-z, 0-9, '-' and '.'")]
     BadName(String),
@@ -252,6 +284,18 @@ impl Pool {
             holes.push((g, g));
             holes = normalize(holes);
         }
+        for (field, selector) in [
+            ("nodeSelector", &spec.node_selector),
+            ("namespaceSelector", &spec.namespace_selector),
+        ] {
+            if let Some(Err(reason)) = selector.as_ref().map(LabelSelector::validate) {
+                return Err(PoolError::Selector {
+                    pool: name.to_owned(),
+                    field,
+                    reason,
+                });
+            }
+        }
         let ranges = subtract(&ips, &holes);
         if ranges.is_empty() {
             return Err(PoolError::Empty(name.to_owned()));
@@ -267,6 +311,47 @@ impl Pool {
             total,
             spec: spec.clone(),
         })
+    }
+
+    /// Why this pool may not serve `who`, if it may not: its `nodeSelector` does not match
+    /// the node's labels, or its `namespaceSelector` the namespace's. Labels that are not
+    /// known match no selector.
+    pub fn refuses(&self, who: &Requester<'_>) -> Option<String> {
+        if let Some(sel) = &self.spec.node_selector {
+            match who.node_labels {
+                None => {
+                    return Some(format!(
+                        "its nodeSelector ({sel}) cannot be checked: the labels of node {:?} are not known",
+                        who.node
+                    ));
+                }
+                Some(l) if !sel.matches(l) => {
+                    return Some(format!(
+                        "its nodeSelector ({sel}) does not match node {:?}",
+                        who.node
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(sel) = &self.spec.namespace_selector {
+            match who.namespace_labels {
+                None => {
+                    return Some(format!(
+                        "its namespaceSelector ({sel}) cannot be checked: namespace {:?} is not known",
+                        who.namespace
+                    ));
+                }
+                Some(l) if !sel.matches(l) => {
+                    return Some(format!(
+                        "its namespaceSelector ({sel}) does not match namespace {:?}",
+                        who.namespace
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        None
     }
 
     /// The family.

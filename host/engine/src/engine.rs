@@ -13,8 +13,9 @@ use tether_api::{
     RouteConfig,
 };
 use tether_core::alloc::{AllocError, Assigned, Attachment, Change, Ipam, Liveness};
+use tether_core::pool::Requester;
 use tether_core::pool::{Pool, PoolError};
-use tether_core::select::{PoolInputs, select_pools};
+use tether_core::select::{PoolInputs, admit, select_pools};
 use tether_core::{Decision, PolicyRequest, Workload};
 use tether_policy::PolicyError;
 use tether_store::Store;
@@ -75,6 +76,7 @@ impl EngineError {
             EngineError::Write(WriteError::Alloc(e)) => match e {
                 AllocError::PoolExhausted { .. } => "pool_exhausted",
                 AllocError::UnknownPool { .. } => "unknown_pool",
+                AllocError::PoolNotAllowed { .. } => "pool_not_allowed",
                 AllocError::NoPool => "no_pool",
                 AllocError::AddressNotInPool { .. } => "address_not_in_pool",
                 AllocError::AddressInUse { .. } => "address_in_use",
@@ -114,8 +116,19 @@ pub struct Engine {
     reload_error: std::sync::Mutex<Option<String>>,
     /// Whether this daemon may apply release rules now (see [`Engine::set_release_gate`]).
     release_gate: std::sync::RwLock<Option<ReleaseGate>>,
+    /// This node, as pools' node selectors see it (see [`Engine::set_node`]).
+    node: std::sync::RwLock<NodeInfo>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+}
+
+/// This node's name and labels (`None`: not known).
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    /// The node's name.
+    pub name: String,
+    /// Its labels; `None` until known, and then no pool with a node selector serves here.
+    pub labels: Option<Vec<(String, String)>>,
 }
 
 /// Says whether this daemon may apply release rules now, or why not.
@@ -202,6 +215,7 @@ impl Engine {
                 writer,
                 reload_error: std::sync::Mutex::new(None),
                 release_gate: std::sync::RwLock::new(None),
+                node: std::sync::RwLock::new(NodeInfo::default()),
                 metrics,
             },
             thread,
@@ -350,6 +364,22 @@ impl Engine {
             cni_pools: &req.pools,
             cluster_defaults: &defaults,
         })?;
+        let ns_labels = view.namespace_labels(&request.workload.namespace);
+        let node = self
+            .node
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let who = Requester {
+            node: &node.name,
+            node_labels: node.labels.as_deref(),
+            namespace: &request.workload.namespace,
+            namespace_labels: ns_labels.as_deref(),
+        };
+        let pools = {
+            let state = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
+            admit(pools, source, |n| state.pool(n), &who)?
+        };
         tracing::debug!(?pools, ?source, "pools selected");
         Ok((outcome.decision, pools, view))
     }
@@ -488,6 +518,11 @@ impl Engine {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .spread_cursors(seed);
+    }
+
+    /// Sets this node's name and labels, which pools' node selectors are matched against.
+    pub fn set_node(&self, node: NodeInfo) {
+        *self.node.write().unwrap_or_else(PoisonError::into_inner) = node;
     }
 
     /// Makes the reconciler ask `gate` first (Kubernetes mode: only the daemon holding the

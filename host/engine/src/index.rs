@@ -29,8 +29,8 @@ pub struct WorkloadIndex {
     pub objects: ObjectIndex,
     /// Pods by (namespace, name).
     pub pods: HashMap<(String, String), Workload>,
-    /// Namespace annotations by name.
-    pub namespaces: HashMap<String, Vec<(String, String)>>,
+    /// Namespaces by name (their labels and annotations).
+    pub namespaces: HashMap<String, Object>,
     /// Files (or documents) that could not be read: while there are any, an object missing
     /// from the index may just be in one of them, so nothing is judged gone.
     pub unreadable: Vec<String>,
@@ -58,7 +58,7 @@ impl WorkloadIndex {
                     .ok_or("Namespace without metadata.name")?;
                 let mut o = object_from_value(v).map_err(|e| e.to_string())?;
                 o.namespace = String::new();
-                self.namespaces.insert(name.to_owned(), o.annotations);
+                self.namespaces.insert(name.to_owned(), o);
             }
             _ => {
                 let o = object_from_value(v).map_err(|e| e.to_string())?;
@@ -154,7 +154,14 @@ impl WorkloadView for WorkloadIndex {
     }
 
     fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
-        self.namespaces.get(namespace).cloned().unwrap_or_default()
+        self.namespaces
+            .get(namespace)
+            .map(|o| o.annotations.clone())
+            .unwrap_or_default()
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>> {
+        self.namespaces.get(namespace).map(|o| o.labels.clone())
     }
 
     fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
@@ -189,6 +196,10 @@ impl WorkloadView for IndexAt {
 
     fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
         self.index.namespace_annotations(namespace)
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>> {
+        self.index.namespace_labels(namespace)
     }
 
     fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {

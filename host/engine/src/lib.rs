@@ -34,7 +34,7 @@ use tether_core::alloc::Ipam;
 use tether_core::pool::{Pool, PoolError};
 use tether_store::StoreError;
 
-pub use engine::{Engine, EngineError, Ports, ReleaseGate};
+pub use engine::{Engine, EngineError, NodeInfo, Ports, ReleaseGate};
 pub use metrics::Metrics;
 
 /// Why the engine did not start.

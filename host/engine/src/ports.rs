@@ -33,6 +33,9 @@ pub trait WorkloadView: Send + Sync {
     /// A namespace's annotations.
     fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)>;
 
+    /// A namespace's labels; `None` when the source does not know the namespace.
+    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>>;
+
     /// Whether the pod `namespace/name` with `uid` exists: [`Liveness::Live`] when the source
     /// has a pod of that name whose UID is `uid` (or either UID is empty);
     /// [`Liveness::Gone`] only when the source knows there is none (the name is missing, or
@@ -66,6 +69,10 @@ impl WorkloadView for NoWorkloads {
 
     fn owner_chain(&self, _: &str, _: &[OwnerReference]) -> Vec<Object> {
         Vec::new()
+    }
+
+    fn namespace_labels(&self, _: &str) -> Option<Vec<(String, String)>> {
+        None
     }
 
     fn namespace_annotations(&self, _: &str) -> Vec<(String, String)> {

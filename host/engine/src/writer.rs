@@ -15,7 +15,10 @@
 //! - Every write is conditional on one address's revision ([`tether_store`]): an address
 //!   another writer claimed first is never handed out twice. Such a conflict is normal: the
 //!   writer re-reads the address and plans the request again, up to [`MAX_ATTEMPTS`] times,
-//!   then answers [`WriteError::Contended`] ("try again later").
+//!   then answers [`WriteError::Contended`] ("try again later"). The first re-plan is
+//!   immediate (the address it lost is known now, and the search moves elsewhere); from the
+//!   second on, the request waits a random moment of up to [`JITTER_CAP`], doubling with
+//!   each attempt, so that writers that keep running into each other fall out of step.
 //! - Readers never see uncommitted state: the state stays write-locked from planning until
 //!   the commit's outcome is known and applied.
 //! - A failed commit leaves nothing of it in memory: the batch's changes are undone, then the
@@ -48,6 +51,8 @@ const MAX_BATCH: usize = 256;
 const GATHER: std::time::Duration = std::time::Duration::from_micros(500);
 /// How often one request is planned again after its commit conflicted.
 pub const MAX_ATTEMPTS: u32 = 8;
+/// The longest a conflicted request waits before it is planned again.
+pub const JITTER_CAP: std::time::Duration = std::time::Duration::from_millis(32);
 /// How often an idle writer applies what other writers committed (the change feed), so that
 /// reads (`/v1/pools`, a retried ADD, the reconciler's plan, pool status) see it without
 /// waiting for this daemon's next request.
@@ -168,6 +173,8 @@ impl Writer {
                     metrics,
                     healthy: h,
                     carried: VecDeque::new(),
+                    deferred: Vec::new(),
+                    rng: seed(),
                 };
                 w.run();
             })?;
@@ -215,6 +222,10 @@ struct Loop {
     /// Jobs that touched an address already written in the batch, or whose commit
     /// conflicted: planned first in the next batch.
     carried: VecDeque<Job>,
+    /// Jobs that conflicted more than once, waiting until their moment (see [`jitter`]).
+    deferred: Vec<(Instant, Job)>,
+    /// State of the jitter's random numbers.
+    rng: u64,
 }
 
 /// The unit of a claim: an address, whatever pool names it.
@@ -271,14 +282,47 @@ impl Loop {
         tracing::debug!("writer stopped");
     }
 
-    /// The next batch: carried jobs first, then what arrives.
+    /// Moves the deferred jobs whose moment has come to `jobs`; returns when the next one's
+    /// comes.
+    fn due(&mut self, jobs: &mut Vec<Job>) -> Option<Instant> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.deferred.len() {
+            if self.deferred[i].0 <= now {
+                jobs.push(self.deferred.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        self.deferred.iter().map(|(at, _)| *at).min()
+    }
+
+    /// The next batch: carried jobs first, then deferred ones whose moment has come, then
+    /// what arrives.
     fn gather(&mut self, concurrent: &mut bool) -> Option<Vec<Job>> {
         let mut jobs: Vec<Job> = self.carried.drain(..).collect();
+        let mut next = self.due(&mut jobs);
         while jobs.is_empty() {
-            match self.rx.recv_timeout(IDLE_ABSORB) {
+            let wait = next.map_or(IDLE_ABSORB, |at| {
+                at.saturating_duration_since(Instant::now())
+                    .min(IDLE_ABSORB)
+            });
+            match self.rx.recv_timeout(wait) {
                 Ok(j) => jobs.push(j),
-                Err(RecvTimeoutError::Timeout) => self.absorb_idle(),
-                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    next = self.due(&mut jobs);
+                    if jobs.is_empty() {
+                        self.absorb_idle();
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    if self.deferred.is_empty() {
+                        return None;
+                    }
+                    // Let the deferred jobs finish before stopping.
+                    std::thread::sleep(wait);
+                    next = self.due(&mut jobs);
+                }
             }
         }
         while jobs.len() < MAX_BATCH {
@@ -425,7 +469,12 @@ impl Loop {
         drop(state);
         for p in planned {
             if let Some(job) = p.requeue() {
-                self.carried.push_back(job);
+                if job.attempts < 2 {
+                    self.carried.push_back(job);
+                } else {
+                    let wait = jitter(&mut self.rng, job.attempts);
+                    self.deferred.push((Instant::now() + wait, job));
+                }
             }
         }
         true
@@ -619,6 +668,33 @@ impl Planned {
     }
 }
 
+/// How long a request that conflicted `attempts` times waits before it is planned again:
+/// uniformly random below 2^(attempts - 1) ms, at most [`JITTER_CAP`].
+fn jitter(rng: &mut u64, attempts: u32) -> std::time::Duration {
+    // xorshift64: enough to put contending writers out of step.
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let cap = JITTER_CAP
+        .as_micros()
+        .min(1000u128 << attempts.saturating_sub(1).min(16));
+    let cap = u64::try_from(cap).unwrap_or(u64::MAX).max(1);
+    std::time::Duration::from_micros(*rng % cap)
+}
+
+/// A seed for [`jitter`] that differs between processes and threads.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish() | 1
+}
+
 /// Re-reads one address from the store into the state: every allocation of it the state
 /// holds, under whatever pool name, is replaced by what the store has.
 fn refresh(store: &dyn Store, state: &mut Ipam, ip: IpAddr) -> Result<(), StoreError> {
@@ -641,4 +717,24 @@ fn resync(store: &dyn Store, state: &mut Ipam) -> Result<(), StoreError> {
     }
     *state = fresh;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_grows_with_attempts_up_to_the_cap_and_varies() {
+        let mut rng = seed();
+        for attempts in 2..=MAX_ATTEMPTS + 8 {
+            let cap = JITTER_CAP.min(std::time::Duration::from_millis(1 << (attempts - 1)));
+            let draws: HashSet<std::time::Duration> =
+                (0..64).map(|_| jitter(&mut rng, attempts)).collect();
+            assert!(draws.iter().all(|d| *d < cap), "{attempts}: {draws:?}");
+            assert!(
+                draws.len() > 16,
+                "{attempts}: too few distinct waits: {draws:?}"
+            );
+        }
+    }
 }

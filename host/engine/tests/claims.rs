@@ -41,6 +41,10 @@ impl WorkloadView for Cluster {
         Vec::new()
     }
 
+    fn namespace_labels(&self, _: &str) -> Option<Vec<(String, String)>> {
+        None
+    }
+
     fn pod_liveness(&self, namespace: &str, name: &str, _uid: &str) -> Liveness {
         if self.pod(namespace, name).is_some() {
             Liveness::Live

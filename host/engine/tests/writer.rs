@@ -111,6 +111,8 @@ struct Faulty {
     fail_snapshot: AtomicBool,
     /// Every group conflicts.
     always_conflict: AtomicBool,
+    /// The next this many commits conflict.
+    conflicts_left: AtomicUsize,
     /// While closed, commits wait.
     closed: Mutex<bool>,
     opened: Condvar,
@@ -126,6 +128,7 @@ impl Faulty {
             panic_commit: AtomicBool::new(false),
             fail_snapshot: AtomicBool::new(false),
             always_conflict: AtomicBool::new(false),
+            conflicts_left: AtomicUsize::new(0),
             closed: Mutex::new(false),
             opened: Condvar::new(),
             commits: AtomicUsize::new(0),
@@ -159,7 +162,11 @@ impl Store for Faulty {
         if self.fail_commit.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("commit broken on purpose".into()));
         }
-        if self.always_conflict.load(Ordering::SeqCst) {
+        let counted = self
+            .conflicts_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if counted || self.always_conflict.load(Ordering::SeqCst) {
             return Ok(groups
                 .iter()
                 .map(|g| {
@@ -313,6 +320,27 @@ async fn endless_conflicts_give_up_with_a_clear_error() {
     assert_eq!(faulty.commits.load(Ordering::SeqCst), MAX_ATTEMPTS as usize);
     assert_eq!(e.ipam.read().expect("state").allocations().count(), 0);
     assert!(store.snapshot().expect("snapshot").allocations.is_empty());
+}
+
+/// A request that conflicts again and again is planned again after a jittered wait, and is
+/// served once the conflicts stop; the writer keeps serving others meanwhile.
+#[tokio::test]
+async fn repeated_conflicts_wait_and_then_succeed() {
+    let (_dir, store) = embedded();
+    let faulty = Arc::new(Faulty::new(store.clone()));
+    faulty
+        .conflicts_left
+        .store(MAX_ATTEMPTS as usize - 2, Ordering::SeqCst);
+    let e = engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.8")]);
+    match e.writer.submit(add("c")).await {
+        Ok(Outcome::Added(a)) => assert_eq!(a.len(), 1),
+        other => panic!("expected an address, got {other:?}"),
+    }
+    assert_eq!(
+        faulty.commits.load(Ordering::SeqCst),
+        MAX_ATTEMPTS as usize - 1
+    );
+    assert_eq!(store.snapshot().expect("snapshot").allocations.len(), 1);
 }
 
 /// Two engines on one store, four callers each, ADD and DEL in a loop on a pool of eight:

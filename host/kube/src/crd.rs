@@ -10,7 +10,6 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tether_core::alloc::{Allocation, Attachment, Holder, Owner};
 use tether_core::decision::{IdentityKind, ReleaseCondition};
-use tether_core::pool::{IpPoolSpec, RouteSpec};
 use thiserror::Error;
 
 /// The API group of every Tether resource.
@@ -69,27 +68,6 @@ pub struct IPPoolRoute {
     /// Gateway; the pool's gateway when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gw: Option<String>,
-}
-
-impl IPPoolSpec {
-    /// The spec as the allocator reads it (the selectors are the daemon's business).
-    pub fn to_core(&self) -> IpPoolSpec {
-        IpPoolSpec {
-            subnet: self.subnet.clone(),
-            ips: self.ips.clone(),
-            exclude_ips: self.exclude_ips.clone(),
-            gateway: self.gateway.clone(),
-            routes: self
-                .routes
-                .iter()
-                .map(|r| RouteSpec {
-                    dst: r.dst.clone(),
-                    gw: r.gw.clone(),
-                })
-                .collect(),
-            default: self.default,
-        }
-    }
 }
 
 /// What the elected daemon reports about a pool.

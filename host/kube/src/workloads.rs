@@ -123,8 +123,8 @@ struct State {
     pods: HashMap<(String, String), Workload>,
     /// Owner objects by (group, kind).
     owners: HashMap<(String, String), Objects>,
-    /// Namespace annotations by name.
-    namespaces: HashMap<String, Pairs>,
+    /// Namespaces' labels and annotations by name.
+    namespaces: HashMap<String, NsMeta>,
     /// Each watched resource, and whether it has listed once.
     listed: HashMap<String, bool>,
     /// Whether the KubeVirt CRDs have been looked for once.
@@ -331,8 +331,24 @@ fn to_value(ar: &ApiResource, o: &DynamicObject) -> Value {
 /// One converted object of a watch.
 enum Entry {
     Pod(Workload),
-    Namespace(String, Pairs),
+    Namespace(String, NsMeta),
     Owner(Object),
+}
+
+/// What is kept of a Namespace.
+#[derive(Clone, Debug, Default)]
+struct NsMeta {
+    labels: Pairs,
+    annotations: Pairs,
+}
+
+impl NsMeta {
+    fn of(o: Object) -> NsMeta {
+        NsMeta {
+            labels: o.labels,
+            annotations: o.annotations,
+        }
+    }
 }
 
 fn convert(w: &Watched, o: &DynamicObject) -> Result<Entry, String> {
@@ -343,7 +359,7 @@ fn convert(w: &Watched, o: &DynamicObject) -> Result<Entry, String> {
             .map_err(|e| e.to_string()),
         Feeds::Namespaces => {
             let o = object_from_value(&v).map_err(|e| e.to_string())?;
-            Ok(Entry::Namespace(o.name, o.annotations))
+            Ok(Entry::Namespace(o.name.clone(), NsMeta::of(o)))
         }
         Feeds::Owners => object_from_value(&v)
             .map(Entry::Owner)
@@ -355,7 +371,7 @@ fn convert(w: &Watched, o: &DynamicObject) -> Result<Entry, String> {
 #[derive(Default)]
 struct Listing {
     pods: HashMap<(String, String), Workload>,
-    namespaces: HashMap<String, Pairs>,
+    namespaces: HashMap<String, NsMeta>,
     owners: Objects,
 }
 
@@ -533,6 +549,17 @@ impl WorkloadSource for KubeWorkloads {
     }
 }
 
+impl KubeWorkloads {
+    /// A namespace, from the cache or else from the API server (`None`: not known).
+    fn namespace(&self, name: &str) -> Option<NsMeta> {
+        let cached = self.shared.read().namespaces.get(name).cloned();
+        cached.or_else(|| match self.shared.get("v1", "Namespace", "", name) {
+            Ok(Some(v)) => object_from_value(&v).ok().map(NsMeta::of),
+            _ => None,
+        })
+    }
+}
+
 impl WorkloadView for KubeWorkloads {
     fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
         let cached = self
@@ -572,13 +599,13 @@ impl WorkloadView for KubeWorkloads {
     }
 
     fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
-        let cached = self.shared.read().namespaces.get(namespace).cloned();
-        cached.unwrap_or_else(|| match self.shared.get("v1", "Namespace", "", namespace) {
-            Ok(Some(v)) => object_from_value(&v)
-                .map(|o| o.annotations)
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        })
+        self.namespace(namespace)
+            .map(|n| n.annotations)
+            .unwrap_or_default()
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>> {
+        self.namespace(namespace).map(|n| n.labels)
     }
 
     fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {

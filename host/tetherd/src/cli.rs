@@ -88,6 +88,10 @@ pub struct RunArgs {
     /// pods bound to it.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's labels, `key=value,...`, for pools with a `nodeSelector` (standalone mode;
+    /// Kubernetes mode reads the Node object's labels).
+    #[arg(long, env = "TETHER_NODE_LABELS", default_value = "", value_parser = parse_labels)]
+    pub node_labels: Labels,
     /// The kubeconfig to use (Kubernetes mode); without it, the in-cluster config or
     /// KUBECONFIG, as kubectl finds them.
     #[arg(long)]
@@ -335,6 +339,21 @@ pub struct ExportArgs {
     /// The manifests' namespace (with --configmaps). Default: none, for `kubectl apply -n`.
     #[arg(long, requires = "configmaps")]
     pub namespace: Option<String>,
+}
+
+/// Labels given on the command line.
+pub type Labels = Vec<(String, String)>;
+
+/// Parses `key=value,key2=value2` (empty: none).
+fn parse_labels(s: &str) -> Result<Labels, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => Err(format!("{t:?} is not key=value")),
+        })
+        .collect()
 }
 
 #[cfg(test)]

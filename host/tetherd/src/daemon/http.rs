@@ -41,6 +41,7 @@ impl From<&EngineError> for ApiError {
             EngineError::Write(WriteError::Alloc(a)) => match a {
                 AllocError::PoolExhausted { .. } => (StatusCode::CONFLICT, codes::POOL_EXHAUSTED),
                 AllocError::UnknownPool { .. }
+                | AllocError::PoolNotAllowed { .. }
                 | AllocError::NoPool
                 | AllocError::AddressNotInPool { .. }
                 | AllocError::BadAnnotation { .. } => {

@@ -258,13 +258,53 @@ pub async fn watch_pools(
     }
 }
 
+/// Keeps the engine's view of this node's labels (for pools' node selectors) in line with
+/// its Node object. Until the Node is seen, and after it is deleted, the labels are unknown
+/// and no pool with a node selector serves here.
+pub async fn watch_node(service: Arc<Engine>, client: kube::Client, node: String) {
+    use k8s_openapi::api::core::v1::Node;
+    let api: Api<Node> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let set = |labels: Option<Vec<(String, String)>>| {
+        service.set_node(tether_engine::NodeInfo {
+            name: node.clone(),
+            labels,
+        });
+    };
+    set(None);
+    // Whether the current (re-)list has shown the Node.
+    let mut listed = false;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => {
+                listed = true;
+                let labels: Vec<(String, String)> =
+                    n.metadata.labels.unwrap_or_default().into_iter().collect();
+                tracing::debug!(node = %node, ?labels, "node labels");
+                set(Some(labels));
+            }
+            Ok(watcher::Event::Delete(_)) => set(None),
+            Ok(watcher::Event::Init) => listed = false,
+            Ok(watcher::Event::InitDone) => {
+                if !listed {
+                    tracing::warn!(node = %node, "no Node object of this name: pools with a nodeSelector do not serve here");
+                    set(None);
+                }
+            }
+            Err(e) => tracing::warn!(node = %node, "Node watch failed; retrying: {e}"),
+        }
+    }
+}
+
 /// The Lease whose holder applies release rules and writes pool status.
 pub const RELEASER_LEASE: &str = "tether-releaser";
 /// How often the elected daemon looks at the pools' status.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Joins the election for [`RELEASER_LEASE`] in `namespace` as `identity`, makes the
-/// engine's reconciler wait for it, and writes pool status while elected.
+/// engine's reconciler wait for it, and while elected writes pool status and keeps the
+/// PinnedIdentity records in line with the address objects ([`super::pins`]).
 pub async fn cluster_duties(
     service: Arc<Engine>,
     client: kube::Client,
@@ -272,6 +312,7 @@ pub async fn cluster_duties(
     identity: String,
     verdicts: Arc<Mutex<Verdicts>>,
 ) {
+    let mut pins = super::pins::Pins::start(client.clone());
     let manager = loop {
         match kube_lease_manager::LeaseManagerBuilder::new(client.clone(), RELEASER_LEASE)
             .with_namespace(namespace.clone())
@@ -310,11 +351,13 @@ pub async fn cluster_duties(
             tracing::info!(lease = %format!("{namespace}/{RELEASER_LEASE}"), elected = now, "releasers' election");
             was_elected = now;
             written.clear();
+            pins.reset();
         }
         if !now {
             continue;
         }
         write_status(&service, &client, &verdicts, &mut written).await;
+        pins.reconcile(&service).await;
     }
 }
 

@@ -5,6 +5,7 @@
 mod http;
 mod kube;
 mod kube_policies;
+mod pins;
 mod pools;
 mod workloads;
 
@@ -339,11 +340,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 
     let mut kube_runtime = None;
     let pool_watcher = match pool_source {
-        PoolSource::Files(files) => tokio::spawn(watch_pools(
-            service.clone(),
-            files,
-            Duration::from_secs(args.pools_watch_interval_secs),
-        )),
+        PoolSource::Files(files) => {
+            service.set_node(tether_engine::NodeInfo {
+                name: args.node_name.clone().unwrap_or_default(),
+                labels: Some(args.node_labels.clone()),
+            });
+            tokio::spawn(watch_pools(
+                service.clone(),
+                files,
+                Duration::from_secs(args.pools_watch_interval_secs),
+            ))
+        }
         PoolSource::Kube(client, verdicts, runtime) => {
             kube_runtime = Some(runtime);
             // Each node searches its own part of a shared pool: nodes rarely race for one
@@ -359,6 +366,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 args.lease_namespace.clone(),
                 args.node_name.clone().unwrap_or_default(),
                 verdicts.clone(),
+            ));
+            tokio::spawn(kube::watch_node(
+                service.clone(),
+                client.clone(),
+                args.node_name.clone().unwrap_or_default(),
             ));
             tokio::spawn(kube::watch_pools(service.clone(), client, verdicts))
         }
