@@ -4,6 +4,9 @@
 //! being deleted it calls DEL and then removes the object (the kubelet's last word on a
 //! graceful delete). A failed ADD is retried every second while the pod exists, as the
 //! kubelet retries sandbox creation; the last failure is kept for the test to read.
+//!
+//! The [`Wiring`] says how: `tether` called directly, or (root) real macvlan interfaces, a
+//! network namespace per pod, removed after its DEL.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,6 +20,7 @@ use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use tokio::runtime::Handle;
 
+use crate::netns::Wiring;
 use crate::{CniOutcome, Ipam, Pod};
 
 /// What happened to one pod's network.
@@ -34,11 +38,14 @@ pub struct PodNet {
 
 type Nets = Arc<Mutex<HashMap<String, PodNet>>>;
 
+/// The wiring in use; replaced when the node's daemon restarts.
+type Current = Arc<Mutex<Arc<Wiring>>>;
+
 /// One node's kubelet.
 pub struct Kubelet {
     pub node: String,
     nets: Nets,
-    ipam: Arc<Mutex<Arc<Ipam>>>,
+    wiring: Current,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,28 +66,45 @@ fn cni_pod(p: &KPod) -> Option<Pod> {
 }
 
 impl Kubelet {
-    /// Starts playing `node`'s kubelet on `rt`, wiring pods through `ipam` (the node's
+    /// Starts playing `node`'s kubelet on `rt`, wiring pods by `wiring` (through the node's
     /// tetherd socket).
-    pub fn start(rt: &Handle, client: kube::Client, node: &str, ipam: Ipam) -> Kubelet {
+    pub fn start(rt: &Handle, client: kube::Client, node: &str, wiring: Wiring) -> Kubelet {
         let nets: Nets = Arc::default();
-        let ipam = Arc::new(Mutex::new(Arc::new(ipam)));
-        let task = rt.spawn(run(client, node.to_owned(), nets.clone(), ipam.clone()));
+        let wiring = Arc::new(Mutex::new(Arc::new(wiring)));
+        let task = rt.spawn(run(client, node.to_owned(), nets.clone(), wiring.clone()));
         Kubelet {
             node: node.to_owned(),
             nets,
-            ipam,
+            wiring,
             task,
         }
     }
 
-    /// Points the kubelet at another daemon (after a restart).
+    /// Points the kubelet at another daemon (after a restart); the wiring stays.
     pub fn set_ipam(&self, ipam: Ipam) {
-        *lock(&self.ipam) = Arc::new(ipam);
+        let mut w = lock(&self.wiring);
+        *w = Arc::new(w.with_ipam(ipam));
     }
 
     /// What happened to the pod `namespace/name` of UID `uid`.
     pub fn net(&self, uid: &str) -> Option<PodNet> {
         lock(&self.nets).get(uid).cloned()
+    }
+
+    /// Whether the pod of UID `uid` reaches `ip` from its namespace; `None` when pods are not
+    /// wired for real, or this kubelet never saw the pod.
+    pub fn ping(&self, uid: &str, ip: &str) -> Option<bool> {
+        let pod = self.net(uid)?.pod?;
+        let wiring = lock(&self.wiring).clone();
+        wiring.ping(&pod, ip)
+    }
+
+    /// The addresses on the interface of the pod of UID `uid`, in its namespace; `None` when
+    /// pods are not wired for real, or this kubelet never saw the pod.
+    pub fn addresses(&self, uid: &str) -> Option<anyhow::Result<String>> {
+        let pod = self.net(uid)?.pod?;
+        let wiring = lock(&self.wiring).clone();
+        wiring.addresses(&pod)
     }
 }
 
@@ -90,7 +114,7 @@ impl Drop for Kubelet {
     }
 }
 
-async fn run(client: kube::Client, node: String, nets: Nets, ipam: Arc<Mutex<Arc<Ipam>>>) {
+async fn run(client: kube::Client, node: String, nets: Nets, wiring: Current) {
     let api: Api<KPod> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
@@ -100,7 +124,7 @@ async fn run(client: kube::Client, node: String, nets: Nets, ipam: Arc<Mutex<Arc
             Ok(Event::Delete(p)) => {
                 // Gone without a graceful delete (grace period 0): tear down if not done.
                 if let Some(cp) = cni_pod(&p) {
-                    teardown(&nets, &ipam, &cp).await;
+                    teardown(&nets, &wiring, &cp).await;
                 }
                 continue;
             }
@@ -108,7 +132,7 @@ async fn run(client: kube::Client, node: String, nets: Nets, ipam: Arc<Mutex<Arc
         };
         let Some(cp) = cni_pod(&pod) else { continue };
         if pod.metadata.deletion_timestamp.is_some() {
-            teardown(&nets, &ipam, &cp).await;
+            teardown(&nets, &wiring, &cp).await;
             let api: Api<KPod> = Api::namespaced(client.clone(), &cp.namespace);
             let dp = DeleteParams {
                 grace_period_seconds: Some(0),
@@ -137,13 +161,13 @@ async fn run(client: kube::Client, node: String, nets: Nets, ipam: Arc<Mutex<Arc
             }
         };
         if new {
-            tokio::spawn(sandbox(client.clone(), nets.clone(), ipam.clone(), cp));
+            tokio::spawn(sandbox(client.clone(), nets.clone(), wiring.clone(), cp));
         }
     }
 }
 
 /// ADD until it works or the pod is gone, then reports the pod Running and Ready.
-async fn sandbox(client: kube::Client, nets: Nets, ipam: Arc<Mutex<Arc<Ipam>>>, cp: Pod) {
+async fn sandbox(client: kube::Client, nets: Nets, wiring: Current, cp: Pod) {
     let api: Api<KPod> = Api::namespaced(client, &cp.namespace);
     for _ in 0..120 {
         let still = api.get_opt(&cp.name).await.ok().flatten().is_some_and(|p| {
@@ -153,15 +177,26 @@ async fn sandbox(client: kube::Client, nets: Nets, ipam: Arc<Mutex<Arc<Ipam>>>, 
         if !still || lock(&nets).get(&cp.uid).is_some_and(|n| n.torn_down) {
             return;
         }
-        let plugin = lock(&ipam).clone();
-        let pod = cp.clone();
-        let out = tokio::task::spawn_blocking(move || plugin.add(&pod)).await;
+        let plugin = lock(&wiring).clone();
+        let (p, pod) = (plugin.clone(), cp.clone());
+        let out = tokio::task::spawn_blocking(move || p.add(&pod)).await;
         match out {
             Ok(Ok(o)) if o.ok => {
                 let ip = o.ip().unwrap_or_default();
-                if let Some(n) = lock(&nets).get_mut(&cp.uid) {
-                    n.ip = Some(ip.clone());
-                    n.failure = None;
+                let torn_down = match lock(&nets).get_mut(&cp.uid) {
+                    Some(n) if !n.torn_down => {
+                        n.ip = Some(ip.clone());
+                        n.failure = None;
+                        false
+                    }
+                    _ => true,
+                };
+                if torn_down {
+                    // Torn down while ADD ran: DEL again, as a runtime does for a sandbox
+                    // set up after its pod was gone.
+                    let pod = cp.clone();
+                    let _ = tokio::task::spawn_blocking(move || plugin.del(&pod)).await;
+                    return;
                 }
                 let status = json!({"status": {
                     "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
@@ -188,7 +223,7 @@ async fn sandbox(client: kube::Client, nets: Nets, ipam: Arc<Mutex<Arc<Ipam>>>, 
 }
 
 /// DEL once per pod (the runtime may call it again; once is what the kubelet guarantees).
-async fn teardown(nets: &Nets, ipam: &Arc<Mutex<Arc<Ipam>>>, cp: &Pod) {
+async fn teardown(nets: &Nets, wiring: &Current, cp: &Pod) {
     let first = {
         let mut n = lock(nets);
         let e = n.entry(cp.uid.clone()).or_insert_with(|| PodNet {
@@ -198,7 +233,7 @@ async fn teardown(nets: &Nets, ipam: &Arc<Mutex<Arc<Ipam>>>, cp: &Pod) {
         !std::mem::replace(&mut e.torn_down, true)
     };
     if first {
-        let plugin = lock(ipam).clone();
+        let plugin = lock(wiring).clone();
         let pod = cp.clone();
         match tokio::task::spawn_blocking(move || plugin.del(&pod)).await {
             Ok(Ok(o)) if o.ok => {}

@@ -456,6 +456,7 @@ impl Pod {
 }
 
 /// Calls the `tether` plugin directly, as a main plugin delegating to its IPAM would.
+#[derive(Debug, Clone)]
 pub struct Ipam {
     pub plugin: PathBuf,
     pub conf: Value,

@@ -7,12 +7,12 @@
 //! (root), every pod is a network namespace wired by Debian's macvlan plugin, which delegates
 //! to `tether`, and the VM's namespace pings another pod's.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::netns::Lab;
+use crate::netns::{Lab, Wiring};
 use crate::{CniOutcome, Daemon, Ipam, Pod, SEED_POOL, manifests};
 
 /// One line of the walkthrough's table.
@@ -23,59 +23,6 @@ pub struct Row {
     pub ip: String,
     pub promise: String,
     pub held: bool,
-}
-
-/// How pods get their interfaces.
-enum Net {
-    /// `tether` called directly, as a main plugin would.
-    Ipam(Ipam),
-    /// Real macvlan interfaces in namespaces.
-    Real {
-        lab: Lab,
-        conf: Value,
-        netns: Vec<(String, PathBuf)>,
-    },
-}
-
-impl Net {
-    fn add(&mut self, pod: &Pod) -> Result<CniOutcome> {
-        match self {
-            Net::Ipam(i) => i.add(pod),
-            Net::Real { lab, conf, netns } => {
-                let path = lab.netns(&format!("p{}", netns.len()))?;
-                netns.push((pod.container_id.clone(), path.clone()));
-                lab.exec(conf, "ADD", pod, &path)
-            }
-        }
-    }
-
-    fn del(&mut self, pod: &Pod) -> Result<CniOutcome> {
-        match self {
-            Net::Ipam(i) => i.del(pod),
-            Net::Real { lab, conf, netns } => {
-                let path = netns
-                    .iter()
-                    .find(|(c, _)| c == &pod.container_id)
-                    .map(|(_, p)| p.clone())
-                    .unwrap_or_default();
-                lab.exec(conf, "DEL", pod, &path)
-            }
-        }
-    }
-
-    fn ping(&self, from: &Pod, to_ip: &str) -> Option<bool> {
-        match self {
-            Net::Ipam(_) => None,
-            Net::Real { lab, netns, .. } => {
-                let path = netns
-                    .iter()
-                    .find(|(c, _)| c == &from.container_id)?
-                    .1
-                    .clone();
-                Some(lab.ping(&path, to_ip))
-            }
-        }
-    }
 }
 
 fn ip_of(o: &CniOutcome) -> Result<String> {
@@ -101,13 +48,12 @@ pub fn run(real_interfaces: bool, report: &mut dyn FnMut(&Row)) -> Result<Vec<Ro
     let mut net = if real_interfaces {
         let lab = Lab::new("tthr")?;
         let conf = lab.network("macvlan", &d.socket, "1.0.0", &["test-ippool"]);
-        Net::Real {
-            lab,
+        Wiring::Real {
+            lab: Arc::new(lab),
             conf,
-            netns: Vec::new(),
         }
     } else {
-        Net::Ipam(Ipam::new(
+        Wiring::Ipam(Ipam::new(
             &d.socket,
             "macvlan-net",
             "1.0.0",
@@ -293,16 +239,12 @@ pub fn run(real_interfaces: bool, report: &mut dyn FnMut(&Row)) -> Result<Vec<Ro
     // 9. VM pinning switched off (ipam.enableKubevirtStaticIP=false): VM pods are stateless.
     let dir = d.stop()?;
     let d = Daemon::start_in(dir, SEED_POOL, &["--enable-kubevirt-static-ip=false"])?;
-    if let Net::Real { conf, .. } = &mut net {
-        conf["ipam"]["socket"] = Value::String(d.socket.display().to_string());
-    } else {
-        net = Net::Ipam(Ipam::new(
-            &d.socket,
-            "macvlan-net",
-            "1.0.0",
-            &["test-ippool"],
-        )?);
-    }
+    net = net.with_ipam(Ipam::new(
+        &d.socket,
+        "macvlan-net",
+        "1.0.0",
+        &["test-ippool"],
+    )?);
     d.put_manifest("vm", &manifests::vm("vm-cirros", vm_uid))?;
     d.put_manifest("vmi", &manifests::vmi("vm-cirros", "vmi-uid-3", vm_uid))?;
     let g = Pod::new("default", "virt-launcher-vm-cirros-off01", 8);

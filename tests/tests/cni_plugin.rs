@@ -276,7 +276,7 @@ fn bridge_delegates_too() {
         return;
     }
     let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
-    let mut lab = netns::Lab::new("tbr").expect("lab");
+    let lab = netns::Lab::new("tbr").expect("lab");
     let conf = lab.network("bridge", &d.socket, "1.0.0", &["test-ippool"]);
     let a = Pod::new("default", "br-a", 1);
     let b = Pod::new("default", "br-b", 2);

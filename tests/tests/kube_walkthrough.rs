@@ -3,11 +3,17 @@
 //! kubelet played by the test (`tether_e2e::kubelet`), KubeVirt's controllers emulated
 //! (`tether_e2e::kubevirt`): a VM keeps its address when its launcher pod is recreated on the
 //! other node, when its VMI is recreated, and across a live migration between the nodes; a
-//! Deployment pod gets another; a StatefulSet pod keeps its address when the real controller
-//! recreates it, and frees it when scaled down; deleting the VM frees its address; the pool
-//! runs out with code 100; a daemon restarts without losing anything; VM pinning switched off
-//! makes a VM's pod ephemeral.
+//! Deployment pod gets another, and the VM pings it over macvlan; a StatefulSet pod keeps its
+//! address when the real controller recreates it, and frees it when scaled down, unless the
+//! StatefulSet keeps addresses across scale-down (then it frees it when deleted); deleting the
+//! VM frees its address; the pool runs out with code 100; a daemon restarts without losing
+//! anything; VM pinning switched off makes a VM's pod ephemeral.
+//!
+//! As root, every pod is a network namespace wired by Debian's macvlan plugin, which delegates
+//! to `tether`; both nodes' pods share one L2 segment. Without root the kubelets call `tether`
+//! directly and nothing is pinged (in CI that is a failure).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -17,6 +23,7 @@ use serde_json::json;
 use tether_e2e::cluster::{Cluster, TestCluster};
 use tether_e2e::kubelet::Kubelet;
 use tether_e2e::kubevirt::{self, Vm};
+use tether_e2e::netns::{self, Lab, Wiring};
 use tether_e2e::{Daemon, Ipam, SEED_POOL};
 use tether_kube::crd::{IPAllocation, IPPool};
 
@@ -32,6 +39,8 @@ struct Env {
     rt: tokio::runtime::Runtime,
     client: kube::Client,
     nodes: Vec<Node>,
+    /// The pods' namespaces and L2 segment, with real interfaces.
+    lab: Option<Arc<Lab>>,
 }
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -56,8 +65,46 @@ impl Env {
         Ipam::new(&d.socket, "macvlan-net", "1.0.0", &["test-ippool"]).expect("ipam")
     }
 
+    /// How a node's kubelet wires its pods, through the node's daemon `d`.
+    fn wiring(&self, d: &Daemon) -> Wiring {
+        match &self.lab {
+            Some(lab) => Wiring::Real {
+                conf: lab.network("macvlan", &d.socket, "1.0.0", &["test-ippool"]),
+                lab: lab.clone(),
+            },
+            None => Wiring::Ipam(Env::ipam(d)),
+        }
+    }
+
     fn node(&self, name: &str) -> &Node {
         self.nodes.iter().find(|n| n.name == name).expect("node")
+    }
+
+    /// The kubelet of the node pod `name` is bound to, and the pod's UID.
+    fn placed(&self, name: &str) -> (&Kubelet, String) {
+        let pod = self
+            .rt
+            .block_on(Api::<KPod>::namespaced(self.client.clone(), "default").get(name))
+            .expect("get pod");
+        let node = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
+        (
+            &self.node(&node).kubelet,
+            pod.metadata.uid.unwrap_or_default(),
+        )
+    }
+
+    /// Whether pod `name` reaches `ip` from its namespace; `None` without real interfaces.
+    fn ping(&self, name: &str, ip: &str) -> Option<bool> {
+        let (kubelet, uid) = self.placed(name);
+        kubelet.ping(&uid, ip)
+    }
+
+    /// The addresses on pod `name`'s interface; `None` without real interfaces.
+    fn addresses(&self, name: &str) -> Option<String> {
+        let (kubelet, uid) = self.placed(name);
+        kubelet
+            .addresses(&uid)
+            .map(|a| a.expect("the pod's addresses"))
     }
 
     /// The address the kubelet of the pod's node got for the pod `name` (its current UID);
@@ -123,6 +170,15 @@ impl Env {
             .map_or(0, |o| o.spec.holders.len())
     }
 
+    /// Whether the address object of `ip` exists.
+    fn allocated(&self, ip: &str) -> bool {
+        let name = tether_kube::crd::allocation_name(ip.parse().expect("ip"));
+        self.rt
+            .block_on(Api::<IPAllocation>::all(self.client.clone()).get_opt(&name))
+            .expect("get")
+            .is_some()
+    }
+
     fn objects(&self) -> usize {
         self.rt
             .block_on(Api::<IPAllocation>::all(self.client.clone()).list(&ListParams::default()))
@@ -158,6 +214,31 @@ impl Env {
         }
     }
 
+    /// Every daemon's reconcile, again and again for `period`: how many answers were not an
+    /// error (the elected daemon's), and everything they released.
+    fn reconcile_for(&self, period: Duration) -> (usize, Vec<String>) {
+        let deadline = Instant::now() + period;
+        let (mut answered, mut released) = (0, Vec::new());
+        while Instant::now() < deadline {
+            for n in &self.nodes {
+                if let Some(Ok(r)) = n.daemon.as_ref().map(Daemon::reconcile) {
+                    answered += 1;
+                    released.extend(r);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (answered, released)
+    }
+
+    /// Waits until no pod `name` exists.
+    fn gone(&self, name: &str) {
+        let api = Api::<KPod>::namespaced(self.client.clone(), "default");
+        self.until(&format!("{name} is gone"), || {
+            self.rt.block_on(api.get_opt(name)).expect("get").is_none()
+        });
+    }
+
     fn delete_pod(&self, name: &str) {
         self.rt
             .block_on(kubevirt::delete_pod(&self.client, name))
@@ -182,6 +263,10 @@ impl Env {
 #[test]
 fn the_seed_walkthrough_on_two_nodes() {
     let test = "the_seed_walkthrough_on_two_nodes";
+    let real = netns::real_or_fallback(
+        test,
+        "the kubelets call tether directly and the VM's ping is not checked",
+    );
     let Some(TestCluster {
         cluster,
         rt,
@@ -200,6 +285,7 @@ fn the_seed_walkthrough_on_two_nodes() {
         rt,
         client,
         nodes: Vec::new(),
+        lab: real.then(|| Arc::new(Lab::new("tkw").expect("lab"))),
     };
     for name in ["node-a", "node-b"] {
         env.cluster.add_node(name).expect("node");
@@ -208,7 +294,7 @@ fn the_seed_walkthrough_on_two_nodes() {
             env.rt.handle(),
             env.client.clone(),
             name,
-            Env::ipam(&daemon),
+            env.wiring(&daemon),
         );
         env.nodes.push(Node {
             name,
@@ -261,7 +347,8 @@ fn the_seed_walkthrough_on_two_nodes() {
         env.holders(&vm_ip) == 1
     });
 
-    // 5. A Deployment's pod (real controllers, real scheduler): another address, freed with it.
+    // 5. A Deployment's pod (real controllers, real scheduler): another address, which the VM
+    // (its migration target) reaches over macvlan; freed with the pod.
     let dep: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "cart", "namespace": "default"},
@@ -293,6 +380,20 @@ fn the_seed_walkthrough_on_two_nodes() {
     let cart = cart;
     let cart_ip = env.ip(&cart);
     assert_ne!(cart_ip, vm_ip, "a Deployment pod got the VM's address");
+    if real {
+        for (pod, ip) in [(&cart, &cart_ip), (&target, &vm_ip)] {
+            let on_eth0 = env.addresses(pod).expect("wired for real");
+            assert!(
+                on_eth0.contains(&format!(" {ip}/")),
+                "{pod}'s eth0 does not have {ip}: {on_eth0:?}"
+            );
+        }
+        assert_eq!(
+            env.ping(&target, &cart_ip),
+            Some(true),
+            "the VM's pod {target} pings cart at {cart_ip} over macvlan"
+        );
+    }
     let before = env.objects();
     env.rt
         .block_on(deps.delete("cart", &DeleteParams::foreground()))
@@ -325,19 +426,67 @@ fn the_seed_walkthrough_on_two_nodes() {
             &Patch::Merge(json!({"spec": {"replicas": 0}})),
         ))
         .expect("scale to 0");
-    env.until("web-0 is gone", || {
-        env.rt
-            .block_on(pods.get_opt("web-0"))
-            .expect("get")
-            .is_none()
-    });
+    env.gone("web-0");
     assert_eq!(
         env.release(),
         [format!("test-ippool/{web_ip}")],
         "scaled below web-0"
     );
 
-    // 7. A daemon restarts: nothing is lost; the VM's address is still the VM's.
+    // 7. A StatefulSet that keeps addresses across scale-down (real controller): scaled to 0,
+    // keep-0's address stays; scaled back to 1, keep-0 has it again; deleted, it is freed.
+    let keep: StatefulSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "keep", "namespace": "default",
+            "annotations": {"ipam.tether.dev/keep-ips-on-scale-down": "true"}},
+        "spec": {"replicas": 1, "serviceName": "keep", "selector": {"matchLabels": {"app": "keep"}},
+            "template": {"metadata": {"labels": {"app": "keep"}},
+                "spec": {"automountServiceAccountToken": false,
+                         "containers": [{"name": "c", "image": "keep"}]}}}
+    }))
+    .expect("sts");
+    env.rt
+        .block_on(stss.create(&PostParams::default(), &keep))
+        .expect("create sts");
+    let keep_ip = env.ip("keep-0");
+    let scale = |replicas: i32| {
+        env.rt
+            .block_on(stss.patch(
+                "keep",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+            ))
+            .expect("scale keep");
+    };
+    scale(0);
+    env.gone("keep-0");
+    let (answered, released) = env.reconcile_for(Duration::from_secs(5));
+    assert!(
+        answered > 0,
+        "no daemon's reconcile answered: none elected?"
+    );
+    assert!(
+        released.is_empty(),
+        "scaled to 0, a StatefulSet that keeps addresses across scale-down lost keep-0's \
+         {keep_ip}: released {released:?}"
+    );
+    assert!(
+        env.allocated(&keep_ip),
+        "keep-0's {keep_ip} is not allocated"
+    );
+    scale(1);
+    assert_eq!(env.ip("keep-0"), keep_ip, "keep-0 back after a scale to 0");
+    env.rt
+        .block_on(stss.delete("keep", &DeleteParams::default()))
+        .expect("delete sts");
+    env.gone("keep-0");
+    assert_eq!(
+        env.release(),
+        [format!("test-ippool/{keep_ip}")],
+        "StatefulSet keep deleted"
+    );
+
+    // 8. A daemon restarts: nothing is lost; the VM's address is still the VM's.
     let objects = env.objects();
     let idx = env
         .nodes
@@ -356,7 +505,7 @@ fn the_seed_walkthrough_on_two_nodes() {
     );
     assert_eq!(env.holders(&vm_ip), 1);
 
-    // 8. The VM deleted: its address is released by the elected daemon.
+    // 9. The VM deleted: its address is released by the elected daemon.
     env.rt.block_on(vm.delete(&[&target])).expect("delete vm");
     assert_eq!(
         env.release(),
@@ -365,7 +514,7 @@ fn the_seed_walkthrough_on_two_nodes() {
     );
     assert_eq!(env.objects(), 0, "every address is back");
 
-    // 9. The pool runs out: code 100, a message a person can act on.
+    // 10. The pool runs out: code 100, a message a person can act on.
     let total = 10;
     let mut fillers = Vec::new();
     for i in 0..total {
@@ -405,7 +554,7 @@ fn the_seed_walkthrough_on_two_nodes() {
     }
     env.until("every filler's address is back", || env.objects() == 0);
 
-    // 10. VM pinning switched off (the chart's ipam.enableKubevirtStaticIP=false) on both
+    // 11. VM pinning switched off (the chart's ipam.enableKubevirtStaticIP=false) on both
     // nodes: a VM's pod is stateless, its address freed with its pod.
     for idx in 0..env.nodes.len() {
         let old = env.nodes[idx].daemon.take().expect("daemon");

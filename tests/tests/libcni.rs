@@ -84,7 +84,7 @@ fn libcni_add_check_del_with_macvlan() {
         Err(NoHarness::Broken(e)) => panic!("{e}"),
     };
     let d = Daemon::start(SEED_POOL, &[]).expect("daemon");
-    let mut lab = netns::Lab::new("tlib").expect("lab");
+    let lab = netns::Lab::new("tlib").expect("lab");
     let plugin = lab.network("macvlan", &d.socket, "1.0.0", &["test-ippool"]);
     let conflist = json!({"cniVersion": "1.0.0", "name": "macvlan-net", "plugins": [plugin]});
     let dir = tempfile::tempdir().expect("tempdir");
