@@ -25,7 +25,7 @@ use tether_e2e::kubelet::Kubelet;
 use tether_e2e::kubevirt::{self, Vm};
 use tether_e2e::netns::{self, Lab, Wiring};
 use tether_e2e::{Daemon, Ipam, SEED_POOL};
-use tether_kube::crd::{IPAllocation, IPPool};
+use tether_kube::crd::{IPAllocation, IPPool, PinnedIdentity};
 
 struct Node {
     name: &'static str,
@@ -177,6 +177,15 @@ impl Env {
             .block_on(Api::<IPAllocation>::all(self.client.clone()).get_opt(&name))
             .expect("get")
             .is_some()
+    }
+
+    /// The PinnedIdentity record `default/name`.
+    fn pin(&self, name: &str) -> Option<PinnedIdentity> {
+        self.rt
+            .block_on(
+                Api::<PinnedIdentity>::namespaced(self.client.clone(), "default").get_opt(name),
+            )
+            .expect("get record")
     }
 
     fn objects(&self) -> usize {
@@ -346,6 +355,23 @@ fn the_seed_walkthrough_on_two_nodes() {
     env.until("the source's DEL leaves the target holding it", || {
         env.holders(&vm_ip) == 1
     });
+    // The tenant's view: `kubectl get pinnedidentities -n default` shows the VM, its
+    // address and the pod holding it now (the migration target).
+    env.until(
+        "the VM's PinnedIdentity record shows the target holding its address",
+        || {
+            env.pin("vm-cirros").is_some_and(|p| {
+                p.spec.kind == "VirtualMachine"
+                    && p.spec
+                        .addresses
+                        .iter()
+                        .map(|a| a.address.to_string())
+                        .collect::<Vec<_>>()
+                        == [vm_ip.clone()]
+                    && p.spec.holders == [target.clone()]
+            })
+        },
+    );
 
     // 5. A Deployment's pod (real controllers, real scheduler): another address, which the VM
     // (its migration target) reaches over macvlan; freed with the pod.
@@ -513,6 +539,9 @@ fn the_seed_walkthrough_on_two_nodes() {
         "VM deleted"
     );
     assert_eq!(env.objects(), 0, "every address is back");
+    env.until("the VM's PinnedIdentity record is removed", || {
+        env.pin("vm-cirros").is_none()
+    });
 
     // 10. The pool runs out: code 100, a message a person can act on.
     let total = 10;
