@@ -25,6 +25,10 @@ const WORKERS: usize = 6;
 const FLAGS: &[&str] = &["--chain", "builtin:statefulset,builtin:stateless"];
 /// The kill comes this long after the storm starts: uniform in [min, max) milliseconds.
 const KILL_AFTER_MS: (u64, u64) = (30, 500);
+/// The same with every fsync taking 150 ms: a commit takes at least that, so a window as
+/// short as the fast one often ends before anything was answered (a run with no DEL answered
+/// proves nothing about answered calls).
+const SLOW_KILL_AFTER_MS: (u64, u64) = (200, 1500);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
@@ -354,7 +358,7 @@ fn killed_in_a_storm_of_adds_and_dels_keeps_every_answer() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    storms_and_kills(rounds, &[]);
+    storms_and_kills(rounds, KILL_AFTER_MS, &[]);
 }
 
 /// The same, with tetherd under strace and every fsync delayed by 150 ms: a commit takes that
@@ -383,6 +387,7 @@ fn killed_while_commits_are_slow_to_become_durable_keeps_every_answer() {
         .unwrap_or(6);
     storms_and_kills(
         rounds,
+        SLOW_KILL_AFTER_MS,
         &[
             "strace",
             "-f",
@@ -398,9 +403,9 @@ fn killed_while_commits_are_slow_to_become_durable_keeps_every_answer() {
     );
 }
 
-/// `rounds` storms, each ended by a SIGKILL at a random instant and checked after a restart;
-/// tetherd runs under `wrapper` (none: directly).
-fn storms_and_kills(rounds: usize, wrapper: &[&str]) {
+/// `rounds` storms, each ended by a SIGKILL at a random instant of `window` (ms) and checked
+/// after a restart; tetherd runs under `wrapper` (none: directly).
+fn storms_and_kills(rounds: usize, window: (u64, u64), wrapper: &[&str]) {
     let seed = Rng::seed_from_env("TETHER_CRASH_SEED");
     let mut rng = Rng::new(seed);
     let started = Instant::now();
@@ -422,8 +427,7 @@ fn storms_and_kills(rounds: usize, wrapper: &[&str]) {
             mine[a.worker].push(a);
         }
         let rngs: Vec<Rng> = (0..WORKERS).map(|_| Rng::new(rng.next_u64())).collect();
-        let kill_after =
-            Duration::from_millis(KILL_AFTER_MS.0 + rng.below(KILL_AFTER_MS.1 - KILL_AFTER_MS.0));
+        let kill_after = Duration::from_millis(window.0 + rng.below(window.1 - window.0));
         let killed = AtomicBool::new(false);
         let (dir, storms) = std::thread::scope(|s| {
             let callers: Vec<_> = mine

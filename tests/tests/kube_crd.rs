@@ -62,6 +62,7 @@ fn allocation(pool: &str, ip: &str, pod: &str) -> Allocation {
                 pod_uid: format!("uid-{pod}"),
             },
             shared: false,
+            node: String::new(),
             since: 1,
         }],
         idle_since: None,

@@ -442,6 +442,25 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     let late = env.pod("default", "late", "node-a", None);
     let late_ip = add(&ipam_a, &late);
     assert!(!all.contains(&&late_ip), "{late_ip} handed out twice");
+
+    // CNI GC on node-a, whose runtime lists only `late`: node-a's other pods (a-0..a-3, their
+    // DELs missed) are freed; node-b's pods are not node-a's to judge and keep theirs.
+    let mut conf = ipam_a.conf.clone();
+    conf["cniVersion"] = json!("1.1.0");
+    conf["cni.dev/valid-attachments"] =
+        json!([{"containerID": late.container_id, "ifname": "eth0"}]);
+    let o = tether_e2e::cni_exec(&ipam_a.plugin, "GC", &conf, &[], "").expect("gc");
+    assert!(o.ok, "{}", o.out);
+    let left: HashSet<String> = env
+        .objects()
+        .iter()
+        .map(|o| o.spec.address.to_string())
+        .collect();
+    let want: HashSet<String> = ips_b.iter().chain([&ip2, &late_ip]).cloned().collect();
+    assert_eq!(
+        left, want,
+        "node-a's GC freed another node's address, or kept its own stale ones"
+    );
     drop((a, b));
 }
 

@@ -39,6 +39,7 @@ fn allocation(family: Family, n: u128) -> Allocation {
                 pod_uid: String::new(),
             },
             shared: false,
+            node: String::new(),
             since: 0,
         }],
         idle_since: None,
@@ -71,6 +72,7 @@ fn add_del(ipam: &mut Ipam) {
         decision: &d,
         pools: vec!["big".into()],
         requested: vec![],
+        node: String::new(),
         now: 0,
     };
     let plan = ipam

@@ -103,6 +103,10 @@ pub struct Holder {
     /// It joined while another pod held the address (a migration target).
     #[serde(default)]
     pub shared: bool,
+    /// The node whose daemon added it (Kubernetes mode; empty standalone, and in records
+    /// written before nodes were recorded): a CNI GC on one node drops only its own holders.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
     /// When it started holding (unix seconds).
     pub since: u64,
 }
@@ -418,6 +422,8 @@ pub struct AddRequest<'a> {
     pub pools: Vec<String>,
     /// Specific addresses asked for (CNI `IP=` args); one per family at most.
     pub requested: Vec<IpAddr>,
+    /// The node asking (recorded in the holder; empty standalone).
+    pub node: String,
     /// Now, unix seconds.
     pub now: u64,
 }
@@ -696,6 +702,7 @@ impl Ipam {
         let holder = Holder {
             attachment: req.attachment.clone(),
             shared: pinned.is_some_and(|p| p.may_share),
+            node: req.node.clone(),
             since: req.now,
         };
         let mut plan = Plan::default();
@@ -900,16 +907,25 @@ impl Ipam {
     }
 
     /// Plans a CNI GC for `network`: every holder of that network not in `valid` is
-    /// removed as by DEL. Each allocation gets one change that drops all its stale holders at
+    /// removed as by DEL. With a `node`, only holders added on that node are looked at: a
+    /// runtime lists only its own node's attachments, and the state of a daemon sharing its
+    /// store with other nodes holds theirs too. Each allocation gets one change that drops all its stale holders at
     /// once (a migration's source and target may both be gone), so the plan is what the
     /// removals leave when applied one after another.
-    pub fn plan_gc(&self, network: &str, valid: &HashSet<(String, String)>, now: u64) -> Plan {
+    pub fn plan_gc(
+        &self,
+        network: &str,
+        valid: &HashSet<(String, String)>,
+        node: Option<&str>,
+        now: u64,
+    ) -> Plan {
         let mut plan = Plan::default();
         let is_valid = |h: &Holder| {
-            valid.contains(&(
-                h.attachment.container_id.clone(),
-                h.attachment.ifname.clone(),
-            ))
+            node.is_some_and(|n| h.node != n)
+                || valid.contains(&(
+                    h.attachment.container_id.clone(),
+                    h.attachment.ifname.clone(),
+                ))
         };
         let mut stale: Vec<&Allocation> = self
             .allocs

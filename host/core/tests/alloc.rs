@@ -70,6 +70,7 @@ fn add(
         decision: d,
         pools: pools.iter().map(|s| (*s).into()).collect(),
         requested: vec![],
+        node: String::new(),
         now: 1000,
     };
     let plan = ipam.plan_add(&req, live)?;
@@ -420,6 +421,7 @@ fn requested_addresses_and_unknown_pools() {
         decision: &Decision::Ephemeral,
         pools: vec!["test-ippool".into()],
         requested: vec![ip.parse().expect("ip")],
+        node: String::new(),
         now: 0,
     };
     let plan = ipam
@@ -513,15 +515,53 @@ fn gc_frees_what_is_not_valid() {
         .expect("ok");
     }
     let valid: HashSet<(String, String)> = [("b".to_owned(), "eth0".to_owned())].into();
-    let plan = ipam.plan_gc("macvlan-net", &valid, 5);
+    let plan = ipam.plan_gc("macvlan-net", &valid, None, 5);
     assert_eq!(plan.changes.len(), 2);
     ipam.apply(&plan.changes);
     assert_eq!(ipam.usage()[0].allocated, 1);
     assert!(
-        ipam.plan_gc("other-net", &HashSet::new(), 5)
+        ipam.plan_gc("other-net", &HashSet::new(), None, 5)
             .changes
             .is_empty()
     );
+}
+
+/// With a node, a CNI GC looks only at holders added on that node: a runtime lists only its
+/// own attachments, and other nodes' pods must not look stale to it.
+#[test]
+fn gc_on_one_node_leaves_other_nodes_holders() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
+    for (c, node) in [
+        ("a1", "node-a"),
+        ("a2", "node-a"),
+        ("b1", "node-b"),
+        ("old", ""),
+    ] {
+        let req = AddRequest {
+            attachment: att(c, c, c),
+            network: "macvlan-net".into(),
+            decision: &Decision::Ephemeral,
+            pools: vec!["test-ippool".into()],
+            requested: vec![],
+            node: node.into(),
+            now: 1000,
+        };
+        let plan = ipam.plan_add(&req, &all_live).expect("add");
+        ipam.apply(&plan.changes);
+    }
+    let valid: HashSet<(String, String)> = [("a2".to_owned(), "eth0".to_owned())].into();
+    let plan = ipam.plan_gc("macvlan-net", &valid, Some("node-a"), 5);
+    let freed: Vec<String> = plan
+        .changes
+        .iter()
+        .map(|c| match c {
+            Change::Delete { ip, .. } => ip.to_string(),
+            Change::Put(a) => panic!("kept {a:?}"),
+        })
+        .collect();
+    assert_eq!(freed.len(), 1, "only node-a's stale a1: {freed:?}");
+    ipam.apply(&plan.changes);
+    assert_eq!(ipam.usage()[0].allocated, 3, "a2, b1 and old stay");
 }
 
 #[test]
@@ -758,6 +798,7 @@ fn a_pin_on_an_address_held_twice_by_an_old_store_is_not_handed_out() {
     pod.holders = vec![tether_core::alloc::Holder {
         attachment: att("c9", "other-pod", "u9"),
         shared: false,
+        node: String::new(),
         since: 1,
     }];
     pod.idle_since = None;
@@ -873,7 +914,7 @@ fn gc_drops_every_stale_holder_of_a_migrating_vm() {
     )
     .expect("migration target shares");
     assert_eq!(ip, ip2);
-    let plan = ipam.plan_gc("macvlan-net", &HashSet::new(), 5000);
+    let plan = ipam.plan_gc("macvlan-net", &HashSet::new(), None, 5000);
     ipam.apply(&plan.changes);
     ipam.check().expect("invariants");
     let a = ipam.get("test-ippool", ip[0]).expect("pin kept");
@@ -1036,7 +1077,7 @@ proptest! {
                         _ => Decision::Ephemeral,
                     };
                     let a = att(&format!("c{c}"), &format!("p{c}"), &format!("u{c}"));
-                    let req = AddRequest { attachment: a, network: "n".into(), decision: &d, pools: names.iter().map(|s| (*s).into()).collect(), requested: vec![], now: 1 };
+                    let req = AddRequest { attachment: a, network: "n".into(), decision: &d, pools: names.iter().map(|s| (*s).into()).collect(), requested: vec![], node: String::new(), now: 1 };
                     let retried = !ipam.held_by(&format!("c{c}"), "eth0").is_empty();
                     match ipam.plan_add(&req, &all_live) {
                         Ok(plan) => {
@@ -1077,7 +1118,7 @@ proptest! {
                 }
                 Op::Gc(valid) => {
                     let valid: HashSet<(String, String)> = valid.iter().map(|c| (format!("c{c}"), "eth0".to_owned())).collect();
-                    let plan = ipam.plan_gc("n", &valid, 4);
+                    let plan = ipam.plan_gc("n", &valid, None, 4);
                     ipam.apply(&plan.changes);
                 }
             }
@@ -1351,6 +1392,7 @@ fn probe_free(ipam: &Ipam, pool: &str, ip: IpAddr) -> Result<bool, TestCaseError
         decision: &Decision::Ephemeral,
         pools: vec![pool.into()],
         requested: vec![ip],
+        node: String::new(),
         now: 0,
     };
     match ipam.plan_add(&req, &all_live) {
@@ -1616,6 +1658,7 @@ fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     decision: &decision,
                     pools: names.clone(),
                     requested: vec![],
+                    node: String::new(),
                     now,
                 };
                 let retried = !ipam.held_by(&cid, "eth0").is_empty();
@@ -1742,7 +1785,7 @@ fn walk_reloads_and_migrations(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     ))
                 };
                 let before = sorted_allocations(&ipam);
-                let plan = ipam.plan_gc(net, &valid, now);
+                let plan = ipam.plan_gc(net, &valid, None, now);
                 ipam.apply(&plan.changes);
                 let after = sorted_allocations(&ipam);
                 // No holder of the network is left that is not a live attachment.

@@ -129,6 +129,9 @@ pub struct NodeInfo {
     pub name: String,
     /// Its labels; `None` until known, and then no pool with a node selector serves here.
     pub labels: Option<Vec<(String, String)>>,
+    /// Other nodes' daemons share the store (Kubernetes mode): the state holds their pods'
+    /// holders too, and a CNI GC here drops only holders added on this node.
+    pub shared: bool,
 }
 
 /// Says whether this daemon may apply release rules now, or why not.
@@ -291,6 +294,12 @@ impl Engine {
             decision,
             pools,
             requested,
+            node: self
+                .node
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .name
+                .clone(),
             now: now(),
             liveness: Box::new(liveness),
         }));
@@ -457,6 +466,10 @@ impl Engine {
             .iter()
             .map(|a| (a.container_id.clone(), a.ifname.clone()))
             .collect();
+        let scope = {
+            let node = self.node.read().unwrap_or_else(PoisonError::into_inner);
+            node.shared.then(|| node.name.clone())
+        };
         // Planned on a look at the state; the writer applies each change only if its
         // allocation is unchanged since (a holder that came back meanwhile is kept; the next
         // GC looks again).
@@ -464,7 +477,7 @@ impl Engine {
             .ipam
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .plan_gc(&req.network, &valid, now())
+            .plan_gc(&req.network, &valid, scope.as_deref(), now())
             .changes;
         let applied = self.apply(planned).await?;
         Ok(GcResult {

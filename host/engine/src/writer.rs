@@ -70,6 +70,8 @@ pub struct AddOp {
     pub pools: Vec<String>,
     /// Addresses asked for.
     pub requested: Vec<IpAddr>,
+    /// The node asking (see [`tether_core::alloc::Holder::node`]).
+    pub node: String,
     /// Now, unix seconds.
     pub now: u64,
     /// Whether a current holder's pod still exists.
@@ -244,6 +246,7 @@ fn plan(op: &Op, ipam: &Ipam) -> Result<(Vec<Change>, Option<Vec<Assigned>>), Al
                 decision: &a.decision,
                 pools: a.pools.clone(),
                 requested: a.requested.clone(),
+                node: a.node.clone(),
                 now: a.now,
             };
             let plan = ipam.plan_add(&req, &*a.liveness)?;

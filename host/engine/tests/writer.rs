@@ -50,6 +50,7 @@ fn add_in(container: &str, pool: &str) -> Op {
         decision: Decision::Ephemeral,
         pools: vec![pool.into()],
         requested: vec![],
+        node: String::new(),
         now: 1,
         liveness: Box::new(|_: &Attachment| Liveness::Unknown),
     }))

@@ -156,6 +156,9 @@ pub struct AllocationHolder {
     pub pod_uid: String,
     /// Joined while another pod held the address (a migration target).
     pub shared: bool,
+    /// The node whose daemon added it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
     /// Since when (unix seconds).
     pub since: u64,
 }
@@ -355,6 +358,7 @@ impl IPAllocation {
                     pod: h.attachment.pod.clone(),
                     pod_uid: h.attachment.pod_uid.clone(),
                     shared: h.shared,
+                    node: h.node.clone(),
                     since: h.since,
                 })
                 .collect(),
@@ -425,6 +429,7 @@ impl IPAllocation {
                         pod_uid: h.pod_uid.clone(),
                     },
                     shared: h.shared,
+                    node: h.node.clone(),
                     since: h.since,
                 })
                 .collect(),
@@ -485,6 +490,7 @@ mod tests {
                     pod_uid: "u1".into(),
                 },
                 shared: false,
+                node: String::new(),
                 since: 7,
             }],
             idle_since: None,

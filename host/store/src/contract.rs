@@ -26,6 +26,7 @@ pub fn allocation(pool: &str, ip: &str, container: &str) -> Allocation {
                 pod_uid: format!("uid-{container}"),
             },
             shared: false,
+            node: String::new(),
             since: 1,
         }],
         idle_since: None,

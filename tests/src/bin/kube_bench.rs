@@ -144,6 +144,7 @@ fn main() -> Result<()> {
                                 pod_uid: format!("uid-{n}"),
                             },
                             shared: false,
+                            node: String::new(),
                             since: 1_700_000_000,
                         }],
                         idle_since: None,

@@ -38,6 +38,7 @@ fn allocation(n: u32) -> Allocation {
                 pod_uid: format!("uid-{n}"),
             },
             shared: false,
+            node: String::new(),
             since: 1_700_000_000,
         }],
         idle_since: None,

@@ -270,9 +270,9 @@ pub async fn watch_node(service: Arc<Engine>, client: kube::Client, node: String
         service.set_node(tether_engine::NodeInfo {
             name: node.clone(),
             labels,
+            shared: true,
         });
     };
-    set(None);
     // Whether the current (re-)list has shown the Node.
     let mut listed = false;
     while let Some(event) = stream.next().await {

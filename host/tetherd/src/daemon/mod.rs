@@ -344,6 +344,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             service.set_node(tether_engine::NodeInfo {
                 name: args.node_name.clone().unwrap_or_default(),
                 labels: Some(args.node_labels.clone()),
+                shared: false,
             });
             tokio::spawn(watch_pools(
                 service.clone(),
@@ -367,6 +368,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 args.node_name.clone().unwrap_or_default(),
                 verdicts.clone(),
             ));
+            // Known before the first ADD: every holder records its node.
+            service.set_node(tether_engine::NodeInfo {
+                name: args.node_name.clone().unwrap_or_default(),
+                labels: None,
+                shared: true,
+            });
             tokio::spawn(kube::watch_node(
                 service.clone(),
                 client.clone(),

@@ -319,6 +319,7 @@ mod tests {
                         pod_uid: format!("u-{p}"),
                     },
                     shared: false,
+                    node: String::new(),
                     since: 1,
                 })
                 .collect(),
