@@ -8,7 +8,10 @@
 #
 # No registry ships these binaries, but Debian bookworm's `kubernetes` source package holds the full
 # v1.20.2 tree with vendor/, which builds offline with Debian's Go 1.19. The binaries are cached, so
-# only the first build on a machine pays (about 3-6 min on 2 cores).
+# only the first build on a machine pays (about 3-6 min on 2 cores). A build from Debian source
+# revision R lands in $CACHE/R/; any complete cached build is used, PKG_VERSION's first (earlier
+# versions of this script cached flat, in $CACHE itself: that build is LEGACY_REV's). Delete the
+# cache to force a rebuild.
 #
 #   kube-apiserver.sh build                 build (once) and print the cache directory
 #   kube-apiserver.sh start DIR [PORT]      start etcd + apiserver, state in DIR; writes DIR/kubeconfig
@@ -22,10 +25,32 @@
 set -euo pipefail
 
 CACHE=${TETHER_TESTENV_CACHE:-/var/cache/tether-testenv}
-BIN="$CACHE/kube-apiserver-v1.20.2"
-CM="$CACHE/kube-controller-manager-v1.20.2"
-SCHED="$CACHE/kube-scheduler-v1.20.2"
-PKG_VERSION=1.20.5+really1.20.2-1.1+deb12u1
+# The source package's upstream version; any Debian revision of it will do (a point release
+# replaces a revision and the mirror drops the old one), PKG_VERSION first when the mirror has it.
+UPSTREAM=1.20.5+really1.20.2
+PKG_VERSION=$UPSTREAM-1.1+deb12u1
+LEGACY_REV=$UPSTREAM-1.1+deb12u1  # what the flat cache layout holds: never change this one
+BIN= CM= SCHED=
+
+die() { echo "kube-apiserver.sh: $*" >&2; exit 1; }
+
+# complete DIR: does DIR hold all three binaries? use DIR: point BIN, CM and SCHED into it.
+complete() { [ -x "$1/kube-apiserver-v1.20.2" ] && [ -x "$1/kube-controller-manager-v1.20.2" ] && [ -x "$1/kube-scheduler-v1.20.2" ]; }
+use() { BIN="$1/kube-apiserver-v1.20.2"; CM="$1/kube-controller-manager-v1.20.2"; SCHED="$1/kube-scheduler-v1.20.2"; }
+
+# Prints the directory of a complete cached build, without asking apt: PKG_VERSION's if there is
+# one, else the newest revision's. Fails when there is none.
+cached() {
+  local d r best= best_r=
+  for d in "$CACHE/$UPSTREAM"-*/ "$CACHE/"; do
+    d=${d%/}; r=${d##*/}
+    [ "$d" = "${CACHE%/}" ] && r=$LEGACY_REV
+    complete "$d" || continue
+    [ "$r" = "$PKG_VERSION" ] && { echo "$d"; return 0; }
+    if [ -z "$best" ] || dpkg --compare-versions "$r" gt "$best_r"; then best=$d best_r=$r; fi
+  done
+  [ -n "$best" ] && echo "$best"
+}
 
 # scripts/setup.sh installs these; the fallback keeps the script usable on its own.
 need() {
@@ -35,20 +60,40 @@ need() {
 }
 
 build() {
-  if [ -x "$BIN" ] && [ -x "$CM" ] && [ -x "$SCHED" ]; then echo "$CACHE"; return; fi
+  local dir
+  if dir=$(cached); then use "$dir"; echo "$dir"; return; fi
+  { mkdir -p "$CACHE" && : >>"$CACHE/.build.lock"; } 2>/dev/null \
+    || die "no build cached in $CACHE, and it is not writable: run scripts/setup.sh as root (or set TETHER_TESTENV_CACHE)"
+  # One build at a time (tests start control planes in parallel): the others wait, then use it.
+  exec 9>>"$CACHE/.build.lock"; flock 9
+  if dir=$(cached); then exec 9>&-; use "$dir"; echo "$dir"; return; fi
   need go golang-go; need openssl openssl; need curl curl
   local W; W=$(mktemp -d "${TMPDIR:-/tmp}/kapi-build.XXXXXX"); chmod 755 "$W"
-  # A private deb-src list, made from this machine's own apt mirror, so /etc/apt stays untouched.
+  # Private apt sources and lists (deb and deb-src), made from this machine's own Debian mirror
+  # and refreshed here, so the downloads below never depend on the system's lists (often emptied
+  # in container images) and /etc/apt, /var/lib/apt and /var/cache/apt stay untouched.
   local mirror
-  mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$mirror" ] || mirror=$(awk '$1=="deb"{for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
-  [ -n "$mirror" ] || { echo "no Debian mirror found in /etc/apt" >&2; exit 1; }
+  mirror=$(awk '/^URIs:/ && !/security/{print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$mirror" ] || mirror=$(awk '$1=="deb" && !/security/{for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$mirror" ] || die "no Debian mirror found in /etc/apt"
   mkdir -p "$W/apt/lists/partial" "$W/dl" "$W/gopath/src/k8s.io"
-  printf 'Types: deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" >"$W/apt/src.sources"
-  local apt=(-o "Dir::Etc::sourcelist=$W/apt/src.sources" -o Dir::Etc::sourceparts=/nonexistent -o "Dir::State::Lists=$W/apt/lists")
-  apt-get "${apt[@]}" update -qq
-  (cd "$W/dl" && apt-get "${apt[@]}" source --download-only "kubernetes=$PKG_VERSION" >/dev/null \
-     && apt-get download golang-github-modern-go-reflect2-dev >/dev/null)
+  printf 'Types: deb deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror" >"$W/apt/src.sources"
+  local apt=(-o "Dir::Etc::sourcelist=$W/apt/src.sources" -o Dir::Etc::sourceparts=/nonexistent -o "Dir::State::Lists=$W/apt/lists"
+             -o "Dir::Cache::pkgcache=$W/apt/pkgcache.bin" -o "Dir::Cache::srcpkgcache=$W/apt/srcpkgcache.bin"
+             -o APT::Sandbox::User=root)  # root already downloads: $W is not the _apt user's to write
+  apt-get "${apt[@]}" update -qq || die "apt-get update of the private lists for $mirror failed"
+  # The source revision: PKG_VERSION if the mirror still has it, else the newest $UPSTREAM-*.
+  local rev= v
+  for v in $(apt-cache "${apt[@]}" showsrc --only-source kubernetes 2>/dev/null | sed -n 's/^Version: //p'); do
+    case $v in "$UPSTREAM"-*) ;; *) continue ;; esac
+    if [ "$v" = "$PKG_VERSION" ]; then rev=$v; break; fi
+    if [ -z "$rev" ] || dpkg --compare-versions "$v" gt "$rev"; then rev=$v; fi
+  done
+  [ -n "$rev" ] || die "$mirror has no kubernetes $UPSTREAM-* source package (bookworm, bookworm-updates)"
+  echo "building kube-apiserver, controller-manager and scheduler v1.20.2 from Debian's kubernetes $rev (a few minutes)" >&2
+  (cd "$W/dl" && apt-get "${apt[@]}" source --download-only "kubernetes=$rev" >/dev/null \
+     && apt-get "${apt[@]}" download golang-github-modern-go-reflect2-dev >/dev/null) \
+    || die "downloading kubernetes $rev and golang-github-modern-go-reflect2-dev from $mirror failed"
   tar xzf "$W"/dl/kubernetes_*.orig.tar.gz -C "$W"
   local src; src=$(echo "$W"/kubernetes-1.20*)
   # The vendored reflect2 v1.0.1 crashes (SIGSEGV in mapiterinit) under Go >= 1.18: use Debian's 1.0.2.
@@ -61,23 +106,28 @@ build() {
     cd "$W/gopath/src/k8s.io/kubernetes"
     export GOPATH="$W/gopath" GOCACHE="$W/gocache" GO111MODULE=off CGO_ENABLED=0 GOFLAGS=
     # pkg/generated/openapi is not in the tarball: generate it with the vendored openapi-gen.
-    go build -o "$W/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
+    # (errexit is off in here: this subshell is the left side of an ||. Hence the explicit exits.)
+    go build -o "$W/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen || exit 1
     dirs=$(set +o pipefail; find -L pkg cmd plugin vendor third_party -type f -name '*.go' \
       -not -path 'vendor/k8s.io/code-generator/*' -not -path 'vendor/k8s.io/sample-apiserver/*' -not -path '*/testdata/*' 2>/dev/null \
       | { xargs grep -l '^// *+k8s:openapi-gen=' || true; } | xargs -n1 dirname | sort -u | sed 's#^#k8s.io/kubernetes/#' | paste -sd,)
     "$W/openapi-gen" --logtostderr=false -i "$dirs" -p k8s.io/kubernetes/pkg/generated/openapi -O zz_generated.openapi \
-      -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$W/violations.report"
+      -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt -r "$W/violations.report" || exit 1
     ld="-s -w"
     for v in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
       ld="$ld -X $v.gitVersion=v1.20.2 -X $v.gitMajor=1 -X $v.gitMinor=20 -X $v.gitTreeState=clean -X $v.buildDate=2021-01-13T00:00:00Z"
     done
-    mkdir -p "$CACHE"
     mkdir -p "$W/out"
     go build -ldflags "$ld" -o "$W/out/" ./cmd/kube-apiserver ./cmd/kube-controller-manager ./cmd/kube-scheduler
-  ) >"$W/build.log" 2>&1 || { tail -30 "$W/build.log" >&2; exit 1; }
-  mv "$W/out/kube-controller-manager" "$CM"; mv "$W/out/kube-scheduler" "$SCHED"; mv "$W/out/kube-apiserver" "$BIN"
+  ) >"$W/build.log" 2>&1 || { tail -30 "$W/build.log" >&2; die "building from kubernetes $rev failed (full log: $W/build.log)"; }
+  # Staged inside the cache, then renamed into place: a directory is either complete or absent.
+  local stage="$CACHE/.incoming"
+  rm -rf "$stage"; mkdir "$stage"
+  for b in kube-apiserver kube-controller-manager kube-scheduler; do mv "$W/out/$b" "$stage/$b-v1.20.2"; done
+  rm -rf "${CACHE:?}/$rev"; mv -T "$stage" "$CACHE/$rev"
+  exec 9>&-
   rm -rf "$W"
-  echo "$CACHE"
+  use "$CACHE/$rev"; echo "$CACHE/$rev"
 }
 
 start() {
@@ -172,5 +222,5 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   node) shift; node "$@" ;;
   stop) shift; stop "$@" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,/kube-apiserver.sh stop DIR/p' "$0"; exit 2 ;;
 esac

@@ -51,8 +51,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The test control plane: kube-apiserver, controller-manager and scheduler v1.20.2, built once
 # from Debian's source package (a few minutes) and cached under /var/cache/tether-testenv.
+# (Not inside say "$(...)": errexit does not see a command substitution fail there.)
 if [ "$(id -u)" = 0 ]; then
-  say "test control plane: $(bash scripts/kube-apiserver.sh build)"
+  if cp_dir=$(bash scripts/kube-apiserver.sh build); then
+    say "test control plane: $cp_dir"
+  else
+    say "FAILED: building the test control plane (bash scripts/kube-apiserver.sh build); the reason is above"
+    exit 1
+  fi
 else
   say "not root: not building the test control plane (the Kubernetes tests say so and skip)"
 fi
