@@ -325,8 +325,21 @@ fn the_seed_walkthrough_on_two_nodes() {
     let vm_ip = env.ip(&p1);
     assert!(vm_ip.starts_with("10.6.168."), "{vm_ip}");
 
-    // 2. Its launcher pod deleted and recreated (another name), on node-b.
+    // 2. Its launcher pod deleted and recreated (another name), on node-b. In between, no
+    // pod holds the address, and the elected daemon's reconcile keeps it: the VM exists.
     env.delete_pod(&p1);
+    env.until("the launcher's DEL leaves the address unheld", || {
+        env.holders(&vm_ip) == 0
+    });
+    let (answered, released) = env.reconcile_for(Duration::from_secs(3));
+    assert!(
+        answered > 0,
+        "no daemon's reconcile answered: none elected?"
+    );
+    assert!(
+        released.is_empty(),
+        "the VM's address was released while its launcher pod was down: {released:?}"
+    );
     let p2 = env
         .rt
         .block_on(vm.launch("node-b", None))
@@ -337,6 +350,18 @@ fn the_seed_walkthrough_on_two_nodes() {
     env.rt
         .block_on(vm.recreate_vmi(&[&p2], json!({})))
         .expect("recreate vmi");
+    env.until("the old VMI's pod's DEL leaves the address unheld", || {
+        env.holders(&vm_ip) == 0
+    });
+    let (answered, released) = env.reconcile_for(Duration::from_secs(3));
+    assert!(
+        answered > 0,
+        "no daemon's reconcile answered: none elected?"
+    );
+    assert!(
+        released.is_empty(),
+        "the VM's address was released when its VMI was recreated: {released:?}"
+    );
     let p3 = env
         .rt
         .block_on(vm.launch("node-a", None))
@@ -486,6 +511,9 @@ fn the_seed_walkthrough_on_two_nodes() {
     };
     scale(0);
     env.gone("keep-0");
+    env.until("keep-0's DEL leaves its address unheld", || {
+        env.holders(&keep_ip) == 0
+    });
     let (answered, released) = env.reconcile_for(Duration::from_secs(5));
     assert!(
         answered > 0,

@@ -291,6 +291,15 @@ pub enum AllocError {
         /// Which selector, and what it did not match.
         reason: String,
     },
+    /// A selected pool's node selector cannot be checked yet (this node's labels are not
+    /// known yet): try again.
+    #[error("pool {pool:?} may not serve this pod yet: {reason}; try again")]
+    SelectorUnknown {
+        /// The pool.
+        pool: String,
+        /// What is not known.
+        reason: String,
+    },
     /// Nothing names a pool and there is no default pool.
     #[error(
         "no pool selected for this pod: annotate it with {ANNOTATION_POOL}, annotate its namespace with {ANNOTATION_NS_DEFAULT}, list pools in the CNI config, or mark a pool `default: true`"
@@ -426,6 +435,37 @@ pub struct AddRequest<'a> {
     pub node: String,
     /// Now, unix seconds.
     pub now: u64,
+}
+
+/// Plans the release of those of `candidates` (pinned, unheld: see
+/// [`Ipam::release_candidates`]) whose release condition fired. `fires` answers for
+/// owner-deleted and scaled-below; idle-for is judged here. Each change carries the revision
+/// the candidate was read at: applied only if the allocation is unchanged since.
+pub fn plan_release_of(
+    candidates: &[Allocation],
+    now: u64,
+    fires: &dyn Fn(&ReleaseCondition) -> bool,
+) -> Plan {
+    let mut plan = Plan::default();
+    for a in candidates {
+        let Owner::Pinned { release, .. } = &a.owner else {
+            continue;
+        };
+        if !a.holders.is_empty() {
+            continue;
+        }
+        let fired = release.iter().any(|c| match c {
+            ReleaseCondition::Never => false,
+            ReleaseCondition::IdleForSeconds(s) => {
+                a.idle_since.is_some_and(|t| now.saturating_sub(t) >= *s)
+            }
+            other => fires(other),
+        });
+        if fired {
+            plan.changes.push(Change::delete(a));
+        }
+    }
+    plan
 }
 
 /// Moves a pool's search to a point derived from `seed` and `key`.
@@ -943,26 +983,18 @@ impl Ipam {
     /// Plans the release of pinned addresses that no pod holds and whose release condition
     /// fired (what the reconciler runs). `fires` answers for owner-deleted and scaled-below; idle-for is judged here.
     pub fn plan_release(&self, now: u64, fires: &dyn Fn(&ReleaseCondition) -> bool) -> Plan {
-        let mut plan = Plan::default();
-        for a in self.allocs.values() {
-            let Owner::Pinned { release, .. } = &a.owner else {
-                continue;
-            };
-            if !a.holders.is_empty() {
-                continue;
-            }
-            let fired = release.iter().any(|c| match c {
-                ReleaseCondition::Never => false,
-                ReleaseCondition::IdleForSeconds(s) => {
-                    a.idle_since.is_some_and(|t| now.saturating_sub(t) >= *s)
-                }
-                other => fires(other),
-            });
-            if fired {
-                plan.changes.push(Change::delete(a));
-            }
-        }
-        plan
+        plan_release_of(&self.release_candidates(), now, fires)
+    }
+
+    /// The pinned allocations no pod holds: those a release rule may free. Judging the rules
+    /// may read the API server; a caller that holds a lock on the state takes these out
+    /// first and judges them with [`plan_release_of`] after letting go.
+    pub fn release_candidates(&self) -> Vec<Allocation> {
+        self.allocs
+            .values()
+            .filter(|a| matches!(a.owner, Owner::Pinned { .. }) && a.holders.is_empty())
+            .map(|a| (**a).clone())
+            .collect()
     }
 
     /// Applies changes and returns the changes that undo them (to apply in the order given),

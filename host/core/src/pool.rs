@@ -315,20 +315,27 @@ impl Pool {
 
     /// Why this pool may not serve `who`, if it may not: its `nodeSelector` does not match
     /// the node's labels, or its `namespaceSelector` the namespace's. Labels that are not
-    /// known match no selector.
-    pub fn refuses(&self, who: &Requester<'_>) -> Option<String> {
+    /// known match no selector; the flag says the answer may change in a moment (the node's
+    /// labels are not known yet).
+    pub fn refuses(&self, who: &Requester<'_>) -> Option<(String, bool)> {
         if let Some(sel) = &self.spec.node_selector {
             match who.node_labels {
                 None => {
-                    return Some(format!(
-                        "its nodeSelector ({sel}) cannot be checked: the labels of node {:?} are not known",
-                        who.node
+                    return Some((
+                        format!(
+                            "its nodeSelector ({sel}) cannot be checked yet: the labels of node {:?} are not known",
+                            who.node
+                        ),
+                        true,
                     ));
                 }
                 Some(l) if !sel.matches(l) => {
-                    return Some(format!(
-                        "its nodeSelector ({sel}) does not match node {:?}",
-                        who.node
+                    return Some((
+                        format!(
+                            "its nodeSelector ({sel}) does not match node {:?}",
+                            who.node
+                        ),
+                        false,
                     ));
                 }
                 Some(_) => {}
@@ -337,15 +344,21 @@ impl Pool {
         if let Some(sel) = &self.spec.namespace_selector {
             match who.namespace_labels {
                 None => {
-                    return Some(format!(
-                        "its namespaceSelector ({sel}) cannot be checked: namespace {:?} is not known",
-                        who.namespace
+                    return Some((
+                        format!(
+                            "its namespaceSelector ({sel}) cannot be checked: namespace {:?} is not known",
+                            who.namespace
+                        ),
+                        false,
                     ));
                 }
                 Some(l) if !sel.matches(l) => {
-                    return Some(format!(
-                        "its namespaceSelector ({sel}) does not match namespace {:?}",
-                        who.namespace
+                    return Some((
+                        format!(
+                            "its namespaceSelector ({sel}) does not match namespace {:?}",
+                            who.namespace
+                        ),
+                        false,
                     ));
                 }
                 Some(_) => {}

@@ -122,28 +122,36 @@ pub fn admit<'p>(
     pool: impl Fn(&str) -> Option<&'p Pool>,
     who: &Requester<'_>,
 ) -> Result<Vec<String>, AllocError> {
-    let mut refused: Vec<(String, String)> = Vec::new();
+    let error = |pool: String, reason: String, soon: bool| {
+        if soon {
+            AllocError::SelectorUnknown { pool, reason }
+        } else {
+            AllocError::PoolNotAllowed { pool, reason }
+        }
+    };
+    let mut refused: Vec<(String, String, bool)> = Vec::new();
     let mut out = Vec::with_capacity(chosen.len());
     for name in chosen {
         match pool(&name).and_then(|p| p.refuses(who)) {
             None => out.push(name),
-            Some(reason) if source != PoolSource::ClusterDefault => {
-                return Err(AllocError::PoolNotAllowed { pool: name, reason });
+            Some((reason, soon)) if source != PoolSource::ClusterDefault => {
+                return Err(error(name, reason, soon));
             }
-            Some(reason) => refused.push((name, reason)),
+            Some((reason, soon)) => refused.push((name, reason, soon)),
         }
     }
     if out.is_empty()
-        && let Some((first, _)) = refused.first()
+        && let Some((first, _, _)) = refused.first()
     {
-        return Err(AllocError::PoolNotAllowed {
-            pool: first.clone(),
-            reason: refused
+        return Err(error(
+            first.clone(),
+            refused
                 .iter()
-                .map(|(p, r)| format!("default pool {p:?}: {r}"))
+                .map(|(p, r, _)| format!("default pool {p:?}: {r}"))
                 .collect::<Vec<_>>()
                 .join("; "),
-        });
+            refused.iter().any(|(_, _, soon)| *soon),
+        ));
     }
     Ok(out)
 }
@@ -254,7 +262,19 @@ mod tests {
             &unknown,
         )
         .expect_err("unknown node labels");
-        assert!(e.to_string().contains("cannot be checked"), "{e}");
+        assert!(
+            matches!(e, AllocError::SelectorUnknown { .. }),
+            "unknown node labels may be known in a moment: {e:?}"
+        );
+        assert!(e.to_string().contains("cannot be checked yet"), "{e}");
+        let e = admit(
+            names(&["tenants"]),
+            PoolSource::PodAnnotation,
+            lookup,
+            &unknown,
+        )
+        .expect_err("unknown namespace");
+        assert!(matches!(e, AllocError::PoolNotAllowed { .. }), "{e:?}");
         // Unknown names pass through for the allocator to report.
         assert_eq!(
             admit(names(&["nope"]), PoolSource::CniConfig, lookup, &who),

@@ -49,6 +49,11 @@ pub enum EngineError {
     /// The workload source has not seen everything yet.
     #[error("the workload caches have not synced yet; try again")]
     NotSynced,
+    /// The workload source could not tell something the decision needs (an API read failed
+    /// or timed out, or its cache still shows a previous pod of the name): deciding anyway
+    /// could pin the wrong way or pick the wrong pool.
+    #[error("{0}; not deciding on a guess, try again")]
+    WorkloadUnknown(String),
     /// The policy chain is not in force yet.
     #[error("the policy chain is not loaded yet ({0}); try again")]
     PoliciesNotLoaded(String),
@@ -77,6 +82,7 @@ impl EngineError {
                 AllocError::PoolExhausted { .. } => "pool_exhausted",
                 AllocError::UnknownPool { .. } => "unknown_pool",
                 AllocError::PoolNotAllowed { .. } => "pool_not_allowed",
+                AllocError::SelectorUnknown { .. } => "selector_unknown",
                 AllocError::NoPool => "no_pool",
                 AllocError::AddressNotInPool { .. } => "address_not_in_pool",
                 AllocError::AddressInUse { .. } => "address_in_use",
@@ -91,6 +97,7 @@ impl EngineError {
             EngineError::Write(WriteError::Abandoned) => "abandoned",
             EngineError::Write(WriteError::Contended { .. }) => "contended",
             EngineError::NotSynced => "not_synced",
+            EngineError::WorkloadUnknown(_) => "workload_unknown",
             EngineError::PoliciesNotLoaded(_) => "policies_not_loaded",
             EngineError::Changed(_) => "changed",
             EngineError::Policy(_) => "policy",
@@ -314,18 +321,37 @@ impl Engine {
     /// Workload, chain decision and pool candidates (blocking: runs the policies).
     fn decide(&self, req: &CniRequest, attachment: &Attachment) -> Result<Decided, EngineError> {
         let view = self.workloads.view();
-        let mut workload = view
+        let found = view
             .pod(&attachment.namespace, &attachment.pod)
-            .unwrap_or_else(|| Workload {
-                namespace: attachment.namespace.clone(),
-                name: if attachment.pod.is_empty() {
-                    attachment.container_id.clone()
-                } else {
-                    attachment.pod.clone()
-                },
-                uid: attachment.pod_uid.clone(),
-                ..Workload::default()
-            });
+            .map_err(EngineError::WorkloadUnknown)?;
+        // In Kubernetes mode a watch cache can still show the previous pod of a name (a
+        // StatefulSet pod recreated): its owners and annotations may not be this pod's.
+        let cached_elsewhere = self
+            .node
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shared;
+        if let Some(w) = &found
+            && cached_elsewhere
+            && !w.uid.is_empty()
+            && !attachment.pod_uid.is_empty()
+            && w.uid != attachment.pod_uid
+        {
+            return Err(EngineError::WorkloadUnknown(format!(
+                "the workload source still shows pod {}/{} with UID {}, not the caller's {}",
+                w.namespace, w.name, w.uid, attachment.pod_uid
+            )));
+        }
+        let mut workload = found.unwrap_or_else(|| Workload {
+            namespace: attachment.namespace.clone(),
+            name: if attachment.pod.is_empty() {
+                attachment.container_id.clone()
+            } else {
+                attachment.pod.clone()
+            },
+            uid: attachment.pod_uid.clone(),
+            ..Workload::default()
+        });
         if workload.uid.is_empty() {
             workload.uid = attachment.pod_uid.clone();
         }
@@ -333,7 +359,9 @@ impl Engine {
         workload.interface = req.ifname.clone();
         workload.container_id = req.container_id.clone();
         workload.cni_args = req.args.clone();
-        let owners = view.owner_chain(&workload.namespace, &workload.owner_references);
+        let owners = view
+            .owner_chain(&workload.namespace, &workload.owner_references)
+            .map_err(EngineError::WorkloadUnknown)?;
         let request = PolicyRequest { workload, owners };
         let outcome = self.policies.decide(&request)?;
         for step in &outcome.steps {
@@ -359,7 +387,9 @@ impl Engine {
             Decision::Pinned(p) => p.pools.clone(),
             _ => Vec::new(),
         };
-        let ns_annotations = view.namespace_annotations(&request.workload.namespace);
+        let ns_annotations = view
+            .namespace_annotations(&request.workload.namespace)
+            .map_err(EngineError::WorkloadUnknown)?;
         let defaults = self
             .ipam
             .read()
@@ -373,7 +403,9 @@ impl Engine {
             cni_pools: &req.pools,
             cluster_defaults: &defaults,
         })?;
-        let ns_labels = view.namespace_labels(&request.workload.namespace);
+        let ns_labels = view
+            .namespace_labels(&request.workload.namespace)
+            .map_err(EngineError::WorkloadUnknown)?;
         let node = self
             .node
             .read()
@@ -567,11 +599,14 @@ impl Engine {
             let view = this.workloads.view();
             let judges = this.judges;
             let fires = move |c: &tether_core::ReleaseCondition| judges && view.fires(c);
-            this.ipam
+            // Judged after letting go of the state: a rule may be confirmed by an API read,
+            // and the writer must not wait for it.
+            let candidates = this
+                .ipam
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
-                .plan_release(now(), &fires)
-                .changes
+                .release_candidates();
+            tether_core::alloc::plan_release_of(&candidates, now(), &fires).changes
         })
         .await
         .map_err(|e| EngineError::Unavailable(format!("reconcile task: {e}")))?;

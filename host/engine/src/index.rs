@@ -143,25 +143,31 @@ impl WorkloadIndex {
 }
 
 impl WorkloadView for WorkloadIndex {
-    fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
-        self.pods
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
+        Ok(self
+            .pods
             .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned()
+            .cloned())
     }
 
-    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object> {
-        self.objects.owner_chain(namespace, owners)
+    fn owner_chain(
+        &self,
+        namespace: &str,
+        owners: &[OwnerReference],
+    ) -> Result<Vec<Object>, String> {
+        Ok(self.objects.owner_chain(namespace, owners))
     }
 
-    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
-        self.namespaces
+    fn namespace_annotations(&self, namespace: &str) -> Result<Vec<(String, String)>, String> {
+        Ok(self
+            .namespaces
             .get(namespace)
             .map(|o| o.annotations.clone())
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
-    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>> {
-        self.namespaces.get(namespace).map(|o| o.labels.clone())
+    fn namespace_labels(&self, namespace: &str) -> Result<Option<Vec<(String, String)>>, String> {
+        Ok(self.namespaces.get(namespace).map(|o| o.labels.clone()))
     }
 
     fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
@@ -186,19 +192,23 @@ pub struct IndexAt {
 }
 
 impl WorkloadView for IndexAt {
-    fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
         self.index.pod(namespace, name)
     }
 
-    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object> {
+    fn owner_chain(
+        &self,
+        namespace: &str,
+        owners: &[OwnerReference],
+    ) -> Result<Vec<Object>, String> {
         self.index.owner_chain(namespace, owners)
     }
 
-    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
+    fn namespace_annotations(&self, namespace: &str) -> Result<Vec<(String, String)>, String> {
         self.index.namespace_annotations(namespace)
     }
 
-    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>> {
+    fn namespace_labels(&self, namespace: &str) -> Result<Option<Vec<(String, String)>>, String> {
         self.index.namespace_labels(namespace)
     }
 

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Writes that found their address changed by another writer (and were planned again).
     pub conflicts: Counter,
+    /// Re-plans after a conflict that waited a jittered moment first.
+    pub conflict_waits: Counter,
     /// Allocatable addresses per pool.
     pub pool_total: Family<PoolLabels, Gauge<f64, AtomicU64>>,
     /// Allocated addresses per pool.
@@ -159,6 +161,12 @@ impl Metrics {
             "Writes that found their address changed by another writer first",
             conflicts.clone(),
         );
+        let conflict_waits = Counter::default();
+        registry.register(
+            "store_conflict_waits",
+            "Requests that conflicted again and waited a random moment before their next plan",
+            conflict_waits.clone(),
+        );
         let kube_cache_objects = Family::<ResourceLabels, Gauge>::default();
         registry.register(
             "kube_cache_objects",
@@ -183,6 +191,7 @@ impl Metrics {
             kube_cache_synced,
             kube_api_calls,
             conflicts,
+            conflict_waits,
             pool_reloads,
             policy_reloads,
             calls,

@@ -24,17 +24,25 @@ pub trait WorkloadSource: Send + Sync {
 
 /// What one view of the workloads answers.
 pub trait WorkloadView: Send + Sync {
-    /// A pod by namespace and name.
-    fn pod(&self, namespace: &str, name: &str) -> Option<Workload>;
+    /// A pod by namespace and name: `Ok(None)` when the source knows there is none, `Err`
+    /// (why) when it cannot tell (an API read failed): the caller must not guess then.
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String>;
 
-    /// The owner chain of an object: its controller, the controller's controller, ...
-    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object>;
+    /// The owner chain of an object: its controller, the controller's controller, ... up to
+    /// the first owner that does not exist; `Err` when an owner could not be read.
+    fn owner_chain(
+        &self,
+        namespace: &str,
+        owners: &[OwnerReference],
+    ) -> Result<Vec<Object>, String>;
 
-    /// A namespace's annotations.
-    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)>;
+    /// A namespace's annotations (none when there is no such namespace); `Err` when it could
+    /// not be read.
+    fn namespace_annotations(&self, namespace: &str) -> Result<Vec<(String, String)>, String>;
 
-    /// A namespace's labels; `None` when the source does not know the namespace.
-    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>>;
+    /// A namespace's labels; `Ok(None)` when the source does not know the namespace, `Err`
+    /// when it could not be read.
+    fn namespace_labels(&self, namespace: &str) -> Result<Option<Vec<(String, String)>>, String>;
 
     /// Whether the pod `namespace/name` with `uid` exists: [`Liveness::Live`] when the source
     /// has a pod of that name whose UID is `uid` (or either UID is empty);
@@ -63,20 +71,20 @@ impl WorkloadSource for NoWorkloads {
 }
 
 impl WorkloadView for NoWorkloads {
-    fn pod(&self, _: &str, _: &str) -> Option<Workload> {
-        None
+    fn pod(&self, _: &str, _: &str) -> Result<Option<Workload>, String> {
+        Ok(None)
     }
 
-    fn owner_chain(&self, _: &str, _: &[OwnerReference]) -> Vec<Object> {
-        Vec::new()
+    fn owner_chain(&self, _: &str, _: &[OwnerReference]) -> Result<Vec<Object>, String> {
+        Ok(Vec::new())
     }
 
-    fn namespace_labels(&self, _: &str) -> Option<Vec<(String, String)>> {
-        None
+    fn namespace_labels(&self, _: &str) -> Result<Option<Vec<(String, String)>>, String> {
+        Ok(None)
     }
 
-    fn namespace_annotations(&self, _: &str) -> Vec<(String, String)> {
-        Vec::new()
+    fn namespace_annotations(&self, _: &str) -> Result<Vec<(String, String)>, String> {
+        Ok(Vec::new())
     }
 
     fn pod_liveness(&self, _: &str, _: &str, _: &str) -> Liveness {

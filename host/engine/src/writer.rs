@@ -476,6 +476,7 @@ impl Loop {
                     self.carried.push_back(job);
                 } else {
                     let wait = jitter(&mut self.rng, job.attempts);
+                    self.metrics.conflict_waits.inc();
                     self.deferred.push((Instant::now() + wait, job));
                 }
             }

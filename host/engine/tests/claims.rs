@@ -24,29 +24,48 @@ use tether_store::embedded::EmbeddedStore;
 struct Cluster {
     pods: HashMap<(String, String), Workload>,
     objects: ObjectIndex,
+    /// A lookup that fails, as an API read that times out: `pod`, `owners` or `namespace`.
+    unreadable: Option<&'static str>,
+}
+
+impl Cluster {
+    fn fail(&self, what: &str) -> Result<(), String> {
+        match self.unreadable {
+            Some(w) if w == what => Err(format!("reading the {what}: timed out")),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl WorkloadView for Cluster {
-    fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
-        self.pods
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
+        self.fail("pod")?;
+        Ok(self
+            .pods
             .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned()
+            .cloned())
     }
 
-    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object> {
-        self.objects.owner_chain(namespace, owners)
+    fn owner_chain(
+        &self,
+        namespace: &str,
+        owners: &[OwnerReference],
+    ) -> Result<Vec<Object>, String> {
+        self.fail("owners")?;
+        Ok(self.objects.owner_chain(namespace, owners))
     }
 
-    fn namespace_annotations(&self, _: &str) -> Vec<(String, String)> {
-        Vec::new()
+    fn namespace_annotations(&self, _: &str) -> Result<Vec<(String, String)>, String> {
+        self.fail("namespace")?;
+        Ok(Vec::new())
     }
 
-    fn namespace_labels(&self, _: &str) -> Option<Vec<(String, String)>> {
-        None
+    fn namespace_labels(&self, _: &str) -> Result<Option<Vec<(String, String)>>, String> {
+        Ok(None)
     }
 
     fn pod_liveness(&self, namespace: &str, name: &str, _uid: &str) -> Liveness {
-        if self.pod(namespace, name).is_some() {
+        if self.pod(namespace, name).is_ok_and(|p| p.is_some()) {
             Liveness::Live
         } else {
             Liveness::Unknown
@@ -363,4 +382,25 @@ async fn without_workloads_owned_kinds_are_refused() {
     let msg = assert_refused(r, "default/vm-cirros");
     assert!(msg.contains("owner"), "{msg}");
     add(&e, "c", "p").await.expect("custom in its namespace");
+}
+
+/// When the workload source cannot tell something the decision needs (the pod, an owner of
+/// its chain, its namespace: an API read failed), the ADD is answered "try again" and nothing
+/// is allocated: a guess could pin a VM's pod as ephemeral, or pick the wrong pool.
+#[tokio::test]
+async fn an_unreadable_workload_is_never_guessed() {
+    for what in ["pod", "owners", "namespace"] {
+        let mut c = cluster();
+        c.unreadable = Some(what);
+        let (_dir, e) = engine(Some(c), |_| Decision::Ephemeral);
+        let err = add(&e, "default", "virt-launcher-vm-cirros-abcde")
+            .await
+            .expect_err(what);
+        assert_eq!(err.reason(), "workload_unknown", "{what}: {err}");
+        assert!(err.to_string().contains("try again"), "{err}");
+        assert!(
+            e.allocations().is_empty(),
+            "{what}: something was allocated"
+        );
+    }
 }

@@ -342,6 +342,8 @@ async fn repeated_conflicts_wait_and_then_succeed() {
         MAX_ATTEMPTS as usize - 1
     );
     assert_eq!(store.snapshot().expect("snapshot").allocations.len(), 1);
+    // The first re-plan is at once; every later one waited its jittered moment.
+    assert_eq!(e.metrics.conflict_waits.get(), MAX_ATTEMPTS as u64 - 3);
 }
 
 /// Two engines on one store, four callers each, ADD and DEL in a loop on a pool of eight:

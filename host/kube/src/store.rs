@@ -34,6 +34,8 @@ use crate::crd::{IPAllocation, allocation_name};
 
 /// How many groups of one commit are in flight at once.
 const CONCURRENT_GROUPS: usize = 32;
+/// The longest one store call (a snapshot, a read, a commit) may wait for the API server.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Allocations as custom resources.
 pub struct KubeStore {
@@ -356,9 +358,30 @@ impl KubeStore {
     }
 }
 
+impl KubeStore {
+    /// Runs a store call on the API runtime, bounded by [`CALL_TIMEOUT`]: the engine's
+    /// writer waits for it with the state locked, so an API server that stops answering must
+    /// not hold it forever. A call that times out fails; what it may have written anyway is
+    /// read back by the writer's resync.
+    fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.rt
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
+            .unwrap_or_else(|_| {
+                Err(StoreError::Backend(format!(
+                    "{what}: no answer from the API server within {}s",
+                    CALL_TIMEOUT.as_secs()
+                )))
+            })
+    }
+}
+
 impl Store for KubeStore {
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.rt.block_on(async {
+        self.bounded("listing addresses", async {
             let list = self
                 .api
                 .list(&ListParams::default())
@@ -370,7 +393,7 @@ impl Store for KubeStore {
     }
 
     fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
-        self.rt.block_on(async {
+        self.bounded("reading an address", async {
             self.current(ip)
                 .await?
                 .map(|o| read(&o))
@@ -380,7 +403,7 @@ impl Store for KubeStore {
     }
 
     fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
-        self.rt.block_on(self.commit_async(groups))
+        self.bounded("committing", self.commit_async(groups))
     }
 
     fn subscribe(&self) -> Receiver<Event> {

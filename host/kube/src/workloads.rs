@@ -137,7 +137,7 @@ struct Shared {
     rt: Handle,
     node: String,
     state: RwLock<State>,
-    /// Resources resolved by discovery, by (apiVersion, kind); `None`: not served.
+    /// Resources resolved by discovery, by (apiVersion, kind): only kinds found served.
     resolved: Mutex<HashMap<(String, String), Resolved>>,
 }
 
@@ -249,10 +249,14 @@ impl Shared {
             ))) => None,
             Some(Err(e)) => return Err(format!("discovery of {api_version} {kind}: {e}")),
         };
-        self.resolved
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, found.clone());
+        // Only what is served is remembered: a kind missing now may be served later (its
+        // CRD installed or reinstalled).
+        if found.is_some() {
+            self.resolved
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key, found.clone());
+        }
         Ok(found)
     }
 
@@ -290,27 +294,31 @@ impl Shared {
         }
     }
 
-    /// An owner object: from the cache, else from the API server. An object whose UID is not
-    /// the reference's (a stale reference to a recreated owner) is not that owner.
-    fn owner(&self, namespace: &str, r: &OwnerReference) -> Option<Object> {
+    /// An owner object: from the cache, else (not there, or there with another UID: the
+    /// cache may lag a recreation) from the API server. `Ok(None)` when no such owner exists:
+    /// an object whose UID is not the reference's (a stale reference to a recreated owner)
+    /// is not that owner. `Err` when the API server cannot tell.
+    fn owner(&self, namespace: &str, r: &OwnerReference) -> Result<Option<Object>, String> {
+        let same = |o: &Object| r.uid.is_empty() || o.uid.is_empty() || r.uid == o.uid;
         let cached = self
             .read()
             .owners
             .get(&(api_group(&r.api_version).to_owned(), r.kind.clone()))
             .and_then(|m| m.get(&(namespace.to_owned(), r.name.clone())))
             .cloned();
-        let o = match cached {
-            Some(o) => o,
-            None => match self.get(&r.api_version, &r.kind, namespace, &r.name) {
-                Ok(Some(v)) => object_from_value(&v).ok()?,
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::warn!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner not in the caches and not readable: {e}");
-                    return None;
-                }
-            },
+        if let Some(o) = cached.filter(same) {
+            return Ok(Some(o));
+        }
+        let o = match self.get(&r.api_version, &r.kind, namespace, &r.name) {
+            Ok(Some(v)) => object_from_value(&v)
+                .map_err(|e| format!("owner {} {namespace}/{}: {e}", r.kind, r.name))?,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner not in the caches and not readable: {e}");
+                return Err(e);
+            }
         };
-        (r.uid.is_empty() || o.uid.is_empty() || r.uid == o.uid).then_some(o)
+        Ok(same(&o).then_some(o))
     }
 }
 
@@ -550,43 +558,57 @@ impl WorkloadSource for KubeWorkloads {
 }
 
 impl KubeWorkloads {
-    /// A namespace, from the cache or else from the API server (`None`: not known).
-    fn namespace(&self, name: &str) -> Option<NsMeta> {
-        let cached = self.shared.read().namespaces.get(name).cloned();
-        cached.or_else(|| match self.shared.get("v1", "Namespace", "", name) {
-            Ok(Some(v)) => object_from_value(&v).ok().map(NsMeta::of),
-            _ => None,
-        })
+    /// A namespace, from the cache or else from the API server (`Ok(None)`: there is none;
+    /// `Err`: it could not be read).
+    fn namespace(&self, name: &str) -> Result<Option<NsMeta>, String> {
+        if let Some(n) = self.shared.read().namespaces.get(name).cloned() {
+            return Ok(Some(n));
+        }
+        match self.shared.get("v1", "Namespace", "", name)? {
+            Some(v) => object_from_value(&v)
+                .map(|o| Some(NsMeta::of(o)))
+                .map_err(|e| format!("namespace {name}: {e}")),
+            None => Ok(None),
+        }
     }
 }
 
 impl WorkloadView for KubeWorkloads {
-    fn pod(&self, namespace: &str, name: &str) -> Option<Workload> {
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
         let cached = self
             .shared
             .read()
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .cloned();
+        if cached.is_some() {
+            return Ok(cached);
+        }
         // An ADD may come a moment before the watch brings its pod.
-        cached.or_else(|| match self.shared.get("v1", "Pod", namespace, name) {
-            Ok(Some(v)) => workload_from_pod(&v).ok(),
-            Ok(None) => None,
+        match self.shared.get("v1", "Pod", namespace, name) {
+            Ok(Some(v)) => workload_from_pod(&v)
+                .map(Some)
+                .map_err(|e| format!("pod {namespace}/{name}: {e}")),
+            Ok(None) => Ok(None),
             Err(e) => {
                 tracing::warn!(pod = %format!("{namespace}/{name}"), "pod not in the cache and not readable: {e}");
-                None
+                Err(e)
             }
-        })
+        }
     }
 
-    fn owner_chain(&self, namespace: &str, owners: &[OwnerReference]) -> Vec<Object> {
+    fn owner_chain(
+        &self,
+        namespace: &str,
+        owners: &[OwnerReference],
+    ) -> Result<Vec<Object>, String> {
         let mut chain: Vec<Object> = Vec::new();
         let mut next = owners.iter().find(|r| r.controller).cloned();
         while let Some(r) = next {
             if chain.len() >= MAX_OWNER_DEPTH {
                 break;
             }
-            let Some(o) = self.shared.owner(namespace, &r) else {
+            let Some(o) = self.shared.owner(namespace, &r)? else {
                 break;
             };
             if chain.iter().any(|c| c.kind == o.kind && c.name == o.name) {
@@ -595,17 +617,18 @@ impl WorkloadView for KubeWorkloads {
             next = o.controller().cloned();
             chain.push(o);
         }
-        chain
+        Ok(chain)
     }
 
-    fn namespace_annotations(&self, namespace: &str) -> Vec<(String, String)> {
-        self.namespace(namespace)
+    fn namespace_annotations(&self, namespace: &str) -> Result<Vec<(String, String)>, String> {
+        Ok(self
+            .namespace(namespace)?
             .map(|n| n.annotations)
-            .unwrap_or_default()
+            .unwrap_or_default())
     }
 
-    fn namespace_labels(&self, namespace: &str) -> Option<Vec<(String, String)>> {
-        self.namespace(namespace).map(|n| n.labels)
+    fn namespace_labels(&self, namespace: &str) -> Result<Option<Vec<(String, String)>>, String> {
+        Ok(self.namespace(namespace)?.map(|n| n.labels))
     }
 
     fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
@@ -670,7 +693,16 @@ impl WorkloadView for KubeWorkloads {
 }
 
 impl KubeWorkloads {
+    /// The owner a release rule names, read from the API server. A kind the API server does
+    /// not serve (now) is not "deleted": its CRD may be on its way back (a reinstall), and
+    /// every address pinned to an object of it would go. That is unknown.
     fn read_owner(&self, k: &ObjectKey) -> Result<Option<Object>, String> {
+        if self.shared.resource(&k.api_version, &k.kind)?.is_none() {
+            return Err(format!(
+                "the API server does not serve {} {} now",
+                k.api_version, k.kind
+            ));
+        }
         match self
             .shared
             .get(&k.api_version, &k.kind, &k.namespace, &k.name)?

@@ -53,7 +53,7 @@ impl From<&EngineError> for ApiError {
                 AllocError::NotAllocated { .. } => {
                     (StatusCode::NOT_FOUND, codes::UNKNOWN_CONTAINER)
                 }
-                AllocError::IdentityBusy { .. } => {
+                AllocError::IdentityBusy { .. } | AllocError::SelectorUnknown { .. } => {
                     (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
                 }
                 AllocError::NoDecision => (StatusCode::INTERNAL_SERVER_ERROR, codes::POLICY_FAILED),
@@ -65,6 +65,7 @@ impl From<&EngineError> for ApiError {
                 WriteError::Stopped | WriteError::Abandoned | WriteError::Contended { .. },
             )
             | EngineError::NotSynced
+            | EngineError::WorkloadUnknown(_)
             | EngineError::PoliciesNotLoaded(_)
             | EngineError::Changed(_) => (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN),
             EngineError::Policy(_) => (StatusCode::UNPROCESSABLE_ENTITY, codes::POLICY_FAILED),
