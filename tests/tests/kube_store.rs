@@ -80,5 +80,38 @@ fn the_kubernetes_store_keeps_the_store_contract() {
     contract::racing_claims_one_wins(fresh());
     eprintln!("contract: subscribers_see_applied_changes");
     contract::subscribers_see_applied_changes(&*fresh());
+
+    // An object this version cannot read (a newer version's owner kind, a hand-made object)
+    // neither stops the store from loading nor frees its address: it is reserved.
+    let store = fresh();
+    let bad: IPAllocation = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ipam.tether.dev/v1alpha1", "kind": "IPAllocation",
+        "metadata": {"name": "10-6-168-105"},
+        "spec": {"pool": "test-ippool", "address": "10.6.168.105", "network": "net",
+                 "interface": "eth0", "owner": {"kind": "FromTheFuture", "name": "ns/x"}}
+    }))
+    .expect("object");
+    rt.block_on(Api::<IPAllocation>::all(client.clone()).create(&PostParams::default(), &bad))
+        .expect("create");
+    let snap = store
+        .snapshot()
+        .expect("an unreadable object does not stop the load");
+    assert_eq!(snap.allocations.len(), 1, "{:?}", snap.allocations);
+    let a = &snap.allocations[0];
+    assert_eq!(a.ip.to_string(), "10.6.168.105");
+    assert!(a.holders.is_empty());
+    match &a.owner {
+        tether_core::alloc::Owner::Pinned {
+            identity, release, ..
+        } => {
+            assert!(
+                identity.contains("unreadable IPAllocation 10-6-168-105"),
+                "{identity}"
+            );
+            assert_eq!(release, &[tether_core::ReleaseCondition::Never]);
+        }
+        other => panic!("not reserved: {other:?}"),
+    }
+    assert_eq!(store.get(a.ip).expect("get").len(), 1);
     drop(c);
 }

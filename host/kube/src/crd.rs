@@ -367,6 +367,41 @@ impl IPAllocation {
         IPAllocation::new(&allocation_name(a.ip), spec)
     }
 
+    /// The allocation an object describes; an object that does not describe one (made by
+    /// hand, or by a newer version with a kind or rule this one does not know) reserves its
+    /// address instead: held by nobody, pinned to an identity that names the object, never
+    /// released by a rule (`tetherd release --force`, or deleting the object, frees it).
+    /// Either way the address is never handed out while the object exists. The error says
+    /// why the object was not read as written.
+    pub fn to_allocation_or_reserved(&self) -> (Allocation, Option<RecordError>) {
+        match self.to_allocation() {
+            Ok(a) => (a, None),
+            Err(e) => {
+                let name = self.metadata.name.clone().unwrap_or_default();
+                let a = Allocation {
+                    pool: self.spec.pool.clone(),
+                    ip: self.spec.address,
+                    network: self.spec.network.clone(),
+                    interface: self.spec.interface.clone(),
+                    owner: Owner::Pinned {
+                        identity: format!("(unreadable IPAllocation {name})"),
+                        kind: IdentityKind::Custom,
+                        release: vec![ReleaseCondition::Never],
+                    },
+                    holders: Vec::new(),
+                    idle_since: None,
+                    revision: self
+                        .metadata
+                        .resource_version
+                        .as_deref()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(1),
+                };
+                (a, Some(e))
+            }
+        }
+    }
+
     /// The allocation an object describes, its revision the object's resourceVersion.
     pub fn to_allocation(&self) -> Result<Allocation, RecordError> {
         let name = self.metadata.name.clone().unwrap_or_default();

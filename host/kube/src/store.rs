@@ -66,11 +66,15 @@ fn revision_of(o: &IPAllocation) -> Revision {
         .unwrap_or(0)
 }
 
-fn read(o: &IPAllocation) -> Result<Allocation, StoreError> {
-    o.to_allocation().map_err(|e| StoreError::Corrupt {
-        key: o.metadata.name.clone().unwrap_or_default(),
-        reason: e.to_string(),
-    })
+/// The allocation an object describes; one that describes none reserves its address (see
+/// [`IPAllocation::to_allocation_or_reserved`]), logged: one bad object must neither stop
+/// every daemon from starting nor let its address be handed out.
+fn read(o: &IPAllocation) -> Allocation {
+    let (a, error) = o.to_allocation_or_reserved();
+    if let Some(e) = error {
+        tracing::warn!(address = %a.ip, "address object not readable; its address stays reserved until the object is fixed or deleted: {e}");
+    }
+    a
 }
 
 /// What a write did, to undo it if a later change of its group conflicts.
@@ -144,7 +148,7 @@ impl KubeStore {
             }
             Change::Put(a) => {
                 let before = match self.current(a.ip).await? {
-                    Some(o) if revision_of(&o) == a.revision && o.spec.pool == a.pool => read(&o)?,
+                    Some(o) if revision_of(&o) == a.revision && o.spec.pool == a.pool => read(&o),
                     _ => return Ok(Err(self.conflict(c).await?)),
                 };
                 let mut o = IPAllocation::from_allocation(a);
@@ -168,7 +172,7 @@ impl KubeStore {
             }
             Change::Delete { pool, ip, revision } => {
                 let before = match self.current(*ip).await? {
-                    Some(o) if revision_of(&o) == *revision && &o.spec.pool == pool => read(&o)?,
+                    Some(o) if revision_of(&o) == *revision && &o.spec.pool == pool => read(&o),
                     _ => return Ok(Err(self.conflict(c).await?)),
                 };
                 let dp = DeleteParams {
@@ -295,19 +299,12 @@ impl KubeStore {
                         continue;
                     }
                     Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        match o.to_allocation() {
-                            Ok(a) => {
-                                if let Some(seen) = relisted.as_mut() {
-                                    seen.insert(a.ip);
-                                }
-                                known.insert(a.ip, (a.pool.clone(), a.revision));
-                                vec![Event::Put(a)]
-                            }
-                            Err(e) => {
-                                tracing::warn!("skipping an unreadable address object: {e}");
-                                continue;
-                            }
+                        let a = read(&o);
+                        if let Some(seen) = relisted.as_mut() {
+                            seen.insert(a.ip);
                         }
+                        known.insert(a.ip, (a.pool.clone(), a.revision));
+                        vec![Event::Put(a)]
                     }
                     Ok(watcher::Event::Delete(o)) => {
                         // The revision the record had (the delete event's own is newer).
@@ -387,18 +384,19 @@ impl Store for KubeStore {
                 .list(&ListParams::default())
                 .await
                 .map_err(|e| backend("listing addresses", e))?;
-            let allocations = list.items.iter().map(read).collect::<Result<_, _>>()?;
+            let allocations = list.items.iter().map(read).collect();
             Ok(Snapshot { allocations })
         })
     }
 
     fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
         self.bounded("reading an address", async {
-            self.current(ip)
+            Ok(self
+                .current(ip)
                 .await?
                 .map(|o| read(&o))
-                .transpose()
-                .map(|a| a.into_iter().collect())
+                .into_iter()
+                .collect())
         })
     }
 
