@@ -113,5 +113,51 @@ fn the_kubernetes_store_keeps_the_store_contract() {
         other => panic!("not reserved: {other:?}"),
     }
     assert_eq!(store.get(a.ip).expect("get").len(), 1);
+
+    // An identity's addresses are found by their label, for a daemon whose watch lags.
+    let store = fresh();
+    let pinned = |ip: &str, identity: &str| tether_core::alloc::Allocation {
+        pool: "test-ippool".into(),
+        ip: ip.parse().expect("ip"),
+        network: "net".into(),
+        interface: "eth0".into(),
+        owner: tether_core::alloc::Owner::Pinned {
+            identity: identity.into(),
+            kind: tether_core::IdentityKind::VirtualMachine,
+            release: vec![tether_core::ReleaseCondition::Never],
+        },
+        holders: Vec::new(),
+        idle_since: None,
+        revision: 0,
+    };
+    let outcomes = store
+        .commit(&[
+            vec![tether_core::alloc::Change::Put(pinned(
+                "10.6.168.101",
+                "default/vm-a",
+            ))],
+            vec![tether_core::alloc::Change::Put(pinned(
+                "10.6.168.102",
+                "default/vm-b",
+            ))],
+        ])
+        .expect("commit");
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let found = store
+        .pinned_to(tether_core::IdentityKind::VirtualMachine, "default/vm-a")
+        .expect("list")
+        .expect("the Kubernetes store answers");
+    assert_eq!(
+        found.iter().map(|a| a.ip.to_string()).collect::<Vec<_>>(),
+        ["10.6.168.101"]
+    );
+    assert!(
+        store
+            .pinned_to(tether_core::IdentityKind::StatefulSetPod, "default/vm-a")
+            .expect("list")
+            .expect("answers")
+            .is_empty(),
+        "another kind of the same name is another identity"
+    );
     drop(c);
 }

@@ -986,6 +986,16 @@ impl Ipam {
         plan_release_of(&self.release_candidates(), now, fires)
     }
 
+    /// Whether `identity` of `kind` holds an address on `network` and interface `ifname`.
+    pub fn has_pin(&self, identity: &str, kind: IdentityKind, network: &str, ifname: &str) -> bool {
+        self.by_pin.contains_key(&PinKey {
+            identity: identity.to_owned(),
+            kind,
+            network: network.to_owned(),
+            ifname: ifname.to_owned(),
+        })
+    }
+
     /// The pinned allocations no pod holds: those a release rule may free. Judging the rules
     /// may read the API server; a caller that holds a lock on the state takes these out
     /// first and judges them with [`plan_release_of`] after letting go.

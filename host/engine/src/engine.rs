@@ -125,6 +125,8 @@ pub struct Engine {
     release_gate: std::sync::RwLock<Option<ReleaseGate>>,
     /// This node, as pools' node selectors see it (see [`Engine::set_node`]).
     node: std::sync::RwLock<NodeInfo>,
+    /// The store, for reads outside the writer (see [`Engine::confirm_pin`]).
+    store: Arc<dyn Store>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -214,6 +216,7 @@ impl Engine {
         let ipam = Ipam::new(pools, snapshot.allocations)?;
         crate::warn_orphans(&ipam);
         let ipam = Arc::new(RwLock::new(ipam));
+        let store = ports.store.clone();
         let (writer, thread) = Writer::start(ipam.clone(), ports.store, events, metrics.clone())
             .map_err(StartError::Thread)?;
         Ok((
@@ -226,6 +229,7 @@ impl Engine {
                 reload_error: std::sync::Mutex::new(None),
                 release_gate: std::sync::RwLock::new(None),
                 node: std::sync::RwLock::new(NodeInfo::default()),
+                store,
                 metrics,
             },
             thread,
@@ -288,6 +292,10 @@ impl Engine {
             tokio::task::spawn_blocking(move || this.decide(&req2, &att2))
                 .await
                 .map_err(|e| EngineError::Unavailable(format!("policy evaluation task: {e}")))??;
+        if let Decision::Pinned(p) = &decision {
+            self.confirm_pin(p, &req.network, &attachment.ifname)
+                .await?;
+        }
         let liveness = move |a: &Attachment| {
             if a.pod.is_empty() {
                 Liveness::Unknown
@@ -423,6 +431,49 @@ impl Engine {
         };
         tracing::debug!(?pools, ?source, "pools selected");
         Ok((outcome.decision, pools, view))
+    }
+
+    /// Before a pinned identity is given its first address here, asks the store whether it
+    /// has one already that the state does not show yet (in Kubernetes mode the state follows
+    /// a watch, which may lag: without this a VM whose launcher pod comes to a lagging node
+    /// would get a second address). What the store has is read into the state first. An
+    /// identity the state knows, or a store with no other writers, costs nothing.
+    async fn confirm_pin(
+        &self,
+        p: &tether_core::Pinned,
+        network: &str,
+        ifname: &str,
+    ) -> Result<(), EngineError> {
+        let known = self
+            .ipam
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_pin(&p.identity, p.kind, network, ifname);
+        if known {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let (kind, identity) = (p.kind, p.identity.clone());
+        let found = tokio::task::spawn_blocking(move || store.pinned_to(kind, &identity))
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("store read task: {e}")))?
+            .map_err(|e| {
+                EngineError::WorkloadUnknown(format!(
+                    "cannot confirm with the store that {} has no address yet: {e}",
+                    p.identity
+                ))
+            })?;
+        let ips: Vec<IpAddr> = found
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.network == network && a.interface == ifname)
+            .map(|a| a.ip)
+            .collect();
+        if !ips.is_empty() {
+            tracing::info!(identity = %p.identity, ?ips, "the identity's addresses were not in the state yet (the change feed lags); read them from the store");
+            self.writer.submit(Op::Refresh(ips)).await?;
+        }
+        Ok(())
     }
 
     /// CNI DEL: idempotent.

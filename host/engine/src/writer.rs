@@ -93,6 +93,9 @@ pub enum Op {
     },
     /// Changes planned elsewhere, each applied only if its allocation is unchanged since.
     Apply(Vec<Change>),
+    /// Re-read these addresses from the store into the state (records the change feed has
+    /// not brought yet, found by asking the store directly).
+    Refresh(Vec<IpAddr>),
 }
 
 /// What an operation did.
@@ -257,6 +260,7 @@ fn plan(op: &Op, ipam: &Ipam) -> Result<(Vec<Change>, Option<Vec<Assigned>>), Al
             ifname,
             now,
         } => Ok((ipam.plan_del(container_id, ifname, *now).changes, None)),
+        Op::Refresh(_) => Ok((Vec::new(), None)),
         Op::Apply(changes) => Ok((
             changes
                 .iter()
@@ -368,6 +372,22 @@ impl Loop {
             // An ADD whose caller already gave up is not planned at all.
             if matches!(job.op, Op::Add(_)) && job.reply.is_closed() {
                 tracing::info!("ADD abandoned by its caller before it was planned");
+                continue;
+            }
+            if let Op::Refresh(ips) = &job.op {
+                let mut answer = Ok(Outcome::Changed(Vec::new()));
+                for ip in ips {
+                    if let Err(e) = refresh(&*self.store, &mut state, *ip) {
+                        answer = Err(WriteError::Store(e));
+                        break;
+                    }
+                }
+                planned.push(Planned {
+                    job,
+                    answer,
+                    groups: Vec::new(),
+                    rollback: None,
+                });
                 continue;
             }
             let (changes, assigned) = match plan(&job.op, &state) {

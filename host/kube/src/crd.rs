@@ -235,6 +235,18 @@ pub fn crds_yaml() -> Result<String, CrdError> {
     Ok(out)
 }
 
+/// The label on a pinned address's object naming its identity (a hash: identities need not
+/// be label values), so that a daemon can list an identity's addresses.
+pub const IDENTITY_LABEL: &str = "ipam.tether.dev/identity";
+
+/// The [`IDENTITY_LABEL`] value of `identity` of `kind`: 32 hex digits of the SHA-256 of
+/// `kind/identity`.
+pub fn identity_label(kind: IdentityKind, identity: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{}/{identity}", kind_name(kind)).as_bytes());
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The name of an address's object: the address alone, IPv4 dotted with dashes
 /// (`10-6-168-101`), IPv6 as its eight groups without leading zeros, with dashes
 /// (`fd00-0-0-0-0-0-0-1`): always a valid object name, never ambiguous.
@@ -364,7 +376,15 @@ impl IPAllocation {
                 .collect(),
             idle_since: a.idle_since,
         };
-        IPAllocation::new(&allocation_name(a.ip), spec)
+        let mut o = IPAllocation::new(&allocation_name(a.ip), spec);
+        if let Owner::Pinned { identity, kind, .. } = &a.owner {
+            o.metadata.labels = Some(
+                [(IDENTITY_LABEL.to_owned(), identity_label(*kind, identity))]
+                    .into_iter()
+                    .collect(),
+            );
+        }
+        o
     }
 
     /// The allocation an object describes; an object that does not describe one (made by

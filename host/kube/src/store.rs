@@ -404,6 +404,35 @@ impl Store for KubeStore {
         self.bounded("committing", self.commit_async(groups))
     }
 
+    fn pinned_to(
+        &self,
+        kind: tether_core::IdentityKind,
+        identity: &str,
+    ) -> Result<Option<Vec<Allocation>>, StoreError> {
+        let selector = format!(
+            "{}={}",
+            crate::crd::IDENTITY_LABEL,
+            crate::crd::identity_label(kind, identity)
+        );
+        self.bounded("listing an identity's addresses", async {
+            let list = self
+                .api
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(|e| backend("listing an identity's addresses", e))?;
+            Ok(Some(
+                list.items
+                    .iter()
+                    .map(read)
+                    .filter(|a| {
+                        matches!(&a.owner, tether_core::alloc::Owner::Pinned { identity: i, kind: k, .. }
+                            if i == identity && *k == kind)
+                    })
+                    .collect(),
+            ))
+        })
+    }
+
     fn subscribe(&self) -> Receiver<Event> {
         let (tx, rx) = channel();
         self.subscribers

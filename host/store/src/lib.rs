@@ -135,4 +135,16 @@ pub trait Store: Send + Sync {
 
     /// A feed of every change applied from now on, by any writer of this store.
     fn subscribe(&self) -> Receiver<Event>;
+
+    /// The allocations pinned to `identity` of `kind`, read from the store itself, for a
+    /// writer whose state comes from a feed that may lag (other nodes write too): before it
+    /// gives an identity its first address it asks whether the identity has one already.
+    /// `None`: this store has no other writers, the state is complete.
+    fn pinned_to(
+        &self,
+        _kind: tether_core::IdentityKind,
+        _identity: &str,
+    ) -> Result<Option<Vec<Allocation>>, StoreError> {
+        Ok(None)
+    }
 }
