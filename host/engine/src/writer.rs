@@ -632,7 +632,7 @@ impl Loop {
     /// which the state already holds).
     fn absorb_events(&self, state: &mut Ipam) {
         for e in self.events.try_iter() {
-            absorb(state, e);
+            absorb(&*self.store, state, e);
         }
     }
 
@@ -646,14 +646,20 @@ impl Loop {
             .ipam
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        absorb(&mut state, first);
+        absorb(&*self.store, &mut state, first);
         self.absorb_events(&mut state);
     }
 }
 
-/// Applies one change-feed event unless the state already has it (or something newer).
-fn absorb(state: &mut Ipam, e: Event) {
+/// Applies one change-feed event unless the state already has it (or something newer); an
+/// address the feed may have missed changes of is read again from the store.
+fn absorb(store: &dyn Store, state: &mut Ipam, e: Event) {
     match e {
+        Event::Stale { ip } => {
+            if let Err(e) = refresh(store, state, ip) {
+                tracing::warn!(%ip, "re-reading an address the change feed lost track of: {e}; the next conflict on it re-reads it");
+            }
+        }
         Event::Put(a) => {
             if state
                 .get(&a.pool, a.ip)

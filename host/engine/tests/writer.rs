@@ -538,3 +538,71 @@ async fn callers_that_gave_up_get_nothing() {
     // The first ADD, its rollback, and the last ADD: the queued one was never planned.
     assert_eq!(faulty.commits.load(Ordering::SeqCst), 3);
 }
+
+/// A store whose change feed the test writes itself.
+struct Fed {
+    inner: Arc<dyn Store>,
+    feed: Mutex<Option<Receiver<Event>>>,
+}
+
+impl Store for Fed {
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.inner.snapshot()
+    }
+
+    fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
+        self.inner.get(ip)
+    }
+
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+        self.inner.commit(groups)
+    }
+
+    fn subscribe(&self) -> Receiver<Event> {
+        self.feed
+            .lock()
+            .expect("feed")
+            .take()
+            .unwrap_or_else(|| channel().1)
+    }
+}
+
+/// An address deleted while the feed was not looking (a watch that re-listed after a gap and
+/// no longer finds it, after a write it never showed) is read again on `Stale`: the state
+/// drops it. Without the event it would stay, a ghost, until a restart.
+#[tokio::test]
+async fn a_stale_address_is_read_again() {
+    let (_dir, store) = embedded();
+    let (tx, rx) = channel();
+    let fed = Arc::new(Fed {
+        inner: store.clone(),
+        feed: Mutex::new(Some(rx)),
+    });
+    let e = engine(fed, vec![pool("10.0.0.1-10.0.0.4")]);
+    let ip = match e.writer.submit(add("c")).await {
+        Ok(Outcome::Added(a)) => a[0].ip,
+        other => panic!("{other:?}"),
+    };
+    // Another writer deletes it; this writer's feed says nothing of it.
+    let stored = store.get(ip).expect("get").remove(0);
+    let outcomes = store
+        .commit(&[vec![Change::delete(&stored)]])
+        .expect("delete");
+    assert!(outcomes[0].is_ok());
+    let held = |e: &Engine| e.ipam.read().expect("state").allocations().count();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        held(&e),
+        1,
+        "without word from the feed the state still has it"
+    );
+    tx.send(Event::Stale { ip }).expect("feed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held(&e) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stale address was never read again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -328,11 +328,10 @@ impl KubeStore {
                             .collect();
                         gone.into_iter()
                             .filter_map(|ip| {
-                                known.remove(&ip).map(|(pool, revision)| Event::Deleted {
-                                    pool,
-                                    ip,
-                                    revision,
-                                })
+                                // Gone in the gap: deleted, perhaps after a write this
+                                // watch never showed (whose revision a delete event here
+                                // could not match). The subscriber reads it again.
+                                known.remove(&ip).map(|_| Event::Stale { ip })
                             })
                             .collect()
                     }

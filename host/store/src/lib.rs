@@ -81,6 +81,12 @@ pub enum Event {
         /// The revision it had.
         revision: Revision,
     },
+    /// The feed may have missed changes of this address (a watch re-listed after a gap and
+    /// no longer found it): read it again from the store.
+    Stale {
+        /// Address.
+        ip: IpAddr,
+    },
 }
 
 /// Why a store operation failed as a whole.
