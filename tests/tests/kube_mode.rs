@@ -497,6 +497,18 @@ fn pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default() {
                 .create(&PostParams::default(), &sa),
         )
         .expect("ServiceAccount");
+    // A pinned address object as a version before identity labels wrote it: the elected
+    // daemon labels it, so that a lagging node's identity check can find it.
+    let old: IPAllocation = serde_json::from_value(json!({
+        "apiVersion": "ipam.tether.dev/v1alpha1", "kind": "IPAllocation",
+        "metadata": {"name": "10-7-0-9"},
+        "spec": {"pool": "other", "address": "10.7.0.9", "network": "net", "interface": "eth0",
+                 "owner": {"kind": "VirtualMachine", "name": "default/old-vm", "release": ["never"]}}
+    }))
+    .expect("old object");
+    env.rt
+        .block_on(Api::<IPAllocation>::all(env.client.clone()).create(&PostParams::default(), &old))
+        .expect("create the old object");
     let d = env.daemon("node-a");
     // Wait until the pools are in force (the watch puts them in 200 ms after they settle).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -651,6 +663,28 @@ fn pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default() {
             pools.contains(name),
             "{name} missing from `tetherd pools`:\n{pools}"
         );
+    }
+    let want = tether_kube::crd::identity_label(
+        tether_core::IdentityKind::VirtualMachine,
+        "default/old-vm",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let labels = env
+            .rt
+            .block_on(Api::<IPAllocation>::all(env.client.clone()).get("10-7-0-9"))
+            .expect("old object")
+            .metadata
+            .labels
+            .unwrap_or_default();
+        if labels.get(tether_kube::crd::IDENTITY_LABEL) == Some(&want) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old object was never labelled: {labels:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
     let allocations = cli(&["allocations"]);
     assert!(

@@ -368,26 +368,32 @@ impl Loop {
         let mut undo: Vec<Vec<Change>> = Vec::new();
         let mut touched: HashSet<Key> = HashSet::new();
         let mut planned: Vec<Planned> = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            // An ADD whose caller already gave up is not planned at all.
-            if matches!(job.op, Op::Add(_)) && job.reply.is_closed() {
-                tracing::info!("ADD abandoned by its caller before it was planned");
-                continue;
-            }
+        // Re-reads first, before anything of this batch is planned: a re-read replaces what
+        // the state holds for an address, which must not be a change still to be committed.
+        let (refreshes, jobs): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| matches!(j.op, Op::Refresh(_)));
+        for job in refreshes {
+            let mut answer = Ok(Outcome::Changed(Vec::new()));
             if let Op::Refresh(ips) = &job.op {
-                let mut answer = Ok(Outcome::Changed(Vec::new()));
                 for ip in ips {
                     if let Err(e) = refresh(&*self.store, &mut state, *ip) {
                         answer = Err(WriteError::Store(e));
                         break;
                     }
                 }
-                planned.push(Planned {
-                    job,
-                    answer,
-                    groups: Vec::new(),
-                    rollback: None,
-                });
+            }
+            planned.push(Planned {
+                job,
+                answer,
+                groups: Vec::new(),
+                rollback: None,
+            });
+        }
+        for job in jobs {
+            // An ADD whose caller already gave up is not planned at all.
+            if matches!(job.op, Op::Add(_)) && job.reply.is_closed() {
+                tracing::info!("ADD abandoned by its caller before it was planned");
                 continue;
             }
             let (changes, assigned) = match plan(&job.op, &state) {

@@ -323,8 +323,8 @@ async fn endless_conflicts_give_up_with_a_clear_error() {
     assert!(store.snapshot().expect("snapshot").allocations.is_empty());
 }
 
-/// A request that conflicts again and again is planned again after a jittered wait, and is
-/// served once the conflicts stop; the writer keeps serving others meanwhile.
+/// A request that conflicts again and again is planned again, from its second conflict on
+/// after a jittered wait (counted), and is served once the conflicts stop.
 #[tokio::test]
 async fn repeated_conflicts_wait_and_then_succeed() {
     let (_dir, store) = embedded();

@@ -352,6 +352,9 @@ pub async fn cluster_duties(
             was_elected = now;
             written.clear();
             pins.reset();
+            if now {
+                tokio::spawn(super::pins::label_old_pins(client.clone()));
+            }
         }
         if !now {
             continue;

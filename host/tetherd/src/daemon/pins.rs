@@ -146,6 +146,51 @@ impl Pins {
     }
 }
 
+/// Labels the pinned address objects written before objects carried their identity
+/// ([`tether_kube::crd::IDENTITY_LABEL`], which a daemon lists before an identity's first
+/// address on its node). Run by a newly elected releaser, once: one LIST of the objects
+/// without the label, and a patch of the label onto each pinned one (the labels only: the
+/// allocation is untouched). Returns how many were labelled.
+pub async fn label_old_pins(client: kube::Client) -> usize {
+    use kube::api::{ListParams, Patch, PatchParams};
+    use tether_kube::crd::{IDENTITY_LABEL, IPAllocation, identity_label};
+    let api: Api<IPAllocation> = Api::all(client);
+    let list = match api
+        .list(&ListParams::default().labels(&format!("!{IDENTITY_LABEL}")))
+        .await
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(
+                "listing address objects without an identity label: {e}; the next election tries again"
+            );
+            return 0;
+        }
+    };
+    let mut n = 0;
+    for o in list.items {
+        let Ok(a) = o.to_allocation() else { continue };
+        let Owner::Pinned { identity, kind, .. } = &a.owner else {
+            continue;
+        };
+        let name = o.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({"metadata": {"labels": {IDENTITY_LABEL: identity_label(*kind, identity)}}});
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => n += 1,
+            Err(e) => {
+                tracing::warn!(object = %name, "labelling an address object with its identity: {e}")
+            }
+        }
+    }
+    if n > 0 {
+        tracing::info!(labelled = n, "address objects labelled with their identity");
+    }
+    n
+}
+
 /// One write to a record.
 enum Write {
     Create(Key, PinnedIdentitySpec),
