@@ -240,6 +240,21 @@ impl Env {
         (answered, released)
     }
 
+    /// Waits until no pod holds `ip`, then has the daemons reconcile for a while: at least
+    /// one (the elected) must answer, and none may release anything.
+    fn kept_while_unheld(&self, ip: &str, when: &str) {
+        self.until(&format!("{ip} unheld {when}"), || self.holders(ip) == 0);
+        let (answered, released) = self.reconcile_for(Duration::from_secs(3));
+        assert!(
+            answered > 0,
+            "no daemon's reconcile answered: none elected?"
+        );
+        assert!(
+            released.is_empty(),
+            "{ip} was released {when}: {released:?}"
+        );
+    }
+
     /// Waits until no pod `name` exists.
     fn gone(&self, name: &str) {
         let api = Api::<KPod>::namespaced(self.client.clone(), "default");
@@ -328,18 +343,7 @@ fn the_seed_walkthrough_on_two_nodes() {
     // 2. Its launcher pod deleted and recreated (another name), on node-b. In between, no
     // pod holds the address, and the elected daemon's reconcile keeps it: the VM exists.
     env.delete_pod(&p1);
-    env.until("the launcher's DEL leaves the address unheld", || {
-        env.holders(&vm_ip) == 0
-    });
-    let (answered, released) = env.reconcile_for(Duration::from_secs(3));
-    assert!(
-        answered > 0,
-        "no daemon's reconcile answered: none elected?"
-    );
-    assert!(
-        released.is_empty(),
-        "the VM's address was released while its launcher pod was down: {released:?}"
-    );
+    env.kept_while_unheld(&vm_ip, "while its launcher pod was down");
     let p2 = env
         .rt
         .block_on(vm.launch("node-b", None))
@@ -350,18 +354,7 @@ fn the_seed_walkthrough_on_two_nodes() {
     env.rt
         .block_on(vm.recreate_vmi(&[&p2], json!({})))
         .expect("recreate vmi");
-    env.until("the old VMI's pod's DEL leaves the address unheld", || {
-        env.holders(&vm_ip) == 0
-    });
-    let (answered, released) = env.reconcile_for(Duration::from_secs(3));
-    assert!(
-        answered > 0,
-        "no daemon's reconcile answered: none elected?"
-    );
-    assert!(
-        released.is_empty(),
-        "the VM's address was released when its VMI was recreated: {released:?}"
-    );
+    env.kept_while_unheld(&vm_ip, "when its VMI was recreated");
     let p3 = env
         .rt
         .block_on(vm.launch("node-a", None))
