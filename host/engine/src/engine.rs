@@ -411,9 +411,22 @@ impl Engine {
             cni_pools: &req.pools,
             cluster_defaults: &defaults,
         })?;
-        let ns_labels = view
-            .namespace_labels(&request.workload.namespace)
-            .map_err(EngineError::WorkloadUnknown)?;
+        // The namespace's labels are looked up only for a pool that selects by them (in
+        // Kubernetes mode a lookup the cache misses is an API read).
+        let selects_namespaces = {
+            let state = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
+            pools.iter().any(|n| {
+                state
+                    .pool(n)
+                    .is_some_and(|p| p.spec.namespace_selector.is_some())
+            })
+        };
+        let ns_labels = if selects_namespaces {
+            view.namespace_labels(&request.workload.namespace)
+                .map_err(EngineError::WorkloadUnknown)?
+        } else {
+            None
+        };
         let node = self
             .node
             .read()

@@ -19,7 +19,6 @@
 //! (a custom policy may key on anything) gets no record; its address objects still show it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -314,7 +313,7 @@ pub fn desired(allocations: &[Allocation]) -> BTreeMap<Key, PinnedIdentitySpec> 
     ordered.sort_by(|a, b| (a.0.0, &a.0.1, &a.0.2).cmp(&(b.0.0, &b.0.1, &b.0.2)));
     for ((_, ns, name), mut spec) in ordered {
         spec.addresses
-            .sort_by_key(|a| (a.network.clone(), a.interface.clone(), sortable(a.address)));
+            .sort_by_key(|a| (a.network.clone(), a.interface.clone(), a.address));
         spec.holders.sort();
         spec.holders.dedup();
         let plain = (ns.clone(), name.clone());
@@ -328,13 +327,6 @@ pub fn desired(allocations: &[Allocation]) -> BTreeMap<Key, PinnedIdentitySpec> 
         }
     }
     out
-}
-
-fn sortable(ip: IpAddr) -> (u8, u128) {
-    match ip {
-        IpAddr::V4(v) => (4, u128::from(u32::from(v))),
-        IpAddr::V6(v) => (6, u128::from(v)),
-    }
 }
 
 #[cfg(test)]
