@@ -53,20 +53,23 @@ impl Env {
 
     /// A tetherd for node `node`.
     fn daemon(&self, node: &str) -> Daemon {
+        self.daemon_with(node, &[])
+    }
+
+    /// A tetherd for node `node`, with more flags.
+    fn daemon_with(&self, node: &str, extra: &[&str]) -> Daemon {
         let kubeconfig = self.cluster.kubeconfig.display().to_string();
-        Daemon::start(
-            "",
-            &[
-                "--kubernetes",
-                "--node-name",
-                node,
-                "--kubeconfig",
-                &kubeconfig,
-                "--lease-namespace",
-                "default",
-            ],
-        )
-        .expect("tetherd --kubernetes")
+        let mut args = vec![
+            "--kubernetes",
+            "--node-name",
+            node,
+            "--kubeconfig",
+            &kubeconfig,
+            "--lease-namespace",
+            "default",
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start("", &args).expect("tetherd --kubernetes")
     }
 
     /// Creates a pod bound to `node` (as the scheduler leaves it), owned by `owner` if given;
@@ -210,8 +213,10 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     let Some(env) = Env::start(test) else {
         return;
     };
-    let a = env.daemon("node-a");
-    let b = env.daemon("node-b");
+    // Elected garbage collection off: CNI GC alone frees node-a's stale attachments below.
+    let gc = ["--gc-interval-secs", "0", "--gc-grace-secs", "2"];
+    let a = env.daemon_with("node-a", &gc);
+    let b = env.daemon_with("node-b", &gc);
     let ipam_a = Ipam::new(&a.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
     let ipam_b = Ipam::new(&b.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
     // One of them is elected to apply release rules; the other refuses to.
@@ -443,23 +448,40 @@ fn two_nodes_share_the_pool_through_the_api_server() {
     let late_ip = add(&ipam_a, &late);
     assert!(!all.contains(&&late_ip), "{late_ip} handed out twice");
 
-    // CNI GC on node-a, whose runtime lists only `late`: node-a's other pods (a-0..a-3, their
-    // DELs missed) are freed; node-b's pods are not node-a's to judge and keep theirs.
+    // CNI GC on node-a, whose runtime lists only `late`. Pods a-0..a-2 and b-0..b-3 were
+    // deleted without their DELs; a-3's pod still exists.
+    for p in ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2", "b-3"] {
+        env.delete_pod("default", p);
+    }
     let mut conf = ipam_a.conf.clone();
     conf["cniVersion"] = json!("1.1.0");
     conf["cni.dev/valid-attachments"] =
         json!([{"containerID": late.container_id, "ifname": "eth0"}]);
+    let left = || -> HashSet<String> {
+        env.objects()
+            .iter()
+            .map(|o| o.spec.address.to_string())
+            .collect()
+    };
+    let before = left();
+    // The first GC only finds them: nothing is freed on one look.
     let o = tether_e2e::cni_exec(&ipam_a.plugin, "GC", &conf, &[], "").expect("gc");
     assert!(o.ok, "{}", o.out);
-    let left: HashSet<String> = env
-        .objects()
+    assert_eq!(left(), before, "CNI GC freed on its first look");
+    // A grace period (2 s here) later, node-a's stale attachments whose pods are gone are
+    // freed; a-3 (its pod exists) is kept, and node-b's are not node-a's to judge.
+    std::thread::sleep(Duration::from_millis(2200));
+    let o = tether_e2e::cni_exec(&ipam_a.plugin, "GC", &conf, &[], "").expect("gc");
+    assert!(o.ok, "{}", o.out);
+    let want: HashSet<String> = ips_b
         .iter()
-        .map(|o| o.spec.address.to_string())
+        .chain([&ip2, &late_ip, &ips_a[3]])
+        .cloned()
         .collect();
-    let want: HashSet<String> = ips_b.iter().chain([&ip2, &late_ip]).cloned().collect();
     assert_eq!(
-        left, want,
-        "node-a's GC freed another node's address, or kept its own stale ones"
+        left(),
+        want,
+        "node-a's GC freed another node's address, a live pod's, or kept its own stale ones"
     );
     drop((a, b));
 }
@@ -691,4 +713,360 @@ fn pools_are_chosen_by_pod_and_namespace_annotations_cni_config_and_default() {
         allocations.contains(&bare_ip),
         "`tetherd allocations`:\n{allocations}"
     );
+}
+
+/// The plugin's view of a pod that exists (created by a helper): its UID from the API server.
+fn existing(env: &Env, name: &str) -> Pod {
+    let p = env
+        .rt
+        .block_on(Api::<KPod>::namespaced(env.client.clone(), "default").get(name))
+        .expect("get pod");
+    let uid = p.metadata.uid.expect("uid");
+    let mut pod = Pod::new("default", name, 0);
+    pod.container_id = format!("ctr-{name}-{}", &uid[..8]);
+    pod.uid = uid;
+    pod
+}
+
+/// Polls `done` every 200 ms until it holds or `secs` pass; returns how long it took.
+fn within(secs: u64, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what} within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    start.elapsed()
+}
+
+impl Env {
+    /// The addresses that have an object.
+    fn addresses(&self) -> HashSet<String> {
+        self.objects()
+            .iter()
+            .map(|o| o.spec.address.to_string())
+            .collect()
+    }
+
+    /// The holders of `ip`'s object by pod name; `None` when it has none.
+    fn holders_of(&self, ip: &str) -> Option<Vec<String>> {
+        self.objects()
+            .into_iter()
+            .find(|o| o.spec.address.to_string() == ip)
+            .map(|o| o.spec.holders.iter().map(|h| h.pod.clone()).collect())
+    }
+
+    /// The Events garbage collection left, as (reason, message).
+    fn gc_events(&self) -> Vec<(String, String)> {
+        self.rt
+            .block_on(
+                Api::<KEvent>::namespaced(self.client.clone(), "default")
+                    .list(&ListParams::default()),
+            )
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.kind.as_deref() == Some("IPAllocation"))
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Marks Node `name` not ready since now, as the node lifecycle controller does when its
+    /// kubelet stops posting status.
+    fn node_not_ready(&self, name: &str) {
+        use k8s_openapi::api::core::v1::Node;
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        self.rt
+            .block_on(Api::<Node>::all(self.client.clone()).patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+                    "reason": "NodeStatusUnknown", "lastHeartbeatTime": now, "lastTransitionTime": now}]}})),
+            ))
+            .expect("node status");
+    }
+
+    /// Deletes a pod gracefully: on a node whose kubelet is gone it stays, being deleted.
+    fn delete_pod_gracefully(&self, name: &str) {
+        self.rt
+            .block_on(
+                Api::<KPod>::namespaced(self.client.clone(), "default")
+                    .delete(name, &DeleteParams::default()),
+            )
+            .expect("delete pod");
+    }
+}
+
+/// Garbage collection on the real API server, two nodes: a pod force-deleted without its DEL
+/// is freed after the grace period and not before; node-b lost (its daemon killed, its Node
+/// not ready) with a VM, an ephemeral pod and a StatefulSet replica on it: the ephemeral
+/// address is freed, the VM's is kept and follows the VM to node-a, the replica scaled down
+/// meanwhile is freed; live pods, on node-a and on the lost node, keep theirs. Each release
+/// leaves an Event, a log line and a count.
+#[test]
+fn garbage_collection_frees_what_no_pod_uses_and_nothing_live() {
+    let test = "garbage_collection_frees_what_no_pod_uses_and_nothing_live";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    env.rt
+        .block_on(tether_e2e::kubevirt::install(&env.client))
+        .expect("KubeVirt CRDs");
+    for n in ["node-a", "node-b"] {
+        env.cluster.add_node(n).expect("node");
+    }
+    const GRACE: u64 = 4;
+    let gc = [
+        "--gc-interval-secs",
+        "1",
+        "--gc-grace-secs",
+        "4",
+        "--gc-vm-grace-secs",
+        "8",
+        "--gc-node-grace-secs",
+        "3",
+    ];
+    // node-a first, so that it holds the Lease and keeps it when node-b is lost.
+    let a = env.daemon_with("node-a", &gc);
+    assert_eq!(env.leader(), "node-a");
+    let b = env.daemon_with("node-b", &gc);
+    let ipam_a = Ipam::new(&a.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let ipam_b = Ipam::new(&b.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+
+    // Live pods on both nodes, never to be freed.
+    let live_a = env.pod("default", "live-a", "node-a", None);
+    let live_a_ip = add(&ipam_a, &live_a);
+    let live_b = env.pod("default", "live-b", "node-b", None);
+    let live_b_ip = add(&ipam_b, &live_b);
+
+    // 1. A pod force-deleted, its DEL never sent: freed a grace period after it is first
+    // found gone, not before.
+    let cart = env.pod("default", "cart", "node-a", None);
+    let cart_ip = add(&ipam_a, &cart);
+    env.delete_pod("default", "cart");
+    let took = within(30, "the missed DEL's address freed", || {
+        !env.addresses().contains(&cart_ip)
+    });
+    assert!(
+        took >= Duration::from_secs(GRACE),
+        "freed {took:?} after the pod was deleted, before the {GRACE}s grace"
+    );
+    let events = env.gc_events();
+    assert!(
+        events.iter().any(|(r, m)| r == "AddressReleased"
+            && m.contains(&cart_ip)
+            && m.contains("default/cart")
+            && m.contains("pod-gone")),
+        "{events:?}"
+    );
+    assert!(a.log().contains("garbage collection freed"), "{}", a.log());
+
+    // 2. On node-b: a VM, an ephemeral pod, two StatefulSet replicas (db-0 on node-a).
+    let mut vm = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.client,
+            "vm1",
+            json!({}),
+        ))
+        .expect("vm");
+    let launcher = env
+        .rt
+        .block_on(vm.launch("node-b", None))
+        .expect("launcher");
+    let vm_ip = add(&ipam_b, &existing(&env, &launcher));
+    let web = env.pod("default", "web-b", "node-b", None);
+    let web_ip = add(&ipam_b, &web);
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": "default"},
+        "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db"}},
+                              "spec": {"containers": [{"name": "c", "image": "pause"}]}}}
+    }))
+    .expect("sts");
+    let sts_api = Api::<StatefulSet>::namespaced(env.client.clone(), "default");
+    let sts = env
+        .rt
+        .block_on(sts_api.create(&PostParams::default(), &sts))
+        .expect("create sts");
+    let owner = json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db",
+        "uid": sts.metadata.uid.expect("uid"), "controller": true});
+    let db0 = env.pod("default", "db-0", "node-a", Some(owner.clone()));
+    let db0_ip = add(&ipam_a, &db0);
+    let db1 = env.pod("default", "db-1", "node-b", Some(owner));
+    let db1_ip = add(&ipam_b, &db1);
+
+    // node-b is lost: its daemon dies, its Node goes not ready. The StatefulSet is scaled
+    // down and its replica on node-b force-deleted; the VM's and web-b's pods are deleted
+    // but stay, being deleted, as nobody on node-b finishes them.
+    b.kill().expect("kill node-b's daemon");
+    env.node_not_ready("node-b");
+    env.rt
+        .block_on(sts_api.patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        ))
+        .expect("scale to 1");
+    env.delete_pod("default", "db-1");
+    env.delete_pod_gracefully(&launcher);
+    env.delete_pod_gracefully("web-b");
+
+    // The ephemeral pod's address is freed (node lost); the VM's loses its holder and stays.
+    within(40, "web-b's address freed", || {
+        !env.addresses().contains(&web_ip)
+    });
+    within(40, "the VM's address without its lost holder", || {
+        env.holders_of(&vm_ip) == Some(Vec::new())
+    });
+    // db-1: its holder dropped (pod gone), then its address released (scaled below).
+    within(40, "db-1's address released", || {
+        !env.addresses().contains(&db1_ip)
+    });
+    // The VM, restarted on node-a, gets its address back.
+    let relaunched = env
+        .rt
+        .block_on(vm.launch("node-a", None))
+        .expect("launcher");
+    assert_eq!(add(&ipam_a, &existing(&env, &relaunched)), vm_ip);
+
+    // Nothing live was freed: live-a, live-b (on the lost node, not being deleted), db-0.
+    let left = env.addresses();
+    for (what, ip) in [
+        ("live-a", &live_a_ip),
+        ("live-b", &live_b_ip),
+        ("db-0", &db0_ip),
+        ("vm1", &vm_ip),
+    ] {
+        assert!(left.contains(ip), "{what}'s address {ip} was freed");
+    }
+    assert_eq!(env.holders_of(&live_b_ip), Some(vec!["live-b".to_owned()]));
+    let text = a.client().get_text("/metrics").expect("metrics");
+    for want in [
+        r#"tether_gc_released_total{reason="pod-gone",action="released"} 1"#,
+        r#"tether_gc_released_total{reason="node-lost",action="released"} 1"#,
+        r#"tether_gc_released_total{reason="node-lost",action="holder-dropped"} 1"#,
+        r#"tether_gc_released_total{reason="pod-gone",action="holder-dropped"} 1"#,
+        r#"tether_gc_released_total{reason="rule-fired",action="released"} 1"#,
+    ] {
+        assert!(text.contains(want), "no {want} in:\n{text}");
+    }
+    let report: tether_api::GcReport = a.client().get("/v1/gc").expect("gc report");
+    assert_eq!(report.paused, None, "{report:?}");
+    drop(a);
+}
+
+/// The elected daemon killed while garbage collection waits out its grace, or is freeing:
+/// the other daemon takes the Lease over and frees what is leaked, each address once, and
+/// never an address a live pod holds, including pods given freed addresses meanwhile.
+#[test]
+fn the_leader_killed_mid_gc_hands_over_and_nothing_is_freed_twice() {
+    let test = "the_leader_killed_mid_gc_hands_over_and_nothing_is_freed_twice";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    let gc = ["--gc-interval-secs", "1", "--gc-grace-secs", "3"];
+    let a = env.daemon_with("node-a", &gc);
+    assert_eq!(env.leader(), "node-a");
+    let b = env.daemon_with("node-b", &gc);
+    let ipam_a = Ipam::new(&a.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let ipam_b = Ipam::new(&b.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    // The pool (10 addresses) full: 4 live pods and 6 whose DELs will be missed.
+    let live: Vec<(Pod, String)> = (0..4)
+        .map(|i| {
+            let (node, ipam) = if i < 2 {
+                ("node-a", &ipam_a)
+            } else {
+                ("node-b", &ipam_b)
+            };
+            let p = env.pod("default", &format!("live-{i}"), node, None);
+            let ip = add(ipam, &p);
+            (p, ip)
+        })
+        .collect();
+    let stale: Vec<String> = (0..6)
+        .map(|i| {
+            let (node, ipam) = if i % 2 == 0 {
+                ("node-a", &ipam_a)
+            } else {
+                ("node-b", &ipam_b)
+            };
+            let p = env.pod("default", &format!("gone-{i}"), node, None);
+            add(ipam, &p)
+        })
+        .collect();
+    for i in 0..6 {
+        env.delete_pod("default", &format!("gone-{i}"));
+    }
+    // Killed at a random moment of the grace or of the releases.
+    let seed = tether_e2e::Rng::seed_from_env("TETHER_GC_KILL_SEED");
+    let wait = 1000 + tether_e2e::Rng::new(seed).below(3500);
+    eprintln!(
+        "{test}: killing the leader {wait} ms after the pods went (TETHER_GC_KILL_SEED={seed})"
+    );
+    std::thread::sleep(Duration::from_millis(wait));
+    a.kill().expect("kill the leader");
+    // node-b takes over once the Lease expires, and frees the rest; new pods on node-b take
+    // the freed addresses as they come free (the pool is full otherwise).
+    let mut newcomers: Vec<String> = Vec::new();
+    let start = Instant::now();
+    while newcomers.len() < stale.len() {
+        if env.addresses().len() < 10 {
+            let p = env.pod(
+                "default",
+                &format!("new-{}", newcomers.len()),
+                "node-b",
+                None,
+            );
+            newcomers.push(add(&ipam_b, &p));
+            continue;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not all leaked addresses freed: {stale:?}, newcomers {newcomers:?}\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (mut got, mut want) = (newcomers.clone(), stale.clone());
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the newcomers did not get exactly the leaked addresses"
+    );
+    assert_eq!(env.leader(), "node-b");
+    // Give node-b's collector a few more passes to do something wrong.
+    std::thread::sleep(Duration::from_secs(5));
+    let left = env.addresses();
+    for (p, ip) in &live {
+        assert!(left.contains(ip), "{}'s address {ip} was freed", p.name);
+    }
+    for ip in &newcomers {
+        assert!(left.contains(ip), "a newcomer's address {ip} was freed");
+    }
+    let holders: Vec<String> = env
+        .objects()
+        .iter()
+        .flat_map(|o| o.spec.holders.iter().map(|h| h.pod.clone()))
+        .collect();
+    let distinct: HashSet<&String> = holders.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        holders.len(),
+        "a pod holds two addresses: {holders:?}"
+    );
+    // Each leaked address was released once, by one daemon or the other.
+    let events = env.gc_events();
+    for ip in &stale {
+        let times = events
+            .iter()
+            .filter(|(r, m)| r == "AddressReleased" && m.contains(&format!("/{ip} ")))
+            .count();
+        assert!(times <= 1, "{ip} released {times} times: {events:?}");
+    }
+    drop(b);
 }

@@ -171,6 +171,56 @@ pub struct ReconcileResult {
     pub released: Vec<String>,
 }
 
+/// What garbage collection did on its last pass and what it is watching (`/v1/gc`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcReport {
+    /// Why the last pass did nothing (not elected, caches not synced, API server
+    /// unreachable), if it did nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+    /// When the last pass ran (unix seconds; 0: never).
+    #[serde(default)]
+    pub at: u64,
+    /// What it freed.
+    #[serde(default)]
+    pub released: Vec<GcRelease>,
+    /// What looks leaked and waits for its grace period to pass.
+    #[serde(default)]
+    pub suspects: Vec<GcSuspect>,
+}
+
+/// One thing garbage collection freed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcRelease {
+    /// POOL/IP.
+    pub address: String,
+    /// `pod-gone`, `node-lost` or `rule-fired`.
+    pub reason: String,
+    /// `released` (the address is free) or `holder-dropped` (a pinned address lost a stale
+    /// holder and stays with its identity).
+    pub action: String,
+    /// The pod or identity it belonged to.
+    pub workload: String,
+}
+
+/// One address that looks leaked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcSuspect {
+    /// POOL/IP.
+    pub address: String,
+    /// Why it looks leaked.
+    pub reason: String,
+    /// The pod or identity.
+    pub workload: String,
+    /// Seconds since it was first seen so.
+    pub seen_secs: u64,
+    /// Seconds it must stay so before it is freed.
+    pub grace_secs: u64,
+}
+
 /// One pool in `/v1/pools`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1263,7 +1263,7 @@ fn recreated(old: &Attachment, new: &Attachment) -> bool {
 
 /// The change that removes the holders `gone` picks: an ephemeral address goes with its
 /// holder; a pinned one stays, idle once nobody holds it.
-fn drop_holders(a: &Allocation, gone: impl Fn(&Holder) -> bool, now: u64) -> Change {
+pub fn drop_holders(a: &Allocation, gone: impl Fn(&Holder) -> bool, now: u64) -> Change {
     match a.owner {
         Owner::Ephemeral => Change::delete(a),
         Owner::Pinned { .. } => {

@@ -6,11 +6,11 @@
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tether_api::{
-    CniRequest, CniResult, GcResult, IpConfig, OrphanInfo, PoolInfo, PoolList, ReconcileResult,
-    RouteConfig,
+    CniRequest, CniResult, GcRelease, GcReport, GcResult, IpConfig, OrphanInfo, PoolInfo, PoolList,
+    ReconcileResult, RouteConfig,
 };
 use tether_core::alloc::{AllocError, Assigned, Attachment, Change, Ipam, Liveness};
 use tether_core::pool::Requester;
@@ -21,6 +21,10 @@ use tether_policy::PolicyError;
 use tether_store::Store;
 
 use crate::StartError;
+use crate::gc::{
+    Finding, GcReason, GcSettings, Key, Subject, Suspects, confirm_holder, holder_finding,
+    identity_of, node_lost, not_the_holders,
+};
 use crate::metrics::{Metrics, PolicyLabels, PoolLabels};
 use crate::ports::{Decide, WorkloadSource, WorkloadView};
 use crate::writer::{AddOp, Op, Outcome, WriteError, Writer};
@@ -127,6 +131,12 @@ pub struct Engine {
     node: std::sync::RwLock<NodeInfo>,
     /// The store, for reads outside the writer (see [`Engine::confirm_pin`]).
     store: Arc<dyn Store>,
+    /// Garbage collection's findings, waiting for their grace.
+    suspects: Suspects,
+    /// Garbage collection's grace periods.
+    gc_settings: std::sync::RwLock<GcSettings>,
+    /// Garbage collection's last pass.
+    gc_last: std::sync::Mutex<GcReport>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
 }
@@ -159,7 +169,7 @@ pub struct Ports {
 /// A policy decision, the candidate pools, and the view of the workloads it was made on.
 type Decided = (Decision, Vec<String>, Arc<dyn WorkloadView>);
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -230,6 +240,9 @@ impl Engine {
                 release_gate: std::sync::RwLock::new(None),
                 node: std::sync::RwLock::new(NodeInfo::default()),
                 store,
+                suspects: Suspects::default(),
+                gc_settings: std::sync::RwLock::new(GcSettings::default()),
+                gc_last: std::sync::Mutex::new(GcReport::default()),
                 metrics,
             },
             thread,
@@ -552,7 +565,7 @@ impl Engine {
 
     /// CNI GC: frees what the runtime no longer lists. Without the list nothing is freed: a
     /// missing list is not an empty one.
-    pub async fn gc(&self, req: CniRequest) -> Result<GcResult, EngineError> {
+    pub async fn gc(self: &Arc<Self>, req: CniRequest) -> Result<GcResult, EngineError> {
         let Some(list) = &req.valid_attachments else {
             return Err(EngineError::BadRequest(
                 "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
@@ -566,19 +579,425 @@ impl Engine {
             let node = self.node.read().unwrap_or_else(PoisonError::into_inner);
             node.shared.then(|| node.name.clone())
         };
-        // Planned on a look at the state; the writer applies each change only if its
-        // allocation is unchanged since (a holder that came back meanwhile is kept; the next
-        // GC looks again).
+        if let Some(node) = scope {
+            return self.gc_node(&req.network, &valid, node).await;
+        }
+        // Standalone: the runtime's list is the only witness. Planned on a look at the state;
+        // the writer applies each change only if its allocation is unchanged since (a holder
+        // that came back meanwhile is kept; the next GC looks again).
         let planned = self
             .ipam
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .plan_gc(&req.network, &valid, scope.as_deref(), now())
+            .plan_gc(&req.network, &valid, None, now())
             .changes;
         let applied = self.apply(planned).await?;
         Ok(GcResult {
             released: addresses(&applied),
         })
+    }
+
+    /// CNI GC on a node of a cluster: garbage collection's rules ([`crate::gc`]) for this
+    /// node's holders of `network` that the runtime no longer lists. Such a holder is a
+    /// finding only when the API server also says its pod is gone; it is freed by a GC call
+    /// at least the grace period after it was first found, once a fresh read confirms it.
+    /// Other nodes' holders are never looked at.
+    async fn gc_node(
+        self: &Arc<Self>,
+        network: &str,
+        valid: &HashSet<(String, String)>,
+        node: String,
+    ) -> Result<GcResult, EngineError> {
+        let settings = *self
+            .gc_settings
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stale: Vec<(Finding, tether_core::alloc::Holder)> = {
+            let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
+            ipam.allocations()
+                .filter(|a| a.network == network)
+                .flat_map(|a| {
+                    a.holders
+                        .iter()
+                        .filter(|h| {
+                            h.node == node
+                                && !valid.contains(&(
+                                    h.attachment.container_id.clone(),
+                                    h.attachment.ifname.clone(),
+                                ))
+                        })
+                        .map(|h| {
+                            (
+                                holder_finding(a, h, GcReason::PodGone, &settings),
+                                h.clone(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        if stale.is_empty() {
+            return Ok(GcResult::default());
+        }
+        let this = self.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            let view = this.workloads.view();
+            let findings: Vec<Finding> = stale
+                .into_iter()
+                .filter(|(_, h)| {
+                    !h.attachment.pod.is_empty()
+                        && view.pod_liveness(
+                            &h.attachment.namespace,
+                            &h.attachment.pod,
+                            &h.attachment.pod_uid,
+                        ) == Liveness::Gone
+                })
+                .map(|(f, _)| f)
+                .collect();
+            let ready = this.suspects.observe(findings, Instant::now(), false);
+            this.gc_confirm(&*view, ready, &settings)
+        })
+        .await
+        .map_err(|e| EngineError::Unavailable(format!("GC task: {e}")))?;
+        let released = self.gc_apply(planned).await?;
+        Ok(GcResult {
+            released: released
+                .into_iter()
+                .filter(|r| r.action == "released")
+                .map(|r| r.address)
+                .collect(),
+        })
+    }
+
+    /// Sets garbage collection's grace periods (CNI GC on a node of a cluster uses them too).
+    pub fn set_gc_settings(&self, settings: GcSettings) {
+        *self
+            .gc_settings
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = settings;
+    }
+
+    /// One pass of garbage collection (Kubernetes mode: the elected daemon, every
+    /// `--gc-interval-secs`); see [`crate::gc`] for its rules. A pass that cannot look
+    /// (not elected, caches not synced, API server unreachable) frees nothing and forgets
+    /// its findings; the report says why.
+    pub async fn gc_pass(self: &Arc<Self>) -> Result<GcReport, EngineError> {
+        self.gc_pass_at(Instant::now()).await
+    }
+
+    /// [`Self::gc_pass`] as if it ran at `now` (tests move the clock).
+    pub async fn gc_pass_at(self: &Arc<Self>, now: Instant) -> Result<GcReport, EngineError> {
+        let gate = self
+            .release_gate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(gate) = gate
+            && let Err(why) = gate()
+        {
+            self.gc_paused(why.clone(), "not-elected", now);
+            return Err(EngineError::NotElected(why));
+        }
+        if !self.judges {
+            return Ok(self.gc_paused(
+                "the workload source cannot tell a pod gone".into(),
+                "cannot-judge",
+                now,
+            ));
+        }
+        if !self.workloads.synced() {
+            return Ok(self.gc_paused(
+                "the workload caches have not synced".into(),
+                "not-synced",
+                now,
+            ));
+        }
+        let settings = *self
+            .gc_settings
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let this = self.clone();
+        let looked = tokio::task::spawn_blocking(move || {
+            let view = this.workloads.view();
+            let findings = this.gc_look(&*view, &settings)?;
+            let ready = this.suspects.observe(findings, now, true);
+            Ok::<_, String>(this.gc_confirm(&*view, ready, &settings))
+        })
+        .await
+        .map_err(|e| EngineError::Unavailable(format!("GC task: {e}")))?;
+        let planned = match looked {
+            Ok(p) => p,
+            Err(why) => return Ok(self.gc_paused(why, "unreachable", now)),
+        };
+        let released = self.gc_apply(planned).await?;
+        self.metrics.gc_pass("ok");
+        self.metrics.gc_suspects.set(self.suspects.len() as i64);
+        let report = GcReport {
+            paused: None,
+            at: crate::engine::now(),
+            released,
+            suspects: self.suspects.report(now),
+        };
+        *self.gc_last.lock().unwrap_or_else(PoisonError::into_inner) = report.clone();
+        Ok(report)
+    }
+
+    /// The last pass's report, its suspects brought up to date (`/v1/gc`).
+    pub fn gc_report(&self) -> GcReport {
+        let mut r = self
+            .gc_last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        r.suspects = self.suspects.report(Instant::now());
+        r
+    }
+
+    /// A pass that could not look: forgets every finding, so that each waits its whole grace
+    /// again once passes can look.
+    fn gc_paused(&self, why: String, result: &str, now: Instant) -> GcReport {
+        if self.suspects.len() > 0 {
+            tracing::info!(why = %why, "garbage collection paused; its findings are forgotten");
+        } else {
+            tracing::debug!(why = %why, "garbage collection paused");
+        }
+        self.suspects.clear();
+        self.metrics.gc_pass(result);
+        self.metrics.gc_suspects.set(0);
+        let report = GcReport {
+            paused: Some(why),
+            at: crate::engine::now(),
+            released: Vec::new(),
+            suspects: self.suspects.report(now),
+        };
+        *self.gc_last.lock().unwrap_or_else(PoisonError::into_inner) = report.clone();
+        report
+    }
+
+    /// One look at everything: what looks leaked now. `Err` when it cannot look.
+    fn gc_look(
+        &self,
+        view: &dyn WorkloadView,
+        settings: &GcSettings,
+    ) -> Result<Vec<Finding>, String> {
+        self.workloads.reachable()?;
+        // Listed before the state is read: a pod created after the list whose holder is in
+        // the state looks gone once, and is listed by the next look.
+        let pods = view.all_pods()?;
+        let mut findings = Vec::new();
+        // Holders whose pod is being deleted, to judge by their node (read outside the lock).
+        let mut terminating: Vec<(Finding, String)> = Vec::new();
+        // Without a pod list: holders to ask about one by one (outside the lock).
+        let mut each: Vec<(Finding, tether_core::alloc::Holder)> = Vec::new();
+        let candidates = {
+            let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
+            for a in ipam.allocations() {
+                for h in a.holders.iter().filter(|h| !h.attachment.pod.is_empty()) {
+                    match &pods {
+                        Some(pods) => {
+                            let p = pods
+                                .get(&(h.attachment.namespace.clone(), h.attachment.pod.clone()));
+                            if not_the_holders(h, p) {
+                                findings.push(holder_finding(a, h, GcReason::PodGone, settings));
+                            } else if p.is_some_and(|p| p.terminating) && !h.node.is_empty() {
+                                terminating.push((
+                                    holder_finding(a, h, GcReason::NodeLost, settings),
+                                    h.node.clone(),
+                                ));
+                            }
+                        }
+                        None => each
+                            .push((holder_finding(a, h, GcReason::PodGone, settings), h.clone())),
+                    }
+                }
+            }
+            ipam.release_candidates()
+        };
+        for (f, h) in each {
+            if view.pod_liveness(
+                &h.attachment.namespace,
+                &h.attachment.pod,
+                &h.attachment.pod_uid,
+            ) == Liveness::Gone
+            {
+                findings.push(f);
+            }
+        }
+        let mut nodes = std::collections::HashMap::new();
+        for (f, node) in terminating {
+            let state = *nodes
+                .entry(node.clone())
+                .or_insert_with(|| view.node_state(&node));
+            if node_lost(state, settings) {
+                findings.push(f);
+            }
+        }
+        let now_wall = now();
+        for a in candidates {
+            let fires = |c: &tether_core::ReleaseCondition| view.fires(c);
+            if !tether_core::alloc::plan_release_of(std::slice::from_ref(&a), now_wall, &fires)
+                .changes
+                .is_empty()
+            {
+                findings.push(Finding {
+                    key: Key {
+                        pool: a.pool.clone(),
+                        ip: a.ip,
+                        subject: Subject::Release,
+                    },
+                    revision: a.revision,
+                    reason: GcReason::RuleFired,
+                    grace: crate::gc::grace_of(&a, settings),
+                    workload: identity_of(&a),
+                });
+            }
+        }
+        Ok(findings)
+    }
+
+    /// Confirms findings whose grace has passed on fresh reads (the address from the store,
+    /// the workload from the source, uncached), and plans one conditional change per
+    /// address. Findings that do not hold are forgotten.
+    fn gc_confirm(
+        &self,
+        view: &dyn WorkloadView,
+        ready: Vec<Finding>,
+        settings: &GcSettings,
+    ) -> Vec<(Change, Vec<GcRelease>)> {
+        let mut by_address: std::collections::BTreeMap<(String, IpAddr), Vec<Finding>> =
+            std::collections::BTreeMap::new();
+        for f in ready {
+            by_address
+                .entry((f.key.pool.clone(), f.key.ip))
+                .or_default()
+                .push(f);
+        }
+        let now_wall = now();
+        let mut planned = Vec::new();
+        for ((pool, ip), findings) in by_address {
+            let fresh = match self.store.get(ip) {
+                Ok(v) => v.into_iter().find(|a| a.pool == pool),
+                Err(e) => {
+                    tracing::warn!(pool = %pool, ip = %ip, "garbage collection keeps the address: it could not be read again: {e}");
+                    continue;
+                }
+            };
+            let Some(fresh) = fresh.filter(|a| findings.iter().all(|f| f.revision == a.revision))
+            else {
+                // Gone or changed since it was found: nothing to free, or look again.
+                for f in &findings {
+                    self.suspects.forget(&f.key);
+                }
+                continue;
+            };
+            let mut dropped: Vec<(String, String)> = Vec::new();
+            let mut released = Vec::new();
+            let mut release = false;
+            for f in findings {
+                let confirmed = match &f.key.subject {
+                    Subject::Holder {
+                        container_id,
+                        ifname,
+                    } => fresh
+                        .holders
+                        .iter()
+                        .find(|h| {
+                            &h.attachment.container_id == container_id
+                                && &h.attachment.ifname == ifname
+                        })
+                        .and_then(|h| confirm_holder(view, h, settings))
+                        .inspect(|_| dropped.push((container_id.clone(), ifname.clone()))),
+                    Subject::Release => {
+                        let fires = |c: &tether_core::ReleaseCondition| view.fires(c);
+                        (!tether_core::alloc::plan_release_of(
+                            std::slice::from_ref(&fresh),
+                            now_wall,
+                            &fires,
+                        )
+                        .changes
+                        .is_empty())
+                        .then(|| {
+                            release = true;
+                            GcReason::RuleFired
+                        })
+                    }
+                };
+                match confirmed {
+                    Some(reason) => released.push(GcRelease {
+                        address: format!("{pool}/{ip}"),
+                        reason: reason.as_str().to_owned(),
+                        action: String::new(),
+                        workload: f.workload.clone(),
+                    }),
+                    None => {
+                        tracing::info!(pool = %pool, ip = %ip, workload = %f.workload, reason = f.reason.as_str(), "garbage collection keeps the address: a fresh read does not confirm it is leaked");
+                        self.suspects.forget(&f.key);
+                    }
+                }
+            }
+            let change = if !dropped.is_empty() {
+                tether_core::alloc::drop_holders(
+                    &fresh,
+                    |h| {
+                        dropped.iter().any(|(c, i)| {
+                            &h.attachment.container_id == c && &h.attachment.ifname == i
+                        })
+                    },
+                    now_wall,
+                )
+            } else if release {
+                Change::delete(&fresh)
+            } else {
+                continue;
+            };
+            let action = match &change {
+                Change::Delete { .. } => "released",
+                Change::Put(_) => "holder-dropped",
+            };
+            for r in &mut released {
+                r.action = action.to_owned();
+            }
+            planned.push((change, released));
+        }
+        planned
+    }
+
+    /// Has the writer apply garbage collection's changes (each only if its address is
+    /// unchanged since it was read); counts, logs and returns what was freed.
+    async fn gc_apply(
+        &self,
+        planned: Vec<(Change, Vec<GcRelease>)>,
+    ) -> Result<Vec<GcRelease>, EngineError> {
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (changes, infos): (Vec<Change>, Vec<Vec<GcRelease>>) = planned.into_iter().unzip();
+        let applied = self.apply(changes.clone()).await?;
+        let mut out = Vec::new();
+        for (change, infos) in changes.iter().zip(infos) {
+            let key = (change.pool().to_owned(), change.ip());
+            if !applied.iter().any(|c| (c.pool().to_owned(), c.ip()) == key) {
+                tracing::info!(pool = %key.0, ip = %key.1, "garbage collection did not free the address: it changed before the write");
+                continue;
+            }
+            for r in infos {
+                self.metrics
+                    .gc_released
+                    .get_or_create(&crate::metrics::GcLabels {
+                        reason: r.reason.clone(),
+                        action: r.action.clone(),
+                    })
+                    .inc();
+                tracing::warn!(address = %r.address, reason = %r.reason, action = %r.action, workload = %r.workload, "garbage collection freed");
+                out.push(r);
+            }
+        }
+        // What was acted on waits no more.
+        for c in &applied {
+            let (pool, ip) = (c.pool().to_owned(), c.ip());
+            self.suspects.forget_address(&pool, ip);
+        }
+        Ok(out)
     }
 
     /// Has the writer apply changes planned on a look at the state, each only if its

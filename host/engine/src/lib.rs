@@ -25,6 +25,7 @@
 //!   hand delete only what is unchanged since they looked.
 
 pub mod engine;
+pub mod gc;
 pub mod index;
 pub mod metrics;
 pub mod ports;
@@ -35,6 +36,7 @@ use tether_core::pool::{Pool, PoolError};
 use tether_store::StoreError;
 
 pub use engine::{Engine, EngineError, NodeInfo, Ports, ReleaseGate};
+pub use gc::{GcReason, GcSettings};
 pub use metrics::Metrics;
 
 /// Why the engine did not start.

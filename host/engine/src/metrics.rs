@@ -64,6 +64,22 @@ pub struct ApiLabels {
     pub result: String,
 }
 
+/// Labels of what garbage collection freed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcLabels {
+    /// `pod-gone`, `node-lost` or `rule-fired`.
+    pub reason: String,
+    /// `released` or `holder-dropped`.
+    pub action: String,
+}
+
+/// Labels of a garbage collection pass.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcPassLabels {
+    /// `ok`, `not-elected`, `not-synced`, `unreachable` or `cannot-judge`.
+    pub result: String,
+}
+
 /// Every metric the daemon exports, registered under the `tether_` prefix.
 pub struct Metrics {
     registry: Registry,
@@ -93,6 +109,12 @@ pub struct Metrics {
     pub kube_cache_synced: Family<ResourceLabels, Gauge>,
     /// Kubernetes mode: API calls of the store and the workload source by verb and result.
     pub kube_api_calls: Family<ApiLabels, Counter>,
+    /// Garbage collection: what it freed, by reason and action.
+    pub gc_released: Family<GcLabels, Counter>,
+    /// Garbage collection passes by result.
+    pub gc_passes: Family<GcPassLabels, Counter>,
+    /// Garbage collection: findings waiting for their grace period.
+    pub gc_suspects: Gauge,
 }
 
 impl Default for Metrics {
@@ -185,8 +207,29 @@ impl Metrics {
             "Kubernetes API calls of the store and the workload source by verb and result",
             kube_api_calls.clone(),
         );
+        let gc_released = Family::<GcLabels, Counter>::default();
+        registry.register(
+            "gc_released",
+            "What garbage collection freed, by reason and action",
+            gc_released.clone(),
+        );
+        let gc_passes = Family::<GcPassLabels, Counter>::default();
+        registry.register(
+            "gc_passes",
+            "Garbage collection passes by result",
+            gc_passes.clone(),
+        );
+        let gc_suspects = Gauge::default();
+        registry.register(
+            "gc_suspects",
+            "Addresses or holders that look leaked and wait for their grace period",
+            gc_suspects.clone(),
+        );
         Metrics {
             registry,
+            gc_released,
+            gc_passes,
+            gc_suspects,
             kube_cache_objects,
             kube_cache_synced,
             kube_api_calls,
@@ -237,6 +280,15 @@ impl Metrics {
         self.kube_api_calls
             .get_or_create(&ApiLabels {
                 verb: verb.to_owned(),
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one garbage collection pass.
+    pub fn gc_pass(&self, result: &str) {
+        self.gc_passes
+            .get_or_create(&GcPassLabels {
                 result: result.to_owned(),
             })
             .inc();

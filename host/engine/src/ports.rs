@@ -6,6 +6,7 @@
 //! informer caches and, when the chain names ConfigMaps, a [`SwappableChain`] replaced as
 //! they change.
 
+use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use tether_core::alloc::Liveness;
@@ -20,6 +21,34 @@ pub trait WorkloadSource: Send + Sync {
 
     /// A consistent view for one request or one reconcile pass.
     fn view(&self) -> Arc<dyn WorkloadView>;
+
+    /// Whether the source can reach what it reads from now (Kubernetes: the API server
+    /// answers); `Err` says why not. Garbage collection pauses while it cannot.
+    fn reachable(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A pod as garbage collection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    /// Its UID.
+    pub uid: String,
+    /// It is being deleted (a deletion timestamp is set); on a lost node nobody finishes it.
+    pub terminating: bool,
+}
+
+/// A node, as garbage collection judges node loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Ready, as far as the source knows.
+    Ready,
+    /// Not ready (its Ready condition False or Unknown) for this many seconds.
+    NotReadyFor(u64),
+    /// No Node of that name exists.
+    Gone,
+    /// The source cannot tell.
+    Unknown,
 }
 
 /// What one view of the workloads answers.
@@ -53,6 +82,27 @@ pub trait WorkloadView: Send + Sync {
     /// Whether a release condition is known to have fired (its owner known to be gone, or
     /// known to be scaled below the ordinal). Unknown never fires.
     fn fires(&self, condition: &ReleaseCondition) -> bool;
+
+    /// Every pod the source knows, by namespace and name, for one garbage collection pass:
+    /// `Ok(None)` when the source cannot list pods (GC then asks [`Self::pod_liveness`] for
+    /// each holder), `Err` when the list failed (the pass is abandoned).
+    #[allow(clippy::type_complexity)]
+    fn all_pods(&self) -> Result<Option<HashMap<(String, String), PodMeta>>, String> {
+        Ok(None)
+    }
+
+    /// A fresh read of one pod, bypassing any cache: `Ok(None)` when there is none, `Err`
+    /// when the source cannot tell. What garbage collection confirms a release with.
+    fn read_pod(&self, namespace: &str, name: &str) -> Result<Option<PodMeta>, String> {
+        let _ = (namespace, name);
+        Err("this workload source cannot read pods".into())
+    }
+
+    /// A node's readiness, read fresh.
+    fn node_state(&self, node: &str) -> NodeState {
+        let _ = node;
+        NodeState::Unknown
+    }
 }
 
 /// No workload source: pods are known only by their CNI arguments. Nothing is ever judged

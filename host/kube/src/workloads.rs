@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
+use kube::api::ListParams;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::discovery::{ApiCapabilities, Scope};
 use kube::error::DiscoveryError;
@@ -40,7 +42,7 @@ use tether_core::alloc::Liveness;
 use tether_core::manifest::{api_group, object_from_value, workload_from_pod};
 use tether_core::workload::Pairs;
 use tether_core::{Object, ObjectKey, OwnerReference, ReleaseCondition, Workload};
-use tether_engine::ports::{WorkloadSource, WorkloadView};
+use tether_engine::ports::{NodeState, PodMeta, WorkloadSource, WorkloadView};
 use tokio::runtime::Handle;
 
 /// How long one confirming read may take before the answer is "unknown".
@@ -49,6 +51,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(15);
 /// Owner chains deeper than this are cut (a loop of owner references).
 const MAX_OWNER_DEPTH: usize = 8;
+/// Pods per page when garbage collection lists every pod.
+const PAGE: u32 = 500;
 
 /// What a watch feeds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +212,18 @@ impl Shared {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts one API call by its outcome (`None`: timed out).
+    fn count<T>(&self, verb: &str, got: Option<Result<Option<T>, &kube::Error>>) {
+        if let Some(m) = &self.metrics {
+            let result = match got {
+                None | Some(Err(_)) => "error",
+                Some(Ok(None)) => "not_found",
+                Some(Ok(Some(_))) => "ok",
+            };
+            m.kube_api_call(verb, result);
+        }
     }
 
     /// Runs an API read on the runtime, bounded by [`READ_TIMEOUT`]; `None` on timeout.
@@ -555,6 +571,20 @@ impl WorkloadSource for KubeWorkloads {
     fn view(&self) -> Arc<dyn WorkloadView> {
         Arc::new(self.clone())
     }
+
+    fn reachable(&self) -> Result<(), String> {
+        let got = self.shared.block_on(self.shared.client.apiserver_version());
+        self.shared
+            .count("version", got.as_ref().map(|r| r.as_ref().map(Some)));
+        match got {
+            None => Err(format!(
+                "the API server did not answer within {}s",
+                READ_TIMEOUT.as_secs()
+            )),
+            Some(Err(e)) => Err(format!("the API server is unreachable: {e}")),
+            Some(Ok(_)) => Ok(()),
+        }
+    }
 }
 
 impl KubeWorkloads {
@@ -663,6 +693,65 @@ impl WorkloadView for KubeWorkloads {
         }
     }
 
+    fn all_pods(&self) -> Result<Option<HashMap<(String, String), PodMeta>>, String> {
+        let api: Api<Pod> = Api::all(self.shared.client.clone());
+        let mut out = HashMap::new();
+        let mut params = ListParams::default().limit(PAGE);
+        loop {
+            let got = self.shared.block_on(api.list_metadata(&params));
+            self.shared
+                .count("list", got.as_ref().map(|r| r.as_ref().map(Some)));
+            let page = match got {
+                None => return Err("listing pods: timed out".into()),
+                Some(Err(e)) => return Err(format!("listing pods: {e}")),
+                Some(Ok(page)) => page,
+            };
+            for p in page.items {
+                let m = p.metadata;
+                out.insert(
+                    (m.namespace.unwrap_or_default(), m.name.unwrap_or_default()),
+                    PodMeta {
+                        uid: m.uid.unwrap_or_default(),
+                        terminating: m.deletion_timestamp.is_some(),
+                    },
+                );
+            }
+            match page.metadata.continue_ {
+                Some(c) if !c.is_empty() => params = params.continue_token(&c),
+                _ => break,
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn read_pod(&self, namespace: &str, name: &str) -> Result<Option<PodMeta>, String> {
+        Ok(self
+            .shared
+            .get("v1", "Pod", namespace, name)?
+            .map(|v| PodMeta {
+                uid: v
+                    .pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                terminating: v
+                    .pointer("/metadata/deletionTimestamp")
+                    .is_some_and(|t| !t.is_null()),
+            }))
+    }
+
+    fn node_state(&self, node: &str) -> NodeState {
+        let v = match self.shared.get("v1", "Node", "", node) {
+            Ok(Some(v)) => v,
+            Ok(None) => return NodeState::Gone,
+            Err(e) => {
+                tracing::warn!(node = %node, "node state unknown: {e}");
+                return NodeState::Unknown;
+            }
+        };
+        node_state_of(&v, k8s_openapi::jiff::Timestamp::now())
+    }
+
     fn fires(&self, condition: &ReleaseCondition) -> bool {
         let owner = match condition {
             ReleaseCondition::OwnerDeleted(k) | ReleaseCondition::ScaledBelow { owner: k, .. } => k,
@@ -714,6 +803,35 @@ impl KubeWorkloads {
 }
 
 /// Whether `condition` holds given the owner as it is (`None`: it does not exist).
+/// A Node's readiness from its Ready condition: not ready since the condition's last
+/// transition when it is False or Unknown; unknown without one.
+fn node_state_of(node: &Value, now: k8s_openapi::jiff::Timestamp) -> NodeState {
+    let ready = node
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        });
+    let Some(ready) = ready else {
+        return NodeState::Unknown;
+    };
+    if ready.get("status").and_then(Value::as_str) == Some("True") {
+        return NodeState::Ready;
+    }
+    let since = ready
+        .get("lastTransitionTime")
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+    match since {
+        Some(t) => NodeState::NotReadyFor(
+            u64::try_from(now.as_second().saturating_sub(t.as_second())).unwrap_or(0),
+        ),
+        // Not ready, since when unknown: not long enough to be judged lost.
+        None => NodeState::NotReadyFor(0),
+    }
+}
+
 fn holds(condition: &ReleaseCondition, owner: Option<&Object>) -> bool {
     match condition {
         ReleaseCondition::OwnerDeleted(_) => owner.is_none(),
@@ -721,5 +839,34 @@ fn holds(condition: &ReleaseCondition, owner: Option<&Object>) -> bool {
             owner.is_none_or(|o| o.replicas.is_some_and(|r| r <= *ordinal))
         }
         ReleaseCondition::Never | ReleaseCondition::IdleForSeconds(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_is_not_ready_since_its_ready_condition_changed() {
+        let now: k8s_openapi::jiff::Timestamp = "2026-12-01T12:10:00Z".parse().expect("time");
+        let node = |status: &str| {
+            serde_json::json!({"status": {"conditions": [
+                {"type": "MemoryPressure", "status": "False", "lastTransitionTime": "2026-12-01T10:00:00Z"},
+                {"type": "Ready", "status": status, "lastTransitionTime": "2026-12-01T12:00:00Z"},
+            ]}})
+        };
+        assert_eq!(node_state_of(&node("True"), now), NodeState::Ready);
+        assert_eq!(
+            node_state_of(&node("False"), now),
+            NodeState::NotReadyFor(600)
+        );
+        assert_eq!(
+            node_state_of(&node("Unknown"), now),
+            NodeState::NotReadyFor(600)
+        );
+        assert_eq!(
+            node_state_of(&serde_json::json!({"status": {}}), now),
+            NodeState::Unknown
+        );
     }
 }

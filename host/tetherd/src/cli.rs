@@ -28,6 +28,10 @@ pub enum Command {
     /// Release one address by hand, whatever its owner: for a pinned address whose release
     /// rule cannot fire, or (with --force) one held by pods gone for good.
     Release(ReleaseArgs),
+    /// Show garbage collection on a running daemon (Kubernetes mode): what its last pass
+    /// freed and why, what looks leaked and how long until it may be freed, or why it is
+    /// paused.
+    Gc(SocketArgs),
     /// Wait until a daemon answers on its socket and is ready (polls /readyz): for scripts
     /// that start `tetherd run` in the background.
     Wait(WaitArgs),
@@ -152,9 +156,27 @@ pub struct RunArgs {
     /// The API socket (mode 0600).
     #[arg(long, env = "TETHER_SOCKET", default_value = tether_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Seconds between checks of the release rules of pinned addresses (0: only on request).
+    /// Standalone mode: seconds between checks of the release rules of pinned addresses (0:
+    /// only on request). In Kubernetes mode garbage collection applies them, with its grace
+    /// periods (--gc-*).
     #[arg(long, env = "TETHER_RECONCILE_INTERVAL", default_value_t = 30)]
     pub reconcile_interval_secs: u64,
+    /// Kubernetes mode: seconds between garbage collection passes of the elected daemon (0:
+    /// garbage collection off; CNI GC still frees this node's attachments by its rules).
+    #[arg(long, env = "TETHER_GC_INTERVAL", default_value_t = 30)]
+    pub gc_interval_secs: u64,
+    /// Kubernetes mode: seconds an address or holder must keep looking leaked (its pod gone,
+    /// its release rule fired) before garbage collection frees it.
+    #[arg(long, env = "TETHER_GC_GRACE", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub gc_grace_secs: u64,
+    /// Kubernetes mode: the same for a VM's pinned address (a VM's pod may be recreated
+    /// slowly).
+    #[arg(long, env = "TETHER_GC_VM_GRACE", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub gc_vm_grace_secs: u64,
+    /// Kubernetes mode: seconds a node must be not ready (or gone) before its pods that are
+    /// being deleted count as gone; their daemon cannot DEL them.
+    #[arg(long, env = "TETHER_GC_NODE_GRACE", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub gc_node_grace_secs: u64,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
 }

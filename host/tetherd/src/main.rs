@@ -18,6 +18,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Allocations(args) => pools_cmd::allocations(&args),
         cli::Command::Release(args) => pools_cmd::release(&args),
         cli::Command::Wait(args) => pools_cmd::wait(&args),
+        cli::Command::Gc(args) => pools_cmd::gc(&args),
         cli::Command::Policy(cmd) => policy_cmd::run(cmd),
         cli::Command::Crd => match tether_kube::crd::crds_yaml() {
             Ok(yaml) => {

@@ -74,6 +74,57 @@ pub fn run(args: &SocketArgs) -> ExitCode {
     code
 }
 
+/// `tetherd gc`: the last garbage collection pass and what waits for its grace.
+pub fn gc(args: &SocketArgs) -> ExitCode {
+    let report: tether_api::GcReport = match client(args).get("/v1/gc") {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tetherd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if report.at == 0 {
+        println!("no garbage collection pass has run on this daemon");
+    } else if let Some(why) = &report.paused {
+        println!("paused at the last pass: {why}");
+    }
+    if !report.released.is_empty() {
+        println!("freed by the last pass:");
+        let rows: Vec<Vec<String>> = report
+            .released
+            .iter()
+            .map(|r| {
+                vec![
+                    r.address.clone(),
+                    r.action.clone(),
+                    r.reason.clone(),
+                    r.workload.clone(),
+                ]
+            })
+            .collect();
+        print_table(&["ADDRESS", "ACTION", "REASON", "WORKLOAD"], &rows);
+    }
+    if report.suspects.is_empty() {
+        println!("nothing looks leaked");
+        return ExitCode::SUCCESS;
+    }
+    println!("looks leaked, waiting for its grace period:");
+    let rows: Vec<Vec<String>> = report
+        .suspects
+        .iter()
+        .map(|s| {
+            vec![
+                s.address.clone(),
+                s.reason.clone(),
+                format!("{}s", s.seen_secs),
+                format!("{}s", s.grace_secs),
+                s.workload.clone(),
+            ]
+        })
+        .collect();
+    print_table(&["ADDRESS", "REASON", "SEEN", "GRACE", "WORKLOAD"], &rows)
+}
+
 /// What the tables cannot show: the last refused reload, and allocations held under a pool
 /// no longer in force. On stderr, so the tables stay parseable.
 fn print_notes(list: &PoolList) {

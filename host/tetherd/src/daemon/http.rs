@@ -173,6 +173,10 @@ async fn release(
     done(&s, "release", r).map(Json)
 }
 
+async fn gc_report(State(s): State<AppState>) -> Json<tether_api::GcReport> {
+    Json(s.gc_report())
+}
+
 async fn pools(State(s): State<AppState>) -> Json<tether_api::PoolList> {
     Json(s.pools())
 }
@@ -219,6 +223,7 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/reconcile", post(reconcile))
         .route("/v1/release", post(release))
         .route("/v1/pools", get(pools))
+        .route("/v1/gc", get(gc_report))
         .route("/v1/allocations", get(allocations))
         .route("/readyz", get(ready))
         .route("/healthz", get(|| async { "ok" }))

@@ -437,6 +437,74 @@ async fn write_status(
 /// Posts a Warning Event on an IPPool (cluster-scoped: the Event lives in `default`).
 async fn event(client: &kube::Client, pool: &IPPool, reason: &str, message: &str) {
     let name = pool.metadata.name.clone().unwrap_or_default();
+    let involved = ObjectReference {
+        api_version: Some(tether_core::pool::API_VERSION.into()),
+        kind: Some(tether_core::pool::KIND.into()),
+        name: Some(name.clone()),
+        uid: pool.metadata.uid.clone(),
+        ..ObjectReference::default()
+    };
+    post_event(client, involved, "Warning", reason, message).await;
+}
+
+/// Runs garbage collection every `every` while this daemon holds the releasers' Lease (the
+/// engine refuses otherwise), and leaves an Event on each address it frees.
+pub async fn collect_garbage(service: Arc<Engine>, client: kube::Client, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let report = match service.gc_pass().await {
+            Ok(r) => r,
+            Err(tether_engine::EngineError::NotElected(why)) => {
+                tracing::debug!("garbage collection skipped: {why}");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("garbage collection pass failed: {e}");
+                continue;
+            }
+        };
+        if let Some(why) = &report.paused {
+            tracing::info!(why = %why, "garbage collection paused");
+        }
+        for r in report.released {
+            let Some(ip) = r
+                .address
+                .rsplit_once('/')
+                .and_then(|(_, ip)| ip.parse::<std::net::IpAddr>().ok())
+            else {
+                continue;
+            };
+            let involved = ObjectReference {
+                api_version: Some(tether_core::pool::API_VERSION.into()),
+                kind: Some("IPAllocation".into()),
+                name: Some(tether_kube::crd::allocation_name(ip)),
+                ..ObjectReference::default()
+            };
+            let (reason, what) = if r.action == "released" {
+                ("AddressReleased", "released")
+            } else {
+                ("HolderDropped", "dropped a stale holder of")
+            };
+            let message = format!(
+                "garbage collection {what} {} ({}): {}",
+                r.address, r.reason, r.workload
+            );
+            post_event(&client, involved, "Normal", reason, &message).await;
+        }
+    }
+}
+
+/// Posts an Event about a cluster-scoped object (it lives in `default`).
+async fn post_event(
+    client: &kube::Client,
+    involved: ObjectReference,
+    type_: &str,
+    reason: &str,
+    message: &str,
+) {
+    let name = involved.name.clone().unwrap_or_default();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let e = Event {
         metadata: ObjectMeta {
@@ -444,16 +512,10 @@ async fn event(client: &kube::Client, pool: &IPPool, reason: &str, message: &str
             namespace: Some("default".into()),
             ..ObjectMeta::default()
         },
-        involved_object: ObjectReference {
-            api_version: Some(tether_core::pool::API_VERSION.into()),
-            kind: Some(tether_core::pool::KIND.into()),
-            name: Some(name.clone()),
-            uid: pool.metadata.uid.clone(),
-            ..ObjectReference::default()
-        },
+        involved_object: involved,
         reason: Some(reason.into()),
         message: Some(message.into()),
-        type_: Some("Warning".into()),
+        type_: Some(type_.into()),
         first_timestamp: Some(now.clone()),
         last_timestamp: Some(now),
         count: Some(1),
@@ -465,6 +527,6 @@ async fn event(client: &kube::Client, pool: &IPPool, reason: &str, message: &str
     };
     let api: Api<Event> = Api::namespaced(client.clone(), "default");
     if let Err(e) = api.create(&Default::default(), &e).await {
-        tracing::warn!(pool = %name, "posting an Event: {e}");
+        tracing::warn!(object = %name, "posting an Event: {e}");
     }
 }

@@ -317,7 +317,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         "tetherd started"
     );
 
-    let reconciler = if args.reconcile_interval_secs > 0 {
+    service.set_gc_settings(tether_engine::GcSettings {
+        grace: Duration::from_secs(args.gc_grace_secs),
+        vm_grace: Duration::from_secs(args.gc_vm_grace_secs),
+        node_grace: Duration::from_secs(args.gc_node_grace_secs),
+    });
+    // In Kubernetes mode release rules are applied by garbage collection, with its grace
+    // periods; `tetherd reconcile` still applies them at once.
+    let reconciler = if args.reconcile_interval_secs > 0 && !args.kubernetes {
         let svc = service.clone();
         let every = Duration::from_secs(args.reconcile_interval_secs);
         Some(tokio::spawn(async move {
@@ -374,6 +381,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 labels: None,
                 shared: true,
             });
+            if args.gc_interval_secs > 0 {
+                tokio::spawn(kube::collect_garbage(
+                    service.clone(),
+                    client.clone(),
+                    Duration::from_secs(args.gc_interval_secs),
+                ));
+            } else {
+                tracing::warn!(
+                    "garbage collection is off (--gc-interval-secs 0): missed DELs and lost nodes leak addresses until released by hand"
+                );
+            }
             tokio::spawn(kube::watch_node(
                 service.clone(),
                 client.clone(),

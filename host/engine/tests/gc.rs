@@ -1,0 +1,609 @@
+//! Garbage collection's rules, each on its own: nothing is freed on one look, a grace period
+//! (longer for VMs) must pass between two findings on the same revision, a fresh read must
+//! confirm it, unknown is never gone, a pass that cannot look forgets what it found, a lost
+//! node frees its pods being deleted, and CNI GC on a node touches only that node's holders.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tether_api::CniRequest;
+use tether_core::alloc::Liveness;
+use tether_core::manifest::ObjectIndex;
+use tether_core::pool::{IpPoolSpec, Pool};
+use tether_core::{
+    Decision, IdentityKind, Object, OwnerReference, Pinned, PolicyRequest, ReleaseCondition,
+    Workload,
+};
+use tether_engine::ports::{Decide, NodeState, PodMeta, WorkloadSource, WorkloadView};
+use tether_engine::{Engine, EngineError, GcSettings, Metrics, NodeInfo, Ports};
+use tether_policy::{ChainOutcome, PolicyError};
+use tether_store::embedded::EmbeddedStore;
+
+/// What the API server holds, and how the source fails.
+#[derive(Default)]
+struct World {
+    /// Pods that exist, by (namespace, name).
+    pods: HashMap<(String, String), (Workload, PodMeta)>,
+    /// What the pod list shows instead of `pods` (a list that lags).
+    listed: Option<HashMap<(String, String), PodMeta>>,
+    objects: ObjectIndex,
+    nodes: HashMap<String, NodeState>,
+    /// Release rules fire.
+    fired: bool,
+    read_fails: bool,
+    list_fails: bool,
+    unreachable: bool,
+    unsynced: bool,
+}
+
+#[derive(Clone, Default)]
+struct Cluster(Arc<Mutex<World>>);
+
+impl Cluster {
+    fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> T {
+        f(&mut self.0.lock().expect("world"))
+    }
+
+    fn add_pod(&self, namespace: &str, name: &str, uid: &str, owner: Option<OwnerReference>) {
+        let w = Workload {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.into(),
+            owner_references: owner.into_iter().collect(),
+            ..Workload::default()
+        };
+        let meta = PodMeta {
+            uid: uid.into(),
+            terminating: false,
+        };
+        self.with(|c| {
+            c.pods
+                .insert((namespace.to_owned(), name.to_owned()), (w, meta))
+        });
+    }
+
+    fn remove_pod(&self, namespace: &str, name: &str) {
+        self.with(|c| c.pods.remove(&(namespace.to_owned(), name.to_owned())));
+    }
+}
+
+impl WorkloadView for Cluster {
+    fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
+        Ok(self.with(|c| {
+            c.pods
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .map(|p| p.0.clone())
+        }))
+    }
+
+    fn owner_chain(
+        &self,
+        namespace: &str,
+        owners: &[OwnerReference],
+    ) -> Result<Vec<Object>, String> {
+        Ok(self.with(|c| c.objects.owner_chain(namespace, owners)))
+    }
+
+    fn namespace_annotations(&self, _: &str) -> Result<Vec<(String, String)>, String> {
+        Ok(Vec::new())
+    }
+
+    fn namespace_labels(&self, _: &str) -> Result<Option<Vec<(String, String)>>, String> {
+        Ok(None)
+    }
+
+    fn pod_liveness(&self, namespace: &str, name: &str, uid: &str) -> Liveness {
+        self.with(|c| {
+            if c.read_fails {
+                return Liveness::Unknown;
+            }
+            match c.pods.get(&(namespace.to_owned(), name.to_owned())) {
+                Some(p) if p.1.uid == uid => Liveness::Live,
+                _ => Liveness::Gone,
+            }
+        })
+    }
+
+    fn fires(&self, c: &ReleaseCondition) -> bool {
+        !matches!(c, ReleaseCondition::Never) && self.with(|w| w.fired)
+    }
+
+    fn all_pods(&self) -> Result<Option<HashMap<(String, String), PodMeta>>, String> {
+        self.with(|c| {
+            if c.list_fails {
+                return Err("listing pods: timed out".into());
+            }
+            Ok(Some(c.listed.clone().unwrap_or_else(|| {
+                c.pods
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.1.clone()))
+                    .collect()
+            })))
+        })
+    }
+
+    fn read_pod(&self, namespace: &str, name: &str) -> Result<Option<PodMeta>, String> {
+        self.with(|c| {
+            if c.read_fails {
+                return Err("reading the pod: timed out".into());
+            }
+            Ok(c.pods
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .map(|p| p.1.clone()))
+        })
+    }
+
+    fn node_state(&self, node: &str) -> NodeState {
+        self.with(|c| c.nodes.get(node).copied().unwrap_or(NodeState::Gone))
+    }
+}
+
+impl WorkloadSource for Cluster {
+    fn synced(&self) -> bool {
+        !self.with(|c| c.unsynced)
+    }
+
+    fn view(&self) -> Arc<dyn WorkloadView> {
+        Arc::new(self.clone())
+    }
+
+    fn reachable(&self) -> Result<(), String> {
+        if self.with(|c| c.unreachable) {
+            Err("the API server is unreachable".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Pods named `vm-*` are pinned to VM `default/vm` (released when it is deleted), `db-*` to
+/// a custom identity of that name; the others are ephemeral.
+struct Policy;
+
+impl Decide for Policy {
+    fn decide(&self, request: &PolicyRequest) -> Result<ChainOutcome, PolicyError> {
+        let name = &request.workload.name;
+        let pinned = |identity: &str, kind| {
+            Decision::Pinned(Pinned {
+                identity: identity.into(),
+                kind,
+                release: vec![ReleaseCondition::OwnerDeleted(tether_core::ObjectKey {
+                    api_version: "kubevirt.io/v1".into(),
+                    kind: "VirtualMachine".into(),
+                    namespace: "default".into(),
+                    name: "vm".into(),
+                })],
+                may_share: true,
+                pools: vec![],
+            })
+        };
+        let decision = if name.starts_with("vm-") {
+            pinned("default/vm", IdentityKind::VirtualMachine)
+        } else if name.starts_with("db-") {
+            pinned(&format!("default/{name}"), IdentityKind::Custom)
+        } else {
+            Decision::Ephemeral
+        };
+        Ok(ChainOutcome {
+            decision,
+            decided_by: Some("test".into()),
+            steps: Vec::new(),
+        })
+    }
+
+    fn names(&self) -> Vec<String> {
+        vec!["test".into()]
+    }
+}
+
+const GRACE: Duration = Duration::from_secs(60);
+const VM_GRACE: Duration = Duration::from_secs(300);
+
+struct Env {
+    _dir: tempfile::TempDir,
+    engine: Arc<Engine>,
+    cluster: Cluster,
+    t0: Instant,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
+        let cluster = Cluster::default();
+        cluster.with(|c| {
+            let vmi = Object {
+                api_version: "kubevirt.io/v1".into(),
+                kind: "VirtualMachineInstance".into(),
+                namespace: "default".into(),
+                name: "vm".into(),
+                uid: "uid-vmi".into(),
+                ..Object::default()
+            };
+            c.objects.insert(vmi);
+        });
+        let pool = Pool::new(
+            "p",
+            &IpPoolSpec {
+                subnet: "10.0.0.0/24".into(),
+                ips: vec!["10.0.0.1-10.0.0.9".into()],
+                ..IpPoolSpec::default()
+            },
+        )
+        .expect("pool");
+        let (engine, _thread) = Engine::start(
+            Ports {
+                store,
+                workloads: (Arc::new(cluster.clone()), true),
+                policies: Arc::new(Policy),
+            },
+            vec![pool],
+            Arc::new(Metrics::new()),
+        )
+        .expect("engine");
+        let engine = Arc::new(engine);
+        engine.set_gc_settings(GcSettings {
+            grace: GRACE,
+            vm_grace: VM_GRACE,
+            node_grace: Duration::from_secs(300),
+        });
+        engine.set_node(NodeInfo {
+            name: "n1".into(),
+            labels: Some(Vec::new()),
+            shared: true,
+        });
+        Env {
+            _dir: dir,
+            engine,
+            cluster,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Creates the pod in the cluster and ADDs it on node `node`.
+    async fn pod(&self, name: &str, node: &str) -> IpAddr {
+        let owner = name.starts_with("vm-").then(|| OwnerReference {
+            api_version: "kubevirt.io/v1".into(),
+            kind: "VirtualMachineInstance".into(),
+            name: "vm".into(),
+            uid: "uid-vmi".into(),
+            controller: true,
+        });
+        self.cluster
+            .add_pod("default", name, &format!("uid-{name}"), owner);
+        self.engine.set_node(NodeInfo {
+            name: node.into(),
+            labels: Some(Vec::new()),
+            shared: true,
+        });
+        let r = self.engine.add(req(name)).await.expect("add");
+        self.engine.set_node(NodeInfo {
+            name: "n1".into(),
+            labels: Some(Vec::new()),
+            shared: true,
+        });
+        r.ips[0]
+            .address
+            .split('/')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .expect("address")
+    }
+
+    /// One pass `secs` seconds after the start; what it freed, as `ADDRESS ACTION REASON`.
+    async fn pass(&self, secs: u64) -> Vec<String> {
+        let r = self
+            .engine
+            .gc_pass_at(self.t0 + Duration::from_secs(secs))
+            .await
+            .expect("gc pass");
+        r.released
+            .iter()
+            .map(|r| format!("{} {} {}", r.address, r.action, r.reason))
+            .collect()
+    }
+
+    /// The holders of `ip`, by pod name; `None` when it is free.
+    fn holders(&self, ip: IpAddr) -> Option<Vec<String>> {
+        self.engine
+            .allocations()
+            .into_iter()
+            .find(|a| a.ip == ip)
+            .map(|a| a.holders.iter().map(|h| h.attachment.pod.clone()).collect())
+    }
+}
+
+fn req(name: &str) -> CniRequest {
+    CniRequest {
+        container_id: format!("ctr-{name}"),
+        ifname: "eth0".into(),
+        network: "net".into(),
+        cni_version: "1.1.0".into(),
+        args: vec![
+            ("K8S_POD_NAMESPACE".into(), "default".into()),
+            ("K8S_POD_NAME".into(), name.into()),
+            ("K8S_POD_UID".into(), format!("uid-{name}")),
+        ],
+        pools: vec!["p".into()],
+        ..CniRequest::default()
+    }
+}
+
+fn gc_request(valid: &[&str]) -> CniRequest {
+    CniRequest {
+        network: "net".into(),
+        cni_version: "1.1.0".into(),
+        valid_attachments: Some(
+            valid
+                .iter()
+                .map(|name| tether_api::Attachment {
+                    container_id: format!("ctr-{name}"),
+                    ifname: "eth0".into(),
+                })
+                .collect(),
+        ),
+        ..CniRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn a_pod_deleted_without_del_is_freed_only_after_two_looks_a_grace_apart() {
+    let env = Env::new();
+    let ip = env.pod("cart", "n1").await;
+    let live = env.pod("live", "n2").await;
+    env.cluster.remove_pod("default", "cart");
+    assert!(env.pass(0).await.is_empty(), "freed on one look");
+    let report = env.engine.gc_report();
+    assert_eq!(report.suspects.len(), 1, "{report:?}");
+    assert_eq!(report.suspects[0].reason, "pod-gone");
+    assert!(env.pass(59).await.is_empty(), "freed before the grace");
+    assert_eq!(
+        env.pass(60).await,
+        vec![format!("p/{ip} released pod-gone")]
+    );
+    assert_eq!(env.holders(ip), None);
+    assert_eq!(env.holders(live), Some(vec!["live".to_owned()]));
+    let text = env.engine.metrics_text();
+    assert!(
+        text.contains(r#"tether_gc_released_total{reason="pod-gone",action="released"} 1"#),
+        "{text}"
+    );
+    // Nothing more to do, and nothing live touched on later passes.
+    assert!(env.pass(200).await.is_empty());
+    assert_eq!(env.holders(live), Some(vec!["live".to_owned()]));
+}
+
+#[tokio::test]
+async fn a_pod_recreated_under_its_name_with_another_uid_is_gone() {
+    let env = Env::new();
+    let ip = env.pod("cart", "n1").await;
+    env.cluster.add_pod("default", "cart", "uid-other", None);
+    env.pass(0).await;
+    assert_eq!(
+        env.pass(60).await,
+        vec![format!("p/{ip} released pod-gone")]
+    );
+}
+
+#[tokio::test]
+async fn a_list_that_lags_is_not_enough_a_fresh_read_must_confirm() {
+    let env = Env::new();
+    let ip = env.pod("cart", "n1").await;
+    // The list does not show the pod (it lags), but the pod exists.
+    env.cluster.with(|c| c.listed = Some(HashMap::new()));
+    env.pass(0).await;
+    assert!(env.pass(60).await.is_empty(), "freed a live pod's address");
+    assert_eq!(env.holders(ip), Some(vec!["cart".to_owned()]));
+    // The finding that did not hold was forgotten: the wait starts over.
+    assert_eq!(env.engine.gc_report().suspects.len(), 0);
+}
+
+#[tokio::test]
+async fn unknown_is_never_gone() {
+    let env = Env::new();
+    let ip = env.pod("cart", "n1").await;
+    env.cluster.remove_pod("default", "cart");
+    env.cluster.with(|c| c.read_fails = true);
+    env.pass(0).await;
+    assert!(env.pass(60).await.is_empty());
+    assert!(env.pass(120).await.is_empty());
+    assert_eq!(env.holders(ip), Some(vec!["cart".to_owned()]));
+    // Once the pod can be read again, the finding of 120 (the one of 60 did not hold and
+    // was forgotten) is confirmed.
+    env.cluster.with(|c| c.read_fails = false);
+    assert_eq!(
+        env.pass(180).await,
+        vec![format!("p/{ip} released pod-gone")]
+    );
+}
+
+#[tokio::test]
+async fn a_pass_that_cannot_look_forgets_what_it_found() {
+    for pause in ["unreachable", "unsynced", "list"] {
+        let env = Env::new();
+        let ip = env.pod("cart", "n1").await;
+        env.cluster.remove_pod("default", "cart");
+        env.pass(0).await;
+        env.cluster.with(|c| match pause {
+            "unreachable" => c.unreachable = true,
+            "unsynced" => c.unsynced = true,
+            _ => c.list_fails = true,
+        });
+        assert!(env.pass(30).await.is_empty(), "{pause}");
+        let report = env.engine.gc_report();
+        assert!(report.paused.is_some(), "{pause}: {report:?}");
+        assert!(report.suspects.is_empty(), "{pause}: {report:?}");
+        env.cluster.with(|c| {
+            c.unreachable = false;
+            c.unsynced = false;
+            c.list_fails = false;
+        });
+        // Found again at 61: a grace after the first finding, but the wait started over.
+        assert!(
+            env.pass(61).await.is_empty(),
+            "{pause}: freed without a fresh wait"
+        );
+        assert!(env.pass(120).await.is_empty(), "{pause}");
+        assert_eq!(
+            env.pass(121).await,
+            vec![format!("p/{ip} released pod-gone")],
+            "{pause}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_vm_address_waits_the_vm_grace_and_is_kept_until_its_rule_fires() {
+    let env = Env::new();
+    let ip = env.pod("vm-launcher-a", "n1").await;
+    env.cluster.remove_pod("default", "vm-launcher-a");
+    env.pass(0).await;
+    assert!(
+        env.pass(60).await.is_empty(),
+        "a VM's holder dropped after the short grace"
+    );
+    assert!(env.pass(299).await.is_empty());
+    assert_eq!(
+        env.pass(300).await,
+        vec![format!("p/{ip} holder-dropped pod-gone")]
+    );
+    // Kept for the VM, nobody holding it.
+    assert_eq!(env.holders(ip), Some(Vec::new()));
+    assert!(
+        env.pass(1000).await.is_empty(),
+        "released while the VM exists"
+    );
+    env.cluster.with(|c| c.fired = true);
+    env.pass(1001).await;
+    assert!(
+        env.pass(1100).await.is_empty(),
+        "released before the VM grace"
+    );
+    assert_eq!(
+        env.pass(1301).await,
+        vec![format!("p/{ip} released rule-fired")]
+    );
+    assert_eq!(env.holders(ip), None);
+}
+
+#[tokio::test]
+async fn a_change_to_the_address_starts_the_wait_over() {
+    let env = Env::new();
+    let ip = env.pod("db-0", "n1").await;
+    env.cluster.remove_pod("default", "db-0");
+    env.pass(0).await;
+    // The pod comes back (a new UID) and takes its address again: another revision.
+    env.cluster.add_pod("default", "db-0", "uid-db-0-b", None);
+    let mut again = req("db-0");
+    again.container_id = "ctr-db-0-b".into();
+    again.args[2].1 = "uid-db-0-b".into();
+    env.engine.add(again).await.expect("re-add");
+    env.cluster.remove_pod("default", "db-0");
+    env.pass(30).await;
+    // 60 s after the first finding, 30 after the change: not yet.
+    assert!(
+        env.pass(60).await.is_empty(),
+        "freed on a finding made on an older revision"
+    );
+    assert_eq!(
+        env.pass(90).await,
+        vec![format!("p/{ip} holder-dropped pod-gone")]
+    );
+}
+
+#[tokio::test]
+async fn a_lost_nodes_pods_being_deleted_go_once_the_node_is_gone_long_enough() {
+    let env = Env::new();
+    let ip = env.pod("cart", "n2").await;
+    let terminating = |env: &Env| {
+        env.cluster.with(|c| {
+            if let Some(p) = c.pods.get_mut(&("default".to_owned(), "cart".to_owned())) {
+                p.1.terminating = true;
+            }
+        })
+    };
+    // Being deleted on a ready node: its kubelet will DEL it.
+    terminating(&env);
+    env.cluster
+        .with(|c| c.nodes.insert("n2".into(), NodeState::Ready));
+    env.pass(0).await;
+    assert!(env.pass(100).await.is_empty());
+    // Not ready, but not for long enough.
+    env.cluster
+        .with(|c| c.nodes.insert("n2".into(), NodeState::NotReadyFor(299)));
+    env.pass(200).await;
+    assert!(env.pass(300).await.is_empty());
+    // Not ready past the node grace: found, then freed a grace later.
+    env.cluster
+        .with(|c| c.nodes.insert("n2".into(), NodeState::NotReadyFor(300)));
+    assert!(env.pass(400).await.is_empty());
+    assert_eq!(
+        env.pass(460).await,
+        vec![format!("p/{ip} released node-lost")]
+    );
+    // A pod on a lost node that is not being deleted is kept.
+    let kept = env.pod("other", "n2").await;
+    env.pass(500).await;
+    assert!(env.pass(900).await.is_empty());
+    assert_eq!(env.holders(kept), Some(vec!["other".to_owned()]));
+}
+
+#[tokio::test]
+async fn gc_is_for_the_elected_daemon_only() {
+    let env = Env::new();
+    env.pod("cart", "n1").await;
+    env.cluster.remove_pod("default", "cart");
+    env.pass(0).await;
+    env.engine
+        .set_release_gate(Arc::new(|| Err("not the holder of the Lease".into())));
+    let r = env
+        .engine
+        .gc_pass_at(env.t0 + Duration::from_secs(60))
+        .await;
+    assert!(matches!(r, Err(EngineError::NotElected(_))), "{r:?}");
+    // Elected again: the findings of before were forgotten.
+    env.engine.set_release_gate(Arc::new(|| Ok(())));
+    assert!(env.pass(61).await.is_empty());
+}
+
+#[tokio::test]
+async fn cni_gc_frees_this_nodes_stale_attachments_by_the_same_rules() {
+    let env = Env::new();
+    env.engine.set_gc_settings(GcSettings {
+        grace: Duration::from_secs(1),
+        vm_grace: Duration::from_secs(1),
+        node_grace: Duration::from_secs(1),
+    });
+    let mine = env.pod("cart", "n1").await;
+    let alive = env.pod("kept", "n1").await;
+    let theirs = env.pod("away", "n2").await;
+    let listed = env.pod("listed", "n1").await;
+    for p in ["cart", "away", "listed"] {
+        env.cluster.remove_pod("default", p);
+    }
+    // The runtime lists only `listed`; `kept`'s pod still exists.
+    let gc = gc_request(&["listed"]);
+    assert!(
+        env.engine
+            .gc(gc.clone())
+            .await
+            .expect("gc")
+            .released
+            .is_empty(),
+        "freed on the first look"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        env.engine.gc(gc.clone()).await.expect("gc").released,
+        vec![format!("p/{mine}")]
+    );
+    assert_eq!(env.holders(alive), Some(vec!["kept".to_owned()]));
+    assert_eq!(
+        env.holders(theirs),
+        Some(vec!["away".to_owned()]),
+        "another node's holder"
+    );
+    assert_eq!(env.holders(listed), Some(vec!["listed".to_owned()]));
+}
