@@ -137,6 +137,17 @@ impl Vm {
     /// Creates a virt-launcher pod of the current VMI on `node` (a migration target when
     /// `migration` names one: (name, uid)); returns its name.
     pub async fn launch(&mut self, node: &str, migration: Option<(&str, &str)>) -> Result<String> {
+        self.launch_with(node, migration, json!({})).await
+    }
+
+    /// [`Vm::launch`] with more annotations on the pod (what ipam-extensions' webhook adds:
+    /// network selection elements carrying `ipam-claim-reference`).
+    pub async fn launch_with(
+        &mut self,
+        node: &str,
+        migration: Option<(&str, &str)>,
+        extra: Value,
+    ) -> Result<String> {
         self.launched += 1;
         let name = format!("virt-launcher-{}-{:05}", self.name, self.launched);
         let mut labels = json!({"kubevirt.io": "virt-launcher",
@@ -145,6 +156,9 @@ impl Vm {
         if let Some((mname, muid)) = migration {
             labels["kubevirt.io/migrationJobUID"] = json!(muid);
             annotations["kubevirt.io/migrationJobName"] = json!(mname);
+        }
+        if let (Some(a), Some(more)) = (annotations.as_object_mut(), extra.as_object()) {
+            a.extend(more.clone());
         }
         let pod: KPod = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Pod",

@@ -1070,3 +1070,360 @@ fn the_leader_killed_mid_gc_hands_over_and_nothing_is_freed_twice() {
     }
     drop(b);
 }
+
+/// The IPAMClaim resource, as k8snetworkplumbingwg/ipamclaims defines it.
+fn ipamclaims() -> kube::api::ApiResource {
+    kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk("k8s.cni.cncf.io", "v1alpha1", "IPAMClaim"),
+        "ipamclaims",
+    )
+}
+
+impl Env {
+    /// Installs the upstream IPAMClaim CRD (tests/fixtures) and waits until it serves.
+    fn install_ipamclaims(&self) {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let path = tether_e2e::cluster::repo_root().join("tests/fixtures/ipamclaims.crd.yaml");
+        let text = std::fs::read_to_string(&path).expect("CRD fixture");
+        let crd: CustomResourceDefinition = yaml_serde::from_str(&text).expect("CRD yaml");
+        self.rt
+            .block_on(
+                Api::<CustomResourceDefinition>::all(self.client.clone())
+                    .create(&PostParams::default(), &crd),
+            )
+            .expect("create the IPAMClaim CRD");
+        within(20, "the IPAMClaim CRD serves", || {
+            self.rt
+                .block_on(self.claims().list(&ListParams::default()))
+                .is_ok()
+        });
+    }
+
+    fn claims(&self) -> Api<kube::api::DynamicObject> {
+        Api::namespaced_with(self.client.clone(), "default", &ipamclaims())
+    }
+
+    /// Creates the IPAMClaim of VM `vm`'s interface on logical network `network` exactly as
+    /// kubevirt/ipam-extensions does: named `<vmi>.<network>`, owned by the VM (controller,
+    /// blockOwnerDeletion), with its finalizer and VM label, `spec.network` the CNI network.
+    fn claim_for(&self, vm: &tether_e2e::kubevirt::Vm, network: &str, cni_network: &str) -> String {
+        let name = format!("{}.{network}", vm.name);
+        let claim: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "k8s.cni.cncf.io/v1alpha1", "kind": "IPAMClaim",
+            "metadata": {"name": name, "namespace": "default",
+                "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                    "name": vm.name, "uid": vm.uid, "controller": true, "blockOwnerDeletion": true}],
+                "finalizers": ["kubevirt.io/persistent-ipam"],
+                "labels": {"kubevirt.io/vm": vm.name}},
+            // ipam-extensions leaves `interface` empty, which the v1.20 API server reads as
+            // null and refuses (the schema wants a string): the launcher pod's interface.
+            "spec": {"network": cni_network, "interface": "net1"}
+        }))
+        .expect("claim");
+        self.rt
+            .block_on(self.claims().create(&PostParams::default(), &claim))
+            .expect("create IPAMClaim");
+        name
+    }
+
+    /// The status of IPAMClaim `name` once `want` holds.
+    fn claim_status(
+        &self,
+        name: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        within(
+            20,
+            &format!("IPAMClaim {name}'s status as expected"),
+            || {
+                last = self
+                    .rt
+                    .block_on(self.claims().get(name))
+                    .expect("claim")
+                    .data
+                    .get("status")
+                    .cloned()
+                    .unwrap_or_default();
+                want(&last)
+            },
+        );
+        last
+    }
+}
+
+/// The network selection ipam-extensions' webhook leaves on a launcher pod: the interface on
+/// network `tenant` refers to `claim`.
+fn claim_selection(claim: &str) -> serde_json::Value {
+    json!({"k8s.v1.cni.cncf.io/networks":
+        json!([{"name": "tenant", "namespace": "default", "ipam-claim-reference": claim}]).to_string()})
+}
+
+/// IPAMClaim interop on the real API server with the upstream CRD: a VM whose launcher pods
+/// refer to a claim created as ipam-extensions does keeps the claim's address across a pod
+/// restart (on the other node), a VMI recreate and a migration, whatever the policies say;
+/// the claim's status says so; a pod's deletion keeps it; the claim's deletion (once its
+/// finalizer is removed) frees it. A claim whose pod selects a missing pool, and one holding
+/// an address someone else has, report why in their condition, and held addresses are never
+/// overwritten.
+#[test]
+fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
+    let test = "an_ipamclaim_is_the_identity_of_its_vms_interface";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    env.rt
+        .block_on(tether_e2e::kubevirt::install(&env.client))
+        .expect("KubeVirt CRDs");
+    env.install_ipamclaims();
+    let gc = [
+        "--gc-interval-secs",
+        "1",
+        "--gc-grace-secs",
+        "2",
+        "--gc-vm-grace-secs",
+        "3",
+    ];
+    let a = env.daemon_with("node-a", &gc);
+    let b = env.daemon_with("node-b", &gc);
+    let net_a = Ipam::new(&a.socket, "tenant-net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let net_b = Ipam::new(&b.socket, "tenant-net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let on = |pod: &str| {
+        let mut p = existing(&env, pod);
+        p.ifname = "net1".into();
+        p
+    };
+
+    let mut vm = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.client,
+            "vm1",
+            json!({}),
+        ))
+        .expect("vm");
+    let claim = env.claim_for(&vm, "tenant", "tenant-net");
+    assert_eq!(claim, "vm1.tenant");
+    let p1 = env
+        .rt
+        .block_on(vm.launch_with("node-a", None, claim_selection(&claim)))
+        .expect("launcher");
+    let ip = add(&net_a, &on(&p1));
+    let status = env.claim_status(&claim, |s| s["ownerPod"]["name"] == p1.as_str());
+    assert_eq!(status["ips"], json!([format!("{ip}/16")]), "{status}");
+    let c = &status["conditions"][0];
+    assert_eq!(
+        (&c["type"], &c["status"], &c["reason"]),
+        (
+            &json!("IPsAllocated"),
+            &json!("True"),
+            &json!("SuccessfulAllocation")
+        ),
+        "{status}"
+    );
+    // The claim is the identity, not the VM (whose policy would pin it too).
+    let object = env
+        .objects()
+        .into_iter()
+        .find(|o| o.spec.address.to_string() == ip)
+        .expect("the address object");
+    assert_eq!(
+        (
+            object.spec.owner.kind.as_str(),
+            object.spec.owner.name.as_str()
+        ),
+        ("IPAMClaim", "default/vm1.tenant")
+    );
+
+    // Pod restart, on the other node: same address; the status names the new pod.
+    assert!(net_a.del(&on(&p1)).expect("del").ok);
+    env.delete_pod("default", &p1);
+    let p2 = env
+        .rt
+        .block_on(vm.launch_with("node-b", None, claim_selection(&claim)))
+        .expect("launcher");
+    assert_eq!(add(&net_b, &on(&p2)), ip);
+    env.claim_status(&claim, |s| s["ownerPod"]["name"] == p2.as_str());
+
+    // VMI recreated: same address.
+    assert!(net_b.del(&on(&p2)).expect("del").ok);
+    env.delete_pod("default", &p2);
+    env.rt
+        .block_on(vm.recreate_vmi(&[], json!({})))
+        .expect("recreate VMI");
+    let p3 = env
+        .rt
+        .block_on(vm.launch_with("node-a", None, claim_selection(&claim)))
+        .expect("launcher");
+    assert_eq!(add(&net_a, &on(&p3)), ip);
+
+    // Live migration: the target shares the address with the source, then keeps it.
+    let (mname, muid) = env.rt.block_on(vm.migration()).expect("migration");
+    let p4 = env
+        .rt
+        .block_on(vm.launch_with("node-b", Some((&mname, &muid)), claim_selection(&claim)))
+        .expect("target");
+    assert_eq!(add(&net_b, &on(&p4)), ip);
+    assert_eq!(
+        {
+            let mut h = env.holders_of(&ip).expect("held");
+            h.sort();
+            h
+        },
+        {
+            let mut h = vec![p3.clone(), p4.clone()];
+            h.sort();
+            h
+        }
+    );
+    assert!(net_a.del(&on(&p3)).expect("del").ok);
+    env.delete_pod("default", &p3);
+
+    // The pod goes: the address stays with the claim, through several GC passes.
+    assert!(net_b.del(&on(&p4)).expect("del").ok);
+    env.delete_pod("default", &p4);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        env.holders_of(&ip),
+        Some(Vec::new()),
+        "released with its pod"
+    );
+
+    // A claim whose pod selects a pool that does not exist says so.
+    let mut vm2 = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.client,
+            "vm2",
+            json!({}),
+        ))
+        .expect("vm2");
+    let claim2 = env.claim_for(&vm2, "tenant", "tenant-net");
+    let mut selection = claim_selection(&claim2);
+    selection["ipam.tether.dev/ippool"] = json!("no-such-pool");
+    let q = env
+        .rt
+        .block_on(vm2.launch_with("node-a", None, selection))
+        .expect("launcher");
+    assert!(
+        !net_a.add(&on(&q)).expect("add").ok,
+        "an ADD from a missing pool"
+    );
+    let s2 = env.claim_status(&claim2, |s| s["conditions"][0]["reason"] == "PoolNotFound");
+    assert_eq!(s2["conditions"][0]["status"], "False", "{s2}");
+
+    // A claim holding an address someone else has: refused, its addresses left alone.
+    let mut vm3 = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.client,
+            "vm3",
+            json!({}),
+        ))
+        .expect("vm3");
+    let claim3 = env.claim_for(&vm3, "tenant", "tenant-net");
+    let taken = format!("{ip}/16");
+    env.rt
+        .block_on(env.claims().patch_status(
+            &claim3,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"ips": [taken], "ownerPod": {"name": "elsewhere"}}})),
+        ))
+        .expect("status");
+    let r = env
+        .rt
+        .block_on(vm3.launch_with("node-b", None, claim_selection(&claim3)))
+        .expect("launcher");
+    assert!(
+        !net_b.add(&on(&r)).expect("add").ok,
+        "an address handed to two claims"
+    );
+    let s3 = env.claim_status(&claim3, |s| {
+        s["conditions"][0]["reason"] == "IPAddressConflict"
+    });
+    assert_eq!(s3["ips"], json!([taken]), "{s3}");
+    assert_eq!(s3["ownerPod"]["name"], "elsewhere", "{s3}");
+
+    // From the `kubevirt` policy to a claim without an address change: vm4 runs without a
+    // claim (pinned to the VM by the policy), stops, its address is re-filed under the claim
+    // ipam-extensions made meanwhile, and its next launcher pod, referring to the claim, gets it.
+    let mut vm4 = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.client,
+            "vm4",
+            json!({}),
+        ))
+        .expect("vm4");
+    let before = env
+        .rt
+        .block_on(vm4.launch("node-a", None))
+        .expect("launcher");
+    let vm4_ip = add(&net_a, &on(&before));
+    let object = |ip: &str| {
+        env.objects()
+            .into_iter()
+            .find(|o| o.spec.address.to_string() == ip)
+            .expect("the address object")
+    };
+    assert_eq!(object(&vm4_ip).spec.owner.kind, "VirtualMachine");
+    assert!(net_a.del(&on(&before)).expect("del").ok);
+    env.delete_pod("default", &before);
+    let claim4 = env.claim_for(&vm4, "tenant", "tenant-net");
+    let refiled: Result<tether_api::ReconcileResult, _> = b.client().post(
+        "/v1/release",
+        &tether_api::ReleaseRequest {
+            pool: "test-ippool".into(),
+            ip: vm4_ip.clone(),
+            force: false,
+            to_claim: Some(format!("default/{claim4}")),
+        },
+    );
+    if let Err(e) = refiled {
+        panic!(
+            "re-file: {e}\nnode-b's allocations: {:?}\nobjects: {:?}",
+            b.allocations(),
+            env.objects()
+                .iter()
+                .map(|o| (
+                    o.spec.address.to_string(),
+                    o.spec.owner.kind.clone(),
+                    o.spec.holders.len()
+                ))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(object(&vm4_ip).spec.owner.kind, "IPAMClaim");
+    let after = env
+        .rt
+        .block_on(vm4.launch_with("node-b", None, claim_selection(&claim4)))
+        .expect("launcher");
+    assert_eq!(
+        add(&net_b, &on(&after)),
+        vm4_ip,
+        "the address changed on the move"
+    );
+    env.claim_status(&claim4, |s| s["ips"] == json!([format!("{vm4_ip}/16")]));
+
+    // The claim deleted: its finalizer holds it, and the address, until ipam-extensions
+    // removes the finalizer (on the VM's deletion); then it is freed.
+    env.rt
+        .block_on(env.claims().delete(&claim, &DeleteParams::default()))
+        .expect("delete claim");
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        env.addresses().contains(&ip),
+        "freed while the claim is still there"
+    );
+    env.rt
+        .block_on(env.claims().patch(
+            &claim,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        ))
+        .expect("remove the finalizer");
+    within(30, "the claim's address freed", || {
+        !env.addresses().contains(&ip)
+    });
+    drop((a, b));
+}

@@ -162,6 +162,10 @@ pub struct ReleaseRequest {
     /// Also when pods still hold it (they are gone for good).
     #[serde(default)]
     pub force: bool,
+    /// Instead of releasing it, re-file it (pinned, no pod holding it) under the IPAMClaim
+    /// `namespace/name`: the address stays, its identity changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_claim: Option<String>,
 }
 
 /// The answer to a reconcile.

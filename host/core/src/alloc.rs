@@ -946,6 +946,50 @@ impl Ipam {
         })
     }
 
+    /// Plans re-filing a pinned address no pod holds under another owner (moving a VM's
+    /// address from its `virtual-machine` pin to an IPAMClaim without changing it). Refused
+    /// while pods hold it, for an ephemeral address, and when the new identity already holds
+    /// an address of that family on the address's network and interface.
+    pub fn plan_refile(&self, pool: &str, ip: IpAddr, owner: Owner) -> Result<Plan, AllocError> {
+        let a = self.get(pool, ip).ok_or_else(|| AllocError::NotAllocated {
+            pool: pool.to_owned(),
+            ip,
+        })?;
+        if let Some(h) = a.holders.first() {
+            return Err(AllocError::StillHeld {
+                ip,
+                holder: h.attachment.describe(),
+            });
+        }
+        if matches!(a.owner, Owner::Ephemeral) {
+            return Err(AllocError::NotAllocated {
+                pool: pool.to_owned(),
+                ip,
+            });
+        }
+        let mut moved = a.clone();
+        moved.owner = owner;
+        if let Some(key) = moved.pin_key()
+            && let Some(other) = self
+                .by_pin
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.allocs.get(k))
+                .find(|o| o.ip != ip && Family::of(o.ip) == Family::of(ip))
+        {
+            return Err(AllocError::IdentityBusy {
+                identity: key.identity,
+                ip: other.ip,
+                holder: "its own address".into(),
+            });
+        }
+        Ok(Plan {
+            changes: vec![Change::Put(moved)],
+            ..Plan::default()
+        })
+    }
+
     /// Plans a CNI GC for `network`: every holder of that network not in `valid` is
     /// removed as by DEL. With a `node`, only holders added on that node are looked at: a
     /// runtime lists only its own node's attachments, and the state of a daemon sharing its

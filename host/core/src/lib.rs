@@ -19,6 +19,7 @@ pub mod decision;
 pub mod labels;
 pub mod manifest;
 pub mod net;
+pub mod netsel;
 pub mod pool;
 #[cfg(any(test, feature = "samples"))]
 pub mod samples;

@@ -131,6 +131,8 @@ pub struct Engine {
     node: std::sync::RwLock<NodeInfo>,
     /// The store, for reads outside the writer (see [`Engine::confirm_pin`]).
     store: Arc<dyn Store>,
+    /// Where ADDs of pods with an IPAMClaim report to.
+    claim_reporter: std::sync::RwLock<Option<ClaimReporter>>,
     /// Garbage collection's findings, waiting for their grace.
     suspects: Suspects,
     /// Garbage collection's grace periods.
@@ -152,6 +154,58 @@ pub struct NodeInfo {
     /// holders too, and a CNI GC here drops only holders added on this node.
     pub shared: bool,
 }
+
+/// An IPAMClaim an attachment refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRef {
+    /// Its namespace (the pod's).
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+    /// The addresses its status holds.
+    pub ips: Vec<IpAddr>,
+}
+
+impl ClaimRef {
+    /// The pin a claim stands for: identity `namespace/name`, shared by the pods that refer
+    /// to it (a migration's source and target), released when the claim is deleted.
+    pub fn pin(&self) -> tether_core::Pinned {
+        tether_core::Pinned {
+            identity: format!("{}/{}", self.namespace, self.name),
+            kind: tether_core::IdentityKind::IpamClaim,
+            release: vec![tether_core::ReleaseCondition::OwnerDeleted(
+                tether_core::ObjectKey {
+                    api_version: IPAMCLAIM_API_VERSION.into(),
+                    kind: "IPAMClaim".into(),
+                    namespace: self.namespace.clone(),
+                    name: self.name.clone(),
+                },
+            )],
+            may_share: true,
+            pools: Vec::new(),
+        }
+    }
+}
+
+/// The IPAMClaim API.
+pub const IPAMCLAIM_API_VERSION: &str = "k8s.cni.cncf.io/v1alpha1";
+
+/// The outcome of an ADD of a pod with an IPAMClaim, for its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimReport {
+    /// The claim's namespace.
+    pub namespace: String,
+    /// The claim's name.
+    pub name: String,
+    /// The pod.
+    pub pod: String,
+    /// The addresses (CIDRs), or why none: (`SubnetExhausted`, `IPAddressConflict` or
+    /// `PoolNotFound`, the message).
+    pub outcome: Result<Vec<String>, (String, String)>,
+}
+
+/// Receives [`ClaimReport`]s.
+pub type ClaimReporter = Arc<dyn Fn(ClaimReport) + Send + Sync>;
 
 /// Says whether this daemon may apply release rules now, or why not.
 pub type ReleaseGate = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -240,6 +294,7 @@ impl Engine {
                 release_gate: std::sync::RwLock::new(None),
                 node: std::sync::RwLock::new(NodeInfo::default()),
                 store,
+                claim_reporter: std::sync::RwLock::new(None),
                 suspects: Suspects::default(),
                 gc_settings: std::sync::RwLock::new(GcSettings::default()),
                 gc_last: std::sync::Mutex::new(GcReport::default()),
@@ -301,10 +356,38 @@ impl Engine {
         let this = self.clone();
         let req2 = req.clone();
         let att2 = attachment.clone();
-        let (decision, pools, view) =
-            tokio::task::spawn_blocking(move || this.decide(&req2, &att2))
-                .await
-                .map_err(|e| EngineError::Unavailable(format!("policy evaluation task: {e}")))??;
+        let (claim, decided) = tokio::task::spawn_blocking(move || this.decide(&req2, &att2))
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("policy evaluation task: {e}")))?;
+        let result = match decided {
+            Ok((decision, pools, view)) => {
+                let requested = match &claim {
+                    // The claim's addresses, when some IPAM wrote them and the runtime asks
+                    // for none: reused, never replaced.
+                    Some(c) if requested.is_empty() => c.ips.clone(),
+                    _ => requested,
+                };
+                self.add_decided(&req, attachment.clone(), decision, pools, view, requested)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Some(c) = claim {
+            self.report_claim(&c, &attachment, &result);
+        }
+        result
+    }
+
+    /// CNI ADD, once decided: the writer allocates.
+    async fn add_decided(
+        &self,
+        req: &CniRequest,
+        attachment: Attachment,
+        decision: Decision,
+        pools: Vec<String>,
+        view: Arc<dyn WorkloadView>,
+        requested: Vec<IpAddr>,
+    ) -> Result<CniResult, EngineError> {
         if let Decision::Pinned(p) = &decision {
             self.confirm_pin(p, &req.network, &attachment.ifname)
                 .await?;
@@ -339,8 +422,25 @@ impl Engine {
         }
     }
 
-    /// Workload, chain decision and pool candidates (blocking: runs the policies).
-    fn decide(&self, req: &CniRequest, attachment: &Attachment) -> Result<Decided, EngineError> {
+    /// The IPAMClaim an attachment refers to (found once its pod is read, even when the ADD
+    /// fails later), and the workload, decision and pool candidates (blocking: runs the
+    /// policies).
+    fn decide(
+        &self,
+        req: &CniRequest,
+        attachment: &Attachment,
+    ) -> (Option<ClaimRef>, Result<Decided, EngineError>) {
+        let mut claim = None;
+        let decided = self.decide_into(req, attachment, &mut claim);
+        (claim, decided)
+    }
+
+    fn decide_into(
+        &self,
+        req: &CniRequest,
+        attachment: &Attachment,
+        claim: &mut Option<ClaimRef>,
+    ) -> Result<Decided, EngineError> {
         let view = self.workloads.view();
         let found = view
             .pod(&attachment.namespace, &attachment.pod)
@@ -383,8 +483,17 @@ impl Engine {
         let owners = view
             .owner_chain(&workload.namespace, &workload.owner_references)
             .map_err(EngineError::WorkloadUnknown)?;
+        *claim = self.claim_of(&*view, &workload, req)?;
         let request = PolicyRequest { workload, owners };
-        let outcome = self.policies.decide(&request)?;
+        let outcome = match claim.as_ref() {
+            // The claim is the pod's identity, whatever the policies say.
+            Some(c) => tether_policy::ChainOutcome {
+                decision: Decision::Pinned(c.pin()),
+                decided_by: Some(format!("IPAMClaim {}/{}", c.namespace, c.name)),
+                steps: Vec::new(),
+            },
+            None => self.policies.decide(&request)?,
+        };
         for step in &outcome.steps {
             self.metrics
                 .policy_seconds
@@ -457,6 +566,111 @@ impl Engine {
         };
         tracing::debug!(?pools, ?source, "pools selected");
         Ok((outcome.decision, pools, view))
+    }
+
+    /// The IPAMClaim the attachment refers to, when its pod's network selection names one
+    /// and the IPAMClaim API is served. A claim that does not exist (yet) answers "try
+    /// again": ipam-extensions creates it with the VM, and the pod must not get an address
+    /// the claim would not keep.
+    fn claim_of(
+        &self,
+        view: &dyn WorkloadView,
+        workload: &Workload,
+        req: &CniRequest,
+    ) -> Result<Option<ClaimRef>, EngineError> {
+        let name =
+            tether_core::netsel::claim_reference(&workload.annotations, &req.network, &req.ifname)
+                .map_err(|reason| {
+                    EngineError::from(AllocError::BadAnnotation {
+                        annotation: tether_core::netsel::NETWORKS_ANNOTATION,
+                        reason,
+                    })
+                })?;
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        let namespace = workload.namespace.clone();
+        match view
+            .ipam_claim(&namespace, &name)
+            .map_err(EngineError::WorkloadUnknown)?
+        {
+            crate::ports::ClaimLookup::NotServed => {
+                tracing::warn!(pod = %workload.key(), claim = %name, "the pod refers to an IPAMClaim, but the IPAMClaim API (k8s.cni.cncf.io/v1alpha1) is not served: the policies decide");
+                Ok(None)
+            }
+            crate::ports::ClaimLookup::Missing => Err(EngineError::WorkloadUnknown(format!(
+                "IPAMClaim {namespace}/{name}, which pod {} refers to, does not exist",
+                workload.key()
+            ))),
+            crate::ports::ClaimLookup::Found(info) => {
+                if !info.network.is_empty() && info.network != req.network {
+                    tracing::warn!(claim = %format!("{namespace}/{name}"), claim_network = %info.network, network = %req.network, "the IPAMClaim was made for another network");
+                }
+                let ips = info
+                    .ips
+                    .iter()
+                    .filter_map(|c| c.split('/').next()?.parse::<IpAddr>().ok())
+                    .collect();
+                Ok(Some(ClaimRef {
+                    namespace,
+                    name,
+                    ips,
+                }))
+            }
+        }
+    }
+
+    /// Makes every ADD of a pod with an IPAMClaim report its outcome to `reporter`
+    /// (Kubernetes mode: the claim's status is written from it).
+    pub fn set_claim_reporter(&self, reporter: ClaimReporter) {
+        *self
+            .claim_reporter
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reporter);
+    }
+
+    fn report_claim(
+        &self,
+        claim: &ClaimRef,
+        attachment: &Attachment,
+        result: &Result<CniResult, EngineError>,
+    ) {
+        let outcome = match result {
+            Ok(r) => Ok(r.ips.iter().map(|i| i.address.clone()).collect()),
+            Err(e) => {
+                let reason = match e {
+                    EngineError::Write(WriteError::Alloc(a)) => match a {
+                        AllocError::PoolExhausted { .. } => Some("SubnetExhausted"),
+                        AllocError::AddressInUse { .. }
+                        | AllocError::IdentityBusy { .. }
+                        | AllocError::AddressNotInPool { .. } => Some("IPAddressConflict"),
+                        AllocError::UnknownPool { .. }
+                        | AllocError::NoPool
+                        | AllocError::PoolNotAllowed { .. } => Some("PoolNotFound"),
+                        _ => None,
+                    },
+                    // Transient (caches, store, contention): the next try decides.
+                    _ => None,
+                };
+                match reason {
+                    Some(r) => Err((r.to_owned(), e.to_string())),
+                    None => return,
+                }
+            }
+        };
+        let reporter = self
+            .claim_reporter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(report) = reporter {
+            report(ClaimReport {
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                pod: attachment.pod.clone(),
+                outcome,
+            });
+        }
     }
 
     /// Before a pinned identity is given its first address here, asks the store whether it
@@ -1109,6 +1323,12 @@ impl Engine {
             .ip
             .parse()
             .map_err(|_| EngineError::BadRequest(format!("{:?} is not an IP address", req.ip)))?;
+        // Acted on as the store has it: in Kubernetes mode the state follows a watch, which
+        // may not show yet what another node just wrote.
+        self.writer.submit(Op::Refresh(vec![ip])).await?;
+        if let Some(claim) = &req.to_claim {
+            return self.refile(&req.pool, ip, claim).await;
+        }
         let planned = self
             .ipam
             .read()
@@ -1124,6 +1344,48 @@ impl Engine {
         }
         tracing::warn!(?released, force = req.force, "released by hand");
         Ok(ReconcileResult { released })
+    }
+
+    /// Re-files a pinned address no pod holds under the IPAMClaim `claim` (`namespace/name`):
+    /// `tetherd release POOL/IP --to-claim NS/NAME`.
+    async fn refile(
+        &self,
+        pool: &str,
+        ip: IpAddr,
+        claim: &str,
+    ) -> Result<ReconcileResult, EngineError> {
+        let Some((namespace, name)) = claim
+            .split_once('/')
+            .filter(|(n, c)| !n.is_empty() && !c.is_empty() && !c.contains('/'))
+        else {
+            return Err(EngineError::BadRequest(format!(
+                "{claim:?} is not an IPAMClaim as NAMESPACE/NAME"
+            )));
+        };
+        let pin = ClaimRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            ips: Vec::new(),
+        }
+        .pin();
+        let owner = tether_core::alloc::Owner::Pinned {
+            identity: pin.identity,
+            kind: pin.kind,
+            release: pin.release,
+        };
+        let planned = self
+            .ipam
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .plan_refile(pool, ip, owner)?
+            .changes;
+        if self.apply(planned).await?.is_empty() {
+            return Err(EngineError::Changed(format!(
+                "{pool}/{ip} changed while it was being re-filed; look at it again (`tetherd allocations`)"
+            )));
+        }
+        tracing::warn!(address = %format!("{pool}/{ip}"), claim = %claim, "re-filed under an IPAMClaim by hand");
+        Ok(ReconcileResult::default())
     }
 
     /// The pools with their usage (`tetherd pools`), the allocations held under pools no

@@ -203,8 +203,9 @@ impl Suspects {
 /// The grace of an allocation's findings.
 pub(crate) fn grace_of(a: &Allocation, settings: &GcSettings) -> Duration {
     match &a.owner {
+        // An IPAMClaim stands for a VM's interface (KubeVirt's ipam-extensions).
         Owner::Pinned {
-            kind: IdentityKind::VirtualMachine,
+            kind: IdentityKind::VirtualMachine | IdentityKind::IpamClaim,
             ..
         } => settings.vm_grace,
         _ => settings.grace,

@@ -35,7 +35,9 @@ use tether_core::alloc::Ipam;
 use tether_core::pool::{Pool, PoolError};
 use tether_store::StoreError;
 
-pub use engine::{Engine, EngineError, NodeInfo, Ports, ReleaseGate};
+pub use engine::{
+    ClaimRef, ClaimReport, ClaimReporter, Engine, EngineError, NodeInfo, Ports, ReleaseGate,
+};
 pub use gc::{GcReason, GcSettings};
 pub use metrics::Metrics;
 

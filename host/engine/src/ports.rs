@@ -38,6 +38,26 @@ pub struct PodMeta {
     pub terminating: bool,
 }
 
+/// An `IPAMClaim` (k8s.cni.cncf.io/v1alpha1), as the engine reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimInfo {
+    /// `spec.network`: the CNI network it was made for.
+    pub network: String,
+    /// `status.ips`: the addresses written for it (CIDRs), empty until some IPAM wrote them.
+    pub ips: Vec<String>,
+}
+
+/// What looking up an `IPAMClaim` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimLookup {
+    /// The IPAMClaim API is not served: a claim reference means nothing, the policies decide.
+    NotServed,
+    /// No such claim (yet).
+    Missing,
+    /// The claim.
+    Found(ClaimInfo),
+}
+
 /// A node, as garbage collection judges node loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
@@ -96,6 +116,12 @@ pub trait WorkloadView: Send + Sync {
     fn read_pod(&self, namespace: &str, name: &str) -> Result<Option<PodMeta>, String> {
         let _ = (namespace, name);
         Err("this workload source cannot read pods".into())
+    }
+
+    /// The `IPAMClaim` `namespace/name`; `Err` when it cannot be read.
+    fn ipam_claim(&self, namespace: &str, name: &str) -> Result<ClaimLookup, String> {
+        let _ = (namespace, name);
+        Ok(ClaimLookup::NotServed)
     }
 
     /// A node's readiness, read fresh.

@@ -42,7 +42,9 @@ use tether_core::alloc::Liveness;
 use tether_core::manifest::{api_group, object_from_value, workload_from_pod};
 use tether_core::workload::Pairs;
 use tether_core::{Object, ObjectKey, OwnerReference, ReleaseCondition, Workload};
-use tether_engine::ports::{NodeState, PodMeta, WorkloadSource, WorkloadView};
+use tether_engine::ports::{
+    ClaimInfo, ClaimLookup, NodeState, PodMeta, WorkloadSource, WorkloadView,
+};
 use tokio::runtime::Handle;
 
 /// How long one confirming read may take before the answer is "unknown".
@@ -738,6 +740,32 @@ impl WorkloadView for KubeWorkloads {
                     .pointer("/metadata/deletionTimestamp")
                     .is_some_and(|t| !t.is_null()),
             }))
+    }
+
+    fn ipam_claim(&self, namespace: &str, name: &str) -> Result<ClaimLookup, String> {
+        let api_version = tether_engine::engine::IPAMCLAIM_API_VERSION;
+        if self.shared.resource(api_version, "IPAMClaim")?.is_none() {
+            return Ok(ClaimLookup::NotServed);
+        }
+        let Some(v) = self.shared.get(api_version, "IPAMClaim", namespace, name)? else {
+            return Ok(ClaimLookup::Missing);
+        };
+        Ok(ClaimLookup::Found(ClaimInfo {
+            network: v
+                .pointer("/spec/network")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            ips: v
+                .pointer("/status/ips")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|i| i.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }))
     }
 
     fn node_state(&self, node: &str) -> NodeState {

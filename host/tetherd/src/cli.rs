@@ -77,6 +77,11 @@ pub struct ReleaseArgs {
     /// node), or the address is handed out twice.
     #[arg(long)]
     pub force: bool,
+    /// Instead of releasing it, re-file it under the IPAMClaim NAMESPACE/NAME (a pinned address
+    /// no pod holds): the address stays, pinned to the claim from now on. For moving a stopped
+    /// VM from the `kubevirt` policy to KubeVirt's IPAMClaims without an address change.
+    #[arg(long, value_name = "NAMESPACE/NAME", conflicts_with = "force")]
+    pub to_claim: Option<String>,
     #[command(flatten)]
     pub socket: SocketArgs,
 }

@@ -210,9 +210,13 @@ pub fn release(args: &ReleaseArgs) -> ExitCode {
         pool: pool.to_owned(),
         ip: ip.to_owned(),
         force: args.force,
+        to_claim: args.to_claim.clone(),
     };
     match client(&args.socket).post::<_, ReconcileResult>("/v1/release", &req) {
         Ok(r) => {
+            if let Some(claim) = &args.to_claim {
+                println!("re-filed {} under IPAMClaim {claim}", args.address);
+            }
             for a in r.released {
                 println!("released {a}");
             }

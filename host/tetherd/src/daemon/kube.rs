@@ -530,3 +530,185 @@ async fn post_event(
         tracing::warn!(object = %name, "posting an Event: {e}");
     }
 }
+
+/// Writes each IPAMClaim's status from the outcome of its pods' ADDs, as OVN-Kubernetes does:
+/// `status.ips`, `status.ownerPod.name` and the condition `IPsAllocated` (`True`,
+/// `SuccessfulAllocation`; or `False` with `SubnetExhausted`, `IPAddressConflict` or
+/// `PoolNotFound`). Addresses a claim already holds are never replaced by others. The write
+/// carries the resourceVersion read and is retried on a conflict.
+pub fn claim_status_writer(
+    client: kube::Client,
+    rt: tokio::runtime::Handle,
+) -> tether_engine::ClaimReporter {
+    Arc::new(move |report| {
+        let client = client.clone();
+        rt.spawn(async move { write_claim_status(&client, report).await });
+    })
+}
+
+async fn write_claim_status(client: &kube::Client, report: tether_engine::ClaimReport) {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("k8s.cni.cncf.io", "v1alpha1", "IPAMClaim"),
+        "ipamclaims",
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &report.namespace, &ar);
+    let claim = format!("{}/{}", report.namespace, report.name);
+    for attempt in 1..=5u32 {
+        let mut obj = match api.get_opt(&report.name).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(claim = %claim, attempt, "reading the IPAMClaim to write its status: {e}");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                continue;
+            }
+        };
+        let current = obj
+            .data
+            .get("status")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let Some(desired) = claim_status(&current, &report, &now) else {
+            return;
+        };
+        obj.data["status"] = desired;
+        match api
+            .replace_status(&report.name, &PostParams::default(), &obj)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(claim = %claim, pod = %report.pod, "IPAMClaim status written");
+                return;
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => {
+                tracing::warn!(claim = %claim, attempt, "writing the IPAMClaim's status: {e}");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+        }
+    }
+    tracing::warn!(claim = %claim, "gave up writing the IPAMClaim's status");
+}
+
+/// The status `report` calls for, given the claim's `current` one; `None` when it already
+/// says so, or when it would replace addresses the claim holds with others (never done: the
+/// claim's addresses are its promise).
+fn claim_status(
+    current: &serde_json::Value,
+    report: &tether_engine::ClaimReport,
+    now: &str,
+) -> Option<serde_json::Value> {
+    use serde_json::{Value, json};
+    let held: Vec<String> = current
+        .get("ips")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (ips, owner, status, reason, message) = match &report.outcome {
+        Ok(ips) => {
+            let (mut a, mut b) = (held.clone(), ips.clone());
+            a.sort();
+            b.sort();
+            if !held.is_empty() && a != b {
+                tracing::warn!(claim = %format!("{}/{}", report.namespace, report.name), held = ?held, allocated = ?ips, "the IPAMClaim holds other addresses; its status is left as it is");
+                return None;
+            }
+            (
+                ips.clone(),
+                Some(json!({"name": report.pod})),
+                "True",
+                "SuccessfulAllocation",
+                format!("allocated by tether: {}", ips.join(", ")),
+            )
+        }
+        Err((reason, message)) => (
+            held,
+            current.get("ownerPod").cloned(),
+            "False",
+            reason.as_str(),
+            message.chars().take(1024).collect(),
+        ),
+    };
+    let mut conditions: Vec<Value> = current
+        .get("conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let old = conditions
+        .iter()
+        .position(|c| c.get("type").and_then(Value::as_str) == Some("IPsAllocated"));
+    let since = old
+        .map(|i| &conditions[i])
+        .filter(|c| c.get("status").and_then(Value::as_str) == Some(status))
+        .and_then(|c| c.get("lastTransitionTime").cloned())
+        .unwrap_or_else(|| json!(now));
+    let condition = json!({"type": "IPsAllocated", "status": status, "reason": reason,
+        "message": message, "lastTransitionTime": since});
+    match old {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+    let mut desired = json!({"ips": ips, "conditions": conditions});
+    if let Some(o) = owner {
+        desired["ownerPod"] = o;
+    }
+    (&desired != current).then_some(desired)
+}
+
+#[cfg(test)]
+mod claim_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(outcome: Result<Vec<String>, (String, String)>) -> tether_engine::ClaimReport {
+        tether_engine::ClaimReport {
+            namespace: "default".into(),
+            name: "vm1.tenant".into(),
+            pod: "virt-launcher-vm1-abcde".into(),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_successful_allocation_writes_ips_owner_and_condition_once() {
+        let ok = report(Ok(vec!["10.0.0.5/24".into()]));
+        let s = claim_status(&json!({}), &ok, "2026-12-01T00:00:00Z").expect("a status");
+        assert_eq!(s["ips"], json!(["10.0.0.5/24"]));
+        assert_eq!(s["ownerPod"], json!({"name": "virt-launcher-vm1-abcde"}));
+        assert_eq!(s["conditions"][0]["type"], "IPsAllocated");
+        assert_eq!(s["conditions"][0]["status"], "True");
+        assert_eq!(s["conditions"][0]["reason"], "SuccessfulAllocation");
+        // Already so: nothing to write (the transition time is kept).
+        assert_eq!(claim_status(&s, &ok, "2026-12-01T00:05:00Z"), None);
+    }
+
+    #[test]
+    fn addresses_held_are_never_replaced() {
+        let held = json!({"ips": ["10.0.0.9/24"], "ownerPod": {"name": "old"}});
+        assert_eq!(
+            claim_status(&held, &report(Ok(vec!["10.0.0.5/24".into()])), "t"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_failure_sets_the_condition_and_keeps_the_addresses() {
+        let held = json!({"ips": ["10.0.0.9/24"], "ownerPod": {"name": "old"}});
+        let s = claim_status(
+            &held,
+            &report(Err(("SubnetExhausted".into(), "pool p is full".into()))),
+            "t",
+        )
+        .expect("a status");
+        assert_eq!(s["ips"], json!(["10.0.0.9/24"]));
+        assert_eq!(s["ownerPod"], json!({"name": "old"}));
+        assert_eq!(s["conditions"][0]["status"], "False");
+        assert_eq!(s["conditions"][0]["reason"], "SubnetExhausted");
+    }
+}

@@ -381,6 +381,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 labels: None,
                 shared: true,
             });
+            service.set_claim_reporter(kube::claim_status_writer(
+                client.clone(),
+                tokio::runtime::Handle::current(),
+            ));
             if args.gc_interval_secs > 0 {
                 tokio::spawn(kube::collect_garbage(
                     service.clone(),

@@ -1,7 +1,13 @@
+//! The cluster lifecycle in the engine, against a fake API server.
+//!
 //! Garbage collection's rules, each on its own: nothing is freed on one look, a grace period
 //! (longer for VMs) must pass between two findings on the same revision, a fresh read must
 //! confirm it, unknown is never gone, a pass that cannot look forgets what it found, a lost
 //! node frees its pods being deleted, and CNI GC on a node touches only that node's holders.
+//!
+//! IPAMClaims: a pod's claim reference makes the claim its identity whatever the policy says,
+//! a claim's addresses are requested, a missing claim is "try again", an unserved API leaves
+//! the policies to decide, and each outcome is reported for the claim's status.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,7 +22,9 @@ use tether_core::{
     Decision, IdentityKind, Object, OwnerReference, Pinned, PolicyRequest, ReleaseCondition,
     Workload,
 };
-use tether_engine::ports::{Decide, NodeState, PodMeta, WorkloadSource, WorkloadView};
+use tether_engine::ports::{
+    ClaimInfo, ClaimLookup, Decide, NodeState, PodMeta, WorkloadSource, WorkloadView,
+};
 use tether_engine::{Engine, EngineError, GcSettings, Metrics, NodeInfo, Ports};
 use tether_policy::{ChainOutcome, PolicyError};
 use tether_store::embedded::EmbeddedStore;
@@ -36,6 +44,8 @@ struct World {
     list_fails: bool,
     unreachable: bool,
     unsynced: bool,
+    /// IPAMClaims by name (namespace `default`); `None`: the API is not served.
+    claims: Option<HashMap<String, ClaimInfo>>,
 }
 
 #[derive(Clone, Default)]
@@ -133,6 +143,16 @@ impl WorkloadView for Cluster {
                 .get(&(namespace.to_owned(), name.to_owned()))
                 .map(|p| p.1.clone()))
         })
+    }
+
+    fn ipam_claim(&self, _: &str, name: &str) -> Result<ClaimLookup, String> {
+        Ok(self.with(|c| match &c.claims {
+            None => ClaimLookup::NotServed,
+            Some(m) => m
+                .get(name)
+                .cloned()
+                .map_or(ClaimLookup::Missing, ClaimLookup::Found),
+        }))
     }
 
     fn node_state(&self, node: &str) -> NodeState {
@@ -606,4 +626,171 @@ async fn cni_gc_frees_this_nodes_stale_attachments_by_the_same_rules() {
         "another node's holder"
     );
     assert_eq!(env.holders(listed), Some(vec!["listed".to_owned()]));
+}
+
+/// `name` annotated as ipam-extensions' webhook leaves a launcher pod: interface `eth0`'s
+/// element (the primary network) refers to `claim`.
+fn with_claim(env: &Env, name: &str, claim: &str) {
+    env.cluster.with(|c| {
+        if let Some(p) = c.pods.get_mut(&("default".to_owned(), name.to_owned())) {
+            p.0.annotations.push((
+                tether_core::netsel::DEFAULT_NETWORK_ANNOTATION.into(),
+                format!(r#"{{"name":"net","ipam-claim-reference":"{claim}"}}"#),
+            ));
+        }
+    });
+}
+
+/// Creates the pod in the cluster with a claim reference, then ADDs it.
+async fn claim_pod(env: &Env, name: &str, claim: &str) -> Result<IpAddr, EngineError> {
+    env.cluster
+        .add_pod("default", name, &format!("uid-{name}"), None);
+    with_claim(env, name, claim);
+    let r = env.engine.add(req(name)).await?;
+    Ok(r.ips[0]
+        .address
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("address"))
+}
+
+fn reports(env: &Env) -> Arc<Mutex<Vec<tether_engine::ClaimReport>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    env.engine
+        .set_claim_reporter(Arc::new(move |r| s.lock().expect("reports").push(r)));
+    seen
+}
+
+fn claims(env: &Env, entries: &[(&str, &[&str])]) {
+    env.cluster.with(|c| {
+        c.claims = Some(
+            entries
+                .iter()
+                .map(|(n, ips)| {
+                    (
+                        (*n).to_owned(),
+                        ClaimInfo {
+                            network: "net".into(),
+                            ips: ips.iter().map(|s| (*s).to_owned()).collect(),
+                        },
+                    )
+                })
+                .collect(),
+        )
+    });
+}
+
+#[tokio::test]
+async fn a_claim_is_the_identity_whatever_the_policy_and_its_pods_share_it() {
+    let env = Env::new();
+    let seen = reports(&env);
+    claims(&env, &[("vm1.net", &[])]);
+    // The policy would make `cart-*` pods ephemeral.
+    let ip = claim_pod(&env, "cart-a", "vm1.net").await.expect("add");
+    let a = env
+        .engine
+        .allocations()
+        .into_iter()
+        .find(|a| a.ip == ip)
+        .expect("allocated");
+    assert_eq!(a.identity(), Some("default/vm1.net"));
+    // A second pod of the claim (a migration target) shares the address.
+    assert_eq!(claim_pod(&env, "cart-b", "vm1.net").await.expect("add"), ip);
+    assert_eq!(
+        env.holders(ip),
+        Some(vec!["cart-a".to_owned(), "cart-b".to_owned()])
+    );
+    let seen = seen.lock().expect("reports");
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].name, "vm1.net");
+    assert_eq!(seen[0].pod, "cart-a");
+    assert_eq!(seen[0].outcome, Ok(vec![format!("{ip}/24")]));
+}
+
+#[tokio::test]
+async fn a_claims_addresses_are_requested() {
+    let env = Env::new();
+    claims(&env, &[("vm1.net", &["10.0.0.7/24"])]);
+    assert_eq!(
+        claim_pod(&env, "vm-a", "vm1.net").await.expect("add"),
+        "10.0.0.7".parse::<IpAddr>().expect("ip")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_claim_is_try_again_and_an_unserved_api_leaves_it_to_the_policies() {
+    let env = Env::new();
+    claims(&env, &[]);
+    let r = claim_pod(&env, "cart-a", "vm1.net").await;
+    assert!(matches!(r, Err(EngineError::WorkloadUnknown(_))), "{r:?}");
+    env.cluster.with(|c| c.claims = None);
+    let ip = claim_pod(&env, "cart-b", "vm1.net").await.expect("add");
+    let a = env
+        .engine
+        .allocations()
+        .into_iter()
+        .find(|a| a.ip == ip)
+        .expect("allocated");
+    assert_eq!(a.identity(), None, "the policy's decision (ephemeral)");
+}
+
+#[tokio::test]
+async fn failures_are_reported_with_ovn_kubernetes_reasons() {
+    let env = Env::new();
+    let seen = reports(&env);
+    claims(&env, &[("vm1.net", &[]), ("vm2.net", &["10.0.0.1/24"])]);
+    // vm2's address is someone else's.
+    let first = env.pod("cart-0", "n1").await;
+    assert_eq!(first, "10.0.0.1".parse::<IpAddr>().expect("ip"));
+    assert!(claim_pod(&env, "vm-b", "vm2.net").await.is_err());
+    // The pool full: nothing for vm1.
+    for i in 1..9 {
+        env.pod(&format!("cart-{i}"), "n1").await;
+    }
+    assert!(claim_pod(&env, "vm-a", "vm1.net").await.is_err());
+    let seen = seen.lock().expect("reports");
+    let reasons: Vec<(String, String)> = seen
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.outcome.clone().err().map(|e| e.0).unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("vm2.net".to_owned(), "IPAddressConflict".to_owned()),
+            ("vm1.net".to_owned(), "SubnetExhausted".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_idle_pin_is_refiled_under_a_claim_and_kept() {
+    let env = Env::new();
+    let ip = env.pod("db-0", "n1").await;
+    let refile = |force| tether_api::ReleaseRequest {
+        pool: "p".into(),
+        ip: ip.to_string(),
+        force,
+        to_claim: Some("default/vm1.net".into()),
+    };
+    // Held: refused.
+    assert!(env.engine.release(refile(false)).await.is_err());
+    env.engine.del(req("db-0")).await.expect("del");
+    env.engine.release(refile(false)).await.expect("re-file");
+    let a = env
+        .engine
+        .allocations()
+        .into_iter()
+        .find(|a| a.ip == ip)
+        .expect("kept");
+    assert_eq!(a.identity(), Some("default/vm1.net"));
+    // The claim's pod gets it.
+    claims(&env, &[("vm1.net", &[])]);
+    assert_eq!(claim_pod(&env, "vm-a", "vm1.net").await.expect("add"), ip);
 }
