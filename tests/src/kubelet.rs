@@ -80,6 +80,11 @@ impl Kubelet {
         }
     }
 
+    /// Stops, as a kubelet that dies: pods deleted from now on are never torn down (no DEL).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
     /// Points the kubelet at another daemon (after a restart); the wiring stays.
     pub fn set_ipam(&self, ipam: Ipam) {
         let mut w = lock(&self.wiring);

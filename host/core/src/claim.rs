@@ -30,6 +30,9 @@ use crate::workload::{PolicyRequest, Workload};
 /// KubeVirt's API group.
 pub const KUBEVIRT_GROUP: &str = "kubevirt.io";
 
+/// The label KubeVirt puts on a migration's target launcher pod.
+pub const MIGRATION_JOB_LABEL: &str = "kubevirt.io/migrationJobUID";
+
 /// Why a pinned decision may not claim its identity for this pod.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ClaimError {
@@ -61,6 +64,18 @@ pub enum ClaimError {
         name: String,
         /// Whether the host knows any owner reference of the pod.
         owners_known: bool,
+    },
+    /// An IPAMClaim whose controller (its VM) does not own the pod that refers to it.
+    #[error(
+        "IPAMClaim {claim} belongs to {owner}, which does not own pod {pod}: only that VM's launcher pods may use its addresses"
+    )]
+    NotTheClaimOwner {
+        /// The pod, `namespace/name`.
+        pod: String,
+        /// The claim, `namespace/name`.
+        claim: String,
+        /// Its controller, `Kind name`.
+        owner: String,
     },
     /// A `stateful-set-pod` identity other than the pod's own `namespace/name`.
     #[error(

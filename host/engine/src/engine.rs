@@ -137,6 +137,10 @@ pub struct Engine {
     suspects: Suspects,
     /// Garbage collection's grace periods.
     gc_settings: std::sync::RwLock<GcSettings>,
+    /// CNI GC's findings, by network.
+    node_suspects: std::sync::Mutex<std::collections::HashMap<String, Arc<Suspects>>>,
+    /// Where garbage collection reports what it freed.
+    gc_reporter: std::sync::RwLock<Option<GcReporter>>,
     /// Garbage collection's last pass.
     gc_last: std::sync::Mutex<GcReport>,
     /// The metrics.
@@ -164,11 +168,14 @@ pub struct ClaimRef {
     pub name: String,
     /// The addresses its status holds.
     pub ips: Vec<IpAddr>,
+    /// The pod is a migration's target (KubeVirt's label): it may share the address with the
+    /// source. Any other pod waits until the address is free of live pods.
+    pub migration_target: bool,
 }
 
 impl ClaimRef {
-    /// The pin a claim stands for: identity `namespace/name`, shared by the pods that refer
-    /// to it (a migration's source and target), released when the claim is deleted.
+    /// The pin a claim stands for: identity `namespace/name`, shared only with a migration's
+    /// target, released when the claim is deleted.
     pub fn pin(&self) -> tether_core::Pinned {
         tether_core::Pinned {
             identity: format!("{}/{}", self.namespace, self.name),
@@ -181,7 +188,7 @@ impl ClaimRef {
                     name: self.name.clone(),
                 },
             )],
-            may_share: true,
+            may_share: self.migration_target,
             pools: Vec::new(),
         }
     }
@@ -203,6 +210,9 @@ pub struct ClaimReport {
     /// `PoolNotFound`, the message).
     pub outcome: Result<Vec<String>, (String, String)>,
 }
+
+/// Receives what garbage collection freed.
+pub type GcReporter = Arc<dyn Fn(Vec<GcRelease>) + Send + Sync>;
 
 /// Receives [`ClaimReport`]s.
 pub type ClaimReporter = Arc<dyn Fn(ClaimReport) + Send + Sync>;
@@ -297,6 +307,8 @@ impl Engine {
                 claim_reporter: std::sync::RwLock::new(None),
                 suspects: Suspects::default(),
                 gc_settings: std::sync::RwLock::new(GcSettings::default()),
+                node_suspects: std::sync::Mutex::default(),
+                gc_reporter: std::sync::RwLock::new(None),
                 gc_last: std::sync::Mutex::new(GcReport::default()),
                 metrics,
             },
@@ -483,7 +495,7 @@ impl Engine {
         let owners = view
             .owner_chain(&workload.namespace, &workload.owner_references)
             .map_err(EngineError::WorkloadUnknown)?;
-        *claim = self.claim_of(&*view, &workload, req)?;
+        *claim = self.claim_of(&*view, &workload, &owners, req)?;
         let request = PolicyRequest { workload, owners };
         let outcome = match claim.as_ref() {
             // The claim is the pod's identity, whatever the policies say.
@@ -576,6 +588,7 @@ impl Engine {
         &self,
         view: &dyn WorkloadView,
         workload: &Workload,
+        owners: &[tether_core::Object],
         req: &CniRequest,
     ) -> Result<Option<ClaimRef>, EngineError> {
         let name =
@@ -603,6 +616,30 @@ impl Engine {
                 workload.key()
             ))),
             crate::ports::ClaimLookup::Found(info) => {
+                // A claim made for a VM serves only that VM's pods: any other pod naming it
+                // could take a running VM's address.
+                if let Some(o) = &info.owner {
+                    let same = |kind: &str, name: &str, uid: &str| {
+                        kind == o.kind
+                            && name == o.name
+                            && (uid.is_empty() || o.uid.is_empty() || uid == o.uid)
+                    };
+                    let owned = workload
+                        .owner_references
+                        .iter()
+                        .any(|r| same(&r.kind, &r.name, &r.uid))
+                        || owners.iter().any(|x| same(&x.kind, &x.name, &x.uid));
+                    if !owned {
+                        return Err(EngineError::Policy(PolicyError::ForeignIdentity {
+                            policy: "ipam-claim-reference".into(),
+                            error: tether_core::ClaimError::NotTheClaimOwner {
+                                pod: workload.key(),
+                                claim: format!("{namespace}/{name}"),
+                                owner: format!("{} {}", o.kind, o.name),
+                            },
+                        }));
+                    }
+                }
                 if !info.network.is_empty() && info.network != req.network {
                     tracing::warn!(claim = %format!("{namespace}/{name}"), claim_network = %info.network, network = %req.network, "the IPAMClaim was made for another network");
                 }
@@ -615,6 +652,10 @@ impl Engine {
                     namespace,
                     name,
                     ips,
+                    migration_target: workload
+                        .labels
+                        .iter()
+                        .any(|(k, _)| k == tether_core::claim::MIGRATION_JOB_LABEL),
                 }))
             }
         }
@@ -811,11 +852,13 @@ impl Engine {
         })
     }
 
-    /// CNI GC on a node of a cluster: garbage collection's rules ([`crate::gc`]) for this
-    /// node's holders of `network` that the runtime no longer lists. Such a holder is a
-    /// finding only when the API server also says its pod is gone; it is freed by a GC call
-    /// at least the grace period after it was first found, once a fresh read confirms it.
-    /// Other nodes' holders are never looked at.
+    /// CNI GC on a node of a cluster, by garbage collection's rules ([`crate::gc`]): this
+    /// node's holders of `network` that the runtime does not list are findings
+    /// (`not-listed`: the runtime is the authority on its sandboxes, and a pod that still
+    /// exists may have a new one); one found again by a GC call at least the grace period
+    /// later, on the same revision, is dropped after the address is read again from the
+    /// store, by a conditional write. A call that lists it again starts its wait over. Other
+    /// nodes' holders are never looked at.
     async fn gc_node(
         self: &Arc<Self>,
         network: &str,
@@ -826,7 +869,7 @@ impl Engine {
             .gc_settings
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let stale: Vec<(Finding, tether_core::alloc::Holder)> = {
+        let findings: Vec<Finding> = {
             let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
             ipam.allocations()
                 .filter(|a| a.network == network)
@@ -840,36 +883,20 @@ impl Engine {
                                     h.attachment.ifname.clone(),
                                 ))
                         })
-                        .map(|h| {
-                            (
-                                holder_finding(a, h, GcReason::PodGone, &settings),
-                                h.clone(),
-                            )
-                        })
+                        .map(|h| holder_finding(a, h, GcReason::NotListed, &settings))
                         .collect::<Vec<_>>()
                 })
                 .collect()
         };
-        if stale.is_empty() {
+        let suspects = self.node_suspects(network);
+        let ready = suspects.observe(findings, Instant::now(), true);
+        if ready.is_empty() {
             return Ok(GcResult::default());
         }
         let this = self.clone();
         let planned = tokio::task::spawn_blocking(move || {
             let view = this.workloads.view();
-            let findings: Vec<Finding> = stale
-                .into_iter()
-                .filter(|(_, h)| {
-                    !h.attachment.pod.is_empty()
-                        && view.pod_liveness(
-                            &h.attachment.namespace,
-                            &h.attachment.pod,
-                            &h.attachment.pod_uid,
-                        ) == Liveness::Gone
-                })
-                .map(|(f, _)| f)
-                .collect();
-            let ready = this.suspects.observe(findings, Instant::now(), false);
-            this.gc_confirm(&*view, ready, &settings)
+            this.gc_confirm(&*view, &suspects, ready, &settings)
         })
         .await
         .map_err(|e| EngineError::Unavailable(format!("GC task: {e}")))?;
@@ -881,6 +908,26 @@ impl Engine {
                 .map(|r| r.address)
                 .collect(),
         })
+    }
+
+    /// CNI GC's findings on `network` (kept apart from the elected passes', which a daemon
+    /// that is not elected forgets at every pass).
+    fn node_suspects(&self, network: &str) -> Arc<Suspects> {
+        self.node_suspects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(network.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Makes garbage collection (the elected passes and CNI GC) report what it freed to
+    /// `reporter` (Kubernetes mode: an Event each).
+    pub fn set_gc_reporter(&self, reporter: GcReporter) {
+        *self
+            .gc_reporter
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(reporter);
     }
 
     /// Sets garbage collection's grace periods (CNI GC on a node of a cluster uses them too).
@@ -935,7 +982,7 @@ impl Engine {
             let view = this.workloads.view();
             let findings = this.gc_look(&*view, &settings)?;
             let ready = this.suspects.observe(findings, now, true);
-            Ok::<_, String>(this.gc_confirm(&*view, ready, &settings))
+            Ok::<_, String>(this.gc_confirm(&*view, &this.suspects, ready, &settings))
         })
         .await
         .map_err(|e| EngineError::Unavailable(format!("GC task: {e}")))?;
@@ -1075,6 +1122,7 @@ impl Engine {
     fn gc_confirm(
         &self,
         view: &dyn WorkloadView,
+        suspects: &Suspects,
         ready: Vec<Finding>,
         settings: &GcSettings,
     ) -> Vec<(Change, Vec<GcRelease>)> {
@@ -1100,7 +1148,7 @@ impl Engine {
             else {
                 // Gone or changed since it was found: nothing to free, or look again.
                 for f in &findings {
-                    self.suspects.forget(&f.key);
+                    suspects.forget(&f.key);
                 }
                 continue;
             };
@@ -1119,7 +1167,12 @@ impl Engine {
                             &h.attachment.container_id == container_id
                                 && &h.attachment.ifname == ifname
                         })
-                        .and_then(|h| confirm_holder(view, h, settings))
+                        .and_then(|h| match f.reason {
+                            // The runtime's word, made twice a grace apart; the holder is
+                            // still in the record read again.
+                            GcReason::NotListed => Some(GcReason::NotListed),
+                            _ => confirm_holder(view, h, settings),
+                        })
                         .inspect(|_| dropped.push((container_id.clone(), ifname.clone()))),
                     Subject::Release => {
                         let fires = |c: &tether_core::ReleaseCondition| view.fires(c);
@@ -1145,7 +1198,7 @@ impl Engine {
                     }),
                     None => {
                         tracing::info!(pool = %pool, ip = %ip, workload = %f.workload, reason = f.reason.as_str(), "garbage collection keeps the address: a fresh read does not confirm it is leaked");
-                        self.suspects.forget(&f.key);
+                        suspects.forget(&f.key);
                     }
                 }
             }
@@ -1210,6 +1263,24 @@ impl Engine {
         for c in &applied {
             let (pool, ip) = (c.pool().to_owned(), c.ip());
             self.suspects.forget_address(&pool, ip);
+            for s in self
+                .node_suspects
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+            {
+                s.forget_address(&pool, ip);
+            }
+        }
+        let reporter = self
+            .gc_reporter
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(report) = reporter
+            && !out.is_empty()
+        {
+            report(out.clone());
         }
         Ok(out)
     }
@@ -1362,10 +1433,23 @@ impl Engine {
                 "{claim:?} is not an IPAMClaim as NAMESPACE/NAME"
             )));
         };
+        // A claim that is not there would be judged deleted and the address released.
+        let view = self.workloads.view();
+        let (ns, n) = (namespace.to_owned(), name.to_owned());
+        let found = tokio::task::spawn_blocking(move || view.ipam_claim(&ns, &n))
+            .await
+            .map_err(|e| EngineError::Unavailable(format!("claim lookup task: {e}")))?
+            .map_err(EngineError::WorkloadUnknown)?;
+        if !matches!(found, crate::ports::ClaimLookup::Found(_)) {
+            return Err(EngineError::BadRequest(format!(
+                "IPAMClaim {claim} does not exist (or the IPAMClaim API is not served): create it first, or the address would be released as the claim's"
+            )));
+        }
         let pin = ClaimRef {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             ips: Vec::new(),
+            migration_target: false,
         }
         .pin();
         let owner = tether_core::alloc::Owner::Pinned {

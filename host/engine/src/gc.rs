@@ -61,15 +61,18 @@ pub enum GcReason {
     NodeLost,
     /// A pinned address nobody holds, whose release rule fired while no daemon applied it.
     RuleFired,
+    /// CNI GC: the node's runtime no longer lists the attachment (its sandbox is gone).
+    NotListed,
 }
 
 impl GcReason {
-    /// `pod-gone`, `node-lost`, `rule-fired`: for metrics, logs and Events.
+    /// `pod-gone`, `node-lost`, `rule-fired`, `not-listed`: for metrics, logs and Events.
     pub fn as_str(self) -> &'static str {
         match self {
             GcReason::PodGone => "pod-gone",
             GcReason::NodeLost => "node-lost",
             GcReason::RuleFired => "rule-fired",
+            GcReason::NotListed => "not-listed",
         }
     }
 }
@@ -261,7 +264,10 @@ pub(crate) fn not_the_holders(h: &Holder, pod: Option<&PodMeta>) -> bool {
     match pod {
         None => true,
         Some(p) => {
-            !p.uid.is_empty() && !h.attachment.pod_uid.is_empty() && p.uid != h.attachment.pod_uid
+            !p.uid.is_empty()
+                && !h.attachment.pod_uid.is_empty()
+                && p.uid != h.attachment.pod_uid
+                && p.mirror_of != h.attachment.pod_uid
         }
     }
 }

@@ -36,7 +36,8 @@ use tether_core::pool::{Pool, PoolError};
 use tether_store::StoreError;
 
 pub use engine::{
-    ClaimRef, ClaimReport, ClaimReporter, Engine, EngineError, NodeInfo, Ports, ReleaseGate,
+    ClaimRef, ClaimReport, ClaimReporter, Engine, EngineError, GcReporter, NodeInfo, Ports,
+    ReleaseGate,
 };
 pub use gc::{GcReason, GcSettings};
 pub use metrics::Metrics;

@@ -36,6 +36,9 @@ pub struct PodMeta {
     pub uid: String,
     /// It is being deleted (a deletion timestamp is set); on a lost node nobody finishes it.
     pub terminating: bool,
+    /// For a static pod's mirror pod, the static pod's UID (what the plugin was given);
+    /// empty otherwise.
+    pub mirror_of: String,
 }
 
 /// An `IPAMClaim` (k8s.cni.cncf.io/v1alpha1), as the engine reads it.
@@ -45,6 +48,8 @@ pub struct ClaimInfo {
     pub network: String,
     /// `status.ips`: the addresses written for it (CIDRs), empty until some IPAM wrote them.
     pub ips: Vec<String>,
+    /// Its controller (ipam-extensions: the VM): only pods it owns may use the claim.
+    pub owner: Option<OwnerReference>,
 }
 
 /// What looking up an `IPAMClaim` found.

@@ -67,6 +67,7 @@ impl Cluster {
         let meta = PodMeta {
             uid: uid.into(),
             terminating: false,
+            mirror_of: String::new(),
         };
         self.with(|c| {
             c.pods
@@ -333,6 +334,17 @@ impl Env {
             .find(|a| a.ip == ip)
             .map(|a| a.holders.iter().map(|h| h.attachment.pod.clone()).collect())
     }
+
+    /// The pinned identity of `ip` (`None`: ephemeral); panics when it is free.
+    fn identity(&self, ip: IpAddr) -> Option<String> {
+        self.engine
+            .allocations()
+            .into_iter()
+            .find(|a| a.ip == ip)
+            .expect("allocated")
+            .identity()
+            .map(str::to_owned)
+    }
 }
 
 fn req(name: &str) -> CniRequest {
@@ -511,26 +523,29 @@ async fn a_vm_address_waits_the_vm_grace_and_is_kept_until_its_rule_fires() {
 #[tokio::test]
 async fn a_change_to_the_address_starts_the_wait_over() {
     let env = Env::new();
-    let ip = env.pod("db-0", "n1").await;
-    env.cluster.remove_pod("default", "db-0");
+    let ip = env.pod("vm-launcher-a", "n1").await;
+    env.cluster.remove_pod("default", "vm-launcher-a");
     env.pass(0).await;
-    // The pod comes back (a new UID) and takes its address again: another revision.
-    env.cluster.add_pod("default", "db-0", "uid-db-0-b", None);
-    let mut again = req("db-0");
-    again.container_id = "ctr-db-0-b".into();
-    again.args[2].1 = "uid-db-0-b".into();
-    env.engine.add(again).await.expect("re-add");
-    env.cluster.remove_pod("default", "db-0");
-    env.pass(30).await;
-    // 60 s after the first finding, 30 after the change: not yet.
+    // Another pod of the VM joins (a migration target) while the first one's liveness is
+    // unknown, so it stays a holder: the address's revision changes, the stale holder's
+    // finding stays the same but was made on an older revision.
+    env.cluster.with(|c| c.read_fails = true);
+    env.pod("vm-launcher-b", "n1").await;
+    env.cluster.with(|c| c.read_fails = false);
+    assert_eq!(
+        env.holders(ip),
+        Some(vec!["vm-launcher-a".to_owned(), "vm-launcher-b".to_owned()])
+    );
+    env.pass(100).await;
     assert!(
-        env.pass(60).await.is_empty(),
+        env.pass(300).await.is_empty(),
         "freed on a finding made on an older revision"
     );
     assert_eq!(
-        env.pass(90).await,
+        env.pass(400).await,
         vec![format!("p/{ip} holder-dropped pod-gone")]
     );
+    assert_eq!(env.holders(ip), Some(vec!["vm-launcher-b".to_owned()]));
 }
 
 #[tokio::test]
@@ -589,43 +604,64 @@ async fn gc_is_for_the_elected_daemon_only() {
 }
 
 #[tokio::test]
-async fn cni_gc_frees_this_nodes_stale_attachments_by_the_same_rules() {
+async fn cni_gc_frees_this_nodes_unlisted_attachments_by_the_same_rules() {
     let env = Env::new();
     env.engine.set_gc_settings(GcSettings {
         grace: Duration::from_secs(1),
         vm_grace: Duration::from_secs(1),
         node_grace: Duration::from_secs(1),
     });
-    let mine = env.pod("cart", "n1").await;
-    let alive = env.pod("kept", "n1").await;
+    // Not elected: its passes must not make CNI GC forget what it found.
+    env.engine
+        .set_release_gate(Arc::new(|| Err("not the holder of the Lease".into())));
+    let gone = env.pod("cart", "n1").await;
+    let resandboxed = env.pod("kept", "n1").await;
     let theirs = env.pod("away", "n2").await;
     let listed = env.pod("listed", "n1").await;
-    for p in ["cart", "away", "listed"] {
-        env.cluster.remove_pod("default", p);
-    }
-    // The runtime lists only `listed`; `kept`'s pod still exists.
-    let gc = gc_request(&["listed"]);
+    let back = env.pod("back", "n1").await;
+    env.cluster.remove_pod("default", "cart");
+    // The runtime lists `listed` and, at first, not `back`.
+    let first = gc_request(&["listed"]);
+    let later = gc_request(&["listed", "back"]);
     assert!(
         env.engine
-            .gc(gc.clone())
+            .gc(first.clone())
             .await
             .expect("gc")
             .released
             .is_empty(),
         "freed on the first look"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(
-        env.engine.gc(gc.clone()).await.expect("gc").released,
-        vec![format!("p/{mine}")]
+    assert!(env.engine.gc_pass().await.is_err(), "elected?");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // `back` is listed again: its wait starts over.
+    assert!(
+        env.engine
+            .gc(later.clone())
+            .await
+            .expect("gc")
+            .released
+            .is_empty()
     );
-    assert_eq!(env.holders(alive), Some(vec!["kept".to_owned()]));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(env.engine.gc_pass().await.is_err(), "elected?");
+    let mut freed = env.engine.gc(first.clone()).await.expect("gc").released;
+    freed.sort();
+    // `cart` (pod gone) and `kept` (pod there, its sandbox not: the runtime's word).
+    let mut want = vec![format!("p/{gone}"), format!("p/{resandboxed}")];
+    want.sort();
+    assert_eq!(freed, want);
     assert_eq!(
         env.holders(theirs),
         Some(vec!["away".to_owned()]),
         "another node's holder"
     );
     assert_eq!(env.holders(listed), Some(vec!["listed".to_owned()]));
+    assert_eq!(
+        env.holders(back),
+        Some(vec!["back".to_owned()]),
+        "freed although listed in between"
+    );
 }
 
 /// `name` annotated as ipam-extensions' webhook leaves a launcher pod: interface `eth0`'s
@@ -674,6 +710,7 @@ fn claims(env: &Env, entries: &[(&str, &[&str])]) {
                         ClaimInfo {
                             network: "net".into(),
                             ips: ips.iter().map(|s| (*s).to_owned()).collect(),
+                            owner: None,
                         },
                     )
                 })
@@ -689,21 +726,41 @@ async fn a_claim_is_the_identity_whatever_the_policy_and_its_pods_share_it() {
     claims(&env, &[("vm1.net", &[])]);
     // The policy would make `cart-*` pods ephemeral.
     let ip = claim_pod(&env, "cart-a", "vm1.net").await.expect("add");
-    let a = env
-        .engine
-        .allocations()
-        .into_iter()
-        .find(|a| a.ip == ip)
-        .expect("allocated");
-    assert_eq!(a.identity(), Some("default/vm1.net"));
-    // A second pod of the claim (a migration target) shares the address.
-    assert_eq!(claim_pod(&env, "cart-b", "vm1.net").await.expect("add"), ip);
+    assert_eq!(env.identity(ip), Some("default/vm1.net".to_owned()));
+    // Another pod of the claim waits while the first lives.
+    let busy = claim_pod(&env, "cart-b", "vm1.net").await;
+    assert!(
+        matches!(
+            busy,
+            Err(EngineError::Write(
+                tether_engine::writer::WriteError::Alloc(
+                    tether_core::alloc::AllocError::IdentityBusy { .. }
+                )
+            ))
+        ),
+        "{busy:?}"
+    );
+    // A migration's target shares it.
+    env.cluster.add_pod("default", "cart-c", "uid-cart-c", None);
+    with_claim(&env, "cart-c", "vm1.net");
+    env.cluster.with(|c| {
+        if let Some(p) = c.pods.get_mut(&("default".to_owned(), "cart-c".to_owned())) {
+            p.0.labels.push((
+                tether_core::claim::MIGRATION_JOB_LABEL.into(),
+                "mig-1".into(),
+            ));
+        }
+    });
+    env.engine
+        .add(req("cart-c"))
+        .await
+        .expect("migration target");
     assert_eq!(
         env.holders(ip),
-        Some(vec!["cart-a".to_owned(), "cart-b".to_owned()])
+        Some(vec!["cart-a".to_owned(), "cart-c".to_owned()])
     );
     let seen = seen.lock().expect("reports");
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     assert_eq!(seen[0].name, "vm1.net");
     assert_eq!(seen[0].pod, "cart-a");
     assert_eq!(seen[0].outcome, Ok(vec![format!("{ip}/24")]));
@@ -727,13 +784,7 @@ async fn a_missing_claim_is_try_again_and_an_unserved_api_leaves_it_to_the_polic
     assert!(matches!(r, Err(EngineError::WorkloadUnknown(_))), "{r:?}");
     env.cluster.with(|c| c.claims = None);
     let ip = claim_pod(&env, "cart-b", "vm1.net").await.expect("add");
-    let a = env
-        .engine
-        .allocations()
-        .into_iter()
-        .find(|a| a.ip == ip)
-        .expect("allocated");
-    assert_eq!(a.identity(), None, "the policy's decision (ephemeral)");
+    assert_eq!(env.identity(ip), None, "the policy's decision (ephemeral)");
 }
 
 #[tokio::test]
@@ -780,17 +831,90 @@ async fn an_idle_pin_is_refiled_under_a_claim_and_kept() {
         to_claim: Some("default/vm1.net".into()),
     };
     // Held: refused.
+    claims(&env, &[("vm1.net", &[])]);
     assert!(env.engine.release(refile(false)).await.is_err());
     env.engine.del(req("db-0")).await.expect("del");
+    // A claim that does not exist: refused (it would be judged deleted).
+    let missing = tether_api::ReleaseRequest {
+        to_claim: Some("default/nope".into()),
+        ..refile(false)
+    };
+    assert!(env.engine.release(missing).await.is_err());
     env.engine.release(refile(false)).await.expect("re-file");
-    let a = env
-        .engine
-        .allocations()
-        .into_iter()
-        .find(|a| a.ip == ip)
-        .expect("kept");
-    assert_eq!(a.identity(), Some("default/vm1.net"));
+    assert_eq!(env.identity(ip), Some("default/vm1.net".to_owned()));
     // The claim's pod gets it.
-    claims(&env, &[("vm1.net", &[])]);
     assert_eq!(claim_pod(&env, "vm-a", "vm1.net").await.expect("add"), ip);
+}
+
+#[tokio::test]
+async fn a_claim_of_a_vm_serves_only_that_vms_pods() {
+    let env = Env::new();
+    env.cluster.with(|c| {
+        c.claims = Some(
+            [(
+                "vm.net".to_owned(),
+                ClaimInfo {
+                    network: "net".into(),
+                    ips: Vec::new(),
+                    owner: Some(OwnerReference {
+                        api_version: "kubevirt.io/v1".into(),
+                        kind: "VirtualMachineInstance".into(),
+                        name: "vm".into(),
+                        uid: "uid-vmi".into(),
+                        controller: true,
+                    }),
+                },
+            )]
+            .into_iter()
+            .collect(),
+        )
+    });
+    // A pod the VM does not own names its claim: refused, nothing allocated.
+    let r = claim_pod(&env, "intruder", "vm.net").await;
+    assert!(
+        matches!(
+            &r,
+            Err(EngineError::Policy(PolicyError::ForeignIdentity { .. }))
+        ),
+        "{r:?}"
+    );
+    assert!(env.engine.allocations().is_empty());
+    // The VM's launcher pod (owned by the VMI) may.
+    env.cluster.add_pod(
+        "default",
+        "vm-launcher",
+        "uid-vm-launcher",
+        Some(OwnerReference {
+            api_version: "kubevirt.io/v1".into(),
+            kind: "VirtualMachineInstance".into(),
+            name: "vm".into(),
+            uid: "uid-vmi".into(),
+            controller: true,
+        }),
+    );
+    with_claim(&env, "vm-launcher", "vm.net");
+    env.engine
+        .add(req("vm-launcher"))
+        .await
+        .expect("the VM's pod");
+}
+
+#[tokio::test]
+async fn a_deleted_claims_address_waits_the_vm_grace() {
+    let env = Env::new();
+    claims(&env, &[("vm1.net", &[])]);
+    let ip = claim_pod(&env, "vm-a", "vm1.net").await.expect("add");
+    env.engine.del(req("vm-a")).await.expect("del");
+    env.cluster.remove_pod("default", "vm-a");
+    // The claim is deleted (the fake fires every rule once `fired`).
+    env.cluster.with(|c| c.fired = true);
+    env.pass(0).await;
+    assert!(
+        env.pass(60).await.is_empty(),
+        "a claim's address released after the short grace"
+    );
+    assert_eq!(
+        env.pass(300).await,
+        vec![format!("p/{ip} released rule-fired")]
+    );
 }

@@ -53,6 +53,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(15);
 /// Owner chains deeper than this are cut (a loop of owner references).
 const MAX_OWNER_DEPTH: usize = 8;
+/// The annotation of a static pod's mirror pod: the static pod's UID (the one the kubelet
+/// gives the runtime, and the plugin records).
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 /// Pods per page when garbage collection lists every pod.
 const PAGE: u32 = 500;
 
@@ -715,6 +718,10 @@ impl WorkloadView for KubeWorkloads {
                     PodMeta {
                         uid: m.uid.unwrap_or_default(),
                         terminating: m.deletion_timestamp.is_some(),
+                        mirror_of: m
+                            .annotations
+                            .and_then(|mut a| a.remove(MIRROR_ANNOTATION))
+                            .unwrap_or_default(),
                     },
                 );
             }
@@ -739,6 +746,12 @@ impl WorkloadView for KubeWorkloads {
                 terminating: v
                     .pointer("/metadata/deletionTimestamp")
                     .is_some_and(|t| !t.is_null()),
+                mirror_of: v
+                    .pointer("/metadata/annotations")
+                    .and_then(|a| a.get(MIRROR_ANNOTATION))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
             }))
     }
 
@@ -750,7 +763,16 @@ impl WorkloadView for KubeWorkloads {
         let Some(v) = self.shared.get(api_version, "IPAMClaim", namespace, name)? else {
             return Ok(ClaimLookup::Missing);
         };
+        let owner = v
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .and_then(|refs| {
+                refs.iter()
+                    .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
+            })
+            .and_then(|r| serde_json::from_value::<OwnerReference>(r.clone()).ok());
         Ok(ClaimLookup::Found(ClaimInfo {
+            owner,
             network: v
                 .pointer("/spec/network")
                 .and_then(Value::as_str)
@@ -830,7 +852,6 @@ impl KubeWorkloads {
     }
 }
 
-/// Whether `condition` holds given the owner as it is (`None`: it does not exist).
 /// A Node's readiness from its Ready condition: not ready since the condition's last
 /// transition when it is False or Unknown; unknown without one.
 fn node_state_of(node: &Value, now: k8s_openapi::jiff::Timestamp) -> NodeState {
@@ -860,6 +881,7 @@ fn node_state_of(node: &Value, now: k8s_openapi::jiff::Timestamp) -> NodeState {
     }
 }
 
+/// Whether `condition` holds given the owner as it is (`None`: it does not exist).
 fn holds(condition: &ReleaseCondition, owner: Option<&Object>) -> bool {
     match condition {
         ReleaseCondition::OwnerDeleted(_) => owner.is_none(),

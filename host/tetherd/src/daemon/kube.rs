@@ -448,52 +448,62 @@ async fn event(client: &kube::Client, pool: &IPPool, reason: &str, message: &str
 }
 
 /// Runs garbage collection every `every` while this daemon holds the releasers' Lease (the
-/// engine refuses otherwise), and leaves an Event on each address it frees.
-pub async fn collect_garbage(service: Arc<Engine>, client: kube::Client, every: Duration) {
+/// engine refuses otherwise).
+pub async fn collect_garbage(service: Arc<Engine>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let report = match service.gc_pass().await {
-            Ok(r) => r,
+        match service.gc_pass().await {
+            Ok(report) => {
+                if let Some(why) = &report.paused {
+                    tracing::info!(why = %why, "garbage collection paused");
+                }
+            }
             Err(tether_engine::EngineError::NotElected(why)) => {
                 tracing::debug!("garbage collection skipped: {why}");
-                continue;
             }
-            Err(e) => {
-                tracing::warn!("garbage collection pass failed: {e}");
-                continue;
-            }
-        };
-        if let Some(why) = &report.paused {
-            tracing::info!(why = %why, "garbage collection paused");
-        }
-        for r in report.released {
-            let Some(ip) = r
-                .address
-                .rsplit_once('/')
-                .and_then(|(_, ip)| ip.parse::<std::net::IpAddr>().ok())
-            else {
-                continue;
-            };
-            let involved = ObjectReference {
-                api_version: Some(tether_core::pool::API_VERSION.into()),
-                kind: Some("IPAllocation".into()),
-                name: Some(tether_kube::crd::allocation_name(ip)),
-                ..ObjectReference::default()
-            };
-            let (reason, what) = if r.action == "released" {
-                ("AddressReleased", "released")
-            } else {
-                ("HolderDropped", "dropped a stale holder of")
-            };
-            let message = format!(
-                "garbage collection {what} {} ({}): {}",
-                r.address, r.reason, r.workload
-            );
-            post_event(&client, involved, "Normal", reason, &message).await;
+            Err(e) => tracing::warn!("garbage collection pass failed: {e}"),
         }
     }
+}
+
+/// Leaves an Event on the IPAllocation of each address garbage collection (an elected pass or
+/// CNI GC) freed or took a stale holder from.
+pub fn gc_event_poster(
+    client: kube::Client,
+    rt: tokio::runtime::Handle,
+) -> tether_engine::GcReporter {
+    Arc::new(move |released| {
+        let client = client.clone();
+        rt.spawn(async move {
+            for r in released {
+                let Some(ip) = r
+                    .address
+                    .rsplit_once('/')
+                    .and_then(|(_, ip)| ip.parse::<std::net::IpAddr>().ok())
+                else {
+                    continue;
+                };
+                let involved = ObjectReference {
+                    api_version: Some(tether_core::pool::API_VERSION.into()),
+                    kind: Some("IPAllocation".into()),
+                    name: Some(tether_kube::crd::allocation_name(ip)),
+                    ..ObjectReference::default()
+                };
+                let (reason, what) = if r.action == "released" {
+                    ("AddressReleased", "released")
+                } else {
+                    ("HolderDropped", "dropped a stale holder of")
+                };
+                let message = format!(
+                    "garbage collection {what} {} ({}): {}",
+                    r.address, r.reason, r.workload
+                );
+                post_event(&client, involved, "Normal", reason, &message).await;
+            }
+        });
+    })
 }
 
 /// Posts an Event about a cluster-scoped object (it lives in `default`).
@@ -611,20 +621,27 @@ fn claim_status(
         })
         .unwrap_or_default();
     let (ips, owner, status, reason, message) = match &report.outcome {
+        // Addresses of a family the claim had none of may be added; one it holds is never
+        // replaced.
+        Ok(ips) if held.iter().all(|h| ips.contains(h)) => (
+            ips.clone(),
+            Some(json!({"name": report.pod})),
+            "True",
+            "SuccessfulAllocation",
+            format!("allocated by tether: {}", ips.join(", ")),
+        ),
         Ok(ips) => {
-            let (mut a, mut b) = (held.clone(), ips.clone());
-            a.sort();
-            b.sort();
-            if !held.is_empty() && a != b {
-                tracing::warn!(claim = %format!("{}/{}", report.namespace, report.name), held = ?held, allocated = ?ips, "the IPAMClaim holds other addresses; its status is left as it is");
-                return None;
-            }
+            tracing::warn!(claim = %format!("{}/{}", report.namespace, report.name), held = ?held, allocated = ?ips, "the pod got other addresses than the IPAMClaim holds; its addresses are left as they are");
             (
-                ips.clone(),
-                Some(json!({"name": report.pod})),
-                "True",
-                "SuccessfulAllocation",
-                format!("allocated by tether: {}", ips.join(", ")),
+                held,
+                current.get("ownerPod").cloned(),
+                "False",
+                "IPAddressConflict",
+                format!(
+                    "pod {} got {} (addresses the runtime asked for), not the claim's",
+                    report.pod,
+                    ips.join(", ")
+                ),
             )
         }
         Err((reason, message)) => (
@@ -689,12 +706,18 @@ mod claim_tests {
     }
 
     #[test]
-    fn addresses_held_are_never_replaced() {
+    fn addresses_held_are_never_replaced_only_completed() {
         let held = json!({"ips": ["10.0.0.9/24"], "ownerPod": {"name": "old"}});
-        assert_eq!(
-            claim_status(&held, &report(Ok(vec!["10.0.0.5/24".into()])), "t"),
-            None
-        );
+        let s =
+            claim_status(&held, &report(Ok(vec!["10.0.0.5/24".into()])), "t").expect("a status");
+        assert_eq!(s["ips"], json!(["10.0.0.9/24"]));
+        assert_eq!(s["ownerPod"], json!({"name": "old"}));
+        assert_eq!(s["conditions"][0]["reason"], "IPAddressConflict");
+        // Dual-stack: the claim's IPv4 address kept, an IPv6 one added.
+        let both = vec!["10.0.0.9/24".to_owned(), "fd00::9/64".to_owned()];
+        let s = claim_status(&held, &report(Ok(both.clone())), "t").expect("a status");
+        assert_eq!(s["ips"], json!(both));
+        assert_eq!(s["conditions"][0]["reason"], "SuccessfulAllocation");
     }
 
     #[test]

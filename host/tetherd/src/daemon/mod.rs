@@ -385,15 +385,18 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 client.clone(),
                 tokio::runtime::Handle::current(),
             ));
+            service.set_gc_reporter(kube::gc_event_poster(
+                client.clone(),
+                tokio::runtime::Handle::current(),
+            ));
             if args.gc_interval_secs > 0 {
                 tokio::spawn(kube::collect_garbage(
                     service.clone(),
-                    client.clone(),
                     Duration::from_secs(args.gc_interval_secs),
                 ));
             } else {
                 tracing::warn!(
-                    "garbage collection is off (--gc-interval-secs 0): missed DELs and lost nodes leak addresses until released by hand"
+                    "garbage collection is off (--gc-interval-secs 0): missed DELs and lost nodes leak addresses until released by hand, and release rules (VM deleted, StatefulSet scaled down, IPAMClaim deleted) are applied only by `tetherd reconcile`"
                 );
             }
             tokio::spawn(kube::watch_node(
