@@ -1286,11 +1286,25 @@ impl Ipam {
 
 /// Whether a holder of a pinned address gives way to `new`, whose ADD asks for it: the holder
 /// is `new` itself, or known gone, or the same pod name recreated (see [`recreated`]) while
-/// the workload source does not say the holder's UID is live.
+/// the workload source does not say the holder's UID is live, or an earlier sandbox of the
+/// same pod (see [`resandboxed`]).
 fn gives_way(h: &Holder, new: &Attachment, liveness: Liveness) -> bool {
     h.attachment.key() == new.key()
         || liveness == Liveness::Gone
         || (recreated(&h.attachment, new) && liveness != Liveness::Live)
+        || resandboxed(&h.attachment, new)
+}
+
+/// The same pod (namespace, name and UID, the UID known) and interface in another container:
+/// the runtime gave the pod a new sandbox, which the kubelet does only once the old one is
+/// stopped (a DEL of the old one lost, say). The old sandbox no longer uses the address.
+fn resandboxed(old: &Attachment, new: &Attachment) -> bool {
+    !new.pod_uid.is_empty()
+        && old.pod_uid == new.pod_uid
+        && old.namespace == new.namespace
+        && old.pod == new.pod
+        && old.ifname == new.ifname
+        && old.container_id != new.container_id
 }
 
 /// The same pod name with another UID, both UIDs known: a pod of that name was deleted and

@@ -2040,3 +2040,64 @@ fn a_lost_race_scatters_a_spread_search() {
     let g = add(&mut plain, att("c2", "p2", "u2"), &d, &["p"], &all_live).expect("g")[0];
     assert_eq!(g, next(f), "one writer: plain next-fit");
 }
+
+/// A pod given a new sandbox (its old sandbox's DEL lost) takes its pinned address over from
+/// the old sandbox, though the pod, of course, is live; another pod of the identity does not.
+#[test]
+fn a_new_sandbox_of_the_same_pod_takes_over_from_the_old_one() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
+    let ip = add(
+        &mut ipam,
+        att("c1", "virt-launcher-a", "u1"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("first")[0];
+    let again = add(
+        &mut ipam,
+        att("c2", "virt-launcher-a", "u1"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("the same pod's new sandbox");
+    assert_eq!(again, vec![ip]);
+    let a = ipam.get("test-ippool", ip).expect("pin");
+    let holders: Vec<&str> = a
+        .holders
+        .iter()
+        .map(|h| h.attachment.container_id.as_str())
+        .collect();
+    assert_eq!(holders, ["c2"]);
+    // Another pod of the VM, live holder: waits.
+    let e = add(
+        &mut ipam,
+        att("c3", "virt-launcher-b", "u2"),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect_err("another pod while the holder lives");
+    assert!(matches!(e, AllocError::IdentityBusy { .. }), "{e}");
+    // Without a UID nothing is known to be the same pod.
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
+    add(
+        &mut ipam,
+        att("c1", "virt-launcher-a", ""),
+        &vm_decision(false),
+        &["test-ippool"],
+        &all_live,
+    )
+    .expect("first");
+    assert!(
+        add(
+            &mut ipam,
+            att("c2", "virt-launcher-a", ""),
+            &vm_decision(false),
+            &["test-ippool"],
+            &all_live,
+        )
+        .is_err()
+    );
+}

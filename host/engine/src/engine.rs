@@ -617,18 +617,15 @@ impl Engine {
             ))),
             crate::ports::ClaimLookup::Found(info) => {
                 // A claim made for a VM serves only that VM's pods: any other pod naming it
-                // could take a running VM's address.
+                // could take a running VM's address. The pod's controller chain, as the API
+                // server resolves it (each owner read and its UID checked), must reach the
+                // claim's controller.
                 if let Some(o) = &info.owner {
-                    let same = |kind: &str, name: &str, uid: &str| {
-                        kind == o.kind
-                            && name == o.name
-                            && (uid.is_empty() || o.uid.is_empty() || uid == o.uid)
-                    };
-                    let owned = workload
-                        .owner_references
-                        .iter()
-                        .any(|r| same(&r.kind, &r.name, &r.uid))
-                        || owners.iter().any(|x| same(&x.kind, &x.name, &x.uid));
+                    let owned = owners.iter().any(|x| {
+                        x.kind == o.kind
+                            && x.name == o.name
+                            && (x.uid.is_empty() || o.uid.is_empty() || x.uid == o.uid)
+                    });
                     if !owned {
                         return Err(EngineError::Policy(PolicyError::ForeignIdentity {
                             policy: "ipam-claim-reference".into(),
@@ -821,6 +818,15 @@ impl Engine {
     /// CNI GC: frees what the runtime no longer lists. Without the list nothing is freed: a
     /// missing list is not an empty one.
     pub async fn gc(self: &Arc<Self>, req: CniRequest) -> Result<GcResult, EngineError> {
+        self.gc_at(req, Instant::now()).await
+    }
+
+    /// [`Self::gc`] as if it ran at `now` (tests move the clock).
+    pub async fn gc_at(
+        self: &Arc<Self>,
+        req: CniRequest,
+        now: Instant,
+    ) -> Result<GcResult, EngineError> {
         let Some(list) = &req.valid_attachments else {
             return Err(EngineError::BadRequest(
                 "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
@@ -835,7 +841,7 @@ impl Engine {
             node.shared.then(|| node.name.clone())
         };
         if let Some(node) = scope {
-            return self.gc_node(&req.network, &valid, node).await;
+            return self.gc_node(&req.network, &valid, node, now).await;
         }
         // Standalone: the runtime's list is the only witness. Planned on a look at the state;
         // the writer applies each change only if its allocation is unchanged since (a holder
@@ -844,7 +850,7 @@ impl Engine {
             .ipam
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .plan_gc(&req.network, &valid, None, now())
+            .plan_gc(&req.network, &valid, None, crate::engine::now())
             .changes;
         let applied = self.apply(planned).await?;
         Ok(GcResult {
@@ -853,17 +859,20 @@ impl Engine {
     }
 
     /// CNI GC on a node of a cluster, by garbage collection's rules ([`crate::gc`]): this
-    /// node's holders of `network` that the runtime does not list are findings
-    /// (`not-listed`: the runtime is the authority on its sandboxes, and a pod that still
-    /// exists may have a new one); one found again by a GC call at least the grace period
-    /// later, on the same revision, is dropped after the address is read again from the
-    /// store, by a conditional write. A call that lists it again starts its wait over. Other
-    /// nodes' holders are never looked at.
+    /// node's holders of `network` (of pods) that the runtime does not list are findings:
+    /// `not-listed` when the runtime lists another sandbox of the same pod and interface (the
+    /// pod was given a new one), else `pod-gone`, which also needs a fresh read saying the
+    /// pod is gone. One found again by a GC call at least the grace period later, on the same
+    /// revision, is dropped after the address is read again from the store, by a conditional
+    /// write; a call that lists it again starts its wait over. The runtime's list alone never
+    /// frees a holder (another client of the network on the node, a meta-plugin's list that
+    /// omits its attachments), and other nodes' holders are never looked at.
     async fn gc_node(
         self: &Arc<Self>,
         network: &str,
         valid: &HashSet<(String, String)>,
         node: String,
+        now: Instant,
     ) -> Result<GcResult, EngineError> {
         let settings = *self
             .gc_settings
@@ -871,25 +880,41 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner);
         let findings: Vec<Finding> = {
             let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
-            ipam.allocations()
-                .filter(|a| a.network == network)
-                .flat_map(|a| {
-                    a.holders
-                        .iter()
-                        .filter(|h| {
-                            h.node == node
-                                && !valid.contains(&(
-                                    h.attachment.container_id.clone(),
-                                    h.attachment.ifname.clone(),
-                                ))
-                        })
-                        .map(|h| holder_finding(a, h, GcReason::NotListed, &settings))
-                        .collect::<Vec<_>>()
+            let mine = || {
+                ipam.allocations()
+                    .filter(|a| a.network == network)
+                    .flat_map(|a| a.holders.iter().map(move |h| (a, h)))
+                    .filter(|(_, h)| h.node == node && !h.attachment.pod.is_empty())
+            };
+            let listed = |h: &tether_core::alloc::Holder| {
+                valid.contains(&(
+                    h.attachment.container_id.clone(),
+                    h.attachment.ifname.clone(),
+                ))
+            };
+            // Pods (UID known) whose interface has a sandbox the runtime lists.
+            let sandboxed: HashSet<(&str, &str)> = mine()
+                .filter(|(_, h)| listed(h) && !h.attachment.pod_uid.is_empty())
+                .map(|(_, h)| (h.attachment.pod_uid.as_str(), h.attachment.ifname.as_str()))
+                .collect();
+            mine()
+                .filter(|(_, h)| !listed(h))
+                .map(|(a, h)| {
+                    let resandboxed = sandboxed
+                        .contains(&(h.attachment.pod_uid.as_str(), h.attachment.ifname.as_str()));
+                    // An unlisted sandbox of a pod with a listed one is the runtime's word
+                    // alone; any other unlisted holder goes only once its pod is gone.
+                    let reason = if resandboxed {
+                        GcReason::NotListed
+                    } else {
+                        GcReason::PodGone
+                    };
+                    holder_finding(a, h, reason, &settings)
                 })
                 .collect()
         };
         let suspects = self.node_suspects(network);
-        let ready = suspects.observe(findings, Instant::now(), true);
+        let ready = suspects.observe(findings, now, true);
         if ready.is_empty() {
             return Ok(GcResult::default());
         }
@@ -1010,7 +1035,17 @@ impl Engine {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        r.suspects = self.suspects.report(Instant::now());
+        let now = Instant::now();
+        r.suspects = self.suspects.report(now);
+        // CNI GC's findings on this node too.
+        for s in self
+            .node_suspects
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            r.suspects.extend(s.report(now));
+        }
         r
     }
 

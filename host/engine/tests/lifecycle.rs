@@ -607,50 +607,47 @@ async fn gc_is_for_the_elected_daemon_only() {
 async fn cni_gc_frees_this_nodes_unlisted_attachments_by_the_same_rules() {
     let env = Env::new();
     env.engine.set_gc_settings(GcSettings {
-        grace: Duration::from_secs(1),
-        vm_grace: Duration::from_secs(1),
-        node_grace: Duration::from_secs(1),
+        grace: Duration::from_secs(10),
+        vm_grace: Duration::from_secs(10),
+        node_grace: Duration::from_secs(10),
     });
     // Not elected: its passes must not make CNI GC forget what it found.
     env.engine
         .set_release_gate(Arc::new(|| Err("not the holder of the Lease".into())));
     let gone = env.pod("cart", "n1").await;
-    let resandboxed = env.pod("kept", "n1").await;
+    let alive = env.pod("kept", "n1").await;
     let theirs = env.pod("away", "n2").await;
     let listed = env.pod("listed", "n1").await;
     let back = env.pod("back", "n1").await;
+    // `two` was given a new sandbox (its first one's DEL lost): two addresses.
+    let old_sandbox = env.pod("two", "n1").await;
+    let mut second = req("two");
+    second.container_id = "ctr-two-b".into();
+    env.engine.add(second).await.expect("new sandbox");
     env.cluster.remove_pod("default", "cart");
-    // The runtime lists `listed` and, at first, not `back`.
-    let first = gc_request(&["listed"]);
-    let later = gc_request(&["listed", "back"]);
-    assert!(
-        env.engine
-            .gc(first.clone())
-            .await
-            .expect("gc")
-            .released
-            .is_empty(),
-        "freed on the first look"
-    );
+    // Back on the first call; later calls list `back` again.
+    let first = gc_request(&["listed", "two-b"]);
+    let later = gc_request(&["listed", "back", "two-b"]);
+    let gc = |req: &CniRequest, secs: u64| {
+        let (engine, at) = (env.engine.clone(), env.t0 + Duration::from_secs(secs));
+        let req = req.clone();
+        async move { engine.gc_at(req, at).await.expect("gc").released }
+    };
+    assert!(gc(&first, 0).await.is_empty(), "freed on the first look");
     assert!(env.engine.gc_pass().await.is_err(), "elected?");
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    // `back` is listed again: its wait starts over.
-    assert!(
-        env.engine
-            .gc(later.clone())
-            .await
-            .expect("gc")
-            .released
-            .is_empty()
-    );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(gc(&later, 5).await.is_empty());
     assert!(env.engine.gc_pass().await.is_err(), "elected?");
-    let mut freed = env.engine.gc(first.clone()).await.expect("gc").released;
+    let mut freed = gc(&first, 10).await;
     freed.sort();
-    // `cart` (pod gone) and `kept` (pod there, its sandbox not: the runtime's word).
-    let mut want = vec![format!("p/{gone}"), format!("p/{resandboxed}")];
+    // `cart` (its pod gone), `two`'s old sandbox (the pod's new one is listed).
+    let mut want = vec![format!("p/{gone}"), format!("p/{old_sandbox}")];
     want.sort();
     assert_eq!(freed, want);
+    assert_eq!(
+        env.holders(alive),
+        Some(vec!["kept".to_owned()]),
+        "a pod that exists, with no other sandbox listed: the list alone frees nothing"
+    );
     assert_eq!(
         env.holders(theirs),
         Some(vec!["away".to_owned()]),

@@ -763,6 +763,7 @@ impl WorkloadView for KubeWorkloads {
         let Some(v) = self.shared.get(api_version, "IPAMClaim", namespace, name)? else {
             return Ok(ClaimLookup::Missing);
         };
+        // A controller that cannot be read is not "no controller": the claim stays unusable.
         let owner = v
             .pointer("/metadata/ownerReferences")
             .and_then(Value::as_array)
@@ -770,7 +771,9 @@ impl WorkloadView for KubeWorkloads {
                 refs.iter()
                     .find(|r| r.get("controller").and_then(Value::as_bool) == Some(true))
             })
-            .and_then(|r| serde_json::from_value::<OwnerReference>(r.clone()).ok());
+            .map(|r| serde_json::from_value::<OwnerReference>(r.clone()))
+            .transpose()
+            .map_err(|e| format!("IPAMClaim {namespace}/{name}: its controller reference: {e}"))?;
         Ok(ClaimLookup::Found(ClaimInfo {
             owner,
             network: v

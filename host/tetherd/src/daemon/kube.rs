@@ -602,9 +602,22 @@ async fn write_claim_status(client: &kube::Client, report: tether_engine::ClaimR
     tracing::warn!(claim = %claim, "gave up writing the IPAMClaim's status");
 }
 
+/// Whether two CIDRs name the same address.
+fn same_address(a: &str, b: &str) -> bool {
+    let ip = |s: &str| {
+        s.split('/')
+            .next()
+            .and_then(|i| i.parse::<std::net::IpAddr>().ok())
+    };
+    match (ip(a), ip(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// The status `report` calls for, given the claim's `current` one; `None` when it already
-/// says so, or when it would replace addresses the claim holds with others (never done: the
-/// claim's addresses are its promise).
+/// says so. Addresses the claim holds are never replaced (its addresses are its promise): a
+/// pod that got others leaves them, and the condition says so.
 fn claim_status(
     current: &serde_json::Value,
     report: &tether_engine::ClaimReport,
@@ -622,8 +635,9 @@ fn claim_status(
         .unwrap_or_default();
     let (ips, owner, status, reason, message) = match &report.outcome {
         // Addresses of a family the claim had none of may be added; one it holds is never
-        // replaced.
-        Ok(ips) if held.iter().all(|h| ips.contains(h)) => (
+        // replaced. Compared as addresses: `10.0.0.9/24` written by another IPAM is
+        // `10.0.0.9/16` here.
+        Ok(ips) if held.iter().all(|h| ips.iter().any(|i| same_address(h, i))) => (
             ips.clone(),
             Some(json!({"name": report.pod})),
             "True",
@@ -717,6 +731,10 @@ mod claim_tests {
         let both = vec!["10.0.0.9/24".to_owned(), "fd00::9/64".to_owned()];
         let s = claim_status(&held, &report(Ok(both.clone())), "t").expect("a status");
         assert_eq!(s["ips"], json!(both));
+        assert_eq!(s["conditions"][0]["reason"], "SuccessfulAllocation");
+        // Another IPAM's prefix for the same address: the same address.
+        let s =
+            claim_status(&held, &report(Ok(vec!["10.0.0.9/16".into()])), "t").expect("a status");
         assert_eq!(s["conditions"][0]["reason"], "SuccessfulAllocation");
     }
 
