@@ -679,9 +679,11 @@ impl Engine {
                 let reason = match e {
                     EngineError::Write(WriteError::Alloc(a)) => match a {
                         AllocError::PoolExhausted { .. } => Some("SubnetExhausted"),
-                        AllocError::AddressInUse { .. }
-                        | AllocError::IdentityBusy { .. }
-                        | AllocError::AddressNotInPool { .. } => Some("IPAddressConflict"),
+                        // (IdentityBusy is not: another pod of the claim still holds the
+                        // address, and this one waits, code 11, until it is gone.)
+                        AllocError::AddressInUse { .. } | AllocError::AddressNotInPool { .. } => {
+                            Some("IPAddressConflict")
+                        }
                         AllocError::UnknownPool { .. }
                         | AllocError::NoPool
                         | AllocError::PoolNotAllowed { .. } => Some("PoolNotFound"),
