@@ -498,6 +498,20 @@ impl IPAllocation {
 mod tests {
     use super::*;
 
+    /// The chart carries the CRDs as `tetherd crd` prints them: a change to the Rust types
+    /// that is not regenerated into the chart fails here.
+    #[test]
+    fn the_charts_crds_are_the_generated_ones() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../charts/tether/crds/tether.yaml");
+        let chart = std::fs::read_to_string(&path).expect("the chart's CRDs");
+        assert!(
+            chart == crds_yaml().expect("CRDs"),
+            "{} differs from the Rust types: run `tetherd crd > charts/tether/crds/tether.yaml`",
+            path.display()
+        );
+    }
+
     #[test]
     fn allocation_names_are_valid_and_unambiguous() {
         let cases = [
