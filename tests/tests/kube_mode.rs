@@ -214,6 +214,31 @@ impl Env {
         (api, owner)
     }
 
+    /// Starts KubeVirt VM `name` (its VM and VMI objects).
+    fn vm(&self, name: &str) -> tether_e2e::kubevirt::Vm {
+        self.rt
+            .block_on(tether_e2e::kubevirt::Vm::start(
+                &self.client,
+                name,
+                json!({}),
+            ))
+            .expect("vm")
+    }
+
+    /// Creates a launcher pod of `vm` on `node` (a migration target with `migration`), with
+    /// `extra` annotations; its name.
+    fn launch(
+        &self,
+        vm: &mut tether_e2e::kubevirt::Vm,
+        node: &str,
+        migration: Option<(&str, &str)>,
+        extra: serde_json::Value,
+    ) -> String {
+        self.rt
+            .block_on(vm.launch_with(node, migration, extra))
+            .expect("launcher")
+    }
+
     /// The IPAllocation objects, by name.
     fn objects(&self) -> Vec<IPAllocation> {
         self.rt
@@ -882,18 +907,8 @@ fn garbage_collection_frees_what_no_pod_uses_and_nothing_live() {
     assert!(a.log().contains("garbage collection freed"), "{}", a.log());
 
     // 2. On node-b: a VM, an ephemeral pod, two StatefulSet replicas (db-0 on node-a).
-    let mut vm = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.client,
-            "vm1",
-            json!({}),
-        ))
-        .expect("vm");
-    let launcher = env
-        .rt
-        .block_on(vm.launch("node-b", None))
-        .expect("launcher");
+    let mut vm = env.vm("vm1");
+    let launcher = env.launch(&mut vm, "node-b", None, json!({}));
     let vm_ip = add(&ipam_b, &existing(&env, &launcher));
     let web = env.pod("default", "web-b", "node-b", None);
     let web_ip = add(&ipam_b, &web);
@@ -931,10 +946,7 @@ fn garbage_collection_frees_what_no_pod_uses_and_nothing_live() {
         !env.addresses().contains(&db1_ip)
     });
     // The VM, restarted on node-a, gets its address back.
-    let relaunched = env
-        .rt
-        .block_on(vm.launch("node-a", None))
-        .expect("launcher");
+    let relaunched = env.launch(&mut vm, "node-a", None, json!({}));
     assert_eq!(add(&ipam_a, &existing(&env, &relaunched)), vm_ip);
 
     // Nothing live was freed: live-a, live-b (on the lost node, not being deleted), db-0.
@@ -1207,20 +1219,10 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
         p
     };
 
-    let mut vm = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.client,
-            "vm1",
-            json!({}),
-        ))
-        .expect("vm");
+    let mut vm = env.vm("vm1");
     let claim = env.claim_for(&vm, "tenant", "tenant-net");
     assert_eq!(claim, "vm1.tenant");
-    let p1 = env
-        .rt
-        .block_on(vm.launch_with("node-a", None, claim_selection(&claim)))
-        .expect("launcher");
+    let p1 = env.launch(&mut vm, "node-a", None, claim_selection(&claim));
     let ip = add(&net_a, &on(&p1));
     let status = env.claim_status(&claim, |s| s["ownerPod"]["name"] == p1.as_str());
     assert_eq!(status["ips"], json!([format!("{ip}/16")]), "{status}");
@@ -1272,10 +1274,7 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
     // Pod restart, on the other node: same address; the status names the new pod.
     assert!(net_a.del(&on(&p1)).expect("del").ok);
     env.delete_pod("default", &p1);
-    let p2 = env
-        .rt
-        .block_on(vm.launch_with("node-b", None, claim_selection(&claim)))
-        .expect("launcher");
+    let p2 = env.launch(&mut vm, "node-b", None, claim_selection(&claim));
     assert_eq!(add(&net_b, &on(&p2)), ip);
     env.claim_status(&claim, |s| s["ownerPod"]["name"] == p2.as_str());
 
@@ -1285,18 +1284,17 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
     env.rt
         .block_on(vm.recreate_vmi(&[], json!({})))
         .expect("recreate VMI");
-    let p3 = env
-        .rt
-        .block_on(vm.launch_with("node-a", None, claim_selection(&claim)))
-        .expect("launcher");
+    let p3 = env.launch(&mut vm, "node-a", None, claim_selection(&claim));
     assert_eq!(add(&net_a, &on(&p3)), ip);
 
     // Live migration: the target shares the address with the source, then keeps it.
     let (mname, muid) = env.rt.block_on(vm.migration()).expect("migration");
-    let p4 = env
-        .rt
-        .block_on(vm.launch_with("node-b", Some((&mname, &muid)), claim_selection(&claim)))
-        .expect("target");
+    let p4 = env.launch(
+        &mut vm,
+        "node-b",
+        Some((&mname, &muid)),
+        claim_selection(&claim),
+    );
     assert_eq!(add(&net_b, &on(&p4)), ip);
     assert_eq!(
         {
@@ -1324,21 +1322,11 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
     );
 
     // A claim whose pod selects a pool that does not exist says so.
-    let mut vm2 = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.client,
-            "vm2",
-            json!({}),
-        ))
-        .expect("vm2");
+    let mut vm2 = env.vm("vm2");
     let claim2 = env.claim_for(&vm2, "tenant", "tenant-net");
     let mut selection = claim_selection(&claim2);
     selection["ipam.tether.dev/ippool"] = json!("no-such-pool");
-    let q = env
-        .rt
-        .block_on(vm2.launch_with("node-a", None, selection))
-        .expect("launcher");
+    let q = env.launch(&mut vm2, "node-a", None, selection);
     assert!(
         !net_a.add(&on(&q)).expect("add").ok,
         "an ADD from a missing pool"
@@ -1347,14 +1335,7 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
     assert_eq!(s2["conditions"][0]["status"], "False", "{s2}");
 
     // A claim holding an address someone else has: refused, its addresses left alone.
-    let mut vm3 = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.client,
-            "vm3",
-            json!({}),
-        ))
-        .expect("vm3");
+    let mut vm3 = env.vm("vm3");
     let claim3 = env.claim_for(&vm3, "tenant", "tenant-net");
     let taken = format!("{ip}/16");
     env.rt
@@ -1364,10 +1345,7 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
             &Patch::Merge(json!({"status": {"ips": [taken], "ownerPod": {"name": "elsewhere"}}})),
         ))
         .expect("status");
-    let r = env
-        .rt
-        .block_on(vm3.launch_with("node-b", None, claim_selection(&claim3)))
-        .expect("launcher");
+    let r = env.launch(&mut vm3, "node-b", None, claim_selection(&claim3));
     assert!(
         !net_b.add(&on(&r)).expect("add").ok,
         "an address handed to two claims"
@@ -1381,18 +1359,8 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
     // From the `kubevirt` policy to a claim without an address change: vm4 runs without a
     // claim (pinned to the VM by the policy), stops, its address is re-filed under the claim
     // ipam-extensions made meanwhile, and its next launcher pod, referring to the claim, gets it.
-    let mut vm4 = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.client,
-            "vm4",
-            json!({}),
-        ))
-        .expect("vm4");
-    let before = env
-        .rt
-        .block_on(vm4.launch("node-a", None))
-        .expect("launcher");
+    let mut vm4 = env.vm("vm4");
+    let before = env.launch(&mut vm4, "node-a", None, json!({}));
     let vm4_ip = add(&net_a, &on(&before));
     let object = |ip: &str| {
         env.objects()
@@ -1428,10 +1396,7 @@ fn an_ipamclaim_is_the_identity_of_its_vms_interface() {
         );
     }
     assert_eq!(object(&vm4_ip).spec.owner.kind, "IPAMClaim");
-    let after = env
-        .rt
-        .block_on(vm4.launch_with("node-b", None, claim_selection(&claim4)))
-        .expect("launcher");
+    let after = env.launch(&mut vm4, "node-b", None, claim_selection(&claim4));
     assert_eq!(
         add(&net_b, &on(&after)),
         vm4_ip,
