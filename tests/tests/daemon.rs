@@ -589,3 +589,76 @@ fn pool_selectors_standalone() {
     let o = zoned.add(&Pod::new("blue", "p", 1)).expect("add");
     assert!(o.ok, "{}", o.out);
 }
+
+/// One HTTP/1.1 request over TCP, closed after the answer: (status code, body).
+fn tcp_request(addr: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics address");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {raw:?}"));
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (status, body.unwrap_or_default())
+}
+
+/// `--metrics-address` serves the probes and metrics over TCP (what the chart's kubelet
+/// probes and Prometheus use) and nothing else: no ADD, no release, no allocation list.
+#[test]
+fn the_metrics_address_serves_probes_and_metrics_and_nothing_that_allocates() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(SEED_POOL, &["--metrics-address", &addr]).expect("daemon");
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    assert!(ipam.add(&Pod::new("default", "p0", 0)).expect("add").ok);
+
+    assert_eq!(tcp_request(&addr, "GET", "/healthz"), (200, "ok".into()));
+    let (code, body) = tcp_request(&addr, "GET", "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""ready":true"#), "{body}");
+    let (code, body) = tcp_request(&addr, "GET", "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#"tether_cni_requests_total{command="add",result="ok"} 1"#),
+        "{body}"
+    );
+    for (method, path) in [
+        ("POST", "/v1/cni/add"),
+        ("POST", "/v1/cni/del"),
+        ("POST", "/v1/release"),
+        ("POST", "/v1/reconcile"),
+        ("GET", "/v1/allocations"),
+        ("GET", "/v1/pools"),
+    ] {
+        let (code, body) = tcp_request(&addr, method, path);
+        assert_eq!(
+            code, 404,
+            "{method} {path} over TCP answered {code}: {body}"
+        );
+    }
+    assert_eq!(d.allocations().expect("allocations").len(), 1);
+}
+
+/// A metrics address already in use stops the start with a message naming it.
+#[test]
+fn a_metrics_address_in_use_is_refused_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let e = Daemon::start(SEED_POOL, &["--metrics-address", &addr])
+        .err()
+        .expect("the daemon must not start");
+    assert!(format!("{e:#}").contains("--metrics-address"), "{e:#}");
+}

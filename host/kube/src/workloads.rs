@@ -290,7 +290,20 @@ impl Shared {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Value>, String> {
-        let Some((ar, namespaced)) = self.resource(api_version, kind)? else {
+        self.fetch(api_version, kind, namespace, name)
+            .map_err(|e| e.message)
+    }
+
+    /// [`Shared::get`], telling a read this daemon is not allowed to make apart.
+    fn fetch(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Value>, ReadError> {
+        let Some((ar, namespaced)) = self.resource(api_version, kind).map_err(ReadError::other)?
+        else {
             return Ok(None);
         };
         let api: Api<DynamicObject> = if namespaced {
@@ -308,8 +321,13 @@ impl Shared {
             m.kube_api_call("get", result);
         }
         match got {
-            None => Err(format!("reading {kind} {namespace}/{name}: timed out")),
-            Some(Err(e)) => Err(format!("reading {kind} {namespace}/{name}: {e}")),
+            None => Err(ReadError::other(format!(
+                "reading {kind} {namespace}/{name}: timed out"
+            ))),
+            Some(Err(e)) => Err(ReadError {
+                forbidden: matches!(&e, kube::Error::Api(s) if s.code == 403),
+                message: format!("reading {kind} {namespace}/{name}: {e}"),
+            }),
             Some(Ok(None)) => Ok(None),
             Some(Ok(Some(o))) => Ok(Some(to_value(&ar, &o))),
         }
@@ -330,16 +348,46 @@ impl Shared {
         if let Some(o) = cached.filter(same) {
             return Ok(Some(o));
         }
-        let o = match self.get(&r.api_version, &r.kind, namespace, &r.name) {
+        let o = match self.fetch(&r.api_version, &r.kind, namespace, &r.name) {
             Ok(Some(v)) => object_from_value(&v)
                 .map_err(|e| format!("owner {} {namespace}/{}: {e}", r.kind, r.name))?,
             Ok(None) => return Ok(None),
+            // A kind this daemon may not read (its RBAC grants the kinds the policies use:
+            // a Job or a DaemonSet is not one): the reference itself names the owner, and
+            // the chain ends there. Nothing is judged gone for it.
+            Err(e) if e.forbidden => {
+                tracing::debug!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner kind not readable (RBAC): the chain ends with the reference: {}", e.message);
+                return Ok(Some(Object {
+                    api_version: r.api_version.clone(),
+                    kind: r.kind.clone(),
+                    namespace: namespace.to_owned(),
+                    name: r.name.clone(),
+                    uid: r.uid.clone(),
+                    ..Object::default()
+                }));
+            }
             Err(e) => {
-                tracing::warn!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner not in the caches and not readable: {e}");
-                return Err(e);
+                tracing::warn!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner not in the caches and not readable: {}", e.message);
+                return Err(e.message);
             }
         };
         Ok(same(&o).then_some(o))
+    }
+}
+
+/// A read the API server did not answer with the object or its absence.
+struct ReadError {
+    /// 403: this daemon's RBAC does not allow it.
+    forbidden: bool,
+    message: String,
+}
+
+impl ReadError {
+    fn other(message: impl Into<String>) -> Self {
+        Self {
+            forbidden: false,
+            message: message.into(),
+        }
     }
 }
 

@@ -41,6 +41,23 @@ pub enum Command {
     /// Print the CustomResourceDefinitions of Kubernetes mode (IPPool, IPAllocation,
     /// PinnedIdentity) as YAML, for `kubectl apply -f -`.
     Crd,
+    /// Install the `tether` CNI plugin into the CNI bin directory atomically (copied beside
+    /// it, synced, then renamed over it: a runtime running the old binary keeps it). The
+    /// chart's init container runs this.
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallCniArgs {
+    /// The plugin binary to install.
+    #[arg(long, env = "TETHER_CNI_SOURCE", default_value = "/usr/bin/tether")]
+    pub source: PathBuf,
+    /// The CNI bin directory (in a pod: where the host's is mounted).
+    #[arg(long, env = "TETHER_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub dest_dir: PathBuf,
+    /// The installed plugin's name: the `type` that network configurations name.
+    #[arg(long, default_value = "tether")]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -161,6 +178,11 @@ pub struct RunArgs {
     /// The API socket (mode 0600).
     #[arg(long, env = "TETHER_SOCKET", default_value = tether_api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Also serve the read-only endpoints `/metrics`, `/healthz` and `/readyz` over TCP at
+    /// this address (e.g. `0.0.0.0:9721` for Prometheus, `127.0.0.1:9721` for probes alone).
+    /// Nothing that allocates or releases is ever served there. Off by default.
+    #[arg(long, env = "TETHER_METRICS_ADDRESS")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Standalone mode: seconds between checks of the release rules of pinned addresses (0:
     /// only on request). In Kubernetes mode garbage collection applies them, with its grace
     /// periods (--gc-*).

@@ -3,6 +3,7 @@
 mod chain;
 mod cli;
 mod daemon;
+mod install_cni;
 mod manifests;
 mod policy_cmd;
 mod pools_cmd;
@@ -20,6 +21,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Wait(args) => pools_cmd::wait(&args),
         cli::Command::Gc(args) => pools_cmd::gc(&args),
         cli::Command::Policy(cmd) => policy_cmd::run(cmd),
+        cli::Command::InstallCni(args) => install_cni::run(&args),
         cli::Command::Crd => match tether_kube::crd::crds_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

@@ -213,6 +213,16 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
+/// The read-only endpoints `--metrics-address` serves over TCP: probes and metrics, nothing
+/// that allocates, releases or lists allocations.
+pub fn public_router(s: AppState) -> Router {
+    Router::new()
+        .route("/readyz", get(ready))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(s)
+}
+
 pub fn router(s: AppState) -> Router {
     Router::new()
         .route("/v1/cni/add", post(add))

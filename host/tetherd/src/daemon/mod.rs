@@ -242,8 +242,11 @@ struct Adapters {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.state_dir)
-        .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
+    // Kubernetes mode keeps nothing on the node: its root filesystem may be read-only.
+    if !args.kubernetes {
+        std::fs::create_dir_all(&args.state_dir)
+            .map_err(|e| anyhow::anyhow!("creating state dir {}: {e}", args.state_dir.display()))?;
+    }
     let runtime = Arc::new(Runtime::new(args.sandbox.runtime_config()?)?);
     let slots = chain::slots(&runtime, &chain_sources(&args)?)?;
     let metrics = Arc::new(Metrics::new());
@@ -309,6 +312,21 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("pools: {e}"))?;
     let service = Arc::new(service);
     let listener = bind(&args.socket)?;
+    let public = match args.metrics_address {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding --metrics-address {addr}: {e}"))?;
+            tracing::info!(address = %addr, "serving /metrics, /healthz and /readyz over TCP");
+            let router = http::public_router(service.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(tcp, router).await {
+                    tracing::error!(address = %addr, "the metrics listener stopped: {e}");
+                }
+            }))
+        }
+        None => None,
+    };
     tracing::info!(
         socket = %args.socket.display(),
         store = %store_name,
@@ -416,6 +434,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         r.abort();
     }
     pool_watcher.abort();
+    if let Some(p) = public {
+        p.abort();
+    }
     if let Some(w) = policies.watch {
         w.abort();
     }

@@ -1,0 +1,1233 @@
+//! The Helm chart (charts/tether) with the real helm: lint, render with several value sets,
+//! every rendered manifest validated strictly against the Kubernetes schemas
+//! (`kubernetes-validate --strict`) and the IPPool against its CRD's schema, the values schema
+//! refusing each kind of mistake, the README's parameter table in step with values.yaml, the
+//! policy ConfigMaps byte-identical to the built policies; and `helm install` into a real
+//! kube-apiserver, tetherd run as the rendered DaemonSet runs it with the chart's
+//! ServiceAccount token, `helm upgrade` and `helm uninstall`.
+//!
+//! helm and kubernetes-validate come from `scripts/setup.sh` (under /var/cache/tether-testenv);
+//! `TETHER_HELM` and `TETHER_KUBERNETES_VALIDATE` point elsewhere.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod as KPod, Secret, ServiceAccount};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tether_e2e::cluster::{Cluster, repo_root};
+use tether_e2e::{Ipam, Pod, bin_dir, skip_or_fail};
+use tether_kube::crd::{IPAllocation, IPPool, PinnedIdentity};
+
+const TESTENV: &str = "/var/cache/tether-testenv";
+
+fn chart() -> PathBuf {
+    repo_root().join("charts/tether")
+}
+
+/// A tool from the environment variable `var`, else the test environment's copy; `None` (after
+/// [`skip_or_fail`]) when it is not there.
+fn tool(test: &str, var: &str, cached: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(TESTENV).join(cached));
+    if path.is_file() {
+        Some(path)
+    } else {
+        skip_or_fail(
+            test,
+            &format!(
+                "{} is missing: run scripts/setup.sh (or set {var})",
+                path.display()
+            ),
+        );
+        None
+    }
+}
+
+fn helm(test: &str) -> Option<PathBuf> {
+    tool(test, "TETHER_HELM", "bin/helm")
+}
+
+fn validator(test: &str) -> Option<PathBuf> {
+    tool(
+        test,
+        "TETHER_KUBERNETES_VALIDATE",
+        "venv/bin/kubernetes-validate",
+    )
+}
+
+/// `helm template` of the chart with `args` (value flags): the manifests, or helm's error.
+fn render(helm: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(helm)
+        .args(["template", "tether"])
+        .arg(chart())
+        .args(["--namespace", "tether-system"])
+        .args(args)
+        .output()
+        .expect("running helm");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The documents of a multi-document YAML stream (empty ones left out).
+fn documents(yaml: &str) -> Vec<Value> {
+    yaml_serde::Deserializer::from_str(yaml)
+        .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("a YAML document"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+/// The daemon container's args.
+fn daemon_args(docs: &[Value]) -> Vec<String> {
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    serde_json::from_value(ds["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .expect("args")
+}
+
+/// The value sets the rendering tests use: defaults and the non-default sets of issue #10.
+fn value_sets(dir: &Path) -> Vec<(&'static str, Vec<String>)> {
+    let b64 = dir.join("team.wasm.b64");
+    std::fs::write(
+        &b64,
+        serde_json::to_value(k8s_openapi::ByteString(
+            tether_builtins::fixtures::LABEL_IDENTITY.to_vec(),
+        ))
+        .expect("base64")
+        .as_str()
+        .expect("a string"),
+    )
+    .expect("write base64");
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    vec![
+        ("defaults", vec![]),
+        (
+            "VM pinning off",
+            s(&["--set", "ipam.enableKubevirtStaticIP=false"]),
+        ),
+        (
+            "a custom policy added",
+            vec![
+                "--set-file".into(),
+                format!("policies.extra.team.wasm={}", b64.display()),
+                "--set".into(),
+                "policies.chain={team,kubevirt,statefulset,stateless}".into(),
+                "--set".into(),
+                "policies.settings={team:label=tether.dev/identity}".into(),
+            ],
+        ),
+        (
+            "a default pool",
+            s(&[
+                "--set",
+                "defaultPool.create=true,defaultPool.name=test-ippool,defaultPool.subnet=10.6.0.0/16,defaultPool.gateway=10.6.0.1",
+                "--set-json",
+                r#"defaultPool.ips=["10.6.168.101-10.6.168.110"]"#,
+                "--set-json",
+                r#"defaultPool.routes=[{"dst":"0.0.0.0/0"}]"#,
+            ]),
+        ),
+        ("metrics off", s(&["--set", "metrics.enabled=false"])),
+        (
+            "a ServiceMonitor",
+            s(&[
+                "--set",
+                "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.labels.release=prom",
+            ]),
+        ),
+    ]
+}
+
+#[test]
+fn the_chart_lints_strictly_with_every_value_set() {
+    let test = "the_chart_lints_strictly_with_every_value_set";
+    let Some(helm) = helm(test) else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, args) in value_sets(dir.path()) {
+        let out = Command::new(&helm)
+            .args(["lint", "--strict"])
+            .arg(chart())
+            .args(&args)
+            .output()
+            .expect("helm lint");
+        assert!(
+            out.status.success(),
+            "helm lint --strict ({name}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Validates `docs` (Kubernetes kinds) with kubernetes-validate --strict against the oldest and
+/// the newest schemas it has; Err with its output when it refuses.
+fn validate(validator: &Path, docs: &[Value], dir: &Path) -> Result<(), String> {
+    let file = dir.join("manifests.yaml");
+    let yaml: Vec<String> = docs
+        .iter()
+        .map(|d| yaml_serde::to_string(d).expect("yaml"))
+        .collect();
+    std::fs::write(&file, yaml.join("---\n")).expect("write manifests");
+    for version in ["1.25.0", "1.37.0"] {
+        let out = Command::new(validator)
+            .args(["--strict", "--quiet", "-k", version])
+            .arg(&file)
+            .output()
+            .expect("kubernetes-validate");
+        if !out.status.success() {
+            return Err(format!(
+                "kubernetes-validate --strict -k {version}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates an IPPool against the openAPIV3Schema of the chart's IPPool CRD (jsonschema, in
+/// kubernetes-validate's Python); Err with the reason.
+fn validate_pool(validator: &Path, pool: &Value, dir: &Path) -> Result<(), String> {
+    let crds = std::fs::read_to_string(chart().join("crds/tether.yaml")).expect("crds");
+    let crd = documents(&crds)
+        .into_iter()
+        .find(|c| c["spec"]["names"]["kind"] == "IPPool")
+        .expect("the IPPool CRD");
+    let mut schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    // Structural schemas allow no unknown fields (the apiserver prunes them): say so to
+    // jsonschema, level by level.
+    fn close(s: &mut Value) {
+        if let Some(o) = s.as_object_mut() {
+            if o.contains_key("properties") && !o.contains_key("additionalProperties") {
+                o.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            if o.remove("nullable") == Some(Value::Bool(true))
+                && let Some(t) = o.get("type").cloned()
+            {
+                o.insert("type".into(), json!([t, "null"]));
+            }
+            for v in o.values_mut() {
+                close(v);
+            }
+        } else if let Some(a) = s.as_array_mut() {
+            a.iter_mut().for_each(close);
+        }
+    }
+    close(&mut schema);
+    // metadata is checked by the apiserver, not by the CRD's schema.
+    schema["properties"]["metadata"] = json!({"type": "object"});
+    schema["properties"]["apiVersion"] = json!({"const": "ipam.tether.dev/v1alpha1"});
+    schema["properties"]["kind"] = json!({"const": "IPPool"});
+    let python = validator.with_file_name("python3");
+    let input = dir.join("pool-check.json");
+    std::fs::write(&input, json!({"schema": schema, "doc": pool}).to_string()).expect("write");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import json,sys,jsonschema\nd=json.load(open(sys.argv[1]))\njsonschema.validate(d['doc'], d['schema'])",
+        ])
+        .arg(&input)
+        .output()
+        .expect("python3");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn every_rendering_validates_strictly_against_the_kubernetes_schemas() {
+    let test = "every_rendering_validates_strictly_against_the_kubernetes_schemas";
+    let (Some(helm), Some(validator)) = (helm(test), validator(test)) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The validator must be able to fail: an unknown field in a DaemonSet is refused.
+    let defaults = documents(&render(&helm, &[]).expect("render"));
+    let mut broken = defaults.clone();
+    for d in broken.iter_mut().filter(|d| d["kind"] == "DaemonSet") {
+        d["spec"]["template"]["spec"]["hostNetwrok"] = json!(true);
+    }
+    assert!(
+        validate(&validator, &broken, dir.path()).is_err(),
+        "kubernetes-validate --strict accepted an unknown field"
+    );
+    let mut bad_pool = json!({"apiVersion": "ipam.tether.dev/v1alpha1", "kind": "IPPool",
+        "metadata": {"name": "p"}, "spec": {"subnet": "10.6.0.0/16", "exclude": ["10.6.0.9"]}});
+    assert!(
+        validate_pool(&validator, &bad_pool, dir.path()).is_err(),
+        "the IPPool schema accepted an unknown field"
+    );
+    bad_pool["spec"] = json!({"ips": ["10.6.0.9"]});
+    assert!(
+        validate_pool(&validator, &bad_pool, dir.path()).is_err(),
+        "the IPPool schema accepted a pool without a subnet"
+    );
+
+    for (name, args) in value_sets(dir.path()) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let docs = documents(&render(&helm, &args).unwrap_or_else(|e| panic!("{name}: {e}")));
+        let (custom, core): (Vec<Value>, Vec<Value>) = docs.iter().cloned().partition(|d| {
+            d["apiVersion"].as_str().is_some_and(|v| {
+                v.starts_with("ipam.tether.dev/") || v.starts_with("monitoring.coreos.com/")
+            })
+        });
+        validate(&validator, &core, dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for pool in custom.iter().filter(|d| d["kind"] == "IPPool") {
+            validate_pool(&validator, pool, dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let argv = daemon_args(&docs);
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        match name {
+            "defaults" => {
+                assert!(has("--enable-kubevirt-static-ip=true"), "{argv:?}");
+                assert!(has("--enable-statefulset=true"), "{argv:?}");
+                assert!(
+                    has(
+                        "--chain=configmap:tether-policy-kubevirt,configmap:tether-policy-statefulset,configmap:tether-policy-stateless"
+                    ),
+                    "{argv:?}"
+                );
+                assert!(has("--metrics-address=0.0.0.0:9721"), "{argv:?}");
+                assert!(custom.is_empty(), "no pool, no ServiceMonitor by default");
+            }
+            "VM pinning off" => assert!(has("--enable-kubevirt-static-ip=false"), "{argv:?}"),
+            "a custom policy added" => {
+                let cm = find(&docs, "ConfigMap", "tether-policy-team").expect("its ConfigMap");
+                assert_eq!(cm["metadata"]["labels"]["ipam.tether.dev/policy"], "team");
+                let cm: ConfigMap = serde_json::from_value(cm.clone()).expect("ConfigMap");
+                let wasm = &cm.binary_data.expect("binaryData")["policy.wasm"].0;
+                assert_eq!(wasm.as_slice(), tether_builtins::fixtures::LABEL_IDENTITY);
+                assert!(
+                    has(
+                        "--chain=configmap:tether-policy-team,configmap:tether-policy-kubevirt,configmap:tether-policy-statefulset,configmap:tether-policy-stateless"
+                    ),
+                    "{argv:?}"
+                );
+                assert!(
+                    has("--policy-setting=team:label=tether.dev/identity"),
+                    "{argv:?}"
+                );
+            }
+            "a default pool" => {
+                let pool = find(&custom, "IPPool", "test-ippool").expect("the pool");
+                assert_eq!(pool["spec"]["subnet"], "10.6.0.0/16");
+                assert_eq!(pool["spec"]["ips"], json!(["10.6.168.101-10.6.168.110"]));
+                assert_eq!(
+                    pool["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+                    "uninstall must not delete the pool"
+                );
+            }
+            "metrics off" => assert!(has("--metrics-address=127.0.0.1:9721"), "{argv:?}"),
+            "a ServiceMonitor" => {
+                let sm = custom
+                    .iter()
+                    .find(|d| d["kind"] == "ServiceMonitor")
+                    .expect("a ServiceMonitor");
+                assert_eq!(sm["metadata"]["labels"]["release"], "prom");
+                assert!(find(&core, "Service", "tether-metrics").is_some());
+            }
+            other => panic!("unchecked value set {other}"),
+        }
+    }
+}
+
+/// The chart's policy files are the policies built from policies/ (CI rebuilds them), and
+/// the ConfigMaps carry exactly those bytes with their digests.
+#[test]
+fn the_policy_configmaps_carry_the_policies_built_from_source() {
+    let test = "the_policy_configmaps_carry_the_policies_built_from_source";
+    let builtins: BTreeMap<&str, &[u8]> = tether_builtins::BUILTINS
+        .iter()
+        .map(|b| (b.name, b.wasm))
+        .collect();
+    for (name, wasm) in &builtins {
+        let file = chart().join(format!("files/policies/{name}.wasm"));
+        let shipped = std::fs::read(&file).expect("the chart's policy file");
+        assert!(
+            shipped == *wasm,
+            "{} differs from the policy built from policies/: run `tetherd policy export {}`",
+            file.display(),
+            chart().join("files/policies").display()
+        );
+    }
+    let Some(helm) = helm(test) else { return };
+    let docs = documents(&render(&helm, &[]).expect("render"));
+    let mut seen = HashSet::new();
+    for d in docs.iter().filter(|d| d["kind"] == "ConfigMap") {
+        let cm: ConfigMap = serde_json::from_value(d.clone()).expect("ConfigMap");
+        let label = cm.metadata.labels.as_ref().expect("labels")["ipam.tether.dev/policy"].clone();
+        let wasm = &cm.binary_data.as_ref().expect("binaryData")["policy.wasm"].0;
+        assert_eq!(wasm.as_slice(), builtins[label.as_str()], "{label}");
+        assert_eq!(
+            cm.data.as_ref().expect("data")["sha256"],
+            tether_policy::digest::sha256_hex(wasm)
+        );
+        seen.insert(label);
+    }
+    assert_eq!(
+        seen.len(),
+        builtins.len(),
+        "a ConfigMap per built-in policy"
+    );
+}
+
+/// Asserts that `helm template` with `args` fails, naming `expect` in its message.
+fn refused(test: &str, args: &[&str], expect: &str) {
+    let Some(helm) = helm(test) else { return };
+    match render(&helm, args) {
+        Ok(_) => panic!("helm accepted {args:?}"),
+        Err(e) => assert!(
+            e.contains(expect),
+            "helm refused {args:?} without naming {expect:?}: {e}"
+        ),
+    }
+}
+
+#[test]
+fn the_schema_refuses_a_misspelt_value() {
+    refused(
+        "the_schema_refuses_a_misspelt_value",
+        &["--set", "ipam.enableKubevirtStaticIp=false"],
+        "enableKubevirtStaticIp",
+    );
+}
+
+#[test]
+fn the_schema_refuses_a_value_of_the_wrong_type() {
+    refused(
+        "the_schema_refuses_a_value_of_the_wrong_type",
+        &["--set-string", "ipam.enableKubevirtStaticIP=no"],
+        "enableKubevirtStaticIP",
+    );
+}
+
+#[test]
+fn the_schema_refuses_a_number_out_of_range() {
+    refused(
+        "the_schema_refuses_a_number_out_of_range",
+        &["--set", "metrics.port=70000"],
+        "port",
+    );
+    refused(
+        "the_schema_refuses_a_number_out_of_range",
+        &["--set", "gc.graceSeconds=0"],
+        "graceSeconds",
+    );
+}
+
+#[test]
+fn the_schema_refuses_a_choice_not_offered() {
+    refused(
+        "the_schema_refuses_a_choice_not_offered",
+        &["--set", "log.format=yaml"],
+        "format",
+    );
+    refused(
+        "the_schema_refuses_a_choice_not_offered",
+        &["--set", "image.pullPolicy=Sometimes"],
+        "pullPolicy",
+    );
+}
+
+#[test]
+fn the_schema_refuses_an_empty_or_malformed_chain() {
+    refused(
+        "the_schema_refuses_an_empty_or_malformed_chain",
+        &["--set-json", "policies.chain=[]"],
+        "chain",
+    );
+    refused(
+        "the_schema_refuses_an_empty_or_malformed_chain",
+        &["--set", "policies.chain={kubevirt,Stateless}"],
+        "chain",
+    );
+    refused(
+        "the_schema_refuses_an_empty_or_malformed_chain",
+        &["--set", "policies.chain={stateless,stateless}"],
+        "chain",
+    );
+    refused(
+        "the_schema_refuses_an_empty_or_malformed_chain",
+        &["--set", "policies.settings={team-label}"],
+        "settings",
+    );
+}
+
+#[test]
+fn the_schema_refuses_a_pool_without_a_valid_subnet() {
+    refused(
+        "the_schema_refuses_a_pool_without_a_valid_subnet",
+        &["--set", "defaultPool.create=true"],
+        "subnet",
+    );
+    refused(
+        "the_schema_refuses_a_pool_without_a_valid_subnet",
+        &[
+            "--set",
+            "defaultPool.create=true,defaultPool.subnet=10.6.0.0",
+        ],
+        "subnet",
+    );
+    refused(
+        "the_schema_refuses_a_pool_without_a_valid_subnet",
+        &[
+            "--set",
+            "defaultPool.create=true,defaultPool.subnet=10.6.0.0/16,defaultPool.gateway=gw",
+        ],
+        "gateway",
+    );
+}
+
+#[test]
+fn the_schema_refuses_an_extra_policy_that_is_not_a_component() {
+    refused(
+        "the_schema_refuses_an_extra_policy_that_is_not_a_component",
+        &["--set", "policies.extra.team.sha256=abc"],
+        "wasm",
+    );
+    refused(
+        "the_schema_refuses_an_extra_policy_that_is_not_a_component",
+        &["--set", "policies.extra.team.wasm=not*base64"],
+        "wasm",
+    );
+    refused(
+        "the_schema_refuses_an_extra_policy_that_is_not_a_component",
+        &["--set", "policies.extra.kubevirt.wasm=AGFzbQ=="],
+        "built-in",
+    );
+}
+
+#[test]
+fn the_schema_refuses_a_relative_path() {
+    refused(
+        "the_schema_refuses_a_relative_path",
+        &["--set", "socketPath=run/tether.sock"],
+        "socketPath",
+    );
+    refused(
+        "the_schema_refuses_a_relative_path",
+        &["--set", "cni.binDir=opt/cni/bin"],
+        "binDir",
+    );
+}
+
+#[test]
+fn a_service_monitor_without_metrics_is_refused() {
+    refused(
+        "a_service_monitor_without_metrics_is_refused",
+        &[
+            "--set",
+            "metrics.enabled=false,metrics.serviceMonitor.enabled=true",
+        ],
+        "metrics.serviceMonitor.enabled needs metrics.enabled",
+    );
+}
+
+/// The parameters of values.yaml: every value under a `# --` comment, as (path, default as
+/// JSON, description).
+fn parameters() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(chart().join("values.yaml")).expect("values.yaml");
+    let values: Value = yaml_serde::from_str(&text).expect("values.yaml parses");
+    let mut out = Vec::new();
+    let mut path: Vec<(usize, String)> = Vec::new();
+    let mut comment: Option<String> = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if let Some(c) = trimmed.strip_prefix("# -- ") {
+            comment = Some(c.to_owned());
+            continue;
+        }
+        if let Some(c) = trimmed.strip_prefix("# ") {
+            if let Some(doc) = comment.as_mut() {
+                doc.push(' ');
+                doc.push_str(c);
+            }
+            continue;
+        }
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            comment = None;
+            continue;
+        }
+        if trimmed.starts_with("- ") {
+            continue;
+        }
+        let Some((key, _)) = trimmed.split_once(':') else {
+            continue;
+        };
+        path.retain(|(i, _)| *i < indent);
+        path.push((indent, key.to_owned()));
+        if let Some(doc) = comment.take() {
+            let keys: Vec<&str> = path.iter().map(|(_, k)| k.as_str()).collect();
+            let default = keys.iter().fold(&values, |v, k| &v[*k]);
+            out.push((keys.join("."), default.to_string(), doc));
+        }
+    }
+    out
+}
+
+/// Every value of values.yaml is documented, and the README's table lists exactly those, with
+/// their defaults and descriptions (regenerate with TETHER_BLESS=1).
+#[test]
+fn the_readme_parameter_table_is_values_yaml() {
+    let params = parameters();
+    let text = std::fs::read_to_string(chart().join("values.yaml")).expect("values.yaml");
+    let values: Value = yaml_serde::from_str(&text).expect("values.yaml parses");
+    // Every leaf (and every map that is a value itself) is under a documented key.
+    fn leaves(v: &Value, at: String, out: &mut Vec<String>) {
+        match v.as_object() {
+            Some(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    let p = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    leaves(x, p, out);
+                }
+            }
+            _ => out.push(at),
+        }
+    }
+    let mut all = Vec::new();
+    leaves(&values, String::new(), &mut all);
+    for leaf in &all {
+        assert!(
+            params
+                .iter()
+                .any(|(p, _, _)| leaf == p || leaf.starts_with(&format!("{p}."))),
+            "values.yaml: {leaf} has no `# --` comment"
+        );
+    }
+    let mut table = String::from("| parameter | default | description |\n|---|---|---|\n");
+    for (p, d, doc) in &params {
+        table.push_str(&format!(
+            "| `{p}` | `{}` | {} |\n",
+            d.replace('|', "\\|"),
+            doc.replace('|', "\\|")
+        ));
+    }
+    let readme_path = chart().join("README.md");
+    let readme = std::fs::read_to_string(&readme_path).expect("README.md");
+    let (begin, end) = ("<!-- parameters -->\n", "<!-- /parameters -->");
+    let start = readme
+        .find(begin)
+        .expect("README.md has <!-- parameters -->")
+        + begin.len();
+    let stop = readme
+        .find(end)
+        .expect("README.md has <!-- /parameters -->");
+    if readme[start..stop] != table {
+        if std::env::var_os("TETHER_BLESS").is_some() {
+            let updated = format!("{}{table}{}", &readme[..start], &readme[stop..]);
+            std::fs::write(&readme_path, updated).expect("write README.md");
+        } else {
+            panic!(
+                "charts/tether/README.md's table is not values.yaml's: run this test with TETHER_BLESS=1 to regenerate it.\nExpected:\n{table}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// helm install / upgrade / uninstall on the real apiserver.
+
+struct Installed {
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    admin: kube::Client,
+    helm: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Installed {
+    /// Runs helm against the test apiserver; panics with its output when it fails.
+    fn helm(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.helm)
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(&self.cluster.kubeconfig)
+            .output()
+            .expect("helm");
+        assert!(
+            out.status.success(),
+            "helm {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The release's DaemonSet as the apiserver stores it.
+    fn daemonset(&self) -> DaemonSet {
+        self.rt
+            .block_on(
+                Api::<DaemonSet>::namespaced(self.admin.clone(), "tether-system").get("tether"),
+            )
+            .expect("the release's DaemonSet")
+    }
+
+    /// A kubeconfig for the chart's ServiceAccount: a token from the TokenRequest API, the
+    /// admin kubeconfig's server and CA.
+    fn service_account_kubeconfig(&self, sa: &str) -> PathBuf {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        let req: TokenRequest = serde_json::from_value(json!({
+            "spec": {"audiences": [], "expirationSeconds": 3600}
+        }))
+        .expect("TokenRequest");
+        let token = self
+            .rt
+            .block_on(
+                Api::<ServiceAccount>::namespaced(self.admin.clone(), "tether-system")
+                    .create_token_request(sa, &PostParams::default(), &req),
+            )
+            .expect("TokenRequest for the chart's ServiceAccount")
+            .status
+            .expect("a token")
+            .token;
+        let admin: Value = yaml_serde::from_str(
+            &std::fs::read_to_string(&self.cluster.kubeconfig).expect("kubeconfig"),
+        )
+        .expect("kubeconfig parses");
+        let kc = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "test", "cluster": admin["clusters"][0]["cluster"].clone()}],
+            "users": [{"name": sa, "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "test", "user": sa,
+                          "namespace": "tether-system"}}],
+            "current-context": "sa",
+        });
+        let path = self.dir.path().join(format!("{sa}.kubeconfig"));
+        std::fs::write(&path, kc.to_string()).expect("write kubeconfig");
+        path
+    }
+
+    fn client_for(&self, kubeconfig: &Path) -> kube::Client {
+        self.rt.block_on(async {
+            let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .expect("config");
+            kube::Client::try_from(config).expect("client")
+        })
+    }
+}
+
+/// tetherd started as the DaemonSet's container would start: its args, its env (the downward
+/// API's values for this node), and, in place of the in-cluster config, a kubeconfig with the
+/// ServiceAccount's token.
+struct NodeDaemon {
+    child: Child,
+    log: PathBuf,
+    probe: String,
+}
+
+impl NodeDaemon {
+    fn start(ds: &DaemonSet, node: &str, kubeconfig: &Path, log: PathBuf) -> NodeDaemon {
+        let spec = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        let c = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "tetherd")
+            .expect("the tetherd container");
+        let mut cmd = Command::new(bin_dir().expect("bins").join("tetherd"));
+        cmd.args(c.args.as_ref().expect("args"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .env_clear()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"));
+        for e in c.env.as_ref().expect("env") {
+            let value = match (
+                &e.value,
+                e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()),
+            ) {
+                (Some(v), _) => v.clone(),
+                (None, Some(f)) if f.field_path == "spec.nodeName" => node.to_owned(),
+                (None, Some(f)) if f.field_path == "metadata.namespace" => {
+                    "tether-system".to_owned()
+                }
+                other => panic!("env {} from {other:?}: not emulated", e.name),
+            };
+            cmd.env(&e.name, value);
+        }
+        // The readiness probe, as the kubelet would send it.
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP readiness probe");
+        let port = match &probe.port {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => *p,
+            other => panic!("probe port {other:?}"),
+        };
+        let probe = format!(
+            "{}:{port}|{}",
+            probe.host.as_deref().expect("the probe's host"),
+            probe.path.as_deref().expect("the probe's path")
+        );
+        let child = cmd.spawn().expect("tetherd");
+        NodeDaemon { child, log, probe }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET of the readiness probe: (status, body).
+    fn readiness(&self) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let (addr, path) = self.probe.split_once('|')?;
+        let mut s = std::net::TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).ok()?;
+        let code = raw.split_whitespace().nth(1)?.parse().ok()?;
+        Some((code, raw.split_once("\r\n\r\n")?.1.to_owned()))
+    }
+
+    /// Waits until the readiness probe passes; its body.
+    fn wait_ready(&mut self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                panic!("tetherd exited with {status}: {}", self.log());
+            }
+            if let Some((200, body)) = self.readiness() {
+                return serde_json::from_str(&body).expect("readyz JSON");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the readiness probe never passed ({:?}): {}",
+                self.readiness(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn stop(mut self) -> String {
+        let _ = tether_e2e::send_signal(self.child.id(), "TERM", false);
+        let _ = self.child.wait();
+        self.log()
+    }
+}
+
+impl Drop for NodeDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn within(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pod `default/name` as the plugin's caller sees it.
+fn existing(rt: &tokio::runtime::Runtime, client: &kube::Client, name: &str) -> Pod {
+    let p = rt
+        .block_on(Api::<KPod>::namespaced(client.clone(), "default").get(name))
+        .expect("pod");
+    let uid = p.metadata.uid.expect("uid");
+    let mut pod = Pod::new("default", name, 0);
+    pod.container_id = format!("ctr-{name}-{}", &uid[..8]);
+    pod.uid = uid;
+    pod
+}
+
+fn add(ipam: &Ipam, pod: &Pod) -> String {
+    let out = ipam.add(pod).expect("add");
+    assert!(out.ok, "ADD {}: {}", pod.name, out.out);
+    out.ip().expect("an address")
+}
+
+/// `helm install` into the real apiserver; tetherd run as the rendered DaemonSet runs it, with
+/// the chart's ServiceAccount token: it becomes ready (caches synced, the chart's policy
+/// ConfigMaps loaded), serves the seed's VM pod and a Job's pod, writes what the elected
+/// daemon writes; the same token is refused Secrets and writes to Pods. `helm upgrade`
+/// (chain order, VM pinning off) takes effect with every allocation kept; `helm uninstall`
+/// leaves the CRDs, the pool and the allocations (docs/install.md).
+#[test]
+fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() {
+    let test = "helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses";
+    let Some(helm) = helm(test) else { return };
+    let cluster = match Cluster::start(false) {
+        Ok(c) => c,
+        Err(e) => {
+            skip_or_fail(test, &format!("no test control plane: {e:#}"));
+            return;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let admin = rt.block_on(cluster.client()).expect("admin client");
+    cluster.add_node("node-a").expect("node");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = Installed {
+        cluster,
+        rt,
+        admin,
+        helm,
+        dir,
+    };
+    // Without the controller-manager, namespaces get no `default` ServiceAccount: make it, as
+    // the ServiceAccount admission wants one for pods.
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
+    env.rt
+        .block_on(
+            Api::<ServiceAccount>::namespaced(env.admin.clone(), "default")
+                .create(&PostParams::default(), &sa),
+        )
+        .expect("ServiceAccount");
+
+    let socket = env.dir.path().join("run/tether.sock");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let chart = chart().display().to_string();
+    let common = [
+        format!("socketPath={}", socket.display()),
+        format!("metrics.port={port}"),
+        // Probes and metrics on 127.0.0.1 only: this is a test machine.
+        "metrics.enabled=false".to_owned(),
+        "gc.intervalSeconds=1".to_owned(),
+        "defaultPool.create=true".to_owned(),
+        "defaultPool.name=test-ippool".to_owned(),
+        "defaultPool.subnet=10.6.0.0/16".to_owned(),
+        "defaultPool.gateway=10.6.0.1".to_owned(),
+    ]
+    .join(",");
+    env.helm(&[
+        "install",
+        "tether",
+        &chart,
+        "--namespace",
+        "tether-system",
+        "--create-namespace",
+        "--set",
+        &common,
+        "--set-json",
+        r#"defaultPool.ips=["10.6.168.101-10.6.168.110"]"#,
+    ]);
+    // What helm made: the CRDs (from crds/), the pool, the policy ConfigMaps.
+    within(20, "the chart's IPPool is served", || {
+        env.rt
+            .block_on(Api::<IPPool>::all(env.admin.clone()).get_opt("test-ippool"))
+            .ok()
+            .flatten()
+            .is_some()
+    });
+    let cms = env
+        .rt
+        .block_on(
+            Api::<ConfigMap>::namespaced(env.admin.clone(), "tether-system")
+                .list(&ListParams::default().labels("ipam.tether.dev/policy")),
+        )
+        .expect("ConfigMaps");
+    assert_eq!(cms.items.len(), 3, "the chart's three policy ConfigMaps");
+    env.rt
+        .block_on(tether_e2e::kubevirt::install(&env.admin))
+        .expect("KubeVirt's CRDs");
+
+    let ds = env.daemonset();
+    let sa = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.service_account_name.clone())
+        .expect("the DaemonSet's ServiceAccount");
+    let kubeconfig = env.service_account_kubeconfig(&sa);
+    let mut daemon = NodeDaemon::start(&ds, "node-a", &kubeconfig, env.dir.path().join("a.log"));
+    let ready = daemon.wait_ready();
+    assert_eq!(
+        ready["chain"],
+        json!(["kubevirt", "statefulset", "stateless"]),
+        "the chain from the chart's ConfigMaps"
+    );
+
+    // The seed's VM: its launcher pod gets an address of test-ippool, pinned to the VM.
+    let ipam = Ipam::new(&socket, "macvlan-tether", "1.0.0", &["test-ippool"]).expect("ipam");
+    let mut vm = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.admin,
+            "vm-cirros",
+            json!({}),
+        ))
+        .expect("vm");
+    let launcher = env
+        .rt
+        .block_on(vm.launch("node-a", None))
+        .expect("launcher");
+    let vm_pod = existing(&env.rt, &env.admin, &launcher);
+    let vm_ip = add(&ipam, &vm_pod);
+    let objects = || -> Vec<IPAllocation> {
+        env.rt
+            .block_on(Api::<IPAllocation>::all(env.admin.clone()).list(&ListParams::default()))
+            .expect("list")
+            .items
+    };
+    let owner_of = |ip: &str| -> (String, String) {
+        let o = objects()
+            .into_iter()
+            .find(|o| o.spec.address.to_string() == ip)
+            .unwrap_or_else(|| panic!("no IPAllocation for {ip}"));
+        (o.spec.owner.kind, o.spec.owner.name)
+    };
+    assert_eq!(
+        owner_of(&vm_ip),
+        ("VirtualMachine".to_owned(), "default/vm-cirros".to_owned()),
+        "the VM's address is pinned to the VM"
+    );
+    // A Job's pod: the chart grants no access to Jobs, so its owner is known by reference.
+    let job: Value = json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "backup", "namespace": "default"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "c", "image": "pause"}]}}}});
+    let jobs = Api::<kube::api::DynamicObject>::namespaced_with(
+        env.admin.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<k8s_openapi::api::batch::v1::Job>(&()),
+    );
+    let job = env
+        .rt
+        .block_on(jobs.create(
+            &PostParams::default(),
+            &serde_json::from_value(job).expect("job"),
+        ))
+        .expect("create Job");
+    let job_pod: KPod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "backup-x7k2p", "namespace": "default",
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "backup",
+                "uid": job.metadata.uid.clone().expect("uid"), "controller": true}]},
+        "spec": {"nodeName": "node-a", "automountServiceAccountToken": false,
+            "containers": [{"name": "c", "image": "pause"}]}}))
+    .expect("pod");
+    env.rt
+        .block_on(
+            Api::<KPod>::namespaced(env.admin.clone(), "default")
+                .create(&PostParams::default(), &job_pod),
+        )
+        .expect("create the Job's pod");
+    let job_ip = add(&ipam, &existing(&env.rt, &env.admin, "backup-x7k2p"));
+    assert_ne!(job_ip, vm_ip);
+
+    // What only the elected daemon writes, through the chart's RBAC: the Lease, the pool's
+    // status, the VM's PinnedIdentity record.
+    within(30, "the pool's status counts both addresses", || {
+        env.rt
+            .block_on(Api::<IPPool>::all(env.admin.clone()).get("test-ippool"))
+            .ok()
+            .and_then(|p| p.status)
+            .is_some_and(|s| s.allocated_ip_count == 2)
+    });
+    within(30, "the VM's PinnedIdentity record", || {
+        env.rt
+            .block_on(
+                Api::<PinnedIdentity>::namespaced(env.admin.clone(), "default")
+                    .get_opt("vm-cirros"),
+            )
+            .ok()
+            .flatten()
+            .is_some()
+    });
+
+    // The same token may not read Secrets or write Pods.
+    let sa_client = env.client_for(&kubeconfig);
+    let forbidden = |what: &str, r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => {}
+        other => panic!("{what} with the chart's token: {other:?} (want 403 Forbidden)"),
+    };
+    forbidden(
+        "listing Secrets in the release namespace",
+        env.rt
+            .block_on(
+                Api::<Secret>::namespaced(sa_client.clone(), "tether-system")
+                    .list(&ListParams::default()),
+            )
+            .map(drop),
+    );
+    forbidden(
+        "listing Secrets cluster-wide",
+        env.rt
+            .block_on(Api::<Secret>::all(sa_client.clone()).list(&ListParams::default()))
+            .map(drop),
+    );
+    let pods = Api::<KPod>::namespaced(sa_client.clone(), "default");
+    forbidden(
+        "patching a Pod",
+        env.rt
+            .block_on(pods.patch(
+                &launcher,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"x": "y"}}})),
+            ))
+            .map(drop),
+    );
+    forbidden(
+        "deleting a Pod",
+        env.rt
+            .block_on(pods.delete(&launcher, &Default::default()))
+            .map(drop),
+    );
+    forbidden(
+        "creating a Pod",
+        env.rt
+            .block_on(pods.create(&PostParams::default(), &job_pod))
+            .map(drop),
+    );
+    forbidden(
+        "writing a policy ConfigMap",
+        env.rt
+            .block_on(
+                Api::<ConfigMap>::namespaced(sa_client.clone(), "tether-system").patch(
+                    "tether-policy-kubevirt",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"data": {"sha256": "0"}})),
+                ),
+            )
+            .map(drop),
+    );
+    let log = daemon.log();
+    assert!(
+        !log.contains("403") && !log.to_lowercase().contains("forbidden"),
+        "tetherd was refused something it calls with the chart's RBAC:\n{log}"
+    );
+
+    // helm upgrade: the chain reordered and VM pinning off; the DaemonSet rolls, so the node's
+    // daemon restarts with the new args. No allocation is lost.
+    let before: Vec<String> = objects()
+        .into_iter()
+        .map(|o| {
+            serde_json::to_string(&(&o.spec.address, &o.spec.owner, &o.spec.holders)).expect("json")
+        })
+        .collect();
+    env.helm(&[
+        "upgrade",
+        "tether",
+        &chart,
+        "--namespace",
+        "tether-system",
+        "--reuse-values",
+        "--set",
+        "policies.chain={statefulset,kubevirt,stateless},ipam.enableKubevirtStaticIP=false",
+    ]);
+    let ds2 = env.daemonset();
+    let old_log = daemon.stop();
+    assert!(!old_log.contains("panicked"), "{old_log}");
+    let mut daemon = NodeDaemon::start(&ds2, "node-a", &kubeconfig, env.dir.path().join("a2.log"));
+    let ready = daemon.wait_ready();
+    assert_eq!(
+        ready["chain"],
+        json!(["statefulset", "stateless"]),
+        "the new order, kubevirt left out"
+    );
+    let after: Vec<String> = objects()
+        .into_iter()
+        .map(|o| {
+            serde_json::to_string(&(&o.spec.address, &o.spec.owner, &o.spec.holders)).expect("json")
+        })
+        .collect();
+    assert_eq!(before, after, "the upgrade changed or lost an allocation");
+    // The running VM's pod keeps its address on a repeated ADD (the runtime's retry)...
+    assert_eq!(add(&ipam, &vm_pod), vm_ip);
+    // ...and a new VM's pod is now an ordinary pod: its address is ephemeral.
+    let mut vm2 = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.admin,
+            "vm-two",
+            json!({}),
+        ))
+        .expect("vm");
+    let launcher2 = env
+        .rt
+        .block_on(vm2.launch("node-a", None))
+        .expect("launcher");
+    let vm2_ip = add(&ipam, &existing(&env.rt, &env.admin, &launcher2));
+    assert_eq!(
+        owner_of(&vm2_ip).0,
+        "Ephemeral",
+        "with VM pinning off a VM pod's address is not pinned"
+    );
+
+    // helm uninstall: the daemons, RBAC and policy ConfigMaps go; the CRDs, the pool and every
+    // allocation stay (docs/install.md, "Uninstall").
+    let _ = daemon.stop();
+    let held: HashSet<String> = objects()
+        .into_iter()
+        .map(|o| o.spec.address.to_string())
+        .collect();
+    env.helm(&["uninstall", "tether", "--namespace", "tether-system"]);
+    within(20, "the DaemonSet is gone", || {
+        env.rt
+            .block_on(
+                Api::<DaemonSet>::namespaced(env.admin.clone(), "tether-system").get_opt("tether"),
+            )
+            .ok()
+            .flatten()
+            .is_none()
+    });
+    let cms = env
+        .rt
+        .block_on(
+            Api::<ConfigMap>::namespaced(env.admin.clone(), "tether-system")
+                .list(&ListParams::default().labels("ipam.tether.dev/policy")),
+        )
+        .expect("ConfigMaps");
+    assert!(
+        cms.items.is_empty(),
+        "the policy ConfigMaps go with the release"
+    );
+    let kept: HashSet<String> = objects()
+        .into_iter()
+        .map(|o| o.spec.address.to_string())
+        .collect();
+    assert_eq!(kept, held, "uninstall must leave every allocation");
+    assert!(
+        env.rt
+            .block_on(Api::<IPPool>::all(env.admin.clone()).get_opt("test-ippool"))
+            .expect("get pool")
+            .is_some(),
+        "the pool stays (helm.sh/resource-policy: keep)"
+    );
+}
