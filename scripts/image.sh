@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds Tether's container image (images/tetherd/Containerfile): FROM scratch with two
 # statically linked musl binaries, /usr/bin/tetherd and the /usr/bin/tether CNI plugin. Then
-# proves the image runs: `tetherd --version`, the plugin's CNI VERSION call, and a standalone
-# daemon that starts (compiling the built-in policies with wasmtime's cranelift) and turns
-# ready, all run inside a working container of the image, which is removed afterwards.
+# proves the image runs: `tetherd --version`, the plugin's CNI VERSION call, the built-in
+# policy chain evaluated for a pod (wasmtime's cranelift JIT in a static musl binary), and a
+# standalone daemon that starts and turns ready, all inside a working container of the
+# image, which is removed afterwards.
 #
 #   scripts/image.sh                   build, tag and smoke-test the image
 #   scripts/image.sh --save FILE       also write it as an OCI archive to FILE, for
@@ -12,12 +13,13 @@
 #   TETHER_IMAGE=REF scripts/image.sh  tag it REF instead of
 #                                      localhost/tether/tetherd:<workspace version>
 #
-# Needs buildah (Debian: apt-get install -y buildah) and musl-gcc (Debian: musl-tools; ring's
-# C and assembly are compiled with it). Runs buildah with the vfs storage driver and chroot
-# isolation, which work as root without overlayfs or user namespaces (STORAGE_DRIVER and
-# BUILDAH_ISOLATION override them). Release builds go to $CARGO_TARGET_DIR (default target/)
-# under x86_64-unknown-linux-musl/, like scripts/dist.sh's plugin build; the first one takes
-# several minutes on 2 cores.
+# Needs buildah (Debian: apt-get install -y buildah), musl-gcc (Debian: musl-tools; ring's C
+# and assembly are compiled with it) and binutils (readelf, objcopy). Runs buildah with the
+# vfs storage driver and chroot isolation, which work as root without overlayfs or user
+# namespaces (STORAGE_DRIVER and BUILDAH_ISOLATION override them). The release build goes
+# to $CARGO_TARGET_DIR (default target/) under x86_64-unknown-linux-musl/, like
+# scripts/dist.sh's plugin build; the first one took 22 minutes on 2 cores shared with
+# another release build (thin LTO, one codegen unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,7 +56,8 @@ version=$(awk '/^\[/ { s = ($0 == "[workspace.package]") }
   s && /^version *=/ { gsub(/^version *= *"|".*$/, ""); print; exit }' Cargo.toml)
 [ -n "$version" ] || die "no version under [workspace.package] in Cargo.toml"
 image=${TETHER_IMAGE:-localhost/tether/tetherd:$version}
-bah() { buildah --storage-driver "${STORAGE_DRIVER:-vfs}" "$@"; }
+driver=${STORAGE_DRIVER:-vfs}
+bah() { buildah --storage-driver "$driver" "$@"; }
 isolation=${BUILDAH_ISOLATION:-chroot}
 
 target=${CARGO_TARGET_DIR:-target}
@@ -73,7 +76,7 @@ for b in tetherd tether; do
   if readelf -dW "$f" | grep -q '(NEEDED)'; then
     die "$f needs shared libraries: $(readelf -dW "$f" | grep '(NEEDED)' | grep -o '\[.*\]' | tr '\n' ' ')"
   fi
-  say "$b: static ($(file -b "$f" 2>/dev/null | cut -d, -f1-2 || echo ELF)), $(du -h "$f" | cut -f1)"
+  say "$b: static, no NEEDED ($(file -b "$f" 2>/dev/null | grep -o 'static[-a-z]* linked' || echo ELF)), $(du -h "$f" | cut -f1)"
 done
 
 work=$(mktemp -d)
@@ -103,8 +106,15 @@ for b in tetherd tether; do
   fi
 done
 say "building $image"
+previous=$(bah images --quiet --no-trunc "$image" 2>/dev/null || true)
 bah bud --isolation "$isolation" --pull=never --build-arg "VERSION=$version" \
   -f images/tetherd/Containerfile -t "$image" "$work/context"
+# The image the tag named before is left nameless: remove it unless something still uses it
+# (vfs keeps a full copy of every image).
+current=$(bah images --quiet --no-trunc "$image")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  bah rmi "$previous" >/dev/null 2>&1 || true
+fi
 
 say "smoke test: a working container of $image"
 ctr=$(bah from --pull=never --quiet "$image")
@@ -134,8 +144,12 @@ case $out in *'"decidedBy": "stateless"'*) ;; *) die "the built-in chain did not
 # Standalone mode with no pool: the daemon starts (compiling the built-in policies) and
 # turns ready.
 echo "\$ tetherd run --socket /smoke/t.sock --state-dir /smoke/state --pools /smoke/pools & tetherd wait --socket /smoke/t.sock"
-run --volume "$work/smoke:/smoke" "$ctr" -- /usr/bin/tetherd run \
-  --socket /smoke/t.sock --state-dir /smoke/state --pools /smoke/pools >"$work/daemon.log" 2>&1 &
+# buildah itself goes to the background, not through a shell function: killing the function's
+# subshell would leave buildah and the daemon running, while killing `buildah run` ends the
+# process it runs.
+buildah --storage-driver "$driver" run --isolation "$isolation" --volume "$work/smoke:/smoke" "$ctr" -- \
+  /usr/bin/tetherd run --socket /smoke/t.sock --state-dir /smoke/state --pools /smoke/pools \
+  >"$work/daemon.log" 2>&1 &
 daemon=$!
 if ! run --volume "$work/smoke:/smoke" "$ctr" -- /usr/bin/tetherd wait --socket /smoke/t.sock --timeout-secs 60; then
   sed 's/^/  tetherd: /' "$work/daemon.log" >&2

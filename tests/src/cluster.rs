@@ -158,10 +158,31 @@ impl TestCluster {
             .expect("runtime");
         let client = rt.block_on(cluster.client()).expect("client");
         rt.block_on(cluster.install_crds(&client)).expect("CRDs");
+        if controllers {
+            // Pods need their namespace's `default` ServiceAccount, which the controller-manager
+            // makes a moment after it starts (later on a loaded machine): wait for it.
+            rt.block_on(wait_for_default_service_account(&client))
+                .expect("the default ServiceAccount");
+        }
         Some(TestCluster {
             cluster,
             rt,
             client,
         })
     }
+}
+
+/// Waits (60 s at most) until namespace `default` has its `default` ServiceAccount.
+async fn wait_for_default_service_account(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let api: kube::Api<ServiceAccount> = kube::Api::namespaced(client.clone(), "default");
+    for _ in 0..600 {
+        if api.get_opt("default").await?.is_some() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    bail!(
+        "the controller-manager made no `default` ServiceAccount in namespace default within 60 s"
+    )
 }
