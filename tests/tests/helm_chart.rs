@@ -126,8 +126,9 @@ fn value_sets(dir: &Path) -> Vec<(&'static str, Vec<String>)> {
                 format!("policies.extra.team.wasm={}", b64.display()),
                 "--set".into(),
                 "policies.chain={team,kubevirt,statefulset,stateless}".into(),
-                "--set".into(),
-                "policies.settings={team:label=tether.dev/identity}".into(),
+                "--set-json".into(),
+                r#"policies.settings=["team:label=tether.dev/identity","team:note=a #b: c"]"#
+                    .into(),
             ],
         ),
         (
@@ -141,7 +142,17 @@ fn value_sets(dir: &Path) -> Vec<(&'static str, Vec<String>)> {
                 r#"defaultPool.routes=[{"dst":"0.0.0.0/0"}]"#,
             ]),
         ),
-        ("metrics off", s(&["--set", "metrics.enabled=false"])),
+        (
+            "metrics off, SELinux type spc_t",
+            s(&["--set", "metrics.enabled=false,seLinuxType=spc_t"]),
+        ),
+        (
+            "no plugin install, an existing ServiceAccount, another socket",
+            s(&[
+                "--set",
+                "cni.install=false,serviceAccount.create=false,serviceAccount.name=ops,socketPath=/var/run/tether-x/api.sock",
+            ]),
+        ),
         (
             "a ServiceMonitor",
             s(&[
@@ -323,6 +334,8 @@ fn every_rendering_validates_strictly_against_the_kubernetes_schemas() {
                     has("--policy-setting=team:label=tether.dev/identity"),
                     "{argv:?}"
                 );
+                // Quoted: YAML neither cuts ` #b` as a comment nor reads `: c` as a map.
+                assert!(has("--policy-setting=team:note=a #b: c"), "{argv:?}");
             }
             "a default pool" => {
                 let pool = find(&custom, "IPPool", "test-ippool").expect("the pool");
@@ -333,7 +346,42 @@ fn every_rendering_validates_strictly_against_the_kubernetes_schemas() {
                     "uninstall must not delete the pool"
                 );
             }
-            "metrics off" => assert!(has("--metrics-address=127.0.0.1:9721"), "{argv:?}"),
+            "metrics off, SELinux type spc_t" => {
+                assert!(has("--metrics-address=127.0.0.1:9721"), "{argv:?}");
+                let pod = &docs
+                    .iter()
+                    .find(|d| d["kind"] == "DaemonSet")
+                    .expect("DaemonSet")["spec"]["template"]["spec"];
+                for c in ["containers", "initContainers"] {
+                    assert_eq!(
+                        pod[c][0]["securityContext"]["seLinuxOptions"]["type"], "spc_t",
+                        "{c}"
+                    );
+                }
+            }
+            "no plugin install, an existing ServiceAccount, another socket" => {
+                let pod = &docs
+                    .iter()
+                    .find(|d| d["kind"] == "DaemonSet")
+                    .expect("DaemonSet")["spec"]["template"]["spec"];
+                assert!(pod["initContainers"].is_null(), "no install: {pod}");
+                assert_eq!(pod["serviceAccountName"], "ops");
+                assert_eq!(
+                    pod["volumes"],
+                    json!([{"name": "socket-dir",
+                    "hostPath": {"path": "/var/run/tether-x", "type": "DirectoryOrCreate"}}])
+                );
+                assert!(has("--socket=/var/run/tether-x/api.sock"), "{argv:?}");
+                for kind in [
+                    "ServiceAccount",
+                    "ClusterRole",
+                    "Role",
+                    "ClusterRoleBinding",
+                    "RoleBinding",
+                ] {
+                    assert!(docs.iter().all(|d| d["kind"] != kind), "{kind} rendered");
+                }
+            }
             "a ServiceMonitor" => {
                 let sm = custom
                     .iter()
@@ -525,6 +573,25 @@ fn the_schema_refuses_a_relative_path() {
         &["--set", "cni.binDir=opt/cni/bin"],
         "binDir",
     );
+}
+
+/// A value left empty (or null) is missing, not zero: the schema names it. (With
+/// `--reuse-values` from an older chart, a value the new chart added is missing the same way.)
+#[test]
+fn the_schema_refuses_a_value_left_empty() {
+    let test = "the_schema_refuses_a_value_left_empty";
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (yaml, name) in [
+        ("gc:\n  graceSeconds:\n", "graceSeconds"),
+        ("metrics:\n  port:\n", "port"),
+        ("ipam:\n  enableStatefulSet:\n", "enableStatefulSet"),
+        ("policies:\n  chain:\n", "chain"),
+    ] {
+        let file = dir.path().join("values.yaml");
+        std::fs::write(&file, yaml).expect("write");
+        let file = file.display().to_string();
+        refused(test, &["-f", &file], name);
+    }
 }
 
 #[test]
@@ -848,6 +915,19 @@ impl Drop for NodeDaemon {
     }
 }
 
+/// The daemon was refused nothing by the API server (the API's refusals say "forbidden").
+fn assert_not_refused(log: &str) {
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.to_lowercase().contains("forbidden"))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "tetherd was refused what it calls, with the chart's RBAC:\n{}",
+        refused.join("\n")
+    );
+}
+
 fn within(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !done() {
@@ -929,6 +1009,8 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
         // Probes and metrics on 127.0.0.1 only: this is a test machine.
         "metrics.enabled=false".to_owned(),
         "gc.intervalSeconds=1".to_owned(),
+        "gc.graceSeconds=1".to_owned(),
+        "gc.vmGraceSeconds=1".to_owned(),
         "defaultPool.create=true".to_owned(),
         "defaultPool.name=test-ippool".to_owned(),
         "defaultPool.subnet=10.6.0.0/16".to_owned(),
@@ -1050,16 +1132,135 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
         .expect("create the Job's pod");
     let job_ip = add(&ipam, &existing(&env.rt, &env.admin, "backup-x7k2p"));
     assert_ne!(job_ip, vm_ip);
+    // Its DEL deletes its address object.
+    let job_pod_args = existing(&env.rt, &env.admin, "backup-x7k2p");
+    let out = ipam.del(&job_pod_args).expect("del");
+    assert!(out.ok, "DEL: {}", out.out);
+    assert!(
+        objects()
+            .iter()
+            .all(|o| o.spec.address.to_string() != job_ip),
+        "the Job pod's address is freed by its DEL"
+    );
+
+    // A VM deleted: garbage collection frees its address (a conditional delete), leaves an
+    // Event in namespace default and deletes its PinnedIdentity record.
+    let mut gone = env
+        .rt
+        .block_on(tether_e2e::kubevirt::Vm::start(
+            &env.admin,
+            "vm-gone",
+            json!({}),
+        ))
+        .expect("vm");
+    let gone_pod = env
+        .rt
+        .block_on(gone.launch("node-a", None))
+        .expect("launcher");
+    let gone_ip = add(&ipam, &existing(&env.rt, &env.admin, &gone_pod));
+    let pins = Api::<PinnedIdentity>::namespaced(env.admin.clone(), "default");
+    within(30, "vm-gone's PinnedIdentity record", || {
+        env.rt
+            .block_on(pins.get_opt("vm-gone"))
+            .ok()
+            .flatten()
+            .is_some()
+    });
+    // No kubelet runs: the pod is deleted at once (its DEL never comes; GC's business).
+    env.rt
+        .block_on(
+            Api::<KPod>::namespaced(env.admin.clone(), "default").delete(
+                &gone_pod,
+                &kube::api::DeleteParams::default().grace_period(0),
+            ),
+        )
+        .expect("delete the launcher pod");
+    env.rt.block_on(gone.delete(&[])).expect("delete the VM");
+    within(
+        60,
+        "garbage collection frees the deleted VM's address",
+        || {
+            objects()
+                .iter()
+                .all(|o| o.spec.address.to_string() != gone_ip)
+        },
+    );
+    within(30, "the release Event in namespace default", || {
+        env.rt
+            .block_on(
+                Api::<k8s_openapi::api::core::v1::Event>::namespaced(env.admin.clone(), "default")
+                    .list(&ListParams::default()),
+            )
+            .map(|l| {
+                l.items.iter().any(|e| {
+                    e.involved_object.kind.as_deref() == Some("IPAllocation")
+                        && e.message.as_deref().is_some_and(|m| m.contains(&gone_ip))
+                })
+            })
+            .unwrap_or(false)
+    });
+    within(30, "vm-gone's PinnedIdentity record is deleted", || {
+        env.rt
+            .block_on(pins.get_opt("vm-gone"))
+            .ok()
+            .flatten()
+            .is_none()
+    });
+
+    // A broken update of a policy ConfigMap (its digest no longer matches) is refused with an
+    // Event on the ConfigMap (events.k8s.io), and the chain in force keeps serving.
+    let cm_api = Api::<ConfigMap>::namespaced(env.admin.clone(), "tether-system");
+    let good_sha = env
+        .rt
+        .block_on(cm_api.get("tether-policy-stateless"))
+        .expect("ConfigMap")
+        .data
+        .expect("data")["sha256"]
+        .clone();
+    let set_sha = |sha: &str| {
+        env.rt
+            .block_on(cm_api.patch(
+                "tether-policy-stateless",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"sha256": sha}})),
+            ))
+            .expect("patch the ConfigMap");
+    };
+    set_sha(&"0".repeat(64));
+    within(30, "the refusal Event on the ConfigMap", || {
+        env.rt
+            .block_on(
+                Api::<k8s_openapi::api::events::v1::Event>::namespaced(
+                    env.admin.clone(),
+                    "tether-system",
+                )
+                .list(&ListParams::default()),
+            )
+            .map(|l| {
+                l.items.iter().any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                        == Some("tether-policy-stateless")
+                })
+            })
+            .unwrap_or(false)
+    });
+    let (code, body) = daemon.readiness().expect("readiness");
+    assert_eq!(code, 200, "the last good chain keeps serving: {body}");
+    set_sha(&good_sha);
 
     // What only the elected daemon writes, through the chart's RBAC: the Lease, the pool's
     // status, the VM's PinnedIdentity record.
-    within(30, "the pool's status counts both addresses", || {
-        env.rt
-            .block_on(Api::<IPPool>::all(env.admin.clone()).get("test-ippool"))
-            .ok()
-            .and_then(|p| p.status)
-            .is_some_and(|s| s.allocated_ip_count == 2)
-    });
+    within(
+        30,
+        "the pool's status counts the one address left (the VM's)",
+        || {
+            env.rt
+                .block_on(Api::<IPPool>::all(env.admin.clone()).get("test-ippool"))
+                .ok()
+                .and_then(|p| p.status)
+                .is_some_and(|s| s.allocated_ip_count == 1)
+        },
+    );
     within(30, "the VM's PinnedIdentity record", || {
         env.rt
             .block_on(
@@ -1127,11 +1328,7 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
             )
             .map(drop),
     );
-    let log = daemon.log();
-    assert!(
-        !log.contains("403") && !log.to_lowercase().contains("forbidden"),
-        "tetherd was refused something it calls with the chart's RBAC:\n{log}"
-    );
+    assert_not_refused(&daemon.log());
 
     // helm upgrade: the chain reordered and VM pinning off; the DaemonSet rolls, so the node's
     // daemon restarts with the new args. No allocation is lost.
@@ -1152,8 +1349,26 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
         "policies.chain={statefulset,kubevirt,stateless},ipam.enableKubevirtStaticIP=false",
     ]);
     let ds2 = env.daemonset();
+    // An address object written without its identity label (as an older tetherd wrote them):
+    // the newly elected daemon labels it (a patch).
+    let vm_object = objects()
+        .into_iter()
+        .find(|o| o.spec.address.to_string() == vm_ip)
+        .and_then(|o| o.metadata.name)
+        .expect("the VM's address object");
+    let allocations = Api::<IPAllocation>::all(env.admin.clone());
     let old_log = daemon.stop();
+    env.rt
+        .block_on(allocations.patch(
+            &vm_object,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {tether_kube::crd::IDENTITY_LABEL: null}}}),
+            ),
+        ))
+        .expect("unlabel");
     assert!(!old_log.contains("panicked"), "{old_log}");
+    assert_not_refused(&old_log);
     let mut daemon = NodeDaemon::start(&ds2, "node-a", &kubeconfig, env.dir.path().join("a2.log"));
     let ready = daemon.wait_ready();
     assert_eq!(
@@ -1168,6 +1383,17 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
         })
         .collect();
     assert_eq!(before, after, "the upgrade changed or lost an allocation");
+    within(
+        30,
+        "the unlabelled address object is labelled again",
+        || {
+            env.rt
+                .block_on(allocations.get(&vm_object))
+                .ok()
+                .and_then(|o| o.metadata.labels)
+                .is_some_and(|l| l.contains_key(tether_kube::crd::IDENTITY_LABEL))
+        },
+    );
     // The running VM's pod keeps its address on a repeated ADD (the runtime's retry)...
     assert_eq!(add(&ipam, &vm_pod), vm_ip);
     // ...and a new VM's pod is now an ordinary pod: its address is ephemeral.
@@ -1192,7 +1418,7 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
 
     // helm uninstall: the daemons, RBAC and policy ConfigMaps go; the CRDs, the pool and every
     // allocation stay (docs/install.md, "Uninstall").
-    let _ = daemon.stop();
+    assert_not_refused(&daemon.stop());
     let held: HashSet<String> = objects()
         .into_iter()
         .map(|o| o.spec.address.to_string())

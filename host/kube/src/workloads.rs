@@ -314,6 +314,7 @@ impl Shared {
         let got = self.block_on(api.get_opt(name));
         if let Some(m) = &self.metrics {
             let result = match &got {
+                Some(Err(kube::Error::Api(s))) if s.code == 403 => "forbidden",
                 None | Some(Err(_)) => "error",
                 Some(Ok(None)) => "not_found",
                 Some(Ok(Some(_))) => "ok",
@@ -352,10 +353,12 @@ impl Shared {
             Ok(Some(v)) => object_from_value(&v)
                 .map_err(|e| format!("owner {} {namespace}/{}: {e}", r.kind, r.name))?,
             Ok(None) => return Ok(None),
-            // A kind this daemon may not read (its RBAC grants the kinds the policies use:
-            // a Job or a DaemonSet is not one): the reference itself names the owner, and
-            // the chain ends there. Nothing is judged gone for it.
-            Err(e) if e.forbidden => {
+            // A kind this daemon may not read, and does not watch (its RBAC grants the kinds
+            // the policies use: a Job or a DaemonSet is not one): the reference itself names
+            // the owner, and the chain ends there. Nothing is judged gone for it. A refusal
+            // for a kind the policies use fails closed below: its labels and its own owner
+            // decide pins and release rules.
+            Err(e) if e.forbidden && !is_policy_kind(&r.api_version, &r.kind) => {
                 tracing::debug!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner kind not readable (RBAC): the chain ends with the reference: {}", e.message);
                 return Ok(Some(Object {
                     api_version: r.api_version.clone(),
@@ -373,6 +376,16 @@ impl Shared {
         };
         Ok(same(&o).then_some(o))
     }
+}
+
+/// Whether the policies read objects of this kind (the kinds this daemon watches): a refusal
+/// to read one is an error, never a reason to go on without it.
+fn is_policy_kind(api_version: &str, kind: &str) -> bool {
+    let group = api_group(api_version);
+    builtin_kinds()
+        .iter()
+        .any(|w| w.resource.group == group && w.resource.kind == kind)
+        || (group == api_group(KUBEVIRT_GROUP_VERSION) && KUBEVIRT_KINDS.contains(&kind))
 }
 
 /// A read the API server did not answer with the object or its absence.
@@ -946,6 +959,30 @@ fn holds(condition: &ReleaseCondition, owner: Option<&Object>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only owners of kinds no policy reads may stand in for themselves when the daemon may
+    /// not read them; a refused VM, VMI or StatefulSet fails the ADD (code 11).
+    #[test]
+    fn only_kinds_no_policy_reads_may_be_refused_and_passed_over() {
+        for (v, k) in [
+            ("kubevirt.io/v1", "VirtualMachineInstance"),
+            ("kubevirt.io/v1", "VirtualMachine"),
+            ("kubevirt.io/v1", "VirtualMachineInstanceMigration"),
+            ("apps/v1", "StatefulSet"),
+            ("apps/v1", "ReplicaSet"),
+            ("apps/v1", "Deployment"),
+        ] {
+            assert!(is_policy_kind(v, k), "{v} {k}");
+        }
+        for (v, k) in [
+            ("batch/v1", "Job"),
+            ("apps/v1", "DaemonSet"),
+            ("example.com/v1", "VirtualMachine"),
+            ("v1", "StatefulSet"),
+        ] {
+            assert!(!is_policy_kind(v, k), "{v} {k}");
+        }
+    }
 
     #[test]
     fn a_node_is_not_ready_since_its_ready_condition_changed() {

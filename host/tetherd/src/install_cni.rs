@@ -60,11 +60,20 @@ pub fn install(source: &Path, dir: &Path, name: &str) -> anyhow::Result<Installe
     {
         return Ok(Installed::Unchanged);
     }
-    // A hidden name in the same directory (same filesystem, so the rename is atomic); the pid
-    // keeps two installers from writing one file.
-    let staged = dir.join(format!(".{name}.tetherd-install-{}", std::process::id()));
+    // A hidden name in the same directory (same filesystem, so the rename is atomic), created
+    // exclusively: two installers (a container's pid is always 1) never write one file.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let staged = dir.join(format!(
+        ".{name}.tetherd-install-{}-{nanos:09}",
+        std::process::id()
+    ));
     let written = (|| {
-        let mut f = fs::File::create(&staged)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&staged)?;
         f.write_all(&bytes)?;
         f.set_permissions(fs::Permissions::from_mode(0o755))?;
         f.sync_all()?;

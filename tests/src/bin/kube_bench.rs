@@ -296,7 +296,7 @@ fn main() -> Result<()> {
     let n = pods as f64;
     let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     let rate = n / add_secs;
-    println!("## Kubernetes mode: {nodes} nodes, one shared pool\n");
+    println!("## Kubernetes mode: {nodes} nodes, one shared pool, {total_callers} callers\n");
     println!(
         "`kube-bench {pods} {nodes} {callers}`: {nodes} `tetherd --kubernetes` processes (release) as {nodes} nodes against one kube-apiserver v1.20.2 with etcd (`--unsafe-no-fsync`) on loopback, all on this machine. {pods} pods exist (bound to the nodes, in each daemon's cache); {callers} callers per node run the shipped plugin (`ADD`, then `DEL`) for that node's pods, {total_callers} at once. The ceiling is a plain kube-rs client creating {pods} address objects with {total_callers} concurrent callers, in the same run.\n"
     );
