@@ -1248,17 +1248,87 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
     assert_eq!(code, 200, "the last good chain keeps serving: {body}");
     set_sha(&good_sha);
 
+    // An IPAMClaim made as KubeVirt's ipam-extensions makes it: the daemon reads the claim
+    // the launcher pod names (get) and writes the claim's status (update).
+    {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let text = std::fs::read_to_string(repo_root().join("tests/fixtures/ipamclaims.crd.yaml"))
+            .expect("the IPAMClaim CRD fixture");
+        let crd: CustomResourceDefinition = yaml_serde::from_str(&text).expect("CRD yaml");
+        env.rt
+            .block_on(
+                Api::<CustomResourceDefinition>::all(env.admin.clone())
+                    .create(&PostParams::default(), &crd),
+            )
+            .expect("create the IPAMClaim CRD");
+        let claims = Api::<kube::api::DynamicObject>::namespaced_with(
+            env.admin.clone(),
+            "default",
+            &kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk("k8s.cni.cncf.io", "v1alpha1", "IPAMClaim"),
+                "ipamclaims",
+            ),
+        );
+        within(20, "the IPAMClaim CRD serves", || {
+            env.rt.block_on(claims.list(&ListParams::default())).is_ok()
+        });
+        let mut cvm = env
+            .rt
+            .block_on(tether_e2e::kubevirt::Vm::start(
+                &env.admin,
+                "vm-claimed",
+                json!({}),
+            ))
+            .expect("vm");
+        let claim: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "k8s.cni.cncf.io/v1alpha1", "kind": "IPAMClaim",
+            "metadata": {"name": "vm-claimed.tenant", "namespace": "default",
+                "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                    "name": cvm.name, "uid": cvm.uid, "controller": true}],
+                "labels": {"kubevirt.io/vm": cvm.name}},
+            "spec": {"network": "tenant-net", "interface": "net1"}
+        }))
+        .expect("claim");
+        env.rt
+            .block_on(claims.create(&PostParams::default(), &claim))
+            .expect("create the IPAMClaim");
+        let selection = json!({"k8s.v1.cni.cncf.io/networks": json!([{"name": "tenant",
+            "namespace": "default", "ipam-claim-reference": "vm-claimed.tenant"}]).to_string()});
+        let pod = env
+            .rt
+            .block_on(cvm.launch_with("node-a", None, selection))
+            .expect("launcher");
+        let mut attachment = existing(&env.rt, &env.admin, &pod);
+        attachment.ifname = "net1".into();
+        let tenant = Ipam::new(&socket, "tenant-net", "1.0.0", &["test-ippool"]).expect("ipam");
+        let claimed_ip = add(&tenant, &attachment);
+        assert_eq!(
+            owner_of(&claimed_ip),
+            (
+                "IPAMClaim".to_owned(),
+                "default/vm-claimed.tenant".to_owned()
+            )
+        );
+        within(30, "the claim's status carries the address", || {
+            env.rt
+                .block_on(claims.get("vm-claimed.tenant"))
+                .ok()
+                .and_then(|c| c.data.get("status").cloned())
+                .is_some_and(|st| st["ips"] == json!([format!("{claimed_ip}/16")]))
+        });
+    }
+
     // What only the elected daemon writes, through the chart's RBAC: the Lease, the pool's
     // status, the VM's PinnedIdentity record.
     within(
         30,
-        "the pool's status counts the one address left (the VM's)",
+        "the pool's status counts the two VMs' addresses",
         || {
             env.rt
                 .block_on(Api::<IPPool>::all(env.admin.clone()).get("test-ippool"))
                 .ok()
                 .and_then(|p| p.status)
-                .is_some_and(|s| s.allocated_ip_count == 1)
+                .is_some_and(|s| s.allocated_ip_count == 2)
         },
     );
     within(30, "the VM's PinnedIdentity record", || {

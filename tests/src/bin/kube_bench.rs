@@ -298,7 +298,9 @@ fn main() -> Result<()> {
     let rate = n / add_secs;
     println!("## Kubernetes mode: {nodes} nodes, one shared pool, {total_callers} callers\n");
     println!(
-        "`kube-bench {pods} {nodes} {callers}`: {nodes} `tetherd --kubernetes` processes (release) as {nodes} nodes against one kube-apiserver v1.20.2 with etcd (`--unsafe-no-fsync`) on loopback, all on this machine. {pods} pods exist (bound to the nodes, in each daemon's cache); {callers} callers per node run the shipped plugin (`ADD`, then `DEL`) for that node's pods, {total_callers} at once. The ceiling is a plain kube-rs client creating {pods} address objects with {total_callers} concurrent callers, in the same run.\n"
+        "`kube-bench {pods} {nodes} {callers}`: {nodes} `tetherd --kubernetes` processes (release) as {nodes} nodes against one kube-apiserver v1.20.2 with etcd (`--unsafe-no-fsync`) on loopback, all on this machine. {pods} pods exist (bound to the nodes, in each daemon's cache); {callers} caller{} per node run{} the shipped plugin (`ADD`, then `DEL`) for that node's pods, {total_callers} at once. The ceiling is a plain kube-rs client creating {pods} address objects with {total_callers} concurrent callers, in the same run.\n",
+        if callers == 1 { "" } else { "s" },
+        if callers == 1 { "s" } else { "" }
     );
     println!("| measure | value |");
     println!("|---|---|");
