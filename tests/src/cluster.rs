@@ -141,9 +141,12 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    /// Starts one for `test` (with the controller-manager and scheduler when `controllers`);
-    /// `None` after [`crate::skip_or_fail`] when it cannot start.
-    pub fn start(test: &str, controllers: bool) -> Option<TestCluster> {
+    /// A control plane without Tether's CRDs (for a test that installs them its own way), a
+    /// runtime and an admin client; `None` after [`crate::skip_or_fail`] when it cannot start.
+    pub fn bare(
+        test: &str,
+        controllers: bool,
+    ) -> Option<(Cluster, tokio::runtime::Runtime, kube::Client)> {
         let cluster = match Cluster::start(controllers) {
             Ok(c) => c,
             Err(e) => {
@@ -157,6 +160,13 @@ impl TestCluster {
             .build()
             .expect("runtime");
         let client = rt.block_on(cluster.client()).expect("client");
+        Some((cluster, rt, client))
+    }
+
+    /// Starts one for `test` (with the controller-manager and scheduler when `controllers`);
+    /// `None` after [`crate::skip_or_fail`] when it cannot start.
+    pub fn start(test: &str, controllers: bool) -> Option<TestCluster> {
+        let (cluster, rt, client) = Self::bare(test, controllers)?;
         rt.block_on(cluster.install_crds(&client)).expect("CRDs");
         if controllers {
             // Pods need their namespace's `default` ServiceAccount, which the controller-manager

@@ -18,7 +18,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod as KPod, Secret, ServiceAccount};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tether_e2e::cluster::{Cluster, repo_root};
+use tether_e2e::cluster::{Cluster, TestCluster, repo_root};
 use tether_e2e::{Ipam, Pod, bin_dir, skip_or_fail};
 use tether_kube::crd::{IPAllocation, IPPool, PinnedIdentity};
 
@@ -151,6 +151,13 @@ fn value_sets(dir: &Path) -> Vec<(&'static str, Vec<String>)> {
             s(&[
                 "--set",
                 "cni.install=false,serviceAccount.create=false,serviceAccount.name=ops,socketPath=/var/run/tether-x/api.sock",
+            ]),
+        ),
+        (
+            "defaults removed with null",
+            s(&[
+                "--set",
+                "resources=null,tolerations=null,nodeSelector=null,priorityClassName=null,updateStrategy=null",
             ]),
         ),
         (
@@ -388,7 +395,41 @@ fn every_rendering_validates_strictly_against_the_kubernetes_schemas() {
                     .find(|d| d["kind"] == "ServiceMonitor")
                     .expect("a ServiceMonitor");
                 assert_eq!(sm["metadata"]["labels"]["release"], "prom");
-                assert!(find(&core, "Service", "tether-metrics").is_some());
+                let svc = find(&core, "Service", "tether-metrics").expect("its Service");
+                // The ServiceMonitor finds the Service, and the Service the daemons' pods.
+                let labels = |v: &Value| v.as_object().cloned().unwrap_or_default();
+                let ds = docs
+                    .iter()
+                    .find(|d| d["kind"] == "DaemonSet")
+                    .expect("DaemonSet");
+                for (selector, of, what) in [
+                    (
+                        &sm["spec"]["selector"]["matchLabels"],
+                        &svc["metadata"]["labels"],
+                        "Service",
+                    ),
+                    (
+                        &svc["spec"]["selector"],
+                        &ds["spec"]["template"]["metadata"]["labels"],
+                        "pods",
+                    ),
+                ] {
+                    let (selector, of) = (labels(selector), labels(of));
+                    assert!(!selector.is_empty());
+                    for (k, v) in &selector {
+                        assert_eq!(of.get(k), Some(v), "the selector misses the {what} on {k}");
+                    }
+                }
+            }
+            "defaults removed with null" => {
+                let pod = &docs
+                    .iter()
+                    .find(|d| d["kind"] == "DaemonSet")
+                    .expect("DaemonSet")["spec"]["template"]["spec"];
+                assert!(
+                    pod["tolerations"].is_null() && pod["nodeSelector"].is_null(),
+                    "{pod}"
+                );
             }
             other => panic!("unchecked value set {other}"),
         }
@@ -785,6 +826,24 @@ impl Installed {
         path
     }
 
+    /// Starts KubeVirt VM `name` (VM and VMI objects) and its launcher pod on node-a: the VM
+    /// and the pod's name.
+    fn vm(&self, name: &str) -> (tether_e2e::kubevirt::Vm, String) {
+        let mut vm = self
+            .rt
+            .block_on(tether_e2e::kubevirt::Vm::start(
+                &self.admin,
+                name,
+                json!({}),
+            ))
+            .expect("vm");
+        let pod = self
+            .rt
+            .block_on(vm.launch("node-a", None))
+            .expect("launcher");
+        (vm, pod)
+    }
+
     fn client_for(&self, kubeconfig: &Path) -> kube::Client {
         self.rt.block_on(async {
             let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
@@ -964,19 +1023,9 @@ fn add(ipam: &Ipam, pod: &Pod) -> String {
 fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() {
     let test = "helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses";
     let Some(helm) = helm(test) else { return };
-    let cluster = match Cluster::start(false) {
-        Ok(c) => c,
-        Err(e) => {
-            skip_or_fail(test, &format!("no test control plane: {e:#}"));
-            return;
-        }
+    let Some((cluster, rt, admin)) = TestCluster::bare(test, false) else {
+        return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let admin = rt.block_on(cluster.client()).expect("admin client");
     cluster.add_node("node-a").expect("node");
     let dir = tempfile::tempdir().expect("tempdir");
     let env = Installed {
@@ -1067,18 +1116,7 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
 
     // The seed's VM: its launcher pod gets an address of test-ippool, pinned to the VM.
     let ipam = Ipam::new(&socket, "macvlan-tether", "1.0.0", &["test-ippool"]).expect("ipam");
-    let mut vm = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.admin,
-            "vm-cirros",
-            json!({}),
-        ))
-        .expect("vm");
-    let launcher = env
-        .rt
-        .block_on(vm.launch("node-a", None))
-        .expect("launcher");
+    let (_vm, launcher) = env.vm("vm-cirros");
     let vm_pod = existing(&env.rt, &env.admin, &launcher);
     let vm_ip = add(&ipam, &vm_pod);
     let objects = || -> Vec<IPAllocation> {
@@ -1145,18 +1183,7 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
 
     // A VM deleted: garbage collection frees its address (a conditional delete), leaves an
     // Event in namespace default and deletes its PinnedIdentity record.
-    let mut gone = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.admin,
-            "vm-gone",
-            json!({}),
-        ))
-        .expect("vm");
-    let gone_pod = env
-        .rt
-        .block_on(gone.launch("node-a", None))
-        .expect("launcher");
+    let (gone, gone_pod) = env.vm("vm-gone");
     let gone_ip = add(&ipam, &existing(&env.rt, &env.admin, &gone_pod));
     let pins = Api::<PinnedIdentity>::namespaced(env.admin.clone(), "default");
     within(30, "vm-gone's PinnedIdentity record", || {
@@ -1166,6 +1193,11 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
             .flatten()
             .is_some()
     });
+    let gone_object = objects()
+        .into_iter()
+        .find(|o| o.spec.address.to_string() == gone_ip)
+        .and_then(|o| o.metadata.name)
+        .expect("vm-gone's address object");
     // No kubelet runs: the pod is deleted at once (its DEL never comes; GC's business).
     env.rt
         .block_on(
@@ -1194,7 +1226,7 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
             .map(|l| {
                 l.items.iter().any(|e| {
                     e.involved_object.kind.as_deref() == Some("IPAllocation")
-                        && e.message.as_deref().is_some_and(|m| m.contains(&gone_ip))
+                        && e.involved_object.name.as_deref() == Some(gone_object.as_str())
                 })
             })
             .unwrap_or(false)
@@ -1238,14 +1270,32 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
             )
             .map(|l| {
                 l.items.iter().any(|e| {
-                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
-                        == Some("tether-policy-stateless")
+                    e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("tether-policy-stateless")
                 })
             })
             .unwrap_or(false)
     });
     let (code, body) = daemon.readiness().expect("readiness");
     assert_eq!(code, 200, "the last good chain keeps serving: {body}");
+    // ...and decides: an ordinary pod still gets an ephemeral address from it.
+    let plain: KPod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "plain", "namespace": "default"},
+        "spec": {"nodeName": "node-a", "automountServiceAccountToken": false,
+            "containers": [{"name": "c", "image": "pause"}]}}))
+    .expect("pod");
+    env.rt
+        .block_on(
+            Api::<KPod>::namespaced(env.admin.clone(), "default")
+                .create(&PostParams::default(), &plain),
+        )
+        .expect("create pod");
+    let plain = existing(&env.rt, &env.admin, "plain");
+    let plain_ip = add(&ipam, &plain);
+    assert_eq!(owner_of(&plain_ip).0, "Ephemeral");
+    assert!(ipam.del(&plain).expect("del").ok);
     set_sha(&good_sha);
 
     // An IPAMClaim made as KubeVirt's ipam-extensions makes it: the daemon reads the claim
@@ -1467,18 +1517,7 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
     // The running VM's pod keeps its address on a repeated ADD (the runtime's retry)...
     assert_eq!(add(&ipam, &vm_pod), vm_ip);
     // ...and a new VM's pod is now an ordinary pod: its address is ephemeral.
-    let mut vm2 = env
-        .rt
-        .block_on(tether_e2e::kubevirt::Vm::start(
-            &env.admin,
-            "vm-two",
-            json!({}),
-        ))
-        .expect("vm");
-    let launcher2 = env
-        .rt
-        .block_on(vm2.launch("node-a", None))
-        .expect("launcher");
+    let (_vm2, launcher2) = env.vm("vm-two");
     let vm2_ip = add(&ipam, &existing(&env.rt, &env.admin, &launcher2));
     assert_eq!(
         owner_of(&vm2_ip).0,

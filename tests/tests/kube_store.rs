@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use tether_e2e::cluster::Cluster;
+use tether_e2e::cluster::TestCluster;
 use tether_kube::crd::{IPAllocation, crds};
 use tether_kube::store::KubeStore;
 use tether_store::{Store, contract};
@@ -17,19 +17,9 @@ type ContractFn = fn(&dyn Store);
 #[test]
 fn the_kubernetes_store_keeps_the_store_contract() {
     let test = "the_kubernetes_store_keeps_the_store_contract";
-    let c = match Cluster::start(false) {
-        Ok(c) => c,
-        Err(e) => {
-            tether_e2e::skip_or_fail(test, &format!("no test apiserver: {e:#}"));
-            return;
-        }
+    let Some((cluster, rt, client)) = TestCluster::bare(test, false) else {
+        return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = rt.block_on(c.client()).expect("client");
     rt.block_on(async {
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in crds() {
@@ -159,5 +149,5 @@ fn the_kubernetes_store_keeps_the_store_contract() {
             .is_empty(),
         "another kind of the same name is another identity"
     );
-    drop(c);
+    drop(cluster);
 }

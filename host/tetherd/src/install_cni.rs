@@ -37,6 +37,60 @@ pub fn run(a: &InstallCniArgs) -> ExitCode {
     }
 }
 
+/// The prefix of the staging files of plugin `name`.
+fn staging_prefix(name: &str) -> String {
+    format!(".{name}.tetherd-install-")
+}
+
+/// A fresh staging file beside the plugin, created exclusively (another name is tried when
+/// one exists).
+fn stage(dir: &Path, name: &str) -> std::io::Result<(std::path::PathBuf, fs::File)> {
+    let mut last = None;
+    for attempt in 0..8u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = dir.join(format!(
+            "{}{}-{nanos:09}-{attempt}",
+            staging_prefix(name),
+            std::process::id()
+        ));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no staging name was free")))
+}
+
+/// Staging files an installer killed mid-copy left behind, older than [`STALE`]: removed (a
+/// younger one may be another installer's, at work).
+fn sweep_stale(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = staging_prefix(name);
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE);
+        if old && e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// How old a staging file must be to count as left behind.
+const STALE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Installs `source` as `dir/name`, atomically.
 pub fn install(source: &Path, dir: &Path, name: &str) -> anyhow::Result<Installed> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -60,20 +114,13 @@ pub fn install(source: &Path, dir: &Path, name: &str) -> anyhow::Result<Installe
     {
         return Ok(Installed::Unchanged);
     }
+    sweep_stale(dir, name);
     // A hidden name in the same directory (same filesystem, so the rename is atomic), created
-    // exclusively: two installers (a container's pid is always 1) never write one file.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let staged = dir.join(format!(
-        ".{name}.tetherd-install-{}-{nanos:09}",
-        std::process::id()
-    ));
+    // exclusively: two installers (a container's pid is always 1) never write one file, and
+    // only the file this one created is ever removed.
+    let (staged, mut f) = stage(dir, name)
+        .map_err(|e| anyhow::anyhow!("creating a staging file in {}: {e}", dir.display()))?;
     let written = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&staged)?;
         f.write_all(&bytes)?;
         f.set_permissions(fs::Permissions::from_mode(0o755))?;
         f.sync_all()?;
@@ -149,6 +196,33 @@ mod tests {
         std::io::Read::read_to_end(&mut held, &mut old).expect("read old");
         assert_eq!(old, b"old binary");
         assert_eq!(fs::read(&dest).expect("read"), b"the new binary");
+    }
+
+    /// A staging file left by a killed installer is removed once it is old; a young one (an
+    /// installer at work) is left alone.
+    #[test]
+    fn staging_files_left_behind_are_swept_once_old() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let bin = tempfile::tempdir().expect("tempdir");
+        let old = bin.path().join(".tether.tetherd-install-1-000000001-0");
+        let young = bin.path().join(".tether.tetherd-install-1-000000002-0");
+        let other = bin.path().join(".other.tetherd-install-1-000000003-0");
+        for p in [&old, &young, &other] {
+            fs::write(p, b"partial").expect("write");
+        }
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for p in [&old, &other] {
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .expect("open")
+                .set_modified(an_hour_ago)
+                .expect("set mtime");
+        }
+        install(&plugin(src.path(), b"bin"), bin.path(), "tether").expect("install");
+        assert!(!old.exists(), "an old staging file stays");
+        assert!(young.exists(), "another installer's fresh file was removed");
+        assert!(other.exists(), "another plugin's file was removed");
     }
 
     #[test]
