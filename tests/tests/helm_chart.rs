@@ -844,6 +844,17 @@ impl Installed {
         (vm, pod)
     }
 
+    /// The policy ConfigMaps (labelled `ipam.tether.dev/policy`) in the release namespace.
+    fn policy_configmaps(&self) -> Vec<ConfigMap> {
+        self.rt
+            .block_on(
+                Api::<ConfigMap>::namespaced(self.admin.clone(), "tether-system")
+                    .list(&ListParams::default().labels("ipam.tether.dev/policy")),
+            )
+            .expect("ConfigMaps")
+            .items
+    }
+
     fn client_for(&self, kubeconfig: &Path) -> kube::Client {
         self.rt.block_on(async {
             let kc = kube::config::Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
@@ -1086,14 +1097,8 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
             .flatten()
             .is_some()
     });
-    let cms = env
-        .rt
-        .block_on(
-            Api::<ConfigMap>::namespaced(env.admin.clone(), "tether-system")
-                .list(&ListParams::default().labels("ipam.tether.dev/policy")),
-        )
-        .expect("ConfigMaps");
-    assert_eq!(cms.items.len(), 3, "the chart's three policy ConfigMaps");
+    let cms = env.policy_configmaps();
+    assert_eq!(cms.len(), 3, "the chart's three policy ConfigMaps");
     env.rt
         .block_on(tether_e2e::kubevirt::install(&env.admin))
         .expect("KubeVirt's CRDs");
@@ -1542,17 +1547,8 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
             .flatten()
             .is_none()
     });
-    let cms = env
-        .rt
-        .block_on(
-            Api::<ConfigMap>::namespaced(env.admin.clone(), "tether-system")
-                .list(&ListParams::default().labels("ipam.tether.dev/policy")),
-        )
-        .expect("ConfigMaps");
-    assert!(
-        cms.items.is_empty(),
-        "the policy ConfigMaps go with the release"
-    );
+    let cms = env.policy_configmaps();
+    assert!(cms.is_empty(), "the policy ConfigMaps go with the release");
     let kept: HashSet<String> = objects()
         .into_iter()
         .map(|o| o.spec.address.to_string())
