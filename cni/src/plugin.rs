@@ -150,7 +150,9 @@ pub fn render(version: &str, r: &CniResult) -> Value {
 fn client_error(version: &str, e: ClientError, down_code: u32) -> Output {
     match e {
         ClientError::Api { body, .. } => Output::error(version, body.code, body.msg, body.details),
-        ClientError::Connect { .. } => {
+        // Not reached, cut off before the answer, or no answer in time: the daemon is down,
+        // restarting or stuck, and every call is idempotent, so the runtime should retry.
+        ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io(_) => {
             Output::error(version, down_code, e.to_string(), String::new())
         }
         other => Output::error(version, codes::IO_FAILURE, other.to_string(), String::new()),

@@ -499,6 +499,17 @@ impl Ipam {
     pub fn del(&self, pod: &Pod) -> Result<CniOutcome> {
         self.call("DEL", pod)
     }
+
+    /// CHECK as a runtime sends it: the config carries the ADD's result as `prevResult`.
+    pub fn check(&self, pod: &Pod, prev: &Value) -> Result<CniOutcome> {
+        let mut conf = self.conf.clone();
+        conf["prevResult"] = prev.clone();
+        Ipam {
+            plugin: self.plugin.clone(),
+            conf,
+        }
+        .call("CHECK", pod)
+    }
 }
 
 /// Manifests of the seed's objects.

@@ -10,16 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tether_e2e::{CniOutcome, Daemon, Ipam, Pod, SEED_POOL, bin_dir, cni_exec, netns};
 
-/// CHECK as a runtime sends it: the config carries the ADD's result as `prevResult`.
 fn check(ipam: &Ipam, pod: &Pod, prev: &Value) -> CniOutcome {
-    let mut conf = ipam.conf.clone();
-    conf["prevResult"] = prev.clone();
-    Ipam {
-        plugin: ipam.plugin.clone(),
-        conf,
-    }
-    .call("CHECK", pod)
-    .expect("check")
+    ipam.check(pod, prev).expect("check")
 }
 
 /// The plugin's raw exit status, stdout and stderr, with `env` only and `stdin` written then

@@ -23,6 +23,12 @@ pub enum ClientError {
     },
     /// Reading or writing failed (or timed out).
     Io(std::io::Error),
+    /// The daemon closed the connection before its whole answer came (it stopped or
+    /// crashed while serving the request, which may or may not have taken effect).
+    Closed {
+        /// Bytes of the answer received before the close.
+        received: usize,
+    },
     /// The answer is not HTTP or not the JSON expected.
     Protocol(String),
     /// The daemon answered with an error.
@@ -43,6 +49,11 @@ impl std::fmt::Display for ClientError {
                 socket.display()
             ),
             ClientError::Io(e) => write!(f, "talking to tetherd: {e}"),
+            ClientError::Closed { received } => write!(
+                f,
+                "tetherd closed the connection before answering ({received} bytes received; \
+                 was it restarted?): the request may or may not have taken effect; retry it"
+            ),
             ClientError::Protocol(m) => write!(f, "unexpected answer from tetherd: {m}"),
             ClientError::Api { body, .. } => f.write_str(&body.msg),
         }
@@ -128,6 +139,11 @@ impl Client {
         s.write_all(&msg).map_err(ClientError::Io)?;
         let mut raw = Vec::with_capacity(1024);
         s.read_to_end(&mut raw).map_err(ClientError::Io)?;
+        if !complete(&raw) {
+            return Err(ClientError::Closed {
+                received: raw.len(),
+            });
+        }
         parse_response(&raw)
     }
 }
@@ -147,6 +163,24 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
             },
         },
     }
+}
+
+/// Whether `raw` holds a whole response: its headers, and all of a body whose length the
+/// headers give (`Connection: close` answers without one end at the close).
+fn complete(raw: &[u8]) -> bool {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let rest = &raw[split + 4..];
+    if head.contains("transfer-encoding: chunked") {
+        return rest.ends_with(b"0\r\n\r\n");
+    }
+    let length = head
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix("content-length:"))
+        .find_map(|v| v.trim().parse::<usize>().ok());
+    length.is_none_or(|n| rest.len() >= n)
 }
 
 /// Splits a raw HTTP/1.1 response into status and body (Content-Length or chunked).
@@ -220,6 +254,48 @@ mod tests {
         assert!(
             parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nff\r\nab")
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn an_answer_cut_off_is_incomplete() {
+        assert!(!complete(b""));
+        assert!(!complete(b"HTTP/1.1 200 OK\r\ncontent-length: 5"));
+        assert!(!complete(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n{\"a"
+        ));
+        assert!(complete(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"));
+        assert!(!complete(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        ));
+        assert!(complete(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+        ));
+        assert!(complete(b"HTTP/1.1 204 No Content\r\n\r\n"));
+    }
+
+    /// A daemon that dies after reading the request: the client says the connection closed
+    /// (the plugin turns that into code 11), not that the answer was malformed.
+    #[test]
+    fn a_daemon_gone_mid_request_is_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            // Half an answer, then gone.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n{\"ip");
+        });
+        let c = Client::new(&path, Duration::from_secs(5));
+        let e = c
+            .post::<_, serde_json::Value>("/v1/cni/add", &serde_json::json!({}))
+            .expect_err("cut off");
+        server.join().expect("server");
+        assert!(
+            matches!(e, ClientError::Closed { received } if received > 0),
+            "{e:?}"
         );
     }
 }

@@ -1,0 +1,873 @@
+//! Crash safety in Kubernetes mode: several node daemons (`tetherd run --kubernetes`) share one
+//! pool through a real kube-apiserver while callers churn through the real `tether` plugin:
+//! ADD, CHECK and DEL of ephemeral pods; StatefulSet pods recreated with a new UID on any
+//! node (their address is pinned to the pod name); and KubeVirt VMs whose virt-launcher pods
+//! restart and live-migrate between nodes (the target shares the VM's address with the
+//! source until the source goes). At a random instant the test SIGKILLs one
+//! daemon, the one holding the releasers' Lease, several at once, or all of them; restarts
+//! them; and checks the API server's IPAllocation objects (the truth every daemon shares):
+//! - no container holds two addresses and no pinned identity has two;
+//! - every ADD answered before the kill (and not DELed since) still holds its address;
+//! - no DEL answered before the kill was undone;
+//! - no pin moved;
+//! - every allocated address is one the callers were answered, or one a call in flight at the
+//!   kill committed (adopted from what the API server says, as the kubelet's retry would);
+//! - a retried ADD answers the address already held.
+//!
+//! At the end every pod and the StatefulSet are deleted without a DEL (a node lost with its
+//! pods): garbage collection must free every address, and nothing else is left.
+//!
+//! `TETHER_KUBE_CRASH_ROUNDS` sets the number of rounds (default 12); `TETHER_KUBE_CRASH_SEED`
+//! replays a run's random choices (thread timing still varies).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+use tether_e2e::cluster::{Cluster, TestCluster};
+use tether_e2e::{Daemon, Ipam, Pod, Rng};
+use tether_kube::crd::{IPAllocation, IPPool};
+
+const NODES: usize = 4;
+/// Parallel callers; caller `w` runs its ephemeral pods on node `w % NODES` and owns the
+/// StatefulSet pod `db-w`, which each recreation puts on a random node; callers below VMS
+/// also run VM `vm-w`.
+const WORKERS: usize = 8;
+const VMS: usize = 3;
+/// 64 addresses: the callers hold at most WORKERS * 5 at once.
+const POOL: &str = "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: crash}\nspec: {subnet: 10.30.0.0/24, ips: [10.30.0.10-10.30.0.73]}\n";
+/// The kill comes this long after the storm starts: uniform in [min, max) milliseconds.
+const KILL_AFTER_MS: (u64, u64) = (100, 1500);
+/// Garbage collection as fast as it goes, so that a wrong release would show within a round.
+const GC: &[&str] = &[
+    "--gc-interval-secs",
+    "1",
+    "--gc-grace-secs",
+    "1",
+    "--gc-node-grace-secs",
+    "1",
+    "--gc-vm-grace-secs",
+    "1",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Ephemeral,
+    /// A StatefulSet pod: the identity (`default/db-w`) keeps its address across pods.
+    Pinned(String),
+}
+
+/// One attachment the storm created and has not seen go.
+#[derive(Debug, Clone)]
+struct Att {
+    pod: Pod,
+    kind: Kind,
+    node: usize,
+    worker: usize,
+    /// `Some(ip)`: its ADD was answered `ip`, and no DEL was sent since. `None`: a call for it
+    /// was in flight at the kill (committed or not: the API server says which).
+    ip: Option<String>,
+    /// The ADD's answer, for a CHECK's prevResult (none for a call adopted after a kill).
+    added: Option<serde_json::Value>,
+}
+
+impl Att {
+    fn who(&self) -> String {
+        format!(
+            "pod {}/{} on node-{} (container {})",
+            self.pod.namespace, self.pod.name, self.node, self.pod.container_id
+        )
+    }
+
+    fn owner(&self) -> String {
+        match &self.kind {
+            Kind::Ephemeral => self.who(),
+            Kind::Pinned(identity) => format!("the pin of {identity}"),
+        }
+    }
+}
+
+/// What the test knows, carried from round to round.
+#[derive(Default)]
+struct Model {
+    atts: BTreeMap<String, Att>,
+    /// Container ids whose DEL was answered, or seen uncommitted after a kill.
+    gone: HashSet<String>,
+    /// The addresses held now, by whom; an ephemeral one leaves before its DEL is sent.
+    held: Mutex<HashMap<String, String>>,
+    /// Pinned identity -> its address.
+    pins: Mutex<BTreeMap<String, String>>,
+}
+
+#[derive(Default)]
+struct Storm {
+    atts: Vec<Att>,
+    gone: Vec<String>,
+    adds: usize,
+    dels: usize,
+    checks: usize,
+    failures: Vec<String>,
+}
+
+struct Env {
+    cluster: Cluster,
+    rt: tokio::runtime::Runtime,
+    client: kube::Client,
+    sts_uid: String,
+}
+
+impl Env {
+    fn start(test: &str) -> Option<Env> {
+        let TestCluster {
+            cluster,
+            rt,
+            client,
+        } = TestCluster::start(test, false)?;
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
+        rt.block_on(
+            Api::<ServiceAccount>::namespaced(client.clone(), "default")
+                .create(&PostParams::default(), &sa),
+        )
+        .expect("ServiceAccount");
+        let pool: IPPool = yaml_serde::from_str(POOL).expect("pool");
+        rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
+            .expect("IPPool");
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db", "namespace": "default"},
+            "spec": {"replicas": WORKERS, "serviceName": "db",
+                     "selector": {"matchLabels": {"app": "db"}},
+                     "template": {"metadata": {"labels": {"app": "db"}},
+                                  "spec": {"containers": [{"name": "c", "image": "pause"}]}}}
+        }))
+        .expect("sts");
+        let sts = rt
+            .block_on(
+                Api::<StatefulSet>::namespaced(client.clone(), "default")
+                    .create(&PostParams::default(), &sts),
+            )
+            .expect("create sts");
+        let sts_uid = sts.metadata.uid.expect("uid");
+        rt.block_on(tether_e2e::kubevirt::install(&client))
+            .expect("KubeVirt CRDs");
+        Some(Env {
+            cluster,
+            rt,
+            client,
+            sts_uid,
+        })
+    }
+
+    fn daemon_args(&self, node: usize) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--kubernetes",
+            "--node-name",
+            &format!("node-{node}"),
+            "--kubeconfig",
+            &self.cluster.kubeconfig.display().to_string(),
+            "--lease-namespace",
+            "default",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(GC.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn start_daemon(&self, node: usize, dir: tempfile::TempDir) -> Daemon {
+        let args = self.daemon_args(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start_in(dir, "", &args).expect("tetherd --kubernetes")
+    }
+
+    /// Creates pod `name` bound to `node`, owned by the StatefulSet when `sts`; returns it as
+    /// the plugin's caller sees it.
+    fn create_pod(&self, name: &str, node: usize, sts: bool) -> Result<Pod, kube::Error> {
+        let mut meta = json!({"name": name, "namespace": "default"});
+        if sts {
+            meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                "name": "db", "uid": self.sts_uid, "controller": true}]);
+        }
+        let p: KPod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+            "spec": {"nodeName": format!("node-{node}"), "automountServiceAccountToken": false,
+                     "containers": [{"name": "c", "image": "pause"}]}
+        }))
+        .expect("pod");
+        let created = self.rt.block_on(
+            Api::<KPod>::namespaced(self.client.clone(), "default")
+                .create(&PostParams::default(), &p),
+        )?;
+        let uid = created.metadata.uid.unwrap_or_default();
+        let mut pod = Pod::new("default", name, 0);
+        pod.container_id = format!("ctr-{name}-{}", &uid[..8.min(uid.len())]);
+        pod.uid = uid;
+        Ok(pod)
+    }
+
+    /// Pod `name` as the plugin's caller sees it.
+    fn existing(&self, name: &str) -> Result<Pod, kube::Error> {
+        let p = self
+            .rt
+            .block_on(Api::<KPod>::namespaced(self.client.clone(), "default").get(name))?;
+        let uid = p.metadata.uid.unwrap_or_default();
+        let mut pod = Pod::new("default", name, 0);
+        pod.container_id = format!("ctr-{name}-{}", &uid[..8.min(uid.len())]);
+        pod.uid = uid;
+        Ok(pod)
+    }
+
+    /// Deletes pod `name` now (no kubelet here to wait for); gone already is fine.
+    fn delete_pod(&self, name: &str) -> Result<(), kube::Error> {
+        let r = self.rt.block_on(
+            Api::<KPod>::namespaced(self.client.clone(), "default")
+                .delete(name, &DeleteParams::default().grace_period(0)),
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn objects(&self) -> Vec<IPAllocation> {
+        self.rt
+            .block_on(Api::<IPAllocation>::all(self.client.clone()).list(&ListParams::default()))
+            .expect("list IPAllocations")
+            .items
+    }
+
+    /// The node index whose daemon holds the releasers' Lease, if one does.
+    fn leader(&self) -> Option<usize> {
+        let api = Api::<Lease>::namespaced(self.client.clone(), "default");
+        self.rt
+            .block_on(api.get_opt("tether-releaser"))
+            .expect("lease")
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .and_then(|h| h.strip_prefix("node-").and_then(|n| n.parse().ok()))
+    }
+}
+
+/// One caller's storm: ADDs, CHECKs and DELs until `stop`.
+#[allow(clippy::too_many_arguments)]
+fn storm(
+    w: usize,
+    round: usize,
+    mut rng: Rng,
+    mut mine: Vec<Att>,
+    env: &Env,
+    ipams: &[Ipam],
+    model: &Model,
+    stop: &AtomicBool,
+    mut vm: Option<&mut tether_e2e::kubevirt::Vm>,
+) -> Storm {
+    let mut out = Storm::default();
+    let mut n = 0u32;
+    let stopped = || stop.load(Ordering::SeqCst);
+    while !stopped() {
+        n += 1;
+        let sts_identity = format!("default/db-{w}");
+        let pinned = mine
+            .iter()
+            .position(|a| a.kind == Kind::Pinned(sts_identity.clone()));
+        let ephemeral: Vec<usize> = (0..mine.len())
+            .filter(|&i| mine[i].kind == Kind::Ephemeral)
+            .collect();
+        let roll = rng.below(10);
+        if roll == 9
+            && let Some(vm) = vm.as_deref_mut()
+        {
+            match vm_step(
+                w, &mut rng, vm, &mut mine, env, ipams, model, stop, &mut out,
+            ) {
+                Ok(()) => continue,
+                Err(()) => break,
+            }
+        }
+        let checkable: Vec<usize> = (0..mine.len())
+            .filter(|&i| mine[i].added.is_some())
+            .collect();
+        if roll == 0 && !checkable.is_empty() {
+            // CHECK a running attachment.
+            let a = &mine[checkable[rng.below(checkable.len() as u64) as usize]];
+            let o = ipams[a.node].check(&a.pod, a.added.as_ref().expect("checkable"));
+            if !o.as_ref().is_ok_and(|o| o.ok) {
+                if !stopped() {
+                    out.failures.push(format!(
+                        "CHECK for {} failed before the kill: {o:?}",
+                        a.who()
+                    ));
+                }
+                break;
+            }
+            out.checks += 1;
+            continue;
+        }
+        let del = if (1..=2).contains(&roll) {
+            match pinned {
+                Some(i) => Some(i),
+                None => {
+                    // The StatefulSet pod comes back, a new pod on any node.
+                    let node = rng.below(NODES as u64) as usize;
+                    match env.create_pod(&format!("db-{w}"), node, true) {
+                        Ok(pod) => mine.push(Att {
+                            pod,
+                            kind: Kind::Pinned(sts_identity.clone()),
+                            node,
+                            worker: w,
+                            ip: None,
+                            added: None,
+                        }),
+                        Err(e) => {
+                            out.failures.push(format!("creating pod db-{w}: {e}"));
+                            break;
+                        }
+                    }
+                    None
+                }
+            }
+        } else if ephemeral.len() < 2 || (ephemeral.len() < 4 && rng.below(2) == 0) {
+            let node = w % NODES;
+            match env.create_pod(&format!("e{w}-r{round}-{n}"), node, false) {
+                Ok(pod) => mine.push(Att {
+                    pod,
+                    kind: Kind::Ephemeral,
+                    node,
+                    worker: w,
+                    ip: None,
+                    added: None,
+                }),
+                Err(e) => {
+                    out.failures.push(format!("creating a pod: {e}"));
+                    break;
+                }
+            }
+            None
+        } else {
+            Some(ephemeral[rng.below(ephemeral.len() as u64) as usize])
+        };
+        match del {
+            None => {
+                let a = mine.last_mut().expect("just pushed");
+                let o = ipams[a.node].add(&a.pod);
+                let Some((ip, added)) = o
+                    .as_ref()
+                    .ok()
+                    .filter(|o| o.ok)
+                    .and_then(|o| Some((o.ip()?, o.out.clone())))
+                else {
+                    if !stopped() {
+                        out.failures
+                            .push(format!("ADD for {} failed before the kill: {o:?}", a.who()));
+                    }
+                    break; // in flight at the kill: a.ip stays None
+                };
+                answered(a, ip, added, model, &mut out);
+            }
+            Some(i) => {
+                let a = &mut mine[i];
+                let ip = a.ip.take().expect("a running pod has its address");
+                a.added = None;
+                if a.kind == Kind::Ephemeral {
+                    model.held.lock().expect("lock").remove(&ip);
+                }
+                let o = ipams[a.node].del(&a.pod);
+                if !o.as_ref().is_ok_and(|o| o.ok) {
+                    if !stopped() {
+                        out.failures
+                            .push(format!("DEL for {} failed before the kill: {o:?}", a.who()));
+                    }
+                    break; // in flight at the kill: a.ip stays None
+                }
+                out.dels += 1;
+                if let Err(e) = env.delete_pod(&a.pod.name) {
+                    out.failures.push(format!("deleting {}: {e}", a.who()));
+                }
+                out.gone.push(mine.remove(i).pod.container_id);
+            }
+        }
+    }
+    out.atts = mine;
+    out
+}
+
+/// Books an answered ADD: the pin must not move and the address must not be another's.
+fn answered(a: &mut Att, ip: String, added: serde_json::Value, model: &Model, out: &mut Storm) {
+    out.adds += 1;
+    if let Kind::Pinned(identity) = &a.kind {
+        let mut pins = model.pins.lock().expect("lock");
+        let pin = pins.entry(identity.clone()).or_insert_with(|| ip.clone());
+        if *pin != ip {
+            out.failures.push(format!(
+                "{identity}'s pin moved: {} was answered {ip}, the pin is {pin}",
+                a.who()
+            ));
+        }
+    }
+    let owner = a.owner();
+    let other = model
+        .held
+        .lock()
+        .expect("lock")
+        .insert(ip.clone(), owner.clone());
+    if let Some(other) = other.filter(|o| *o != owner) {
+        out.failures.push(format!(
+            "{ip} handed out twice: answered to {} while {other} holds it",
+            a.who()
+        ));
+    }
+    a.ip = Some(ip);
+    a.added = Some(added);
+}
+
+/// One step of VM `vm-w`'s life: a launcher pod starts on a random node, restarts, or
+/// live-migrates to another node (the target's ADD, then the source's DEL). `Err` ends the
+/// storm: a call failed (at the kill, or a failure recorded).
+#[allow(clippy::too_many_arguments)]
+fn vm_step(
+    w: usize,
+    rng: &mut Rng,
+    vm: &mut tether_e2e::kubevirt::Vm,
+    mine: &mut Vec<Att>,
+    env: &Env,
+    ipams: &[Ipam],
+    model: &Model,
+    stop: &AtomicBool,
+    out: &mut Storm,
+) -> Result<(), ()> {
+    let identity = format!("default/vm-{w}");
+    let launchers: Vec<usize> = (0..mine.len())
+        .filter(|&i| mine[i].kind == Kind::Pinned(identity.clone()))
+        .collect();
+    let stopped = || stop.load(Ordering::SeqCst);
+    let fail = |out: &mut Storm, what: String| {
+        if !stopped() {
+            out.failures.push(what);
+        }
+        Err(())
+    };
+    // DEL a launcher and delete its pod.
+    let del = |i: usize, mine: &mut Vec<Att>, out: &mut Storm| -> Result<(), String> {
+        let a = &mut mine[i];
+        a.ip = None;
+        a.added = None;
+        let o = ipams[a.node].del(&a.pod);
+        if !o.as_ref().is_ok_and(|o| o.ok) {
+            return Err(format!("DEL for {} failed before the kill: {o:?}", a.who()));
+        }
+        out.dels += 1;
+        env.delete_pod(&a.pod.name)
+            .map_err(|e| format!("deleting {}: {e}", a.who()))?;
+        out.gone.push(mine.remove(i).pod.container_id);
+        Ok(())
+    };
+    // Launch a pod (a migration target with `migration`) and ADD it.
+    let launch = |vm: &mut tether_e2e::kubevirt::Vm,
+                  node: usize,
+                  migration: Option<(String, String)>,
+                  mine: &mut Vec<Att>,
+                  out: &mut Storm|
+     -> Result<(), String> {
+        let name = env
+            .rt
+            .block_on(vm.launch(
+                &format!("node-{node}"),
+                migration.as_ref().map(|(n, u)| (n.as_str(), u.as_str())),
+            ))
+            .map_err(|e| format!("launching vm-{w}: {e:#}"))?;
+        let pod = env.existing(&name).map_err(|e| format!("{name}: {e}"))?;
+        mine.push(Att {
+            pod,
+            kind: Kind::Pinned(identity.clone()),
+            node,
+            worker: w,
+            ip: None,
+            added: None,
+        });
+        let a = mine.last_mut().expect("just pushed");
+        let o = ipams[node].add(&a.pod);
+        let Some((ip, added)) = o
+            .as_ref()
+            .ok()
+            .filter(|o| o.ok)
+            .and_then(|o| Some((o.ip()?, o.out.clone())))
+        else {
+            return Err(format!("ADD for {} failed before the kill: {o:?}", a.who()));
+        };
+        answered(a, ip, added, model, out);
+        Ok(())
+    };
+    let r = match launchers[..] {
+        [] => launch(vm, rng.below(NODES as u64) as usize, None, mine, out),
+        [i] if rng.below(2) == 0 => {
+            // Live migration to another node.
+            let from = mine[i].node;
+            let to = (from + 1 + rng.below(NODES as u64 - 1) as usize) % NODES;
+            match env.rt.block_on(vm.migration()) {
+                // The target is pushed after the source: `i` still names the source.
+                Ok(m) => launch(vm, to, Some(m), mine, out).and_then(|()| del(i, mine, out)),
+                Err(e) => Err(format!("migration of vm-{w}: {e:#}")),
+            }
+        }
+        // The launcher pod restarts (a new pod of the same VMI), or a migration cut by a
+        // kill left two: the older goes.
+        _ => del(launchers[0], mine, out),
+    };
+    r.or_else(|e| fail(out, e))
+}
+
+/// Checks the API server's allocations against the model, then adopts what they say about the
+/// calls in flight at the kill. Returns the problems found and how many such calls committed.
+fn check_and_adopt(
+    env: &Env,
+    ipams: &[Ipam],
+    model: &mut Model,
+    rng: &mut Rng,
+) -> (Vec<String>, usize) {
+    let objects = env.objects();
+    let mut problems = Vec::new();
+    let mut by_ip: HashMap<String, &IPAllocation> = HashMap::new();
+    let mut holding: HashMap<String, String> = HashMap::new();
+    let mut identities: HashMap<String, String> = HashMap::new();
+    for o in &objects {
+        let ip = o.spec.address.to_string();
+        if by_ip.insert(ip.clone(), o).is_some() {
+            problems.push(format!("{ip} is in two IPAllocation objects"));
+        }
+        let ephemeral = o.spec.owner.kind == "Ephemeral";
+        if ephemeral && o.spec.holders.is_empty() {
+            problems.push(format!(
+                "{ip}: an ephemeral address nobody holds: {:?}",
+                o.spec
+            ));
+        }
+        if !ephemeral {
+            if let Some(other) = identities.insert(o.spec.owner.name.clone(), ip.clone()) {
+                problems.push(format!(
+                    "identity {} holds both {other} and {ip}",
+                    o.spec.owner.name
+                ));
+            }
+        }
+        for h in &o.spec.holders {
+            let ctr = &h.container_id;
+            if let Some(other) = holding.insert(ctr.clone(), ip.clone()) {
+                problems.push(format!("container {ctr} holds both {other} and {ip}"));
+            }
+            if !model.atts.contains_key(ctr) {
+                problems.push(if model.gone.contains(ctr) {
+                    format!("{ip} is held by container {ctr}, whose DEL was answered (or which was seen uncommitted) before")
+                } else {
+                    format!("{ip} is held by container {ctr}, which the storm never created")
+                });
+            }
+        }
+    }
+    let describe = |ip: &str| match by_ip.get(ip) {
+        None => "free".to_owned(),
+        Some(o) => format!("{:?} held by {:?}", o.spec.owner, o.spec.holders),
+    };
+    for a in model.atts.values() {
+        let Some(ip) = &a.ip else { continue };
+        let holds = by_ip.get(ip).is_some_and(|o| {
+            o.spec
+                .holders
+                .iter()
+                .any(|h| h.container_id == a.pod.container_id)
+        });
+        if !holds {
+            problems.push(format!(
+                "lost an answered ADD: {} was answered {ip}; after the restart {ip} is {}",
+                a.who(),
+                describe(ip)
+            ));
+        }
+    }
+    for (identity, ip) in model.pins.lock().expect("lock").iter() {
+        if identities.get(identity) != Some(ip) {
+            problems.push(format!(
+                "lost a pin: {identity} had {ip}; after the restart {ip} is {}, the identity has {:?}",
+                describe(ip),
+                identities.get(identity)
+            ));
+        }
+    }
+    // Adopt the calls in flight at the kill. One that did not commit leaves its pod to be
+    // deleted, as the kubelet would after a failed ADD or a DEL that went through.
+    let held = model.held.get_mut().expect("lock");
+    let pins = model.pins.get_mut().expect("lock");
+    let uncertain: Vec<String> = model
+        .atts
+        .values()
+        .filter(|a| a.ip.is_none())
+        .map(|a| a.pod.container_id.clone())
+        .collect();
+    let mut committed = 0;
+    for ctr in uncertain {
+        let Some(ip) = holding.get(&ctr) else {
+            let a = model.atts.remove(&ctr).expect("listed");
+            if let Err(e) = env.delete_pod(&a.pod.name) {
+                problems.push(format!("deleting {}: {e}", a.who()));
+            }
+            model.gone.insert(ctr);
+            continue;
+        };
+        let a = model.atts.get_mut(&ctr).expect("listed");
+        let owner = a.owner();
+        if let Some(other) = held
+            .insert(ip.clone(), owner.clone())
+            .filter(|o| *o != owner)
+        {
+            problems.push(format!(
+                "{ip} is held by {} (in flight at the kill) while {other} holds it",
+                a.who()
+            ));
+        }
+        a.ip = Some(ip.clone());
+        committed += 1;
+    }
+    for (identity, ip) in &identities {
+        let pin = pins.entry(identity.clone()).or_insert_with(|| ip.clone());
+        if pin != ip {
+            problems.push(format!("{identity} has two pins: {pin} and {ip}"));
+        }
+        held.entry(ip.clone())
+            .or_insert_with(|| format!("the pin of {identity}"));
+    }
+    let mut allocated: Vec<&String> = by_ip.keys().collect();
+    let mut known: Vec<&String> = held.keys().collect();
+    allocated.sort_unstable();
+    known.sort_unstable();
+    if allocated != known {
+        problems.push(format!(
+            "allocated after the restart: {allocated:?}; answered or adopted: {known:?}"
+        ));
+    }
+    // A retried ADD of a running pod answers its address.
+    let running: Vec<&Att> = model.atts.values().filter(|a| a.ip.is_some()).collect();
+    if !running.is_empty() {
+        let a = running[rng.below(running.len() as u64) as usize];
+        let o = ipams[a.node].add(&a.pod).expect("retried ADD");
+        if o.ip() != a.ip {
+            problems.push(format!(
+                "a retried ADD for {} answered {:?}, not its {:?}: {}",
+                a.who(),
+                o.ip(),
+                a.ip,
+                o.out
+            ));
+        }
+    }
+    (problems, committed)
+}
+
+/// Which daemons a round kills.
+fn victims(env: &Env, rng: &mut Rng) -> (Vec<usize>, &'static str) {
+    match rng.below(4) {
+        0 => (vec![rng.below(NODES as u64) as usize], "one daemon"),
+        1 => match env.leader() {
+            Some(l) => (vec![l], "the elected daemon"),
+            None => (
+                vec![rng.below(NODES as u64) as usize],
+                "one daemon (none elected)",
+            ),
+        },
+        2 => {
+            let mut all: Vec<usize> = (0..NODES).collect();
+            let k = 2 + rng.below(NODES as u64 - 2) as usize;
+            let mut picked = Vec::new();
+            for _ in 0..k {
+                picked.push(all.remove(rng.below(all.len() as u64) as usize));
+            }
+            picked.sort_unstable();
+            (picked, "several daemons at once")
+        }
+        _ => ((0..NODES).collect(), "every daemon"),
+    }
+}
+
+#[test]
+fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
+    let test = "daemons_killed_at_random_instants_keep_every_answer_in_the_api_server";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    let rounds: usize = std::env::var("TETHER_KUBE_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
+    let seed = Rng::seed_from_env("TETHER_KUBE_CRASH_SEED");
+    let mut rng = Rng::new(seed);
+    let started = Instant::now();
+    let mut daemons: Vec<Option<Daemon>> = (0..NODES)
+        .map(|n| Some(env.start_daemon(n, tempfile::tempdir().expect("tempdir"))))
+        .collect();
+    let ipams: Vec<Ipam> = daemons
+        .iter()
+        .map(|d| {
+            let d = d.as_ref().expect("started");
+            Ipam::new(&d.socket, "crash-net", "1.0.0", &["crash"]).expect("ipam")
+        })
+        .collect();
+    let mut vms: Vec<tether_e2e::kubevirt::Vm> = (0..VMS)
+        .map(|w| {
+            env.rt
+                .block_on(tether_e2e::kubevirt::Vm::start(
+                    &env.client,
+                    &format!("vm-{w}"),
+                    json!({}),
+                ))
+                .expect("VM")
+        })
+        .collect();
+    let mut model = Model::default();
+    let (mut adds, mut dels, mut checks, mut in_flight, mut kills, mut leader_kills) =
+        (0, 0, 0, 0, 0, 0);
+    for round in 0..rounds {
+        let mut mine: Vec<Vec<Att>> = vec![Vec::new(); WORKERS];
+        for a in std::mem::take(&mut model.atts).into_values() {
+            mine[a.worker].push(a);
+        }
+        let rngs: Vec<Rng> = (0..WORKERS).map(|_| Rng::new(rng.next_u64())).collect();
+        let kill_after =
+            Duration::from_millis(KILL_AFTER_MS.0 + rng.below(KILL_AFTER_MS.1 - KILL_AFTER_MS.0));
+        let (victims, how) = victims(&env, &mut rng);
+        let leader = env.leader();
+        let stop = AtomicBool::new(false);
+        let mut dirs: Vec<Option<tempfile::TempDir>> = (0..NODES).map(|_| None).collect();
+        let storms = std::thread::scope(|s| {
+            let mut vm_of = vms.iter_mut();
+            let callers: Vec<_> = mine
+                .into_iter()
+                .zip(rngs)
+                .enumerate()
+                .map(|(w, (mine, r))| {
+                    let (env, ipams, model, stop) = (&env, &ipams, &model, &stop);
+                    let vm = if w < VMS { vm_of.next() } else { None };
+                    s.spawn(move || storm(w, round, r, mine, env, ipams, model, stop, vm))
+                })
+                .collect();
+            std::thread::sleep(kill_after);
+            stop.store(true, Ordering::SeqCst);
+            for &v in &victims {
+                let d = daemons[v].take().expect("running");
+                dirs[v] = Some(d.kill().expect("SIGKILL"));
+            }
+            callers
+                .into_iter()
+                .map(|c| c.join().expect("caller"))
+                .collect::<Vec<Storm>>()
+        });
+        kills += victims.len();
+        if leader.is_some_and(|l| victims.contains(&l)) {
+            leader_kills += 1;
+        }
+        let mut failures = Vec::new();
+        let (mut round_adds, mut round_dels, mut round_in_flight) = (0, 0, 0);
+        for st in storms {
+            round_adds += st.adds;
+            round_dels += st.dels;
+            checks += st.checks;
+            round_in_flight += st.atts.iter().filter(|a| a.ip.is_none()).count();
+            failures.extend(st.failures);
+            model.gone.extend(st.gone);
+            for a in st.atts {
+                model.atts.insert(a.pod.container_id.clone(), a);
+            }
+        }
+        adds += round_adds;
+        dels += round_dels;
+        in_flight += round_in_flight;
+        std::thread::scope(|s| {
+            let restarted: Vec<_> = victims
+                .iter()
+                .map(|&v| {
+                    let env = &env;
+                    let dir = dirs[v].take().expect("killed");
+                    s.spawn(move || (v, env.start_daemon(v, dir)))
+                })
+                .collect();
+            for r in restarted {
+                let (v, d) = r.join().expect("restart");
+                daemons[v] = Some(d);
+            }
+        });
+        let (problems, committed) = check_and_adopt(&env, &ipams, &mut model, &mut rng);
+        failures.extend(problems);
+        eprintln!(
+            "round {round}: killed {how} {victims:?} (leader {leader:?}) after {kill_after:?}: {round_adds} ADDs and {round_dels} DELs answered, {round_in_flight} unanswered ({committed} of them committed); {} attachments running",
+            model.atts.len()
+        );
+        assert!(
+            failures.is_empty(),
+            "round {round} (seed {seed}, replay with TETHER_KUBE_CRASH_SEED={seed}; killed {how} {victims:?} {kill_after:?} into the storm):\n{}\nlogs:\n{}",
+            failures.join("\n"),
+            daemons
+                .iter()
+                .flatten()
+                .map(|d| d.log())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+    }
+    eprintln!(
+        "{rounds} rounds, {kills} daemons killed ({leader_kills} times the elected one) in {:?}: {adds} ADDs, {dels} DELs and {checks} CHECKs answered, {in_flight} calls in flight at a kill",
+        started.elapsed()
+    );
+    if rounds >= 4 {
+        assert!(
+            adds > 0 && dels > 0,
+            "the storms did work ({adds} ADDs, {dels} DELs answered)"
+        );
+        assert!(in_flight > 0, "some kills landed with calls in flight");
+    }
+
+    // The node is lost with its pods: every pod and the StatefulSet go without a DEL, and
+    // garbage collection frees every address.
+    for a in model.atts.values() {
+        env.delete_pod(&a.pod.name).expect("delete pod");
+    }
+    env.rt
+        .block_on(
+            Api::<StatefulSet>::namespaced(env.client.clone(), "default")
+                .delete("db", &DeleteParams::default()),
+        )
+        .expect("delete sts");
+    for vm in vms {
+        env.rt.block_on(vm.delete(&[])).expect("delete VM");
+    }
+    let gone = Instant::now();
+    let deadline = gone + Duration::from_secs(90);
+    loop {
+        let left = env.objects();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "garbage collection left {} addresses: {:?}\nlogs:\n{}",
+            left.len(),
+            left.iter().map(|o| &o.spec).collect::<Vec<_>>(),
+            daemons
+                .iter()
+                .flatten()
+                .map(|d| d.log())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "garbage collection freed every address {:?} after the pods went",
+        gone.elapsed()
+    );
+}
