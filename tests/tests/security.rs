@@ -690,3 +690,109 @@ fn no_token_or_key_in_trace_logs() {
         key.lines().count()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// What a policy can do to addresses.
+
+/// Starts tetherd with `hostile (mode=pin, settings), builtin:stateless`.
+fn pinning_daemon(settings: &[&str]) -> (tempfile::TempDir, Daemon) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("hostile.wasm");
+    std::fs::write(&policy, tether_builtins::fixtures::HOSTILE).expect("write");
+    let chain = format!("{},builtin:stateless", policy.display());
+    let mut flags = vec!["--chain".to_owned(), chain];
+    for s in std::iter::once("mode=pin").chain(settings.iter().copied()) {
+        flags.push("--policy-setting".into());
+        flags.push(format!("hostile:{s}"));
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let d = Daemon::start(SEED_POOL, &flags).expect("daemon");
+    (dir, d)
+}
+
+/// (ip, holders' container ids) of every allocation.
+fn held(d: &Daemon) -> Vec<(String, Vec<String>)> {
+    d.allocations()
+        .expect("allocations")
+        .iter()
+        .map(|a| {
+            (
+                a["ip"].as_str().unwrap_or_default().to_owned(),
+                a["holders"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h["attachment"]["containerId"].as_str().map(str::to_owned))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Two pods of namespace `a`, both live in the workload directory.
+fn live_pods(d: &Daemon) -> (Pod, Pod) {
+    let (p1, p2) = (Pod::new("a", "p1", 1), Pod::new("a", "p2", 2));
+    for p in [&p1, &p2] {
+        d.put_manifest(&p.name, &tether_e2e::manifests::deployment_pod(p))
+            .expect("manifest");
+    }
+    (p1, p2)
+}
+
+/// A policy that pins every pod of a namespace under one identity (`a/x`, no sharing) cannot
+/// make the engine hand that identity's address to a second live pod: the second ADD is
+/// told to try again (code 11) while the first pod lives, its DEL releases nothing, and the
+/// address moves only once the first pod's DEL has come.
+#[test]
+fn a_policy_pinning_two_live_pods_to_one_identity_gets_no_duplicate() {
+    let (_dir, d) = pinning_daemon(&["identity=a/x", "kind=custom"]);
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let (p1, p2) = live_pods(&d);
+    let first = ipam.add(&p1).expect("add");
+    assert!(first.ok, "{}", first.out);
+    let ip = first.ip().expect("ip");
+    let second = ipam.add(&p2).expect("add");
+    assert!(
+        !second.ok,
+        "a second live pod got a/x's address: {}",
+        second.out
+    );
+    assert_eq!(second.code(), Some(11), "{}", second.out);
+    assert_eq!(held(&d), [(ip.clone(), vec![p1.container_id.clone()])]);
+    // The refused pod's DEL (the runtime cleans up after a failed ADD) frees nothing.
+    assert!(ipam.del(&p2).expect("del").ok);
+    assert_eq!(held(&d), [(ip.clone(), vec![p1.container_id.clone()])]);
+    // Once the first pod is gone, the identity's address moves to the next.
+    assert!(ipam.del(&p1).expect("del").ok);
+    let moved = ipam.add(&p2).expect("add");
+    assert!(moved.ok, "{}", moved.out);
+    assert_eq!(moved.ip(), Some(ip.clone()));
+    assert_eq!(held(&d), [(ip, vec![p2.container_id.clone()])]);
+}
+
+/// What a policy is trusted with: `may-share` on a pin lets two live pods of the identity's
+/// namespace hold its address at once (meant for a live migration's source and target). A
+/// policy that sets it for unrelated pods of one namespace makes them share an address: the
+/// engine cannot tell them from a migration. Pods of another namespace are still refused
+/// (and another namespace's identity: tests/tests/pin_scope.rs). docs/reliability.md, "What a
+/// policy can do", records it; this test goes red when the engine narrows `may-share`, and
+/// the document must then change with it.
+#[test]
+fn may_share_lets_a_policy_put_two_live_pods_of_a_namespace_on_one_address() {
+    let (_dir, d) = pinning_daemon(&["identity=a/x", "kind=custom", "may-share=true"]);
+    let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+    let (p1, p2) = live_pods(&d);
+    let first = ipam.add(&p1).expect("add");
+    assert!(first.ok, "{}", first.out);
+    let ip = first.ip().expect("ip");
+    let second = ipam.add(&p2).expect("add");
+    assert!(second.ok, "{}", second.out);
+    assert_eq!(second.ip(), Some(ip.clone()));
+    assert_eq!(
+        held(&d),
+        [(ip, vec![p1.container_id.clone(), p2.container_id.clone()])]
+    );
+    let other = ipam.add(&Pod::new("b", "p3", 3)).expect("add");
+    assert!(!other.ok, "a pod of b joined a/x: {}", other.out);
+    assert_eq!(other.code(), Some(101), "{}", other.out);
+}
