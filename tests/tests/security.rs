@@ -796,3 +796,53 @@ fn may_share_lets_a_policy_put_two_live_pods_of_a_namespace_on_one_address() {
     assert!(!other.ok, "a pod of b joined a/x: {}", other.out);
     assert_eq!(other.code(), Some(101), "{}", other.out);
 }
+
+// ---------------------------------------------------------------------------------------
+// The sandbox's flags reach the runtime.
+
+/// A daemon whose chain is the hostile fixture in `mode`, with `flags`; or its start error.
+fn hostile_daemon(mode: &str, flags: &[&str]) -> (tempfile::TempDir, anyhow::Result<Daemon>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("hostile.wasm");
+    std::fs::write(&policy, tether_builtins::fixtures::HOSTILE).expect("write");
+    let chain = format!("{},builtin:stateless", policy.display());
+    let setting = format!("hostile:mode={mode}");
+    let mut args = vec!["--chain", &chain, "--policy-setting", &setting];
+    args.extend_from_slice(flags);
+    let d = Daemon::start(SEED_POOL, &args);
+    (dir, d)
+}
+
+/// `--policy-timeout-ms`, `--policy-memory-mib` and `--policy-max-kib` are the limits the
+/// runtime enforces (host/policy/tests/runtime.rs proves the limits themselves): an endless
+/// loop fails its ADD with code 101 naming the 50 ms limit, a memory hog names the 2 MiB
+/// limit, and a 1 KiB component limit refuses the fixture at start-up, before
+/// compiling it. The daemon serves the next pod after each failure.
+#[test]
+fn the_sandbox_flags_reach_the_runtime() {
+    for (mode, flags, expect) in [
+        ("loop", ["--policy-timeout-ms", "50"], "50ms time limit"),
+        ("hog", ["--policy-memory-mib", "2"], "2097152 bytes"),
+    ] {
+        let (_dir, d) = hostile_daemon(mode, &flags);
+        let d = d.expect("tetherd");
+        let ipam = Ipam::new(&d.socket, "net", "1.0.0", &["test-ippool"]).expect("ipam");
+        let out = ipam.add(&Pod::new("a", "p1", 1)).expect("add");
+        assert!(!out.ok, "{mode}: {}", out.out);
+        assert_eq!(out.code(), Some(101), "{mode}: {}", out.out);
+        let msg = out.out["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains(expect), "{mode}: {msg}");
+        assert!(d.allocations().expect("allocations").is_empty());
+        assert!(
+            d.client().get_text("/healthz").is_ok(),
+            "{mode}: still serving"
+        );
+    }
+    let (_dir, d) = hostile_daemon("", &["--policy-max-kib", "1"]);
+    let e = d.err().expect("a 1 KiB limit refuses the fixture");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("over the limit of 1024 bytes"),
+        "the start error names the limit: {e}"
+    );
+}
