@@ -56,6 +56,9 @@ pub mod codes {
     pub const STORE_FAILURE: u32 = 104;
     /// CHECK: the attachment holds other addresses than the runtime's prevResult lists.
     pub const CHECK_MISMATCH: u32 = 105;
+    /// The caller is not allowed to use the daemon's socket (its uid, read with SO_PEERCRED,
+    /// is not root's).
+    pub const PERMISSION_DENIED: u32 = 106;
 }
 
 /// What the plugin forwards of a CNI call.

@@ -115,6 +115,9 @@ pub struct Metrics {
     pub gc_passes: Family<GcPassLabels, Counter>,
     /// Garbage collection: findings waiting for their grace period.
     pub gc_suspects: Gauge,
+    /// Connections to the API socket refused because the peer's uid (SO_PEERCRED) is not
+    /// allowed.
+    pub api_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -225,8 +228,15 @@ impl Metrics {
             "Addresses or holders that look leaked and wait for their grace period",
             gc_suspects.clone(),
         );
+        let api_refused = Counter::default();
+        registry.register(
+            "api_refused_connections",
+            "Connections to the API socket refused because the peer (SO_PEERCRED) is not root",
+            api_refused.clone(),
+        );
         Metrics {
             registry,
+            api_refused,
             gc_released,
             gc_passes,
             gc_suspects,

@@ -651,4 +651,34 @@ mod tests {
         assert_eq!(e.reason(), "too_large");
         assert!(!rt.is_cached(&sha256_hex(&big)));
     }
+
+    /// A policy's log is bounded: 64 lines per evaluation, each cut to 4 096 bytes; the rest
+    /// is dropped (the last error line kept for the failure message is among the first 64).
+    #[test]
+    fn a_policy_log_is_bounded() {
+        use tether::policy::host::Host as _;
+        let mut h = HostState {
+            policy: "p".into(),
+            memory_limit: 1 << 20,
+            memory_requested: None,
+            log_lines: 0,
+            last_error: None,
+        };
+        h.log(Level::Error, "x".repeat(10_000));
+        assert!(
+            h.last_error
+                .as_ref()
+                .is_some_and(|m| m.len() <= MAX_LOG_LINE + 32),
+            "{:?}",
+            h.last_error.as_ref().map(String::len)
+        );
+        for i in 1..200 {
+            h.log(Level::Error, format!("line {i}"));
+        }
+        assert_eq!(h.log_lines, MAX_LOG_LINES);
+        assert_eq!(
+            h.last_error.as_deref(),
+            Some(format!("line {}", MAX_LOG_LINES - 1).as_str())
+        );
+    }
 }

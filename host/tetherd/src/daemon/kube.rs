@@ -69,19 +69,30 @@ pub async fn connect(
     // workers that may be waiting for the writer. The store and the workload watches use
     // `engine_client`, whose connections are all opened on the API runtime; the daemon's own
     // tasks use `client`.
-    let engine_client = {
-        let _on = runtime.enter();
-        kube::Client::try_from(config.clone())
-            .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?
+    let clients = async {
+        let engine_client = {
+            let _on = runtime.enter();
+            kube::Client::try_from(config.clone())
+                .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?
+        };
+        let client = kube::Client::try_from(config)
+            .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
+        let api: Api<IPPool> = Api::all(client.clone());
+        let list = api.list(&Default::default()).await.map_err(|e| {
+            anyhow::anyhow!(
+                "listing IPPools (are the CRDs installed? `tetherd crd | kubectl apply -f -`): {e}"
+            )
+        })?;
+        anyhow::Ok((engine_client, client, list))
     };
-    let client = kube::Client::try_from(config)
-        .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
-    let api: Api<IPPool> = Api::all(client.clone());
-    let list = api.list(&Default::default()).await.map_err(|e| {
-        anyhow::anyhow!(
-            "listing IPPools (are the CRDs installed? `tetherd crd | kubectl apply -f -`): {e}"
-        )
-    })?;
+    let (engine_client, client, list) = match clients.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Dropping a runtime inside this one panics: the error would be lost in it.
+            runtime.shutdown_background();
+            return Err(e);
+        }
+    };
     let (pools, verdicts) = serving(&list.items);
     Ok(KubeMode {
         verdicts: Arc::new(Mutex::new(verdicts)),

@@ -5,6 +5,7 @@
 mod http;
 mod kube;
 mod kube_policies;
+mod peer;
 mod pins;
 mod pools;
 mod workloads;
@@ -311,7 +312,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("starting the engine: {e}"))?
             .map_err(|e| anyhow::anyhow!("pools: {e}"))?;
     let service = Arc::new(service);
-    let listener = bind(&args.socket)?;
+    let listener = peer::PeerChecked::new(
+        bind(&args.socket)?,
+        peer::Allowed::root_and_self(),
+        service.metrics.clone(),
+    );
     let public = match args.metrics_address {
         Some(addr) => {
             let tcp = tokio::net::TcpListener::bind(addr)
