@@ -112,6 +112,8 @@ struct Storm {
     adds: usize,
     dels: usize,
     checks: usize,
+    /// Live migrations whose target's ADD and source's DEL were both answered.
+    migrations: usize,
     failures: Vec<String>,
 }
 
@@ -430,7 +432,7 @@ fn answered(a: &mut Att, ip: String, added: serde_json::Value, model: &Model, ou
 }
 
 /// One step of VM `vm-w`'s life: a launcher pod starts on a random node, restarts, or
-/// live-migrates to another node (the target's ADD, then the source's DEL). `Err` ends the
+/// live-migrates to another node (one step ADDs the target, a later one DELs the source). `Err` ends the
 /// storm: a call failed (at the kill, or a failure recorded).
 #[allow(clippy::too_many_arguments)]
 fn vm_step(
@@ -513,14 +515,16 @@ fn vm_step(
             let from = mine[i].node;
             let to = (from + 1 + rng.below(NODES as u64 - 1) as usize) % NODES;
             match env.rt.block_on(vm.migration()) {
-                // The target is pushed after the source: `i` still names the source.
-                Ok(m) => launch(vm, to, Some(m), mine, out).and_then(|()| del(i, mine, out)),
+                // Source and target both hold the address until a later step (or a
+                // later round: a kill may come in between) DELs the source.
+                Ok(m) => launch(vm, to, Some(m), mine, out),
                 Err(e) => Err(format!("migration of vm-{w}: {e:#}")),
             }
         }
-        // The launcher pod restarts (a new pod of the same VMI), or a migration cut by a
-        // kill left two: the older goes.
-        _ => del(launchers[0], mine, out),
+        // The launcher pod restarts (a new pod of the same VMI).
+        [i] => del(i, mine, out),
+        // A migration ends: the source (launched first: container ids sort by launch) goes.
+        [source, ..] => del(source, mine, out).map(|()| out.migrations += 1),
     };
     r.or_else(|e| fail(out, e))
 }
@@ -732,6 +736,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
     let mut model = Model::default();
     let (mut adds, mut dels, mut checks, mut in_flight, mut kills, mut leader_kills) =
         (0, 0, 0, 0, 0, 0);
+    let mut migrations = 0;
     for round in 0..rounds {
         let mut mine: Vec<Vec<Att>> = vec![Vec::new(); WORKERS];
         for a in std::mem::take(&mut model.atts).into_values() {
@@ -777,6 +782,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
             round_adds += st.adds;
             round_dels += st.dels;
             checks += st.checks;
+            migrations += st.migrations;
             round_in_flight += st.atts.iter().filter(|a| a.ip.is_none()).count();
             failures.extend(st.failures);
             model.gone.extend(st.gone);
@@ -820,7 +826,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
         );
     }
     eprintln!(
-        "{rounds} rounds, {kills} daemons killed ({leader_kills} times the elected one) in {:?}: {adds} ADDs, {dels} DELs and {checks} CHECKs answered, {in_flight} calls in flight at a kill",
+        "{rounds} rounds, {kills} daemons killed ({leader_kills} times the elected one) in {:?}: {adds} ADDs, {dels} DELs and {checks} CHECKs answered, {migrations} live migrations, {in_flight} calls in flight at a kill",
         started.elapsed()
     );
     if rounds >= 4 {
@@ -829,6 +835,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
             "the storms did work ({adds} ADDs, {dels} DELs answered)"
         );
         assert!(in_flight > 0, "some kills landed with calls in flight");
+        assert!(migrations > 0, "no live migration completed");
     }
 
     // The node is lost with its pods: every pod and the StatefulSet go without a DEL, and

@@ -772,11 +772,12 @@ fn a_policy_pinning_two_live_pods_to_one_identity_gets_no_duplicate() {
 
 /// What a policy is trusted with: `may-share` on a pin lets two live pods of the identity's
 /// namespace hold its address at once (meant for a live migration's source and target). A
-/// policy that sets it for unrelated pods of one namespace makes them share an address: the
-/// engine cannot tell them from a migration. Pods of another namespace are still refused
-/// (and another namespace's identity: tests/tests/pin_scope.rs). docs/reliability.md, "What a
-/// policy can do", records it; this test goes red when the engine narrows `may-share`, and
-/// the document must then change with it.
+/// policy that sets it for unrelated pods of one namespace makes two of them share an
+/// address: the engine cannot tell them from a migration. A third live pod is refused (code
+/// 11: a migration has one source and one target), and so are pods of another namespace (and
+/// another namespace's identity: tests/tests/pin_scope.rs). docs/reliability.md, "What a
+/// policy can do", records it; this test goes red when the engine narrows `may-share`
+/// further, and the document must then change with it.
 #[test]
 fn may_share_lets_a_policy_put_two_live_pods_of_a_namespace_on_one_address() {
     let (_dir, d) = pinning_daemon(&["identity=a/x", "kind=custom", "may-share=true"]);
@@ -790,11 +791,24 @@ fn may_share_lets_a_policy_put_two_live_pods_of_a_namespace_on_one_address() {
     assert_eq!(second.ip(), Some(ip.clone()));
     assert_eq!(
         held(&d),
-        [(ip, vec![p1.container_id.clone(), p2.container_id.clone()])]
+        [(
+            ip.clone(),
+            vec![p1.container_id.clone(), p2.container_id.clone()]
+        )]
     );
+    let third = Pod::new("a", "p4", 4);
+    d.put_manifest(&third.name, &tether_e2e::manifests::deployment_pod(&third))
+        .expect("manifest");
+    let refused = ipam.add(&third).expect("add");
+    assert!(!refused.ok, "a third live pod joined a/x: {}", refused.out);
+    assert_eq!(refused.code(), Some(11), "{}", refused.out);
     let other = ipam.add(&Pod::new("b", "p3", 3)).expect("add");
     assert!(!other.ok, "a pod of b joined a/x: {}", other.out);
     assert_eq!(other.code(), Some(101), "{}", other.out);
+    assert_eq!(
+        held(&d),
+        [(ip, vec![p1.container_id.clone(), p2.container_id.clone()])]
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -35,6 +35,11 @@ use crate::decision::{Decision, IdentityKind, ReleaseCondition};
 use crate::net::{Family, to_u128};
 use crate::pool::{FreeSet, Pool, PoolError, Route, addr, check_disjoint};
 
+/// At most this many pods hold one pinned address at once, whatever a policy's `may-share`
+/// says: a live migration's source and its target. A policy that marks unrelated pods as
+/// sharing cannot pile them onto one address.
+pub const MAX_SHARING_HOLDERS: usize = 2;
+
 /// Whether a pod (an attachment's holder: that namespace, name and UID) still exists, as far as
 /// the workload source knows.
 ///
@@ -804,8 +809,10 @@ impl Ipam {
                         .find(|c| c.pool.contains(old.ip))
                         .filter(|_| requested.is_none_or(|r| r == old.ip));
                     if let Some(covering) = covering {
+                        // Sharing is for a live migration: its source and one target. A
+                        // third live pod waits (code 11) whatever the policy says.
                         if let Some(first) = live.first()
-                            && !p.may_share
+                            && (!p.may_share || live.len() >= MAX_SHARING_HOLDERS)
                         {
                             return Err(AllocError::IdentityBusy {
                                 identity: p.identity.clone(),
