@@ -22,8 +22,11 @@ pub fn about() -> String {
 }
 
 /// What to print and how to exit. JSON on stdout ends with a newline.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
+    /// What to print on stdout: the result or the spec's error JSON, or nothing.
     pub stdout: String,
+    /// The exit status: 0, or 1 with an error on stdout.
     pub exit: u8,
 }
 
@@ -245,18 +248,54 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
     out
 }
 
-/// One CNI call; `log_file` is set as soon as the config names one.
-fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>) -> Output {
+/// The CNI command of a [`Call`] (VERSION is answered before any parsing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// ADD.
+    Add,
+    /// DEL.
+    Del,
+    /// CHECK.
+    Check,
+    /// GC.
+    Gc,
+    /// STATUS.
+    Status,
+}
+
+/// A CNI call, parsed and checked from the environment and the network config, before any
+/// I/O: what the plugin sends to tetherd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The command.
+    pub command: Command,
+    /// The caller's `cniVersion` (one of [`SUPPORTED`]).
+    pub version: String,
+    /// The daemon's socket (`ipam.socket`, else [`DEFAULT_SOCKET`]).
+    pub socket: String,
+    /// The request sent to the daemon (for STATUS, its `pools` only).
+    pub request: CniRequest,
+}
+
+/// Parses one CNI call (the `CNI_*` environment, `CNI_ARGS` and the network config on
+/// stdin) without touching the socket or any file: `Err` is the error answer to print.
+/// `log_file` is set as soon as the config names one, so a refusal is logged there too.
+/// The fuzz target `cni_parse` drives this.
+pub fn parse(
+    env: &[(String, String)],
+    stdin: &[u8],
+    log_file: &mut Option<String>,
+) -> Result<Call, Output> {
     let command = env_get(env, "CNI_COMMAND").to_owned();
     let conf: Value = match serde_json::from_slice(stdin) {
         Ok(v) => v,
         Err(e) => {
-            return Output::error(
+            return Err(Output::error(
                 "",
                 codes::DECODE_FAILURE,
                 format!("network config on stdin is not JSON: {e}"),
                 String::new(),
-            );
+            ));
         }
     };
     let version = conf
@@ -265,7 +304,7 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         .unwrap_or("")
         .to_owned();
     if !SUPPORTED.contains(&version.as_str()) {
-        return Output::error(
+        return Err(Output::error(
             "",
             codes::INCOMPATIBLE_VERSION,
             format!(
@@ -273,35 +312,35 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
                 SUPPORTED.join(", ")
             ),
             String::new(),
-        );
+        ));
     }
     let ipam: IpamConfig = match conf.get("ipam").cloned().map(serde_json::from_value) {
         Some(Ok(i)) => i,
         Some(Err(e)) => {
-            return Output::error(
+            return Err(Output::error(
                 &version,
                 codes::INVALID_CONFIG,
                 format!("ipam config: {e}"),
                 "fields: type, socket, pools, logFile".into(),
-            );
+            ));
         }
         None => {
-            return Output::error(
+            return Err(Output::error(
                 &version,
                 codes::INVALID_CONFIG,
                 "network config has no ipam section".into(),
                 String::new(),
-            );
+            ));
         }
     };
     log_file.clone_from(&ipam.log_file);
     if ipam.kind != "tether" {
-        return Output::error(
+        return Err(Output::error(
             &version,
             codes::INVALID_CONFIG,
             format!("ipam type is {:?}, not \"tether\"", ipam.kind),
             String::new(),
-        );
+        ));
     }
     let network = conf
         .get("name")
@@ -309,14 +348,14 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         .unwrap_or("")
         .to_owned();
     if network.is_empty() && command != "STATUS" {
-        return Output::error(
+        return Err(Output::error(
             &version,
             codes::INVALID_CONFIG,
             "network config has no name".into(),
             String::new(),
-        );
+        ));
     }
-    let client = Client::new(ipam.socket.as_deref().unwrap_or(DEFAULT_SOCKET), TIMEOUT);
+    let socket = ipam.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_owned());
     let args = parse_cni_args(env_get(env, "CNI_ARGS"));
     let mut req = CniRequest {
         container_id: env_get(env, "CNI_CONTAINERID").to_owned(),
@@ -326,102 +365,85 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         cni_version: version.clone(),
         requested_ips: requested_ips(&conf, &args),
         args,
-        pools: ipam.pools.clone(),
+        pools: ipam.pools,
         valid_attachments: None,
         prev_ips: Vec::new(),
     };
-    let need = |names: &[(&str, &str)]| -> Option<Output> {
+    let need = |names: &[(&str, &str)]| -> Result<(), Output> {
         let missing: Vec<&str> = names
             .iter()
             .filter(|(_, v)| v.is_empty())
             .map(|(n, _)| *n)
             .collect();
-        (!missing.is_empty()).then(|| {
-            Output::error(
-                &version,
-                codes::INVALID_ENV,
-                format!("{} must be set for {command}", missing.join(", ")),
-                String::new(),
-            )
-        })
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Output::error(
+            &version,
+            codes::INVALID_ENV,
+            format!("{} must be set for {command}", missing.join(", ")),
+            String::new(),
+        ))
     };
     // Commands newer than the caller's cniVersion.
-    let too_old = |min: &str| -> Option<Output> {
-        (!at_least(&version, min)).then(|| {
-            Output::error(
-                &version,
-                codes::INCOMPATIBLE_VERSION,
-                format!("{command} needs cniVersion {min} or later"),
-                String::new(),
-            )
-        })
+    let too_old = |min: &str| -> Result<(), Output> {
+        if at_least(&version, min) {
+            return Ok(());
+        }
+        Err(Output::error(
+            &version,
+            codes::INCOMPATIBLE_VERSION,
+            format!("{command} needs cniVersion {min} or later"),
+            String::new(),
+        ))
     };
-    match command.as_str() {
+    let command = match command.as_str() {
         "ADD" => {
-            if let Some(o) = need(&[
+            need(&[
                 ("CNI_CONTAINERID", &req.container_id),
                 ("CNI_IFNAME", &req.ifname),
                 ("CNI_NETNS", &req.netns),
-            ]) {
-                return o;
-            }
-            match client.post::<_, CniResult>("/v1/cni/add", &req) {
-                Ok(r) => Output::ok(render(&version, &r)),
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            ])?;
+            Command::Add
         }
         "DEL" => {
-            if let Some(o) = need(&[
+            need(&[
                 ("CNI_CONTAINERID", &req.container_id),
                 ("CNI_IFNAME", &req.ifname),
-            ]) {
-                return o;
-            }
-            match client.post::<_, Value>("/v1/cni/del", &req) {
-                Ok(_) => Output::empty(),
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            ])?;
+            Command::Del
         }
         "CHECK" => {
-            if let Some(o) = too_old("0.4.0") {
-                return o;
-            }
-            if let Some(o) = need(&[
+            too_old("0.4.0")?;
+            need(&[
                 ("CNI_CONTAINERID", &req.container_id),
                 ("CNI_IFNAME", &req.ifname),
-            ]) {
-                return o;
-            }
+            ])?;
             // The spec: the runtime must send the ADD's result as prevResult, and CHECK must
             // consult it; the reference main plugins refuse a CHECK without one.
             req.prev_ips = match prev_ips(&conf) {
                 Ok(Some(ips)) => ips,
                 Ok(None) => {
-                    return Output::error(
+                    return Err(Output::error(
                         &version,
                         codes::INVALID_CONFIG,
                         "CHECK needs prevResult (the result of the ADD), which the runtime sends from cniVersion 0.4.0 on".into(),
                         String::new(),
-                    );
+                    ));
                 }
                 Err(e) => {
-                    return Output::error(
+                    return Err(Output::error(
                         &version,
                         codes::DECODE_FAILURE,
                         e.to_string(),
                         String::new(),
-                    );
+                    ));
                 }
             };
-            match client.post::<_, Value>("/v1/cni/check", &req) {
-                Ok(_) => Output::empty(),
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            Command::Check
         }
         "GC" => {
-            if let Some(o) = too_old("1.1.0") {
-                return o;
-            }
+            too_old("1.1.0")?;
             // A missing list is not an empty one: read as "nothing is valid", it would free
             // every address of the network.
             let Some(valid) = conf
@@ -429,52 +451,87 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
                 .filter(|v| !v.is_null())
                 .cloned()
             else {
-                return Output::error(
+                return Err(Output::error(
                     &version,
                     codes::INVALID_CONFIG,
                     "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
                     String::new(),
-                );
+                ));
             };
             req.valid_attachments = match serde_json::from_value::<Vec<Attachment>>(valid) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    return Output::error(
+                    return Err(Output::error(
                         &version,
                         codes::INVALID_CONFIG,
                         format!("cni.dev/valid-attachments: {e}"),
                         String::new(),
-                    );
+                    ));
                 }
             };
-            match client.post::<_, tether_api::GcResult>("/v1/cni/gc", &req) {
-                Ok(r) => {
-                    log(
-                        log_file.as_deref(),
-                        false,
-                        &format!("GC network={} released={:?}", req.network, r.released),
-                    );
-                    Output::empty()
-                }
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            Command::Gc
         }
         "STATUS" => {
-            if let Some(o) = too_old("1.1.0") {
-                return o;
+            too_old("1.1.0")?;
+            Command::Status
+        }
+        other => {
+            return Err(Output::error(
+                &version,
+                codes::INVALID_ENV,
+                format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
+                String::new(),
+            ));
+        }
+    };
+    Ok(Call {
+        command,
+        version,
+        socket,
+        request: req,
+    })
+}
+
+/// One CNI call; `log_file` is set as soon as the config names one.
+fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>) -> Output {
+    let call = match parse(env, stdin, log_file) {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let version = call.version.as_str();
+    let req = &call.request;
+    let client = Client::new(&call.socket, TIMEOUT);
+    match call.command {
+        Command::Add => match client.post::<_, CniResult>("/v1/cni/add", req) {
+            Ok(r) => Output::ok(render(version, &r)),
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Del => match client.post::<_, Value>("/v1/cni/del", req) {
+            Ok(_) => Output::empty(),
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Check => match client.post::<_, Value>("/v1/cni/check", req) {
+            Ok(_) => Output::empty(),
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Gc => match client.post::<_, tether_api::GcResult>("/v1/cni/gc", req) {
+            Ok(r) => {
+                log(
+                    log_file.as_deref(),
+                    false,
+                    &format!("GC network={} released={:?}", req.network, r.released),
+                );
+                Output::empty()
             }
-            let path = format!("/v1/cni/status?pools={}", ipam.pools.join(","));
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Status => {
+            let path = format!("/v1/cni/status?pools={}", req.pools.join(","));
             match client.get::<Value>(&path) {
                 Ok(_) => Output::empty(),
-                Err(e) => client_error(&version, e, codes::NOT_AVAILABLE),
+                Err(e) => client_error(version, e, codes::NOT_AVAILABLE),
             }
         }
-        other => Output::error(
-            &version,
-            codes::INVALID_ENV,
-            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
-            String::new(),
-        ),
     }
 }
 
