@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.2
-TARGETS=(cni_parse api_request manifests policy_load)
+TARGETS=(cni_parse cni_response api_request manifests policy_load)
 bin_root=${TETHER_CARGO_BIN:-/var/cache/tether/cargo-bin}
 export PATH="$bin_root/bin:$PATH"
 export CARGO_TARGET_DIR=${TETHER_FUZZ_TARGET:-/var/cache/tether/target-fuzz}

@@ -1,6 +1,7 @@
 //! The plugin's logic, free of process globals so tests can drive it.
 
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -88,9 +89,26 @@ fn parse_cni_args(s: &str) -> Vec<(String, String)> {
 }
 
 /// Writes one line to `logFile`. Without one, only failures go to stderr (the runtime keeps
-/// the plugin's stderr with the error); a successful call stays silent.
+/// the plugin's stderr with the error); a successful call stays silent. Only a regular file
+/// (or a path where nothing is yet) is written: a FIFO would block the call on open, and a
+/// device or a directory is no log; then the line goes to stderr as if there were no
+/// `logFile`.
 fn log(file: Option<&str>, failed: bool, line: &str) {
-    let Some(path) = file else {
+    let opened = file.and_then(|path| {
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                eprintln!("tether: logFile {path} is not a regular file; not writing to it");
+                return None;
+            }
+            _ => {}
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    let Some(mut f) = opened else {
         if failed {
             eprintln!("tether: {line}");
         }
@@ -100,13 +118,7 @@ fn log(file: Option<&str>, failed: bool, line: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{ts:.3} {line}");
-    }
+    let _ = writeln!(f, "{ts:.3} {line}");
 }
 
 /// Whether CNI version `version` is `min` or later, in semver order; a version that is not
@@ -153,6 +165,27 @@ pub fn render(version: &str, r: &CniResult) -> Value {
 fn client_error(version: &str, e: ClientError, down_code: u32) -> Output {
     match e {
         ClientError::Api { body, .. } => Output::error(version, body.code, body.msg, body.details),
+        // Something that is not a socket where the socket should be will not become one by
+        // trying again: a config error, not "try again later".
+        ClientError::Connect { socket, source }
+            if std::fs::metadata(&socket).is_ok_and(|m| !m.file_type().is_socket()) =>
+        {
+            let what = match std::fs::metadata(&socket).map(|m| m.file_type()) {
+                Ok(t) if t.is_dir() => "a directory",
+                Ok(t) if t.is_file() => "a regular file",
+                Ok(t) if t.is_fifo() => "a FIFO",
+                _ => "something else",
+            };
+            Output::error(
+                version,
+                codes::INVALID_CONFIG,
+                format!(
+                    "ipam.socket {} is {what}, not tetherd's socket ({source})",
+                    socket.display()
+                ),
+                String::new(),
+            )
+        }
         ClientError::Connect { .. } => {
             Output::error(version, down_code, e.to_string(), String::new())
         }
@@ -333,6 +366,17 @@ pub fn parse(
             ));
         }
     };
+    // Paths relative to whatever directory the runtime runs the plugin in mean nothing.
+    for (field, path) in [("socket", &ipam.socket), ("logFile", &ipam.log_file)] {
+        if let Some(p) = path.as_deref().filter(|p| !p.starts_with('/')) {
+            return Err(Output::error(
+                &version,
+                codes::INVALID_CONFIG,
+                format!("ipam.{field} {p:?} is not an absolute path"),
+                String::new(),
+            ));
+        }
+    }
     log_file.clone_from(&ipam.log_file);
     if ipam.kind != "tether" {
         return Err(Output::error(
@@ -785,6 +829,88 @@ mod tests {
         // Below 0.4.0 there is no CHECK at all.
         let (_dir, conf) = down_socket_conf("0.3.1", json!({}));
         assert_eq!(code(&run(&attachment_env("CHECK"), &conf)), 1);
+    }
+
+    fn conf_with(ipam: Value) -> Vec<u8> {
+        let mut i = json!({"type": "tether"});
+        if let (Some(i), Value::Object(extra)) = (i.as_object_mut(), ipam) {
+            i.extend(extra);
+        }
+        json!({"cniVersion": "1.0.0", "name": "n", "ipam": i})
+            .to_string()
+            .into_bytes()
+    }
+
+    fn msg(o: &Output) -> String {
+        serde_json::from_str::<Value>(&o.stdout).expect("json")["msg"]
+            .as_str()
+            .expect("msg")
+            .to_owned()
+    }
+
+    #[test]
+    fn relative_socket_and_log_paths_are_refused() {
+        for (field, path) in [("socket", "run/tether.sock"), ("logFile", "tether.log")] {
+            let o = run(&attachment_env("ADD"), &conf_with(json!({field: path})));
+            assert_eq!(code(&o), 7, "{}", o.stdout);
+            assert_eq!(
+                msg(&o),
+                format!("ipam.{field} {path:?} is not an absolute path")
+            );
+        }
+        // `..` in an absolute path is an ordinary path: here, to no socket (11).
+        let o = run(
+            &attachment_env("ADD"),
+            &conf_with(json!({"socket": "/nonexistent/../nonexistent/tether.sock"})),
+        );
+        assert_eq!(code(&o), 11, "{}", o.stdout);
+    }
+
+    #[test]
+    fn a_socket_path_that_is_no_socket_is_a_config_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        for (path, what) in [
+            (dir.path(), "a directory"),
+            (file.as_path(), "a regular file"),
+        ] {
+            let o = run(&attachment_env("ADD"), &conf_with(json!({"socket": path})));
+            assert_eq!(code(&o), 7, "{}", o.stdout);
+            assert!(
+                msg(&o).starts_with(&format!(
+                    "ipam.socket {} is {what}, not tetherd's socket (",
+                    path.display()
+                )),
+                "{}",
+                o.stdout
+            );
+        }
+        assert_eq!(std::fs::read(&file).expect("read"), b"x", "left as it was");
+    }
+
+    #[test]
+    fn a_log_file_that_is_a_fifo_or_a_directory_neither_blocks_nor_fails_the_call() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let sock = dir.path().join("none.sock");
+        for log in [fifo.clone(), dir.path().to_owned()] {
+            let conf = conf_with(json!({"socket": sock, "logFile": log}));
+            // Opening a FIFO nobody reads blocks: the call runs on a thread with a deadline.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(run(&attachment_env("ADD"), &conf));
+            });
+            let o = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("the call hung on logFile {}", log.display()));
+            assert_eq!(code(&o), 11, "{}", o.stdout);
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!
 //! - [`cni`]: the plugin's parsing of the `CNI_*` environment, `CNI_ARGS` and the network
 //!   config on stdin ([`tether_cni::plugin::parse`]), no socket and no file touched;
+//! - [`response`]: the daemon's HTTP answer as the plugin parses it
+//!   ([`tether_api::client::parse_response`]): bytes from a daemon that may die mid-answer;
 //! - [`api`]: the daemon's socket API: a body decoded as tetherd's http.rs does, then the
 //!   engine's own checks and the allocation itself ([`tether_engine::Engine`] over the
 //!   embedded store and the built-in policy chain), with the no-duplicate invariant after
@@ -19,6 +21,7 @@ pub mod api;
 pub mod cni;
 pub mod manifests;
 pub mod policy;
+pub mod response;
 
 /// Splits `KEY=VALUE` lines up to the first empty line from what follows it: the fuzz input
 /// format of targets that take an environment and a body (seeds stay readable). Without an
