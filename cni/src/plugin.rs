@@ -12,6 +12,10 @@ use tether_api::{Attachment, CniRequest, CniResult, DEFAULT_SOCKET, codes};
 /// Versions this plugin speaks.
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request sent to tetherd. The daemon reads at most 2 MB of a body (axum's default)
+/// and answers more with 413 while the plugin is still writing, which the plugin could only
+/// report as a broken pipe; a config that big is a mistake, refused here with a reason.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 /// What `tether` says when run by hand (no CNI_COMMAND), on stderr, as the reference plugins do.
 pub fn about() -> String {
@@ -528,6 +532,17 @@ pub fn parse(
             ));
         }
     };
+    let size = serde_json::to_vec(&req).map_or(usize::MAX, |b| b.len());
+    if size > MAX_REQUEST_BYTES {
+        return Err(Output::error(
+            &version,
+            codes::INVALID_CONFIG,
+            format!(
+                "the request to tetherd would be {size} bytes, over the limit of {MAX_REQUEST_BYTES}: ipam.pools, the requested ips, prevResult or CNI_ARGS are far too long"
+            ),
+            String::new(),
+        ));
+    }
     Ok(Call {
         command,
         version,
@@ -864,6 +879,28 @@ mod tests {
             &conf_with(json!({"socket": "/nonexistent/../nonexistent/tether.sock"})),
         );
         assert_eq!(code(&o), 11, "{}", o.stdout);
+    }
+
+    #[test]
+    fn a_config_too_big_for_the_daemon_is_refused_before_sending() {
+        let (_dir, conf) = down_socket_conf("1.0.0", json!({}));
+        let mut conf: Value = serde_json::from_slice(&conf).expect("json");
+        // 1.5 MB of pool names: the daemon would cut the connection at 2 MB; at 1 MiB the
+        // plugin refuses.
+        conf["ipam"]["pools"] = json!(vec!["p".repeat(1000); 1500]);
+        let o = run(&attachment_env("ADD"), conf.to_string().as_bytes());
+        assert_eq!(code(&o), 7, "{}", &o.stdout[..200.min(o.stdout.len())]);
+        assert!(
+            msg(&o).contains(&format!("over the limit of {MAX_REQUEST_BYTES}")),
+            "{}",
+            msg(&o)
+        );
+        // Under the limit it goes to the daemon (down here: 11).
+        conf["ipam"]["pools"] = json!(vec!["p".repeat(1000); 500]);
+        assert_eq!(
+            code(&run(&attachment_env("ADD"), conf.to_string().as_bytes())),
+            11
+        );
     }
 
     #[test]
