@@ -5,7 +5,7 @@
 #
 #   scripts/fuzz.sh install        installs cargo-fuzz $CARGO_FUZZ_VERSION (pinned) into
 #                                  $TETHER_CARGO_BIN (/var/cache/tether/cargo-bin); setup.sh calls it
-#   scripts/fuzz.sh ci             builds every target, runs each for $TETHER_FUZZ_CI_SECS (40) s
+#   scripts/fuzz.sh ci             builds every target, runs each for $TETHER_FUZZ_CI_SECS (35) s
 #   scripts/fuzz.sh long [SECONDS] the same, each target SECONDS (default 3600) s
 #   scripts/fuzz.sh run TARGET [SECONDS] one target
 #
@@ -79,6 +79,11 @@ run_one() {
   local target=$1 secs=$2
   local work=$CARGO_TARGET_DIR/corpus/$target artifacts=$CARGO_TARGET_DIR/artifacts/$target/
   local log=$CARGO_TARGET_DIR/logs/$target.log
+  # Artifacts of an earlier run are kept aside: only this run's count.
+  if [ -d "$artifacts" ] && [ -n "$(ls -A "$artifacts")" ]; then
+    mkdir -p "$CARGO_TARGET_DIR/artifacts-earlier/$target"
+    mv "$artifacts"* "$CARGO_TARGET_DIR/artifacts-earlier/$target/"
+  fi
   mkdir -p "$work" "$artifacts" "$(dirname "$log")"
   local seeds=(fuzz/corpus/"$target")
   if [ "$target" = policy_load ]; then seeds+=("$(policy_seeds)"); fi
@@ -112,6 +117,10 @@ run_all() {
   [ ${#targets[@]} -gt 0 ] || targets=("${TARGETS[@]}")
   install
   build
+  # The api_request target's store: on tmpfs when there is one, removed afterwards.
+  TETHER_FUZZ_TMP=$(mktemp -d -p /dev/shm tether-fuzz.XXXXXX 2>/dev/null || mktemp -d -t tether-fuzz.XXXXXX)
+  export TETHER_FUZZ_TMP
+  trap 'rm -rf "$TETHER_FUZZ_TMP"' EXIT
   summary=$CARGO_TARGET_DIR/summary.txt
   : >"$summary"
   echo "# scripts/fuzz.sh, $(date -u +%FT%TZ), ${secs} s per target, $(git rev-parse --short HEAD 2>/dev/null || echo '?')" >>"$summary"
@@ -127,7 +136,7 @@ run_all() {
 case "${1:-ci}" in
   install) install ;;
   build) install; build ;;
-  ci) run_all "${TETHER_FUZZ_CI_SECS:-40}" ;;
+  ci) run_all "${TETHER_FUZZ_CI_SECS:-35}" ;;
   long) run_all "${2:-3600}" ;;
   run) [ -n "${2:-}" ] || { say "usage: scripts/fuzz.sh run TARGET [SECONDS]"; exit 2; }
        run_all "${3:-60}" "$2" ;;

@@ -46,14 +46,21 @@ fn pools() -> Vec<Pool> {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        // tmpfs when there is one: the store fsyncs every commit.
+        // scripts/fuzz.sh gives a directory it removes afterwards (libFuzzer exits without
+        // dropping statics); else tmpfs when there is one: the store fsyncs every commit.
+        let base = std::env::var_os("TETHER_FUZZ_TMP")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let shm = std::path::Path::new("/dev/shm");
+                if shm.is_dir() {
+                    shm.to_owned()
+                } else {
+                    std::env::temp_dir()
+                }
+            });
         let dir = tempfile::Builder::new()
             .prefix("tether-fuzz-api")
-            .tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
-                "/dev/shm"
-            } else {
-                "/tmp"
-            })
+            .tempdir_in(base)
             .expect("a temporary directory");
         let store = EmbeddedStore::open(&dir.path().join("store.redb")).expect("the store opens");
         let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).expect("the runtime"));
