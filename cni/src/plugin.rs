@@ -864,6 +864,43 @@ mod tests {
     }
 
     #[test]
+    fn wrong_types_and_deep_nesting_get_their_codes() {
+        let e = attachment_env("ADD");
+        for (conf, want, text) in [
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"tether","pools":"x"}}"#
+                    .to_owned(),
+                7,
+                r#"ipam config: invalid type: string "x", expected a sequence"#,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","ipam":"tether"}"#.to_owned(),
+                7,
+                r#"ipam config: invalid type: string "tether", expected struct IpamConfig"#,
+            ),
+            (
+                r#"{"cniVersion":1,"name":"n","ipam":{"type":"tether"}}"#.to_owned(),
+                1,
+                r#"cniVersion "" is not supported"#,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":7,"ipam":{"type":"tether"}}"#.to_owned(),
+                7,
+                "network config has no name",
+            ),
+            (
+                format!("{}1{}", r#"{"a":"#.repeat(200_000), "}".repeat(200_000)),
+                6,
+                "network config on stdin is not JSON: recursion limit exceeded",
+            ),
+        ] {
+            let o = run(&e, conf.as_bytes());
+            assert_eq!(code(&o), want, "{}", o.stdout);
+            assert!(msg(&o).starts_with(text), "{}", o.stdout);
+        }
+    }
+
+    #[test]
     fn relative_socket_and_log_paths_are_refused() {
         for (field, path) in [("socket", "run/tether.sock"), ("logFile", "tether.log")] {
             let o = run(&attachment_env("ADD"), &conf_with(json!({field: path})));
