@@ -32,6 +32,16 @@ fn raw(socket: &Path, path: &str, body: &[u8]) -> (u16, Value) {
     (status, body)
 }
 
+/// What is sent, and what must come back: (what, path, body, HTTP status, CNI code, message).
+type Case = (
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    u16,
+    Option<u64>,
+    &'static str,
+);
+
 fn add_body(container: &str) -> Value {
     json!({"containerId": container, "ifname": "eth0", "netns": "/x", "network": "net",
         "cniVersion": "1.1.0", "pools": ["test-ippool"],
@@ -52,7 +62,7 @@ fn bad_request_bodies_get_their_codes_and_change_nothing() {
     // Just over the 2 MB the daemon reads of a body.
     let huge = with(json!({"pools": vec!["p".repeat(1000); 2100]}));
     assert!(huge.len() > 2 << 20);
-    let cases: Vec<(&str, &str, Vec<u8>, u16, Option<u64>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             "/v1/cni/add",
