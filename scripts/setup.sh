@@ -85,4 +85,11 @@ if [ "$(id -u)" = 0 ]; then
 else
   say "not root: not building the test control plane (the Kubernetes tests say so and skip)"
 fi
+# Fuzzing: cargo-fuzz (pinned, into /var/cache/tether/cargo-bin) for scripts/fuzz.sh, which
+# CI runs after the tests.
+if [ "$(id -u)" = 0 ]; then
+  bash scripts/fuzz.sh install
+else
+  say "not root: not installing cargo-fuzz (run scripts/fuzz.sh install as root)"
+fi
 say "ready"

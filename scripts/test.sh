@@ -17,3 +17,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+echo "== fuzz (scripts/fuzz.sh ci: each target ${TETHER_FUZZ_CI_SECS:-35} s; a crash fails)"
+bash scripts/fuzz.sh ci

@@ -2,7 +2,7 @@
 //! stdin), forwards it to tetherd over the unix socket, and prints the result in the caller's
 //! `cniVersion`. No async runtime, no logging to stdout (it is the protocol channel).
 
-mod plugin;
+use tether_cni::plugin;
 
 use std::io::{Read, Write};
 

@@ -1,6 +1,7 @@
 //! The plugin's logic, free of process globals so tests can drive it.
 
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -11,6 +12,10 @@ use tether_api::{Attachment, CniRequest, CniResult, DEFAULT_SOCKET, codes};
 /// Versions this plugin speaks.
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request sent to tetherd. The daemon reads at most 2 MB of a body (axum's default)
+/// and answers more with 413 while the plugin is still writing, which the plugin could only
+/// report as a broken pipe; a config that big is a mistake, refused here with a reason.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 
 /// What `tether` says when run by hand (no CNI_COMMAND), on stderr, as the reference plugins do.
 pub fn about() -> String {
@@ -22,8 +27,11 @@ pub fn about() -> String {
 }
 
 /// What to print and how to exit. JSON on stdout ends with a newline.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Output {
+    /// What to print on stdout: the result or the spec's error JSON, or nothing.
     pub stdout: String,
+    /// The exit status: 0, or 1 with an error on stdout.
     pub exit: u8,
 }
 
@@ -85,9 +93,26 @@ fn parse_cni_args(s: &str) -> Vec<(String, String)> {
 }
 
 /// Writes one line to `logFile`. Without one, only failures go to stderr (the runtime keeps
-/// the plugin's stderr with the error); a successful call stays silent.
+/// the plugin's stderr with the error); a successful call stays silent. Only a regular file
+/// (or a path where nothing is yet) is written: a FIFO would block the call on open, and a
+/// device or a directory is no log; then the line goes to stderr as if there were no
+/// `logFile`.
 fn log(file: Option<&str>, failed: bool, line: &str) {
-    let Some(path) = file else {
+    let opened = file.and_then(|path| {
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => {
+                eprintln!("tether: logFile {path} is not a regular file; not writing to it");
+                return None;
+            }
+            _ => {}
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    let Some(mut f) = opened else {
         if failed {
             eprintln!("tether: {line}");
         }
@@ -97,13 +122,7 @@ fn log(file: Option<&str>, failed: bool, line: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{ts:.3} {line}");
-    }
+    let _ = writeln!(f, "{ts:.3} {line}");
 }
 
 /// Whether CNI version `version` is `min` or later, in semver order; a version that is not
@@ -150,6 +169,27 @@ pub fn render(version: &str, r: &CniResult) -> Value {
 fn client_error(version: &str, e: ClientError, down_code: u32) -> Output {
     match e {
         ClientError::Api { body, .. } => Output::error(version, body.code, body.msg, body.details),
+        // Something that is not a socket where the socket should be will not become one by
+        // trying again: a config error, not "try again later".
+        ClientError::Connect { socket, source }
+            if std::fs::metadata(&socket).is_ok_and(|m| !m.file_type().is_socket()) =>
+        {
+            let what = match std::fs::metadata(&socket).map(|m| m.file_type()) {
+                Ok(t) if t.is_dir() => "a directory",
+                Ok(t) if t.is_file() => "a regular file",
+                Ok(t) if t.is_fifo() => "a FIFO",
+                _ => "something else",
+            };
+            Output::error(
+                version,
+                codes::INVALID_CONFIG,
+                format!(
+                    "ipam.socket {} is {what}, not tetherd's socket ({source})",
+                    socket.display()
+                ),
+                String::new(),
+            )
+        }
         // Not reached, cut off before the answer, or no answer in time: the daemon is down,
         // restarting or stuck, and every call is idempotent, so the runtime should retry.
         ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io(_) => {
@@ -247,18 +287,54 @@ pub fn run(env: &[(String, String)], stdin: &[u8]) -> Output {
     out
 }
 
-/// One CNI call; `log_file` is set as soon as the config names one.
-fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>) -> Output {
+/// The CNI command of a [`Call`] (VERSION is answered before any parsing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// ADD.
+    Add,
+    /// DEL.
+    Del,
+    /// CHECK.
+    Check,
+    /// GC.
+    Gc,
+    /// STATUS.
+    Status,
+}
+
+/// A CNI call, parsed and checked from the environment and the network config, before any
+/// I/O: what the plugin sends to tetherd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// The command.
+    pub command: Command,
+    /// The caller's `cniVersion` (one of [`SUPPORTED`]).
+    pub version: String,
+    /// The daemon's socket (`ipam.socket`, else [`DEFAULT_SOCKET`]).
+    pub socket: String,
+    /// The request sent to the daemon (for STATUS, its `pools` only).
+    pub request: CniRequest,
+}
+
+/// Parses one CNI call (the `CNI_*` environment, `CNI_ARGS` and the network config on
+/// stdin) without touching the socket or any file: `Err` is the error answer to print.
+/// `log_file` is set as soon as the config names one, so a refusal is logged there too.
+/// The fuzz target `cni_parse` drives this.
+pub fn parse(
+    env: &[(String, String)],
+    stdin: &[u8],
+    log_file: &mut Option<String>,
+) -> Result<Call, Output> {
     let command = env_get(env, "CNI_COMMAND").to_owned();
     let conf: Value = match serde_json::from_slice(stdin) {
         Ok(v) => v,
         Err(e) => {
-            return Output::error(
+            return Err(Output::error(
                 "",
                 codes::DECODE_FAILURE,
                 format!("network config on stdin is not JSON: {e}"),
                 String::new(),
-            );
+            ));
         }
     };
     let version = conf
@@ -267,7 +343,7 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         .unwrap_or("")
         .to_owned();
     if !SUPPORTED.contains(&version.as_str()) {
-        return Output::error(
+        return Err(Output::error(
             "",
             codes::INCOMPATIBLE_VERSION,
             format!(
@@ -275,35 +351,46 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
                 SUPPORTED.join(", ")
             ),
             String::new(),
-        );
+        ));
     }
     let ipam: IpamConfig = match conf.get("ipam").cloned().map(serde_json::from_value) {
         Some(Ok(i)) => i,
         Some(Err(e)) => {
-            return Output::error(
+            return Err(Output::error(
                 &version,
                 codes::INVALID_CONFIG,
                 format!("ipam config: {e}"),
                 "fields: type, socket, pools, logFile".into(),
-            );
+            ));
         }
         None => {
-            return Output::error(
+            return Err(Output::error(
                 &version,
                 codes::INVALID_CONFIG,
                 "network config has no ipam section".into(),
                 String::new(),
-            );
+            ));
         }
     };
+    // Paths relative to whatever directory the runtime runs the plugin in mean nothing.
+    for (field, path) in [("socket", &ipam.socket), ("logFile", &ipam.log_file)] {
+        if let Some(p) = path.as_deref().filter(|p| !p.starts_with('/')) {
+            return Err(Output::error(
+                &version,
+                codes::INVALID_CONFIG,
+                format!("ipam.{field} {p:?} is not an absolute path"),
+                String::new(),
+            ));
+        }
+    }
     log_file.clone_from(&ipam.log_file);
     if ipam.kind != "tether" {
-        return Output::error(
+        return Err(Output::error(
             &version,
             codes::INVALID_CONFIG,
             format!("ipam type is {:?}, not \"tether\"", ipam.kind),
             String::new(),
-        );
+        ));
     }
     let network = conf
         .get("name")
@@ -311,14 +398,14 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         .unwrap_or("")
         .to_owned();
     if network.is_empty() && command != "STATUS" {
-        return Output::error(
+        return Err(Output::error(
             &version,
             codes::INVALID_CONFIG,
             "network config has no name".into(),
             String::new(),
-        );
+        ));
     }
-    let client = Client::new(ipam.socket.as_deref().unwrap_or(DEFAULT_SOCKET), TIMEOUT);
+    let socket = ipam.socket.unwrap_or_else(|| DEFAULT_SOCKET.to_owned());
     let args = parse_cni_args(env_get(env, "CNI_ARGS"));
     let mut req = CniRequest {
         container_id: env_get(env, "CNI_CONTAINERID").to_owned(),
@@ -328,102 +415,85 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
         cni_version: version.clone(),
         requested_ips: requested_ips(&conf, &args),
         args,
-        pools: ipam.pools.clone(),
+        pools: ipam.pools,
         valid_attachments: None,
         prev_ips: Vec::new(),
     };
-    let need = |names: &[(&str, &str)]| -> Option<Output> {
+    let need = |names: &[(&str, &str)]| -> Result<(), Output> {
         let missing: Vec<&str> = names
             .iter()
             .filter(|(_, v)| v.is_empty())
             .map(|(n, _)| *n)
             .collect();
-        (!missing.is_empty()).then(|| {
-            Output::error(
-                &version,
-                codes::INVALID_ENV,
-                format!("{} must be set for {command}", missing.join(", ")),
-                String::new(),
-            )
-        })
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Output::error(
+            &version,
+            codes::INVALID_ENV,
+            format!("{} must be set for {command}", missing.join(", ")),
+            String::new(),
+        ))
     };
     // Commands newer than the caller's cniVersion.
-    let too_old = |min: &str| -> Option<Output> {
-        (!at_least(&version, min)).then(|| {
-            Output::error(
-                &version,
-                codes::INCOMPATIBLE_VERSION,
-                format!("{command} needs cniVersion {min} or later"),
-                String::new(),
-            )
-        })
+    let too_old = |min: &str| -> Result<(), Output> {
+        if at_least(&version, min) {
+            return Ok(());
+        }
+        Err(Output::error(
+            &version,
+            codes::INCOMPATIBLE_VERSION,
+            format!("{command} needs cniVersion {min} or later"),
+            String::new(),
+        ))
     };
-    match command.as_str() {
+    let command = match command.as_str() {
         "ADD" => {
-            if let Some(o) = need(&[
+            need(&[
                 ("CNI_CONTAINERID", &req.container_id),
                 ("CNI_IFNAME", &req.ifname),
                 ("CNI_NETNS", &req.netns),
-            ]) {
-                return o;
-            }
-            match client.post::<_, CniResult>("/v1/cni/add", &req) {
-                Ok(r) => Output::ok(render(&version, &r)),
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            ])?;
+            Command::Add
         }
         "DEL" => {
-            if let Some(o) = need(&[
+            need(&[
                 ("CNI_CONTAINERID", &req.container_id),
                 ("CNI_IFNAME", &req.ifname),
-            ]) {
-                return o;
-            }
-            match client.post::<_, Value>("/v1/cni/del", &req) {
-                Ok(_) => Output::empty(),
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            ])?;
+            Command::Del
         }
         "CHECK" => {
-            if let Some(o) = too_old("0.4.0") {
-                return o;
-            }
-            if let Some(o) = need(&[
+            too_old("0.4.0")?;
+            need(&[
                 ("CNI_CONTAINERID", &req.container_id),
                 ("CNI_IFNAME", &req.ifname),
-            ]) {
-                return o;
-            }
+            ])?;
             // The spec: the runtime must send the ADD's result as prevResult, and CHECK must
             // consult it; the reference main plugins refuse a CHECK without one.
             req.prev_ips = match prev_ips(&conf) {
                 Ok(Some(ips)) => ips,
                 Ok(None) => {
-                    return Output::error(
+                    return Err(Output::error(
                         &version,
                         codes::INVALID_CONFIG,
                         "CHECK needs prevResult (the result of the ADD), which the runtime sends from cniVersion 0.4.0 on".into(),
                         String::new(),
-                    );
+                    ));
                 }
                 Err(e) => {
-                    return Output::error(
+                    return Err(Output::error(
                         &version,
                         codes::DECODE_FAILURE,
                         e.to_string(),
                         String::new(),
-                    );
+                    ));
                 }
             };
-            match client.post::<_, Value>("/v1/cni/check", &req) {
-                Ok(_) => Output::empty(),
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            Command::Check
         }
         "GC" => {
-            if let Some(o) = too_old("1.1.0") {
-                return o;
-            }
+            too_old("1.1.0")?;
             // A missing list is not an empty one: read as "nothing is valid", it would free
             // every address of the network.
             let Some(valid) = conf
@@ -431,52 +501,98 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
                 .filter(|v| !v.is_null())
                 .cloned()
             else {
-                return Output::error(
+                return Err(Output::error(
                     &version,
                     codes::INVALID_CONFIG,
                     "GC needs cni.dev/valid-attachments, which the runtime sends (CNI 1.1); refusing to free anything".into(),
                     String::new(),
-                );
+                ));
             };
             req.valid_attachments = match serde_json::from_value::<Vec<Attachment>>(valid) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    return Output::error(
+                    return Err(Output::error(
                         &version,
                         codes::INVALID_CONFIG,
                         format!("cni.dev/valid-attachments: {e}"),
                         String::new(),
-                    );
+                    ));
                 }
             };
-            match client.post::<_, tether_api::GcResult>("/v1/cni/gc", &req) {
-                Ok(r) => {
-                    log(
-                        log_file.as_deref(),
-                        false,
-                        &format!("GC network={} released={:?}", req.network, r.released),
-                    );
-                    Output::empty()
-                }
-                Err(e) => client_error(&version, e, codes::TRY_AGAIN),
-            }
+            Command::Gc
         }
         "STATUS" => {
-            if let Some(o) = too_old("1.1.0") {
-                return o;
+            too_old("1.1.0")?;
+            Command::Status
+        }
+        other => {
+            return Err(Output::error(
+                &version,
+                codes::INVALID_ENV,
+                format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
+                String::new(),
+            ));
+        }
+    };
+    let size = serde_json::to_vec(&req).map_or(usize::MAX, |b| b.len());
+    if size > MAX_REQUEST_BYTES {
+        return Err(Output::error(
+            &version,
+            codes::INVALID_CONFIG,
+            format!(
+                "the request to tetherd would be {size} bytes, over the limit of {MAX_REQUEST_BYTES}: ipam.pools, the requested ips, prevResult or CNI_ARGS are far too long"
+            ),
+            String::new(),
+        ));
+    }
+    Ok(Call {
+        command,
+        version,
+        socket,
+        request: req,
+    })
+}
+
+/// One CNI call; `log_file` is set as soon as the config names one.
+fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>) -> Output {
+    let call = match parse(env, stdin, log_file) {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let version = call.version.as_str();
+    let req = &call.request;
+    let client = Client::new(&call.socket, TIMEOUT);
+    match call.command {
+        Command::Add => match client.post::<_, CniResult>("/v1/cni/add", req) {
+            Ok(r) => Output::ok(render(version, &r)),
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Del => match client.post::<_, Value>("/v1/cni/del", req) {
+            Ok(_) => Output::empty(),
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Check => match client.post::<_, Value>("/v1/cni/check", req) {
+            Ok(_) => Output::empty(),
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Gc => match client.post::<_, tether_api::GcResult>("/v1/cni/gc", req) {
+            Ok(r) => {
+                log(
+                    log_file.as_deref(),
+                    false,
+                    &format!("GC network={} released={:?}", req.network, r.released),
+                );
+                Output::empty()
             }
-            let path = format!("/v1/cni/status?pools={}", ipam.pools.join(","));
+            Err(e) => client_error(version, e, codes::TRY_AGAIN),
+        },
+        Command::Status => {
+            let path = format!("/v1/cni/status?pools={}", req.pools.join(","));
             match client.get::<Value>(&path) {
                 Ok(_) => Output::empty(),
-                Err(e) => client_error(&version, e, codes::NOT_AVAILABLE),
+                Err(e) => client_error(version, e, codes::NOT_AVAILABLE),
             }
         }
-        other => Output::error(
-            &version,
-            codes::INVALID_ENV,
-            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
-            String::new(),
-        ),
     }
 }
 
@@ -730,6 +846,147 @@ mod tests {
         // Below 0.4.0 there is no CHECK at all.
         let (_dir, conf) = down_socket_conf("0.3.1", json!({}));
         assert_eq!(code(&run(&attachment_env("CHECK"), &conf)), 1);
+    }
+
+    fn conf_with(ipam: Value) -> Vec<u8> {
+        let mut i = json!({"type": "tether"});
+        if let (Some(i), Value::Object(extra)) = (i.as_object_mut(), ipam) {
+            i.extend(extra);
+        }
+        json!({"cniVersion": "1.0.0", "name": "n", "ipam": i})
+            .to_string()
+            .into_bytes()
+    }
+
+    fn msg(o: &Output) -> String {
+        serde_json::from_str::<Value>(&o.stdout).expect("json")["msg"]
+            .as_str()
+            .expect("msg")
+            .to_owned()
+    }
+
+    #[test]
+    fn wrong_types_and_deep_nesting_get_their_codes() {
+        let e = attachment_env("ADD");
+        for (conf, want, text) in [
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","ipam":{"type":"tether","pools":"x"}}"#
+                    .to_owned(),
+                7,
+                r#"ipam config: invalid type: string "x", expected a sequence"#,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","ipam":"tether"}"#.to_owned(),
+                7,
+                r#"ipam config: invalid type: string "tether", expected struct IpamConfig"#,
+            ),
+            (
+                r#"{"cniVersion":1,"name":"n","ipam":{"type":"tether"}}"#.to_owned(),
+                1,
+                r#"cniVersion "" is not supported"#,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":7,"ipam":{"type":"tether"}}"#.to_owned(),
+                7,
+                "network config has no name",
+            ),
+            (
+                format!("{}1{}", r#"{"a":"#.repeat(200_000), "}".repeat(200_000)),
+                6,
+                "network config on stdin is not JSON: recursion limit exceeded",
+            ),
+        ] {
+            let o = run(&e, conf.as_bytes());
+            assert_eq!(code(&o), want, "{}", o.stdout);
+            assert!(msg(&o).starts_with(text), "{}", o.stdout);
+        }
+    }
+
+    #[test]
+    fn relative_socket_and_log_paths_are_refused() {
+        for (field, path) in [("socket", "run/tether.sock"), ("logFile", "tether.log")] {
+            let o = run(&attachment_env("ADD"), &conf_with(json!({field: path})));
+            assert_eq!(code(&o), 7, "{}", o.stdout);
+            assert_eq!(
+                msg(&o),
+                format!("ipam.{field} {path:?} is not an absolute path")
+            );
+        }
+        // `..` in an absolute path is an ordinary path: here, to no socket (11).
+        let o = run(
+            &attachment_env("ADD"),
+            &conf_with(json!({"socket": "/nonexistent/../nonexistent/tether.sock"})),
+        );
+        assert_eq!(code(&o), 11, "{}", o.stdout);
+    }
+
+    #[test]
+    fn a_config_too_big_for_the_daemon_is_refused_before_sending() {
+        let (_dir, conf) = down_socket_conf("1.0.0", json!({}));
+        let mut conf: Value = serde_json::from_slice(&conf).expect("json");
+        // 1.5 MB of pool names: the daemon would cut the connection at 2 MB; at 1 MiB the
+        // plugin refuses.
+        conf["ipam"]["pools"] = json!(vec!["p".repeat(1000); 1500]);
+        let o = run(&attachment_env("ADD"), conf.to_string().as_bytes());
+        assert_eq!(code(&o), 7, "{}", &o.stdout[..200.min(o.stdout.len())]);
+        assert!(
+            msg(&o).contains(&format!("over the limit of {MAX_REQUEST_BYTES}")),
+            "{}",
+            msg(&o)
+        );
+        // Under the limit it goes to the daemon (down here: 11).
+        conf["ipam"]["pools"] = json!(vec!["p".repeat(1000); 500]);
+        assert_eq!(
+            code(&run(&attachment_env("ADD"), conf.to_string().as_bytes())),
+            11
+        );
+    }
+
+    #[test]
+    fn a_socket_path_that_is_no_socket_is_a_config_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").expect("write");
+        for (path, what) in [
+            (dir.path(), "a directory"),
+            (file.as_path(), "a regular file"),
+        ] {
+            let o = run(&attachment_env("ADD"), &conf_with(json!({"socket": path})));
+            assert_eq!(code(&o), 7, "{}", o.stdout);
+            assert!(
+                msg(&o).starts_with(&format!(
+                    "ipam.socket {} is {what}, not tetherd's socket (",
+                    path.display()
+                )),
+                "{}",
+                o.stdout
+            );
+        }
+        assert_eq!(std::fs::read(&file).expect("read"), b"x", "left as it was");
+    }
+
+    #[test]
+    fn a_log_file_that_is_a_fifo_or_a_directory_neither_blocks_nor_fails_the_call() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let sock = dir.path().join("none.sock");
+        for log in [fifo.clone(), dir.path().to_owned()] {
+            let conf = conf_with(json!({"socket": sock, "logFile": log}));
+            // Opening a FIFO nobody reads blocks: the call runs on a thread with a deadline.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(run(&attachment_env("ADD"), &conf));
+            });
+            let o = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("the call hung on logFile {}", log.display()));
+            assert_eq!(code(&o), 11, "{}", o.stdout);
+        }
     }
 
     #[test]

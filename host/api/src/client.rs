@@ -234,6 +234,11 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), ClientError> {
             .filter(|e| *e <= rest.len())
             .ok_or_else(|| bad("truncated chunk"))?;
         body.extend_from_slice(&rest[i..end]);
+        // The chunk's data ends with CRLF; an answer cut (or lying about the size) before it
+        // is truncated, never an index past the end.
+        if rest.get(end..end + 2) != Some(&b"\r\n"[..]) {
+            return Err(bad("truncated chunk"));
+        }
         i = end + 2;
     }
     Ok((status, body))
@@ -297,5 +302,28 @@ mod tests {
             matches!(e, ClientError::Closed { received } if received > 0),
             "{e:?}"
         );
+    }
+
+    /// Found by the fuzz target `cni_response`: a chunk size that runs into the chunk's CRLF
+    /// (a daemon killed mid-answer, or a corrupt one) made the plugin panic on a slice index
+    /// past the end instead of reporting a truncated answer.
+    #[test]
+    fn a_chunk_running_past_the_answer_is_truncated_not_a_panic() {
+        let found = b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n1f\r\n{\"code\":100,\"ms99999ed\"}\r\n0\r\n\r\n";
+        assert!(
+            matches!(parse_response(found), Err(ClientError::Protocol(m)) if m == "truncated chunk")
+        );
+        // Cut right after the data, and one byte into its CRLF.
+        for cut in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n",
+        ] {
+            assert!(
+                parse_response(cut).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(cut)
+            );
+        }
     }
 }

@@ -282,8 +282,11 @@ impl Pool {
         if let Some(g) = gateway {
             let g = to_u128(g);
             holes.push((g, g));
-            holes = normalize(holes);
         }
+        // The unspecified address (`::`, `0.0.0.0`) is nobody's. Leaving it out also keeps
+        // every count within u128: `ips: ["::/0"]` would otherwise hold 2^128 addresses.
+        holes.push((0, 0));
+        holes = normalize(holes);
         for (field, selector) in [
             ("nodeSelector", &spec.node_selector),
             ("namespaceSelector", &spec.namespace_selector),
