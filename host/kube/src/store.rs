@@ -31,6 +31,7 @@ use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
 use tokio::runtime::Handle;
 
 use crate::crd::{IPAllocation, allocation_name};
+use crate::health::ApiHealth;
 
 /// How many groups of one commit are in flight at once.
 const CONCURRENT_GROUPS: usize = 32;
@@ -44,6 +45,9 @@ pub struct KubeStore {
     subscribers: std::sync::Arc<Mutex<Vec<Sender<Event>>>>,
     watching: Mutex<bool>,
     metrics: Option<std::sync::Arc<tether_engine::Metrics>>,
+    /// The API server's health: calls fail at once while it is down, and a failure that says
+    /// it is down marks it so.
+    health: Option<ApiHealth>,
 }
 
 fn backend(op: &str, e: impl std::fmt::Display) -> StoreError {
@@ -101,7 +105,23 @@ impl KubeStore {
             subscribers: std::sync::Arc::default(),
             watching: Mutex::new(false),
             metrics: None,
+            health: None,
         }
+    }
+
+    /// Shares `health` (see [`crate::health`]): while the API server is down, calls fail at
+    /// once instead of waiting for [`CALL_TIMEOUT`].
+    pub fn with_health(mut self, health: ApiHealth) -> KubeStore {
+        self.health = Some(health);
+        self
+    }
+
+    /// The error of a failed API call of `op`; notes an outage in the health.
+    fn failed(&self, op: &str, e: kube::Error) -> StoreError {
+        if let Some(h) = &self.health {
+            h.failed(op, &e);
+        }
+        backend(op, e)
     }
 
     /// Counts the store's API calls in `metrics` (`tether_kube_api_calls_total`).
@@ -114,7 +134,7 @@ impl KubeStore {
         self.api
             .get_opt(&allocation_name(ip))
             .await
-            .map_err(|e| backend("reading an address", e))
+            .map_err(|e| self.failed("reading an address", e))
     }
 
     /// The conflict of a change, with the revision the address's record has now.
@@ -143,7 +163,7 @@ impl KubeStore {
                         Ok(Ok((Done::Created { name, revision: r }, r)))
                     }
                     Err(e) if status(&e) == Some(409) => Ok(Err(self.conflict(c).await?)),
-                    Err(e) => Err(backend("creating an address", e)),
+                    Err(e) => Err(self.failed("creating an address", e)),
                 }
             }
             Change::Put(a) => {
@@ -167,7 +187,7 @@ impl KubeStore {
                     Err(e) if matches!(status(&e), Some(409 | 404)) => {
                         Ok(Err(self.conflict(c).await?))
                     }
-                    Err(e) => Err(backend("updating an address", e)),
+                    Err(e) => Err(self.failed("updating an address", e)),
                 }
             }
             Change::Delete { pool, ip, revision } => {
@@ -187,7 +207,7 @@ impl KubeStore {
                     Err(e) if matches!(status(&e), Some(409 | 404)) => {
                         Ok(Err(self.conflict(c).await?))
                     }
-                    Err(e) => Err(backend("deleting an address", e)),
+                    Err(e) => Err(self.failed("deleting an address", e)),
                 }
             }
         }
@@ -224,7 +244,7 @@ impl KubeStore {
                     .await
                     .map(|_| ()),
             };
-            undone.map_err(|e| backend("undoing part of a group", e))?;
+            undone.map_err(|e| self.failed("undoing part of a group", e))?;
         }
         Ok(())
     }
@@ -286,6 +306,7 @@ impl KubeStore {
         *watching = true;
         let api = self.api.clone();
         let subs = self.subscribers.clone();
+        let health = self.health.clone();
         self.rt.spawn(async move {
             // What the watch has shown, so that a re-list (after the watch fell behind) can
             // report the objects deleted in the gap, which no delete event announces.
@@ -335,7 +356,17 @@ impl KubeStore {
                             })
                             .collect()
                     }
+                    Err(e) if crate::health::is_expired(&e) => {
+                        // The watch resumed from a resourceVersion the API server no longer
+                        // has: the watcher re-lists (Init .. InitDone above), and what was
+                        // deleted in the gap is reported stale then.
+                        tracing::info!(resource = "IPAllocation", error = %e, "watch expired (410 Gone); re-listing");
+                        continue;
+                    }
                     Err(e) => {
+                        if let Some(h) = &health {
+                            h.watch_failed("IPAllocation", &e);
+                        }
                         tracing::warn!("watching address objects: {e}; retrying");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         continue;
@@ -364,9 +395,16 @@ impl KubeStore {
         what: &str,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        if let Some(Err(why)) = self.health.as_ref().map(ApiHealth::check) {
+            return Err(StoreError::Backend(format!("{what}: {why}")));
+        }
         self.rt
             .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
             .unwrap_or_else(|_| {
+                let why = format!("no answer within {}s", CALL_TIMEOUT.as_secs());
+                if let Some(h) = &self.health {
+                    h.down(what, &why);
+                }
                 Err(StoreError::Backend(format!(
                     "{what}: no answer from the API server within {}s",
                     CALL_TIMEOUT.as_secs()
@@ -382,7 +420,7 @@ impl Store for KubeStore {
                 .api
                 .list(&ListParams::default())
                 .await
-                .map_err(|e| backend("listing addresses", e))?;
+                .map_err(|e| self.failed("listing addresses", e))?;
             let allocations = list.items.iter().map(read).collect();
             Ok(Snapshot { allocations })
         })
@@ -418,7 +456,7 @@ impl Store for KubeStore {
                 .api
                 .list(&ListParams::default().labels(&selector))
                 .await
-                .map_err(|e| backend("listing an identity's addresses", e))?;
+                .map_err(|e| self.failed("listing an identity's addresses", e))?;
             Ok(Some(
                 list.items
                     .iter()

@@ -47,6 +47,8 @@ use tether_engine::ports::{
 };
 use tokio::runtime::Handle;
 
+use crate::health::ApiHealth;
+
 /// How long one confirming read may take before the answer is "unknown".
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the KubeVirt CRDs are looked for while they are missing.
@@ -148,6 +150,8 @@ struct Shared {
     state: RwLock<State>,
     /// Resources resolved by discovery, by (apiVersion, kind): only kinds found served.
     resolved: Mutex<HashMap<(String, String), Resolved>>,
+    /// The API server's health: not synced while it is down (see [`crate::health`]).
+    health: ApiHealth,
 }
 
 /// Workloads from the API server (see the module documentation).
@@ -173,17 +177,23 @@ impl KubeWorkloads {
     ) -> KubeWorkloads {
         let shared = Arc::new(Shared {
             metrics,
-            client,
+            client: client.clone(),
             rt: rt.clone(),
             node: node.to_owned(),
             state: RwLock::default(),
             resolved: Mutex::default(),
+            health: ApiHealth::new(client.clone(), rt.clone()),
         });
         for w in builtin_kinds() {
             spawn_watch(&shared, w);
         }
         rt.spawn(discover_kubevirt(shared.clone()));
         KubeWorkloads { shared }
+    }
+
+    /// The API server's health this source judges by, to share with the store.
+    pub fn health(&self) -> ApiHealth {
+        self.shared.health.clone()
     }
 }
 
@@ -311,7 +321,20 @@ impl Shared {
         } else {
             Api::all_with(self.client.clone(), &ar)
         };
+        if let Err(why) = self.health.check() {
+            return Err(ReadError::other(format!(
+                "reading {kind} {namespace}/{name}: {why}"
+            )));
+        }
         let got = self.block_on(api.get_opt(name));
+        match &got {
+            None => self.health.down(
+                &format!("reading {kind}"),
+                &format!("no answer within {}s", READ_TIMEOUT.as_secs()),
+            ),
+            Some(Err(e)) => self.health.failed(&format!("reading {kind}"), e),
+            Some(Ok(_)) => {}
+        }
         if let Some(m) = &self.metrics {
             let result = match &got {
                 Some(Err(kube::Error::Api(s))) if s.code == 403 => "forbidden",
@@ -543,7 +566,15 @@ async fn watch(shared: Arc<Shared>, w: Watched) {
     while let Some(event) = stream.next().await {
         let event = match event {
             Ok(e) => e,
+            Err(e) if crate::health::is_expired(&e) => {
+                // Resumed from a resourceVersion the API server no longer has: the watcher
+                // re-lists, and the list replaces the cache (what was deleted in the gap
+                // leaves it).
+                tracing::info!(resource = %label, error = %e, "watch expired (410 Gone); re-listing");
+                continue;
+            }
             Err(e) => {
+                shared.health.watch_failed(&label, &e);
                 tracing::warn!(resource = %label, "watch failed; retrying: {e}");
                 continue;
             }
@@ -670,7 +701,11 @@ impl KubeWorkloads {
 }
 
 impl WorkloadView for KubeWorkloads {
+    /// While the API server is down (see [`crate::health`]) no pod is known: its cache may
+    /// miss what changed meanwhile, and no claim could be written anyway. The ADD is then
+    /// answered "try again later" (code 11) at once, before anything is planned.
     fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
+        self.shared.health.check()?;
         let cached = self
             .shared
             .read()
