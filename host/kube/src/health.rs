@@ -175,3 +175,64 @@ impl ApiHealth {
         }
     }
 }
+
+/// How long a broken watch waits before it tries again: from [`RETRY_MIN`], doubling with
+/// each failure in a row up to [`RETRY_MAX`], a quarter of it random; back to the start after
+/// any event. Shorter than kube's default (up to 30 s, reset only after 120 s without an
+/// error): a cache that lags after an outage makes ADDs wait (a pod recreated meanwhile is
+/// refused until its watch re-lists), so the wait after the API server returns is bounded by
+/// [`RETRY_MAX`]. A watch that expired (410) re-lists at once, without waiting.
+#[derive(Debug, Clone)]
+pub struct RetryDelay {
+    next: Duration,
+}
+
+/// The first wait of a broken watch.
+pub const RETRY_MIN: Duration = Duration::from_millis(500);
+/// The longest wait of a broken watch.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Default for RetryDelay {
+    fn default() -> Self {
+        RetryDelay { next: RETRY_MIN }
+    }
+}
+
+impl RetryDelay {
+    /// The wait before the next try (and the one after it grows).
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(RETRY_MAX);
+        // A quarter of it random, so that daemons that lost the API server together do not
+        // all come back at the same instant.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let quarter = base / 4;
+        let jitter = quarter.mul_f64(f64::from(nanos % 1000) / 1000.0);
+        base - quarter + jitter
+    }
+
+    /// An event arrived: the next failure waits [`RETRY_MIN`] again.
+    pub fn reset(&mut self) {
+        self.next = RETRY_MIN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap_and_resets() {
+        let mut d = RetryDelay::default();
+        let waits: Vec<Duration> = (0..8).map(|_| d.next_delay()).collect();
+        for w in &waits {
+            assert!(*w <= RETRY_MAX, "{waits:?}");
+            assert!(*w >= RETRY_MIN - RETRY_MIN / 4, "{waits:?}");
+        }
+        assert!(waits[7] >= RETRY_MAX - RETRY_MAX / 4, "{waits:?}");
+        d.reset();
+        assert!(d.next_delay() <= RETRY_MIN, "not reset");
+    }
+}

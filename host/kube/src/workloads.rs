@@ -35,7 +35,6 @@ use kube::api::ListParams;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::discovery::{ApiCapabilities, Scope};
 use kube::error::DiscoveryError;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tether_core::alloc::Liveness;
@@ -561,11 +560,15 @@ async fn watch(shared: Arc<Shared>, w: Watched) {
         config = config.fields(&format!("spec.nodeName={}", shared.node));
     }
     let label = w.label();
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher::watcher(api, config).boxed();
+    let mut retry = crate::health::RetryDelay::default();
     let mut listing: Option<Listing> = None;
     while let Some(event) = stream.next().await {
         let event = match event {
-            Ok(e) => e,
+            Ok(e) => {
+                retry.reset();
+                e
+            }
             Err(e) if crate::health::is_expired(&e) => {
                 // Resumed from a resourceVersion the API server no longer has: the watcher
                 // re-lists, and the list replaces the cache (what was deleted in the gap
@@ -575,7 +578,9 @@ async fn watch(shared: Arc<Shared>, w: Watched) {
             }
             Err(e) => {
                 shared.health.watch_failed(&label, &e);
-                tracing::warn!(resource = %label, "watch failed; retrying: {e}");
+                let wait = retry.next_delay();
+                tracing::warn!(resource = %label, retry_in_ms = wait.as_millis() as u64, "watch failed; retrying: {e}");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
