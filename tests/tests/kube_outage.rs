@@ -290,17 +290,20 @@ fn worker(me: usize, ipams: Vec<Ipam>, world: Arc<Mutex<World>>, stop: Arc<Atomi
                     Some(w.added.swap_remove(i))
                 }
             };
-            let Some((pod, node, ip)) = picked else {
+            let Some((pod, node, _)) = picked else {
                 continue;
             };
             let (c, out) = call(&ipams[node], false, &pod, false);
             let mut w = world.lock().expect("world");
             if out.ok {
-                w.deleted.push((pod, node));
+                w.deleted.push((pod.clone(), node));
+                // The pod gets a new sandbox later (a new container ID).
+                let mut again = pod;
+                again.container_id = format!("ctr-{}-s{}", again.name, w.calls.len());
+                w.fresh.insert(0, (again, node));
             } else {
                 // Still allocated as far as the test knows; the kubelet retries the DEL.
                 w.undeleted.push((pod.clone(), node));
-                let _ = ip;
             }
             w.calls.push(c);
         } else {
