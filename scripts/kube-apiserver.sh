@@ -19,6 +19,18 @@
 #   kube-apiserver.sh node DIR NAME         register a schedulable Node NAME (Ready, no taints)
 #   kube-apiserver.sh stop DIR              stop what `start DIR` started
 #
+# Outages (the control plane of `start DIR` keeps its port, its PKI and its etcd data):
+#   kube-apiserver.sh apiserver-stop DIR [NAME]       stop only an apiserver (waits until it exited)
+#   kube-apiserver.sh apiserver-start DIR [NAME PORT] start it again, on the same port and etcd;
+#       with NAME and PORT a second apiserver NAME on PORT over the same etcd, its kubeconfig
+#       DIR/kubeconfig-NAME (a test changes objects through it while the first one is down).
+#       APISERVER_ARGS adds flags (`start` takes them too, and its restarts keep them).
+#   kube-apiserver.sh etcd-stop DIR | etcd-start DIR  stop etcd / start it again on its data dir
+#   kube-apiserver.sh etcd-put DIR KEY VALUE         write a key straight into etcd (v3 gateway):
+#       moves etcd's revision on while no apiserver runs, so that every watch resumed from an
+#       older resourceVersion after a restart expires (410 Gone) and its client re-lists
+#   kube-apiserver.sh etcd-compact DIR               compact etcd at its current revision
+#
 # Limits of v1.20: no CRD validation rules (x-kubernetes-validations), no streaming lists;
 # CRUD, resourceVersion conflicts (409), watch, ConfigMaps, Leases, RBAC, TokenRequest all work.
 # Everything listens on 127.0.0.1 only. Auth: TLS + a static admin token (see DIR/kubeconfig).
@@ -130,37 +142,43 @@ build() {
   use "$CACHE/$rev"; echo "$CACHE/$rev"
 }
 
-start() {
-  local dir=${1:?usage: start DIR [PORT]} port=${2:-16443}
-  build >/dev/null
-  need etcd etcd-server
-  mkdir -p "$dir/pki"; dir=$(cd "$dir" && pwd)
-  local pki="$dir/pki" etcd_port=$((port + 1)) peer_port=$((port + 2))
-  if [ ! -f "$pki/ca.crt" ]; then
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=tether-test-ca -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
-    openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >"$pki/ext.cnf"
-    openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 3650 \
-      -extfile "$pki/ext.cnf" -out "$pki/apiserver.crt" 2>/dev/null
-    openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
-    openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
-    echo "tether-admin-token,admin,admin-uid,system:masters" >"$pki/tokens.csv"
-  fi
-  rm -rf "$dir/etcd-data"
+# etcd of DIR on its ports and its data dir (kept: a restart finds its data).
+start_etcd() {
+  local dir=$1 port; port=$(cat "$1/port")
+  local etcd_port=$((port + 1)) peer_port=$((port + 2))
   etcd --name t --data-dir "$dir/etcd-data" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
     --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "t=http://127.0.0.1:$peer_port" >"$dir/etcd.log" 2>&1 &
+    --initial-cluster "t=http://127.0.0.1:$peer_port" >>"$dir/etcd.log" 2>&1 &
   echo $! >"$dir/etcd.pid"
+}
+
+# Waits until etcd of DIR answers its health check (30 s at most).
+wait_etcd() {
+  local dir=$1 port; port=$(cat "$1/port")
+  for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$((port + 1))/health" 2>/dev/null | grep -q '"health":"true"' && return 0
+    sleep 0.1
+  done
+  echo "etcd did not become healthy; see $dir/etcd.log" >&2; return 1
+}
+
+# An apiserver of DIR: NAME (empty: the main one) on PORT, with the flags `start` was given
+# (DIR/apiserver.args) and APISERVER_ARGS. Writes its pid file and its kubeconfig.
+start_apiserver() {
+  local dir=$1 name=$2 port=$3 pki="$1/pki" suffix=${2:+-$2}
+  local etcd_port=$(( $(cat "$1/port") + 1 ))
+  local extra=()
+  read -r -a extra <<<"$(cat "$dir/apiserver.args" 2>/dev/null) ${APISERVER_ARGS:-}"
   "$BIN" --etcd-servers="http://127.0.0.1:$etcd_port" \
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$port" --insecure-port=0 \
     --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" --client-ca-file="$pki/ca.crt" \
     --token-auth-file="$pki/tokens.csv" --authorization-mode=RBAC \
     --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$pki/sa.pub" \
     --service-account-signing-key-file="$pki/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
-    --endpoint-reconciler-type=none --cert-dir="$dir/cert" >"$dir/apiserver.log" 2>&1 &
-  echo $! >"$dir/apiserver.pid"
-  cat >"$dir/kubeconfig" <<EOF
+    --endpoint-reconciler-type=none --cert-dir="$dir/cert$suffix" "${extra[@]}" >>"$dir/apiserver$suffix.log" 2>&1 &
+  echo $! >"$dir/apiserver$suffix.pid"
+  cat >"$dir/kubeconfig$suffix" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -174,26 +192,127 @@ contexts:
   context: {cluster: test, user: admin}
 current-context: test
 EOF
+}
+
+# Waits until the apiserver on PORT of DIR is ready (120 s at most).
+wait_apiserver() {
+  local dir=$1 port=$2
   for _ in $(seq 1 240); do
-    if [ "$(curl -s --cacert "$pki/ca.crt" -H 'Authorization: Bearer tether-admin-token' "https://127.0.0.1:$port/readyz" 2>/dev/null)" = ok ]; then
-      if [ -n "${WITH_CONTROLLERS:-}" ]; then
-        "$CM" --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
-          --authorization-kubeconfig="$dir/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
-          --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
-          --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route' \
-          --leader-elect=false >"$dir/controller-manager.log" 2>&1 &
-        echo $! >"$dir/controller-manager.pid"
-        "$SCHED" --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
-          --authorization-kubeconfig="$dir/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
-          --leader-elect=false >"$dir/scheduler.log" 2>&1 &
-        echo $! >"$dir/scheduler.pid"
-      fi
-      echo "$dir/kubeconfig"; return 0
+    if [ "$(curl -s --cacert "$dir/pki/ca.crt" -H 'Authorization: Bearer tether-admin-token' "https://127.0.0.1:$port/readyz" 2>/dev/null)" = ok ]; then
+      return 0
     fi
     sleep 0.5
   done
+  return 1
+}
+
+# Stops the process of pid file DIR/NAME.pid and waits until it has exited (so that its port
+# is free again); SIGKILL after 20 s.
+stop_one() {
+  local f="$1/$2.pid" pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f"); rm -f "$f"
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+}
+
+start() {
+  local dir=${1:?usage: start DIR [PORT]} port=${2:-16443}
+  build >/dev/null
+  need etcd etcd-server
+  mkdir -p "$dir/pki"; dir=$(cd "$dir" && pwd)
+  local pki="$dir/pki"
+  if [ ! -f "$pki/ca.crt" ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=tether-test-ca -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >"$pki/ext.cnf"
+    openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 3650 \
+      -extfile "$pki/ext.cnf" -out "$pki/apiserver.crt" 2>/dev/null
+    openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+    openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+    echo "tether-admin-token,admin,admin-uid,system:masters" >"$pki/tokens.csv"
+  fi
+  rm -rf "$dir/etcd-data"
+  echo "$port" >"$dir/port"
+  echo "${APISERVER_ARGS:-}" >"$dir/apiserver.args"
+  start_etcd "$dir"
+  APISERVER_ARGS= start_apiserver "$dir" "" "$port"
+  if wait_apiserver "$dir" "$port"; then
+    if [ -n "${WITH_CONTROLLERS:-}" ]; then
+      "$CM" --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+        --authorization-kubeconfig="$dir/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
+        --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+        --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route' \
+        --leader-elect=false >"$dir/controller-manager.log" 2>&1 &
+      echo $! >"$dir/controller-manager.pid"
+      "$SCHED" --kubeconfig="$dir/kubeconfig" --authentication-kubeconfig="$dir/kubeconfig" \
+        --authorization-kubeconfig="$dir/kubeconfig" --bind-address=127.0.0.1 --secure-port=0 --port=0 \
+        --leader-elect=false >"$dir/scheduler.log" 2>&1 &
+      echo $! >"$dir/scheduler.pid"
+    fi
+    echo "$dir/kubeconfig"; return 0
+  fi
   echo "kube-apiserver did not become ready; see $dir/apiserver.log" >&2
   stop "$dir"; exit 1
+}
+
+# The directory of `start DIR`, checked and made absolute.
+started() {
+  local dir=${1:?a directory given to start}
+  [ -f "$dir/port" ] || die "$dir holds no control plane made by \`start\`"
+  (cd "$dir" && pwd)
+}
+
+apiserver_stop() {
+  local dir; dir=$(started "${1:-}")
+  stop_one "$dir" "apiserver${2:+-$2}"
+}
+
+apiserver_start() {
+  local dir name=${2:-} port pid; dir=$(started "${1:-}")
+  if [ -n "$name" ]; then port=${3:?usage: apiserver-start DIR [NAME PORT]}; else port=$(cat "$dir/port"); fi
+  build >/dev/null
+  pid="$dir/apiserver${name:+-$name}.pid"
+  if [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; then die "apiserver ${name:-(main)} of $dir is running"; fi
+  start_apiserver "$dir" "$name" "$port"
+  wait_apiserver "$dir" "$port" || die "kube-apiserver ${name:-(main)} did not become ready; see $dir/apiserver${name:+-$name}.log"
+  echo "$dir/kubeconfig${name:+-$name}"
+}
+
+etcd_stop() {
+  local dir; dir=$(started "${1:-}")
+  stop_one "$dir" etcd
+}
+
+etcd_start() {
+  local dir; dir=$(started "${1:-}")
+  if [ -f "$dir/etcd.pid" ] && kill -0 "$(cat "$dir/etcd.pid")" 2>/dev/null; then die "etcd of $dir is running"; fi
+  start_etcd "$dir"
+  wait_etcd "$dir" || exit 1
+}
+
+# A call to etcd's v3 JSON gateway (keys and values in base64).
+etcd_call() {
+  local port; port=$(cat "$1/port")
+  curl -sf -X POST "http://127.0.0.1:$((port + 1))/v3/$2" -d "$3"
+}
+
+etcd_put() {
+  local dir; dir=$(started "${1:-}")
+  local key=${2:?usage: etcd-put DIR KEY VALUE} value=${3:?usage: etcd-put DIR KEY VALUE}
+  etcd_call "$dir" kv/put "{\"key\":\"$(printf %s "$key" | base64 -w0)\",\"value\":\"$(printf %s "$value" | base64 -w0)\"}" >/dev/null \
+    || die "etcd-put: etcd of $dir did not answer"
+}
+
+etcd_compact() {
+  local dir rev; dir=$(started "${1:-}")
+  rev=$(etcd_call "$dir" kv/range '{"key":"AA=="}' | grep -o '"revision":"[0-9]*"' | head -1 | grep -o '[0-9][0-9]*') \
+    || die "etcd-compact: etcd of $dir did not answer"
+  etcd_call "$dir" kv/compaction "{\"revision\":\"$rev\",\"physical\":true}" >/dev/null \
+    || die "etcd-compact: compacting at revision $rev failed"
+  echo "$rev"
 }
 
 node() {
@@ -212,8 +331,11 @@ node() {
 
 stop() {
   local dir=${1:?usage: stop DIR}
+  local f
   for p in scheduler controller-manager apiserver etcd; do
-    if [ -f "$dir/$p.pid" ]; then kill "$(cat "$dir/$p.pid")" 2>/dev/null || true; rm -f "$dir/$p.pid"; fi
+    for f in "$dir/$p.pid" "$dir/$p"-*.pid; do
+      if [ -f "$f" ]; then kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; fi
+    done
   done
 }
 
@@ -222,5 +344,11 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   node) shift; node "$@" ;;
   stop) shift; stop "$@" ;;
-  *) sed -n '2,/kube-apiserver.sh stop DIR/p' "$0"; exit 2 ;;
+  apiserver-stop) shift; apiserver_stop "$@" ;;
+  apiserver-start) shift; apiserver_start "$@" ;;
+  etcd-stop) shift; etcd_stop "$@" ;;
+  etcd-start) shift; etcd_start "$@" ;;
+  etcd-put) shift; etcd_put "$@" ;;
+  etcd-compact) shift; etcd_compact "$@" ;;
+  *) sed -n '2,/kube-apiserver.sh etcd-compact DIR/p' "$0"; exit 2 ;;
 esac

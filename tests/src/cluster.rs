@@ -121,6 +121,87 @@ impl Cluster {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
     }
+
+    /// Runs a subcommand of scripts/kube-apiserver.sh on this control plane; its stdout.
+    fn script(&self, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
+        let out = Command::new("bash")
+            .arg(repo_root().join("scripts/kube-apiserver.sh"))
+            .arg(args[0])
+            .arg(self.dir.path())
+            .args(&args[1..])
+            .envs(env.iter().copied())
+            .output()
+            .context("running scripts/kube-apiserver.sh")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/kube-apiserver.sh {} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Stops the apiserver only (etcd keeps running, and its data); returns once it has exited.
+    pub fn stop_apiserver(&self) -> Result<()> {
+        self.script(&["apiserver-stop"], &[]).map(drop)
+    }
+
+    /// Starts the apiserver again on its port, over the same etcd, with `extra` flags added to
+    /// those it was started with; returns once it is ready.
+    pub fn start_apiserver(&self, extra: &[&str]) -> Result<()> {
+        let args = extra.join(" ");
+        self.script(&["apiserver-start"], &[("APISERVER_ARGS", &args)])
+            .map(drop)
+    }
+
+    /// Starts a second apiserver `name` over the same etcd, on a free port; returns its
+    /// kubeconfig. [`Cluster::stop_apiserver_named`] stops it, as does dropping the cluster.
+    pub fn start_second_apiserver(&self, name: &str) -> Result<PathBuf> {
+        let port = free_ports()?.to_string();
+        self.script(&["apiserver-start", name, &port], &[])
+            .map(PathBuf::from)
+    }
+
+    /// Stops the second apiserver `name`.
+    pub fn stop_apiserver_named(&self, name: &str) -> Result<()> {
+        self.script(&["apiserver-stop", name], &[]).map(drop)
+    }
+
+    /// Stops etcd only (the apiserver keeps running); returns once it has exited.
+    pub fn stop_etcd(&self) -> Result<()> {
+        self.script(&["etcd-stop"], &[]).map(drop)
+    }
+
+    /// Starts etcd again on its data directory; returns once it is healthy.
+    pub fn start_etcd(&self) -> Result<()> {
+        self.script(&["etcd-start"], &[]).map(drop)
+    }
+
+    /// Writes a key straight into etcd (no apiserver needed): moves etcd's revision on, so
+    /// that a watch resumed after an apiserver restart from an older resourceVersion expires.
+    pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
+        self.script(&["etcd-put", key, value], &[]).map(drop)
+    }
+
+    /// Compacts etcd at its current revision; returns the revision.
+    pub fn etcd_compact(&self) -> Result<u64> {
+        let rev = self.script(&["etcd-compact"], &[])?;
+        rev.parse()
+            .with_context(|| format!("etcd-compact printed {rev:?}"))
+    }
+
+    /// A kube client for the admin user through `kubeconfig` (e.g. a second apiserver's).
+    pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
 }
 
 impl Drop for Cluster {

@@ -23,8 +23,10 @@
 //!   the commit's outcome is known and applied.
 //! - A failed commit leaves nothing of it in memory: the batch's changes are undone, then the
 //!   state is re-read from the store (a failed commit may still have reached the disk). If
-//!   that read fails too, the writer stops: every later call answers "try again later",
-//!   `/readyz` fails, and a restart loads the state from the store.
+//!   that read fails too (the store is unreachable: an API server outage), the state is
+//!   stale: nothing is planned on it, every operation fails with the store's error and
+//!   `/readyz` fails, until a re-read succeeds (tried before each batch, and while idle every
+//!   [`RESYNC_MIN`], doubling up to [`RESYNC_MAX`]).
 //! - A caller that gave up (its connection closed) before its ADD was committed gets
 //!   nothing: the ADD is skipped, or rolled back before anyone else can see it.
 //! - Changes other writers make to the store reach the state through the store's feed
@@ -57,6 +59,10 @@ pub const JITTER_CAP: std::time::Duration = std::time::Duration::from_millis(32)
 /// reads (`/v1/pools`, a retried ADD, the reconciler's plan, pool status) see it without
 /// waiting for this daemon's next request.
 const IDLE_ABSORB: std::time::Duration = std::time::Duration::from_millis(100);
+/// How soon an idle writer whose state is stale first tries to re-read the store.
+pub const RESYNC_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest an idle writer whose state is stale waits between two re-reads.
+pub const RESYNC_MAX: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// One ADD, with everything decided before it reaches the writer.
 pub struct AddOp {
@@ -180,6 +186,7 @@ impl Writer {
                     carried: VecDeque::new(),
                     deferred: Vec::new(),
                     rng: seed(),
+                    stale: None,
                 };
                 w.run();
             })?;
@@ -231,6 +238,9 @@ struct Loop {
     deferred: Vec<(Instant, Job)>,
     /// State of the jitter's random numbers.
     rng: u64,
+    /// Set while the state may differ from the store (a commit failed, and so did re-reading
+    /// the store): when an idle writer tries to re-read it next, and the wait after that.
+    stale: Option<(Instant, std::time::Duration)>,
 }
 
 /// The unit of a claim: an address, whatever pool names it.
@@ -320,6 +330,7 @@ impl Loop {
                     next = self.due(&mut jobs);
                     if jobs.is_empty() {
                         self.absorb_idle();
+                        self.resync_idle();
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -363,6 +374,20 @@ impl Loop {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.absorb_events(&mut state);
+        if self.stale.is_some()
+            && let Err(e) = self.resync_stale(&mut state)
+        {
+            drop(state);
+            let msg = format!(
+                "the state is re-read from the store after a failed commit, and the store does not answer: {e}"
+            );
+            for job in jobs {
+                let _ = job
+                    .reply
+                    .send(Err(WriteError::Store(StoreError::Backend(msg.clone()))));
+            }
+            return true;
+        }
 
         let mut groups: Vec<Vec<Change>> = Vec::new();
         let mut undo: Vec<Vec<Change>> = Vec::new();
@@ -476,24 +501,26 @@ impl Loop {
                     // The commit may have reached the disk after all: the store is the truth.
                     if let Err(e2) = resync(&*self.store, &mut state) {
                         tracing::error!(
-                            "re-reading the store failed too; the writer stops (restart tetherd): {e2}"
+                            "re-reading the store failed too; nothing is planned until it can be re-read: {e2}"
                         );
+                        self.stale = Some((Instant::now() + RESYNC_MIN, RESYNC_MIN));
                         drop(state);
                         for p in planned {
                             let _ = p.job.reply.send(p.answer);
                         }
-                        return false;
+                        return true;
                     }
                 }
             }
         }
 
         if !self.roll_back_abandoned(&mut state, &mut planned) {
+            self.stale = Some((Instant::now() + RESYNC_MIN, RESYNC_MIN));
             drop(state);
             for p in planned {
                 let _ = p.job.reply.send(p.answer);
             }
-            return false;
+            return true;
         }
         drop(state);
         for p in planned {
@@ -571,8 +598,8 @@ impl Loop {
 
     /// Callers that gave up while their ADD was committed: undo it before anyone sees it (the
     /// state is still locked), as their DEL would. False when the state can no longer be
-    /// trusted (the rollback's commit failed and so did re-reading the store): the writer
-    /// stops.
+    /// trusted (the rollback's commit failed and so did re-reading the store): it is stale
+    /// until the store can be re-read.
     fn roll_back_abandoned(&mut self, state: &mut Ipam, planned: &mut [Planned]) -> bool {
         let gone: Vec<usize> = planned
             .iter()
@@ -625,13 +652,48 @@ impl Loop {
                 );
                 if let Err(e2) = resync(&*self.store, state) {
                     tracing::error!(
-                        "re-reading the store failed too; the writer stops (restart tetherd): {e2}"
+                        "re-reading the store failed too; nothing is planned until it can be re-read: {e2}"
                     );
                     return false;
                 }
             }
         }
         true
+    }
+
+    /// Re-reads the store into a stale state; clears the staleness (and the writer is
+    /// healthy again) when it could.
+    fn resync_stale(&mut self, state: &mut Ipam) -> Result<(), StoreError> {
+        match resync(&*self.store, state) {
+            Ok(()) => {
+                self.stale = None;
+                self.healthy.store(true, Ordering::SeqCst);
+                tracing::info!("the store answers again; the state is re-read from it");
+                Ok(())
+            }
+            Err(e) => {
+                let wait = self
+                    .stale
+                    .map_or(RESYNC_MIN, |(_, w)| (w * 2).min(RESYNC_MAX));
+                self.stale = Some((Instant::now() + wait, wait));
+                Err(e)
+            }
+        }
+    }
+
+    /// While idle with a stale state: re-reads the store when its moment has come.
+    fn resync_idle(&mut self) {
+        match self.stale {
+            Some((at, _)) if at <= Instant::now() => {}
+            _ => return,
+        }
+        let ipam = self.ipam.clone();
+        let mut state = ipam
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = self.resync_stale(&mut state) {
+            tracing::debug!("re-reading the store: {e}");
+        }
     }
 
     /// Brings in what other writers committed (and the echo of this writer's own commits,

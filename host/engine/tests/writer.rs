@@ -1,6 +1,6 @@
 //! The writer against real and misbehaving stores: conflicts re-planned, two engines on one
-//! store, failed commits undone, a writer that cannot resync stops, callers that gave up get
-//! nothing.
+//! store, failed commits undone, a writer that cannot resync waits for the store, callers
+//! that gave up get nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -443,12 +443,13 @@ async fn a_failed_commit_is_undone_and_fails_readiness() {
     assert_eq!(stored.iter().map(|a| a.ip).collect::<Vec<_>>(), vec![ip]);
 }
 
-/// When neither committing nor re-reading the store works, the writer stops: callers get
-/// "stopped" (try again later) and readiness stays failed.
+/// When neither committing nor re-reading the store works (an API server outage), nothing is
+/// planned on the state: callers get the store's error and readiness stays failed, until the
+/// store can be read again; then the writer re-reads it and serves, without a restart.
 #[tokio::test]
-async fn a_writer_that_cannot_resync_stops() {
+async fn a_writer_that_cannot_resync_waits_for_the_store() {
     let (_dir, store) = embedded();
-    let faulty = Arc::new(Faulty::new(store));
+    let faulty = Arc::new(Faulty::new(store.clone()));
     let e = engine(faulty.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
     faulty.fail_commit.store(true, Ordering::SeqCst);
     faulty.fail_snapshot.store(true, Ordering::SeqCst);
@@ -456,17 +457,14 @@ async fn a_writer_that_cannot_resync_stops() {
         e.writer.submit(add("c1")).await,
         Err(WriteError::Store(_))
     ));
-    let mut stopped = false;
-    for _ in 0..50 {
-        if matches!(e.writer.submit(add("c2")).await, Err(WriteError::Stopped)) {
-            stopped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        stopped,
-        "the writer kept serving without a consistent state"
+    // Nothing is planned while the state cannot be re-read: not even a commit is tried.
+    let commits = faulty.commits.load(Ordering::SeqCst);
+    let r = e.writer.submit(add("c2")).await;
+    assert!(matches!(r, Err(WriteError::Store(_))), "{r:?}");
+    assert_eq!(
+        faulty.commits.load(Ordering::SeqCst),
+        commits,
+        "a batch was planned on a state that could not be re-read"
     );
     assert!(!e.writer.healthy());
     // Nothing of the failed commit stayed in memory (the store could not be re-read, so
@@ -476,6 +474,13 @@ async fn a_writer_that_cannot_resync_stops() {
         0,
         "an uncommitted allocation stayed in memory"
     );
+    // The store is back: the state is re-read and the writer serves again.
+    faulty.fail_commit.store(false, Ordering::SeqCst);
+    faulty.fail_snapshot.store(false, Ordering::SeqCst);
+    let ip = ip_of(e.writer.submit(add("c2")).await).expect("the writer serves again");
+    assert!(e.writer.healthy());
+    let stored = store.snapshot().expect("snapshot").allocations;
+    assert_eq!(stored.iter().map(|a| a.ip).collect::<Vec<_>>(), vec![ip]);
 }
 
 /// A writer thread that dies (a panic in a backend) fails readiness, and callers are told it

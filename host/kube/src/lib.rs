@@ -19,6 +19,7 @@
 //! The domain types stay in `tether-core`, free of Kubernetes; the conversions live here.
 
 pub mod crd;
+pub mod health;
 pub mod policies;
 pub mod store;
 pub mod workloads;

@@ -31,11 +31,17 @@ use tether_store::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
 use tokio::runtime::Handle;
 
 use crate::crd::{IPAllocation, allocation_name};
+use crate::health::ApiHealth;
 
 /// How many groups of one commit are in flight at once.
 const CONCURRENT_GROUPS: usize = 32;
 /// The longest one store call (a snapshot, a read, a commit) may wait for the API server.
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The longest one API request of a store call may take. With etcd down the API server
+/// answers a write only after 34 s and a read after 60 s (its own timeouts); the writer,
+/// which holds the state's lock meanwhile, gives up sooner, and the API server is then
+/// known down (see [`crate::health`]).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Allocations as custom resources.
 pub struct KubeStore {
@@ -44,10 +50,28 @@ pub struct KubeStore {
     subscribers: std::sync::Arc<Mutex<Vec<Sender<Event>>>>,
     watching: Mutex<bool>,
     metrics: Option<std::sync::Arc<tether_engine::Metrics>>,
+    /// The API server's health: calls fail at once while it is down, and a failure that says
+    /// it is down marks it so.
+    health: Option<ApiHealth>,
+    /// Every address the subscribers may hold a record of, with its pool and revision: what
+    /// the watch showed, and what the store's own reads returned (a re-read of the whole
+    /// store while the watch is down shows objects the watch never did). A re-list reports
+    /// those it no longer finds as stale, so that an object deleted while the watch was down
+    /// leaves the subscribers' state even if only a read had shown it.
+    known: std::sync::Arc<Mutex<Known>>,
 }
+
+/// Addresses and their pool and revision, as last seen.
+type Known = HashMap<IpAddr, (String, Revision)>;
 
 fn backend(op: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("{op}: {e}"))
+}
+
+fn lock(known: &Mutex<Known>) -> std::sync::MutexGuard<'_, Known> {
+    known
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The HTTP status of an API error, if the call got that far.
@@ -101,7 +125,43 @@ impl KubeStore {
             subscribers: std::sync::Arc::default(),
             watching: Mutex::new(false),
             metrics: None,
+            health: None,
+            known: std::sync::Arc::default(),
         }
+    }
+
+    /// Notes what a write made (see [`KubeStore::known`]).
+    fn remember_write(&self, a: &Allocation, revision: Revision) {
+        lock(&self.known).insert(a.ip, (a.pool.clone(), revision));
+    }
+
+    /// Notes what a read returned (see [`KubeStore::known`]).
+    fn remember(&self, read: &[Allocation]) {
+        let mut known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for a in read {
+            let newer = known.get(&a.ip).is_none_or(|(_, r)| *r < a.revision);
+            if newer {
+                known.insert(a.ip, (a.pool.clone(), a.revision));
+            }
+        }
+    }
+
+    /// Shares `health` (see [`crate::health`]): while the API server is down, calls fail at
+    /// once instead of waiting for [`CALL_TIMEOUT`].
+    pub fn with_health(mut self, health: ApiHealth) -> KubeStore {
+        self.health = Some(health);
+        self
+    }
+
+    /// The error of a failed API call of `op`; notes an outage in the health.
+    fn failed(&self, op: &str, e: kube::Error) -> StoreError {
+        if let Some(h) = &self.health {
+            h.failed(op, &e);
+        }
+        backend(op, e)
     }
 
     /// Counts the store's API calls in `metrics` (`tether_kube_api_calls_total`).
@@ -110,11 +170,43 @@ impl KubeStore {
         self
     }
 
+    /// One API request of `op`, bounded by [`REQUEST_TIMEOUT`]; `Err` at once while the API
+    /// server is known down, and when it does not answer in time (it is then known down).
+    async fn timed<T>(
+        &self,
+        op: &str,
+        f: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<Result<T, kube::Error>, StoreError> {
+        if let Some(Err(why)) = self.health.as_ref().map(ApiHealth::check) {
+            return Err(StoreError::Backend(format!("{op}: {why}")));
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+            Ok(r) => Ok(r),
+            Err(_) => {
+                let why = format!("no answer within {}s", REQUEST_TIMEOUT.as_secs());
+                if let Some(h) = &self.health {
+                    h.down(op, &why);
+                }
+                Err(StoreError::Backend(format!(
+                    "{op}: no answer from the API server within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// [`KubeStore::timed`], any API error a failure.
+    async fn request<T>(
+        &self,
+        op: &str,
+        f: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, StoreError> {
+        self.timed(op, f).await?.map_err(|e| self.failed(op, e))
+    }
+
     async fn current(&self, ip: IpAddr) -> Result<Option<IPAllocation>, StoreError> {
-        self.api
-            .get_opt(&allocation_name(ip))
+        self.request("reading an address", self.api.get_opt(&allocation_name(ip)))
             .await
-            .map_err(|e| backend("reading an address", e))
     }
 
     /// The conflict of a change, with the revision the address's record has now.
@@ -134,16 +226,20 @@ impl KubeStore {
         match c {
             Change::Put(a) if a.revision == 0 => {
                 match self
-                    .api
-                    .create(&PostParams::default(), &IPAllocation::from_allocation(a))
-                    .await
+                    .timed(
+                        "creating an address",
+                        self.api
+                            .create(&PostParams::default(), &IPAllocation::from_allocation(a)),
+                    )
+                    .await?
                 {
                     Ok(o) => {
                         let r = revision_of(&o);
+                        self.remember_write(a, r);
                         Ok(Ok((Done::Created { name, revision: r }, r)))
                     }
                     Err(e) if status(&e) == Some(409) => Ok(Err(self.conflict(c).await?)),
-                    Err(e) => Err(backend("creating an address", e)),
+                    Err(e) => Err(self.failed("creating an address", e)),
                 }
             }
             Change::Put(a) => {
@@ -153,9 +249,16 @@ impl KubeStore {
                 };
                 let mut o = IPAllocation::from_allocation(a);
                 o.metadata.resource_version = Some(a.revision.to_string());
-                match self.api.replace(&name, &PostParams::default(), &o).await {
+                match self
+                    .timed(
+                        "updating an address",
+                        self.api.replace(&name, &PostParams::default(), &o),
+                    )
+                    .await?
+                {
                     Ok(o) => {
                         let r = revision_of(&o);
+                        self.remember_write(a, r);
                         Ok(Ok((
                             Done::Replaced {
                                 before,
@@ -167,7 +270,7 @@ impl KubeStore {
                     Err(e) if matches!(status(&e), Some(409 | 404)) => {
                         Ok(Err(self.conflict(c).await?))
                     }
-                    Err(e) => Err(backend("updating an address", e)),
+                    Err(e) => Err(self.failed("updating an address", e)),
                 }
             }
             Change::Delete { pool, ip, revision } => {
@@ -182,12 +285,15 @@ impl KubeStore {
                     }),
                     ..DeleteParams::default()
                 };
-                match self.api.delete(&name, &dp).await {
+                match self
+                    .timed("deleting an address", self.api.delete(&name, &dp))
+                    .await?
+                {
                     Ok(_) => Ok(Ok((Done::Deleted { before }, 0))),
                     Err(e) if matches!(status(&e), Some(409 | 404)) => {
                         Ok(Err(self.conflict(c).await?))
                     }
-                    Err(e) => Err(backend("deleting an address", e)),
+                    Err(e) => Err(self.failed("deleting an address", e)),
                 }
             }
         }
@@ -205,26 +311,33 @@ impl KubeStore {
                         }),
                         ..DeleteParams::default()
                     };
-                    self.api.delete(&name, &dp).await.map(|_| ())
+                    self.request("undoing part of a group", self.api.delete(&name, &dp))
+                        .await
+                        .map(|_| ())
                 }
                 Done::Replaced { before, revision } => {
                     let mut o = IPAllocation::from_allocation(&before);
                     o.metadata.resource_version = Some(revision.to_string());
-                    self.api
-                        .replace(&allocation_name(before.ip), &PostParams::default(), &o)
-                        .await
-                        .map(|_| ())
+                    self.request(
+                        "undoing part of a group",
+                        self.api
+                            .replace(&allocation_name(before.ip), &PostParams::default(), &o),
+                    )
+                    .await
+                    .map(|_| ())
                 }
                 Done::Deleted { before } => self
-                    .api
-                    .create(
-                        &PostParams::default(),
-                        &IPAllocation::from_allocation(&before),
+                    .request(
+                        "undoing part of a group",
+                        self.api.create(
+                            &PostParams::default(),
+                            &IPAllocation::from_allocation(&before),
+                        ),
                     )
                     .await
                     .map(|_| ()),
             };
-            undone.map_err(|e| backend("undoing part of a group", e))?;
+            undone?;
         }
         Ok(())
     }
@@ -286,10 +399,12 @@ impl KubeStore {
         *watching = true;
         let api = self.api.clone();
         let subs = self.subscribers.clone();
+        let health = self.health.clone();
+        let known = self.known.clone();
         self.rt.spawn(async move {
-            // What the watch has shown, so that a re-list (after the watch fell behind) can
-            // report the objects deleted in the gap, which no delete event announces.
-            let mut known: HashMap<IpAddr, (String, Revision)> = HashMap::new();
+            // What the watch and the store's reads have shown (`known`), so that a re-list
+            // (after the watch fell behind) can report the objects deleted in the gap, which
+            // no delete event announces.
             let mut relisted: Option<HashSet<IpAddr>> = None;
             let mut stream = watcher(api, watcher::Config::default()).boxed();
             while let Some(ev) = stream.next().await {
@@ -303,12 +418,12 @@ impl KubeStore {
                         if let Some(seen) = relisted.as_mut() {
                             seen.insert(a.ip);
                         }
-                        known.insert(a.ip, (a.pool.clone(), a.revision));
+                        lock(&known).insert(a.ip, (a.pool.clone(), a.revision));
                         vec![Event::Put(a)]
                     }
                     Ok(watcher::Event::Delete(o)) => {
                         // The revision the record had (the delete event's own is newer).
-                        let revision = known
+                        let revision = lock(&known)
                             .remove(&o.spec.address)
                             .map_or_else(|| revision_of(&o), |(_, r)| r);
                         vec![Event::Deleted {
@@ -321,6 +436,7 @@ impl KubeStore {
                         let Some(seen) = relisted.take() else {
                             continue;
                         };
+                        let mut known = lock(&known);
                         let gone: Vec<IpAddr> = known
                             .keys()
                             .filter(|ip| !seen.contains(ip))
@@ -335,7 +451,17 @@ impl KubeStore {
                             })
                             .collect()
                     }
+                    Err(e) if crate::health::is_expired(&e) => {
+                        // The watch resumed from a resourceVersion the API server no longer
+                        // has: the watcher re-lists (Init .. InitDone above), and what was
+                        // deleted in the gap is reported stale then.
+                        tracing::info!(resource = "IPAllocation", error = %e, "watch expired (410 Gone); re-listing");
+                        continue;
+                    }
                     Err(e) => {
+                        if let Some(h) = &health {
+                            h.watch_failed("IPAllocation", &e);
+                        }
                         tracing::warn!("watching address objects: {e}; retrying");
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         continue;
@@ -364,9 +490,16 @@ impl KubeStore {
         what: &str,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        if let Some(Err(why)) = self.health.as_ref().map(ApiHealth::check) {
+            return Err(StoreError::Backend(format!("{what}: {why}")));
+        }
         self.rt
             .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
             .unwrap_or_else(|_| {
+                let why = format!("no answer within {}s", CALL_TIMEOUT.as_secs());
+                if let Some(h) = &self.health {
+                    h.down(what, &why);
+                }
                 Err(StoreError::Backend(format!(
                     "{what}: no answer from the API server within {}s",
                     CALL_TIMEOUT.as_secs()
@@ -379,23 +512,24 @@ impl Store for KubeStore {
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.bounded("listing addresses", async {
             let list = self
-                .api
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| backend("listing addresses", e))?;
-            let allocations = list.items.iter().map(read).collect();
+                .request("listing addresses", self.api.list(&ListParams::default()))
+                .await?;
+            let allocations: Vec<Allocation> = list.items.iter().map(read).collect();
+            self.remember(&allocations);
             Ok(Snapshot { allocations })
         })
     }
 
     fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
         self.bounded("reading an address", async {
-            Ok(self
+            let found: Vec<Allocation> = self
                 .current(ip)
                 .await?
                 .map(|o| read(&o))
                 .into_iter()
-                .collect())
+                .collect();
+            self.remember(&found);
+            Ok(found)
         })
     }
 
@@ -415,20 +549,22 @@ impl Store for KubeStore {
         );
         self.bounded("listing an identity's addresses", async {
             let list = self
-                .api
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(|e| backend("listing an identity's addresses", e))?;
-            Ok(Some(
-                list.items
-                    .iter()
-                    .map(read)
-                    .filter(|a| {
-                        matches!(&a.owner, tether_core::alloc::Owner::Pinned { identity: i, kind: k, .. }
-                            if i == identity && *k == kind)
-                    })
-                    .collect(),
-            ))
+                .request(
+                    "listing an identity's addresses",
+                    self.api.list(&ListParams::default().labels(&selector)),
+                )
+                .await?;
+            let found: Vec<Allocation> = list
+                .items
+                .iter()
+                .map(read)
+                .filter(|a| {
+                    matches!(&a.owner, tether_core::alloc::Owner::Pinned { identity: i, kind: k, .. }
+                        if i == identity && *k == kind)
+                })
+                .collect();
+            self.remember(&found);
+            Ok(Some(found))
         })
     }
 

@@ -35,7 +35,6 @@ use kube::api::ListParams;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::discovery::{ApiCapabilities, Scope};
 use kube::error::DiscoveryError;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tether_core::alloc::Liveness;
@@ -46,6 +45,8 @@ use tether_engine::ports::{
     ClaimInfo, ClaimLookup, NodeState, PodMeta, WorkloadSource, WorkloadView,
 };
 use tokio::runtime::Handle;
+
+use crate::health::ApiHealth;
 
 /// How long one confirming read may take before the answer is "unknown".
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -148,6 +149,8 @@ struct Shared {
     state: RwLock<State>,
     /// Resources resolved by discovery, by (apiVersion, kind): only kinds found served.
     resolved: Mutex<HashMap<(String, String), Resolved>>,
+    /// The API server's health: not synced while it is down (see [`crate::health`]).
+    health: ApiHealth,
 }
 
 /// Workloads from the API server (see the module documentation).
@@ -173,17 +176,23 @@ impl KubeWorkloads {
     ) -> KubeWorkloads {
         let shared = Arc::new(Shared {
             metrics,
-            client,
+            client: client.clone(),
             rt: rt.clone(),
             node: node.to_owned(),
             state: RwLock::default(),
             resolved: Mutex::default(),
+            health: ApiHealth::new(client.clone(), rt.clone()),
         });
         for w in builtin_kinds() {
             spawn_watch(&shared, w);
         }
         rt.spawn(discover_kubevirt(shared.clone()));
         KubeWorkloads { shared }
+    }
+
+    /// The API server's health this source judges by, to share with the store.
+    pub fn health(&self) -> ApiHealth {
+        self.shared.health.clone()
     }
 }
 
@@ -311,7 +320,20 @@ impl Shared {
         } else {
             Api::all_with(self.client.clone(), &ar)
         };
+        if let Err(why) = self.health.check() {
+            return Err(ReadError::other(format!(
+                "reading {kind} {namespace}/{name}: {why}"
+            )));
+        }
         let got = self.block_on(api.get_opt(name));
+        match &got {
+            None => self.health.down(
+                &format!("reading {kind}"),
+                &format!("no answer within {}s", READ_TIMEOUT.as_secs()),
+            ),
+            Some(Err(e)) => self.health.failed(&format!("reading {kind}"), e),
+            Some(Ok(_)) => {}
+        }
         if let Some(m) = &self.metrics {
             let result = match &got {
                 Some(Err(kube::Error::Api(s))) if s.code == 403 => "forbidden",
@@ -538,13 +560,27 @@ async fn watch(shared: Arc<Shared>, w: Watched) {
         config = config.fields(&format!("spec.nodeName={}", shared.node));
     }
     let label = w.label();
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut stream = watcher::watcher(api, config).boxed();
+    let mut retry = crate::health::RetryDelay::default();
     let mut listing: Option<Listing> = None;
     while let Some(event) = stream.next().await {
         let event = match event {
-            Ok(e) => e,
+            Ok(e) => {
+                retry.reset();
+                e
+            }
+            Err(e) if crate::health::is_expired(&e) => {
+                // Resumed from a resourceVersion the API server no longer has: the watcher
+                // re-lists, and the list replaces the cache (what was deleted in the gap
+                // leaves it).
+                tracing::info!(resource = %label, error = %e, "watch expired (410 Gone); re-listing");
+                continue;
+            }
             Err(e) => {
-                tracing::warn!(resource = %label, "watch failed; retrying: {e}");
+                shared.health.watch_failed(&label, &e);
+                let wait = retry.next_delay();
+                tracing::warn!(resource = %label, retry_in_ms = wait.as_millis() as u64, "watch failed; retrying: {e}");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };
@@ -670,7 +706,11 @@ impl KubeWorkloads {
 }
 
 impl WorkloadView for KubeWorkloads {
+    /// While the API server is down (see [`crate::health`]) no pod is known: its cache may
+    /// miss what changed meanwhile, and no claim could be written anyway. The ADD is then
+    /// answered "try again later" (code 11) at once, before anything is planned.
     fn pod(&self, namespace: &str, name: &str) -> Result<Option<Workload>, String> {
+        self.shared.health.check()?;
         let cached = self
             .shared
             .read()

@@ -94,16 +94,20 @@ pub async fn connect(
         }
     };
     let (pools, verdicts) = serving(&list.items);
+    let workloads = KubeWorkloads::start_with_metrics(
+        engine_client.clone(),
+        runtime.handle().clone(),
+        node,
+        Some(metrics.clone()),
+    );
     Ok(KubeMode {
         verdicts: Arc::new(Mutex::new(verdicts)),
-        store: KubeStore::new(engine_client.clone(), runtime.handle().clone())
-            .with_metrics(metrics.clone()),
-        workloads: KubeWorkloads::start_with_metrics(
-            engine_client,
-            runtime.handle().clone(),
-            node,
-            Some(metrics),
-        ),
+        // One view of the API server's health: a failure either sees makes ADDs answer "try
+        // again later" at once, and store calls fail at once, until a probe gets an answer.
+        store: KubeStore::new(engine_client, runtime.handle().clone())
+            .with_metrics(metrics)
+            .with_health(workloads.health()),
+        workloads,
         client,
         pools,
         runtime,
@@ -208,6 +212,10 @@ fn apply(
             true
         }
         Ok(watcher::Event::Delete(o)) => objects.remove(&name(&o)).is_some(),
+        Err(e) if tether_kube::health::is_expired(&e) => {
+            tracing::info!(resource = "IPPool", error = %e, "watch expired (410 Gone); re-listing");
+            false
+        }
         Err(e) => {
             tracing::warn!("IPPool watch failed; retrying: {e}");
             false
