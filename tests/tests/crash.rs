@@ -6,7 +6,7 @@
 //! Calls in flight at the kill may have been committed or not: both are accepted, and what the
 //! restarted daemon says about them is adopted before the next storm.
 //!
-//! `TETHER_CRASH_ROUNDS` sets the number of kills (default 20); `TETHER_CRASH_SEED` replays a
+//! `TETHER_CRASH_ROUNDS` sets the number of kills (default 200); `TETHER_CRASH_SEED` replays a
 //! run's random choices (kill instants, operations; thread timing still varies).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -357,7 +357,7 @@ fn killed_in_a_storm_of_adds_and_dels_keeps_every_answer() {
     let rounds: usize = std::env::var("TETHER_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(200);
     storms_and_kills(rounds, KILL_AFTER_MS, &[]);
 }
 
@@ -384,7 +384,7 @@ fn killed_while_commits_are_slow_to_become_durable_keeps_every_answer() {
     let rounds: usize = std::env::var("TETHER_CRASH_SLOW_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(10);
     storms_and_kills(
         rounds,
         SLOW_KILL_AFTER_MS,

@@ -17,7 +17,7 @@
 //! At the end every pod and the StatefulSet are deleted without a DEL (a node lost with its
 //! pods): garbage collection must free every address, and nothing else is left.
 //!
-//! `TETHER_KUBE_CRASH_ROUNDS` sets the number of rounds (default 12); `TETHER_KUBE_CRASH_SEED`
+//! `TETHER_KUBE_CRASH_ROUNDS` sets the number of rounds (default 40); `TETHER_KUBE_CRASH_SEED`
 //! replays a run's random choices (thread timing still varies).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -554,13 +554,12 @@ fn check_and_adopt(
                 o.spec
             ));
         }
-        if !ephemeral {
-            if let Some(other) = identities.insert(o.spec.owner.name.clone(), ip.clone()) {
-                problems.push(format!(
-                    "identity {} holds both {other} and {ip}",
-                    o.spec.owner.name
-                ));
-            }
+        if !ephemeral && let Some(other) = identities.insert(o.spec.owner.name.clone(), ip.clone())
+        {
+            problems.push(format!(
+                "identity {} holds both {other} and {ip}",
+                o.spec.owner.name
+            ));
         }
         for h in &o.spec.holders {
             let ctr = &h.container_id;
@@ -708,7 +707,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
     let rounds: usize = std::env::var("TETHER_KUBE_CRASH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(40);
     let seed = Rng::seed_from_env("TETHER_KUBE_CRASH_SEED");
     let mut rng = Rng::new(seed);
     let started = Instant::now();

@@ -166,3 +166,44 @@ fn errors_are_printed_once_and_coloured_only_on_a_terminal() {
     assert!(plain.contains("missing.yaml"), "{plain:?}");
     assert!(!plain.contains("\x1b["), "NO_COLOR: {plain:?}");
 }
+
+/// A `--socket` naming something that is not a socket (a mistyped path onto a file, a
+/// directory, a symbolic link) is refused, and what is there is left as it was.
+#[test]
+fn a_socket_path_onto_something_else_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pools = dir.path().join("pools.yaml");
+    std::fs::write(&pools, SEED_POOL).expect("pools");
+    let file = dir.path().join("precious");
+    std::fs::write(&file, "keep me").expect("file");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).expect("symlink");
+    let sub = dir.path().join("a-directory");
+    std::fs::create_dir(&sub).expect("dir");
+    for target in [&file, &link, &sub] {
+        let out = tetherd()
+            .arg("run")
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--pools")
+            .arg(&pools)
+            .arg("--socket")
+            .arg(target)
+            .output()
+            .expect("tetherd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: {stderr}", target.display());
+        assert!(stderr.contains("is not a socket"), "{stderr}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("still there"),
+        "keep me"
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+    assert!(sub.is_dir());
+}

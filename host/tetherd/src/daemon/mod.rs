@@ -106,7 +106,16 @@ fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    if socket.exists() {
+    if let Ok(m) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt as _;
+        // Only a socket is ours to replace: a file, directory or link there is somebody
+        // else's (a mistyped --socket must not delete it).
+        if !m.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket: refusing to replace it (choose another --socket)",
+                socket.display()
+            );
+        }
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             anyhow::bail!("{} is in use: another tetherd is running", socket.display());
         }
