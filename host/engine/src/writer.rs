@@ -384,7 +384,7 @@ impl Loop {
             for job in jobs {
                 let _ = job
                     .reply
-                    .send(Err(WriteError::Store(StoreError::Backend(msg.clone()))));
+                    .send(Err(WriteError::Store(StoreError::Unavailable(msg.clone()))));
             }
             return true;
         }
@@ -492,9 +492,15 @@ impl Loop {
                         state.apply(u);
                     }
                     let msg = e.to_string();
+                    let unavailable = matches!(e, StoreError::Unavailable(_));
                     for p in planned.iter_mut() {
                         if p.answer.is_ok() && !p.groups.is_empty() {
-                            p.answer = Err(WriteError::Store(StoreError::Backend(msg.clone())));
+                            let e = if unavailable {
+                                StoreError::Unavailable(msg.clone())
+                            } else {
+                                StoreError::Backend(msg.clone())
+                            };
+                            p.answer = Err(WriteError::Store(e));
                             p.rollback = None;
                         }
                     }

@@ -161,6 +161,9 @@ impl KubeStore {
         if let Some(h) = &self.health {
             h.failed(op, &e);
         }
+        if crate::health::is_outage(&e) {
+            return StoreError::Unavailable(format!("{op}: {e}"));
+        }
         backend(op, e)
     }
 
@@ -178,7 +181,7 @@ impl KubeStore {
         f: impl std::future::Future<Output = Result<T, kube::Error>>,
     ) -> Result<Result<T, kube::Error>, StoreError> {
         if let Some(Err(why)) = self.health.as_ref().map(ApiHealth::check) {
-            return Err(StoreError::Backend(format!("{op}: {why}")));
+            return Err(StoreError::Unavailable(format!("{op}: {why}")));
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
             Ok(r) => Ok(r),
@@ -187,7 +190,7 @@ impl KubeStore {
                 if let Some(h) = &self.health {
                     h.down(op, &why);
                 }
-                Err(StoreError::Backend(format!(
+                Err(StoreError::Unavailable(format!(
                     "{op}: no answer from the API server within {}s",
                     REQUEST_TIMEOUT.as_secs()
                 )))
@@ -491,7 +494,7 @@ impl KubeStore {
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         if let Some(Err(why)) = self.health.as_ref().map(ApiHealth::check) {
-            return Err(StoreError::Backend(format!("{what}: {why}")));
+            return Err(StoreError::Unavailable(format!("{what}: {why}")));
         }
         self.rt
             .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
@@ -500,7 +503,7 @@ impl KubeStore {
                 if let Some(h) = &self.health {
                     h.down(what, &why);
                 }
-                Err(StoreError::Backend(format!(
+                Err(StoreError::Unavailable(format!(
                     "{what}: no answer from the API server within {}s",
                     CALL_TIMEOUT.as_secs()
                 )))

@@ -123,6 +123,11 @@ pub enum StoreError {
     /// not applied: re-read the store.
     #[error("store backend: {0}")]
     Backend(String),
+    /// The store does not answer now (its server unreachable, overloaded or too slow): a
+    /// passing condition. Whether a write in flight was applied is unknown; the writer
+    /// re-reads the store, and the caller should try again later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Persistence of allocations, one record per address.

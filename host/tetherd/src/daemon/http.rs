@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tether_api::{CniRequest, ErrorBody, codes};
 use tether_core::alloc::AllocError;
+use tether_store::StoreError;
 
 use tether_engine::writer::WriteError;
 use tether_engine::{Engine, EngineError};
@@ -58,6 +59,10 @@ impl From<&EngineError> for ApiError {
                 }
                 AllocError::NoDecision => (StatusCode::INTERNAL_SERVER_ERROR, codes::POLICY_FAILED),
             },
+            // The store does not answer now: the kubelet's retry will do (code 11).
+            EngineError::Write(WriteError::Store(StoreError::Unavailable(_))) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::TRY_AGAIN)
+            }
             EngineError::Write(WriteError::Store(_)) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, codes::STORE_FAILURE)
             }
