@@ -425,15 +425,25 @@ impl KubeStore {
                         vec![Event::Put(a)]
                     }
                     Ok(watcher::Event::Delete(o)) => {
-                        // The revision the record had (the delete event's own is newer).
-                        let revision = lock(&known)
-                            .remove(&o.spec.address)
-                            .map_or_else(|| revision_of(&o), |(_, r)| r);
-                        vec![Event::Deleted {
-                            pool: o.spec.pool.clone(),
-                            ip: o.spec.address,
-                            revision,
-                        }]
+                        let deleted_at = revision_of(&o);
+                        let mut known = lock(&known);
+                        match known.get(&o.spec.address) {
+                            // A newer object already holds this address (created after this
+                            // deletion, by this daemon's own write): the event is of an older
+                            // one and must not take the newer one away.
+                            Some((_, r)) if *r > deleted_at => Vec::new(),
+                            _ => {
+                                // The revision the record had (the delete event's own is newer).
+                                let revision = known
+                                    .remove(&o.spec.address)
+                                    .map_or(deleted_at, |(_, r)| r);
+                                vec![Event::Deleted {
+                                    pool: o.spec.pool.clone(),
+                                    ip: o.spec.address,
+                                    revision,
+                                }]
+                            }
+                        }
                     }
                     Ok(watcher::Event::InitDone) => {
                         let Some(seen) = relisted.take() else {
