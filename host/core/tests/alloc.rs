@@ -187,6 +187,60 @@ fn second_pod_of_an_identity_waits_unless_it_may_share_or_the_holder_is_gone() {
     assert_eq!(ipam.get("test-ippool", ip).expect("a").holders.len(), 1);
 }
 
+/// `may-share` is for a live migration: its source and one target. A third live pod of the
+/// identity waits, whatever the policy says.
+#[test]
+fn sharing_stops_at_two_live_holders() {
+    let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");
+    let pools = ["test-ippool"];
+    let share = vm_decision(true);
+    let ip = add(
+        &mut ipam,
+        att("c1", "vm-pod-1", "u1"),
+        &share,
+        &pools,
+        &all_live,
+    )
+    .expect("source")[0];
+    let target = add(
+        &mut ipam,
+        att("c2", "vm-pod-2", "u2"),
+        &share,
+        &pools,
+        &all_live,
+    )
+    .expect("migration target");
+    assert_eq!(target, vec![ip]);
+    let e = add(
+        &mut ipam,
+        att("c3", "vm-pod-3", "u3"),
+        &share,
+        &pools,
+        &all_live,
+    )
+    .expect_err("a third live pod");
+    assert!(matches!(&e, AllocError::IdentityBusy { .. }), "{e}");
+    assert_eq!(ipam.get("test-ippool", ip).expect("a").holders.len(), 2);
+    // The source is gone: the third pod joins the target.
+    let source_gone = |a: &Attachment| {
+        if a.pod == "vm-pod-1" {
+            Liveness::Gone
+        } else {
+            Liveness::Live
+        }
+    };
+    let got = add(
+        &mut ipam,
+        att("c3", "vm-pod-3", "u3"),
+        &share,
+        &pools,
+        &source_gone,
+    )
+    .expect("after the source went");
+    assert_eq!(got, vec![ip]);
+    assert_eq!(ipam.get("test-ippool", ip).expect("a").holders.len(), 2);
+}
+
 #[test]
 fn statefulset_pod_recreated_under_the_same_name_takes_over() {
     let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");

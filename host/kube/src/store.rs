@@ -53,24 +53,95 @@ pub struct KubeStore {
     /// The API server's health: calls fail at once while it is down, and a failure that says
     /// it is down marks it so.
     health: Option<ApiHealth>,
-    /// Every address the subscribers may hold a record of, with its pool and revision: what
-    /// the watch showed, and what the store's own reads returned (a re-read of the whole
-    /// store while the watch is down shows objects the watch never did). A re-list reports
-    /// those it no longer finds as stale, so that an object deleted while the watch was down
-    /// leaves the subscribers' state even if only a read had shown it.
-    known: std::sync::Arc<Mutex<Known>>,
+    /// What the subscribers may hold a record of, and the watch's re-list in progress.
+    feed: std::sync::Arc<Mutex<Feed>>,
 }
 
-/// Addresses and their pool and revision, as last seen.
-type Known = HashMap<IpAddr, (String, Revision)>;
+/// Turns the watch's events into the change feed's.
+///
+/// It keeps every address the subscribers may hold a record of, with its revision (`known`):
+/// what the watch showed, and what the store's own writes made and reads returned (a re-read
+/// of the whole store while the watch is down shows objects the watch never did).
+/// A re-list reports those it no longer finds as [`Event::Stale`], so that an object deleted
+/// while the watch was down leaves the subscribers' state even if only a read had shown it.
+/// (A write that lands after the re-list's snapshot is reported stale too: a needless re-read,
+/// never a lost one.)
+#[derive(Default)]
+struct Feed {
+    known: HashMap<IpAddr, Revision>,
+    /// While the watch re-lists: the addresses the list has shown so far.
+    relisted: Option<HashSet<IpAddr>>,
+}
+
+impl Feed {
+    /// Notes a record at `revision` unless a newer one of its address is known.
+    fn remember(&mut self, ip: IpAddr, revision: Revision) {
+        if self.known.get(&ip).is_none_or(|r| *r < revision) {
+            self.known.insert(ip, revision);
+        }
+    }
+
+    /// The watch starts a (re-)list.
+    fn relist_started(&mut self) {
+        self.relisted = Some(HashSet::new());
+    }
+
+    /// The watch shows an object (listed or changed).
+    fn applied(&mut self, a: Allocation) -> Vec<Event> {
+        if let Some(seen) = self.relisted.as_mut() {
+            seen.insert(a.ip);
+        }
+        self.remember(a.ip, a.revision);
+        vec![Event::Put(a)]
+    }
+
+    /// The watch shows the deletion, at revision `deleted_at`, of the object of `ip`.
+    fn deleted(&mut self, pool: &str, ip: IpAddr, deleted_at: Revision) -> Vec<Event> {
+        match self.known.get(&ip) {
+            // A newer object already holds this address (created after this deletion, by
+            // this daemon's own write): the event is of an older one and must not take the
+            // newer one away.
+            Some(r) if *r > deleted_at => Vec::new(),
+            _ => {
+                // The revision the record had (the delete event's own is newer).
+                let revision = self.known.remove(&ip).unwrap_or(deleted_at);
+                vec![Event::Deleted {
+                    pool: pool.to_owned(),
+                    ip,
+                    revision,
+                }]
+            }
+        }
+    }
+
+    /// The (re-)list is complete: what it did not show was deleted in the gap, perhaps after
+    /// a write this watch never showed (whose revision a delete event could not match), and
+    /// no delete event will announce it. The subscribers read those again.
+    fn relist_done(&mut self) -> Vec<Event> {
+        let Some(seen) = self.relisted.take() else {
+            return Vec::new();
+        };
+        let gone: Vec<IpAddr> = self
+            .known
+            .keys()
+            .filter(|ip| !seen.contains(ip))
+            .copied()
+            .collect();
+        gone.into_iter()
+            .map(|ip| {
+                self.known.remove(&ip);
+                Event::Stale { ip }
+            })
+            .collect()
+    }
+}
 
 fn backend(op: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("{op}: {e}"))
 }
 
-fn lock(known: &Mutex<Known>) -> std::sync::MutexGuard<'_, Known> {
-    known
-        .lock()
+fn lock(feed: &Mutex<Feed>) -> std::sync::MutexGuard<'_, Feed> {
+    feed.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -126,26 +197,20 @@ impl KubeStore {
             watching: Mutex::new(false),
             metrics: None,
             health: None,
-            known: std::sync::Arc::default(),
+            feed: std::sync::Arc::default(),
         }
     }
 
-    /// Notes what a write made (see [`KubeStore::known`]).
+    /// Notes what a write made (see [`Feed`]).
     fn remember_write(&self, a: &Allocation, revision: Revision) {
-        lock(&self.known).insert(a.ip, (a.pool.clone(), revision));
+        lock(&self.feed).remember(a.ip, revision);
     }
 
-    /// Notes what a read returned (see [`KubeStore::known`]).
+    /// Notes what a read returned (see [`Feed`]).
     fn remember(&self, read: &[Allocation]) {
-        let mut known = self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut feed = lock(&self.feed);
         for a in read {
-            let newer = known.get(&a.ip).is_none_or(|(_, r)| *r < a.revision);
-            if newer {
-                known.insert(a.ip, (a.pool.clone(), a.revision));
-            }
+            feed.remember(a.ip, a.revision);
         }
     }
 
@@ -403,67 +468,22 @@ impl KubeStore {
         let api = self.api.clone();
         let subs = self.subscribers.clone();
         let health = self.health.clone();
-        let known = self.known.clone();
+        let feed = self.feed.clone();
         self.rt.spawn(async move {
-            // What the watch and the store's reads have shown (`known`), so that a re-list
-            // (after the watch fell behind) can report the objects deleted in the gap, which
-            // no delete event announces.
-            let mut relisted: Option<HashSet<IpAddr>> = None;
             let mut stream = watcher(api, watcher::Config::default()).boxed();
             while let Some(ev) = stream.next().await {
                 let events = match ev {
                     Ok(watcher::Event::Init) => {
-                        relisted = Some(HashSet::new());
+                        lock(&feed).relist_started();
                         continue;
                     }
                     Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                        let a = read(&o);
-                        if let Some(seen) = relisted.as_mut() {
-                            seen.insert(a.ip);
-                        }
-                        lock(&known).insert(a.ip, (a.pool.clone(), a.revision));
-                        vec![Event::Put(a)]
+                        lock(&feed).applied(read(&o))
                     }
                     Ok(watcher::Event::Delete(o)) => {
-                        let deleted_at = revision_of(&o);
-                        let mut known = lock(&known);
-                        match known.get(&o.spec.address) {
-                            // A newer object already holds this address (created after this
-                            // deletion, by this daemon's own write): the event is of an older
-                            // one and must not take the newer one away.
-                            Some((_, r)) if *r > deleted_at => Vec::new(),
-                            _ => {
-                                // The revision the record had (the delete event's own is newer).
-                                let revision = known
-                                    .remove(&o.spec.address)
-                                    .map_or(deleted_at, |(_, r)| r);
-                                vec![Event::Deleted {
-                                    pool: o.spec.pool.clone(),
-                                    ip: o.spec.address,
-                                    revision,
-                                }]
-                            }
-                        }
+                        lock(&feed).deleted(&o.spec.pool, o.spec.address, revision_of(&o))
                     }
-                    Ok(watcher::Event::InitDone) => {
-                        let Some(seen) = relisted.take() else {
-                            continue;
-                        };
-                        let mut known = lock(&known);
-                        let gone: Vec<IpAddr> = known
-                            .keys()
-                            .filter(|ip| !seen.contains(ip))
-                            .copied()
-                            .collect();
-                        gone.into_iter()
-                            .filter_map(|ip| {
-                                // Gone in the gap: deleted, perhaps after a write this
-                                // watch never showed (whose revision a delete event here
-                                // could not match). The subscriber reads it again.
-                                known.remove(&ip).map(|_| Event::Stale { ip })
-                            })
-                            .collect()
-                    }
+                    Ok(watcher::Event::InitDone) => lock(&feed).relist_done(),
                     Err(e) if crate::health::is_expired(&e) => {
                         // The watch resumed from a resourceVersion the API server no longer
                         // has: the watcher re-lists (Init .. InitDone above), and what was
@@ -589,5 +609,103 @@ impl Store for KubeStore {
             .push(tx);
         self.watch();
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ip: &str, revision: Revision) -> Allocation {
+        let mut a = tether_store::contract::allocation("p", ip, "c");
+        a.revision = revision;
+        a
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// The CI failure of e0f48d9: the daemon deletes an address's object and creates a new one
+    /// there; the old object's delete event arrives after the new write. It must not take the
+    /// new record away (with the new revision, the subscriber would drop a live allocation).
+    #[test]
+    fn a_late_delete_of_an_older_object_is_ignored() {
+        let mut feed = Feed::default();
+        feed.applied(at("10.0.0.1", 10));
+        // This daemon deleted revision 10 (at 11) and created the new object at 12.
+        feed.remember(ip("10.0.0.1"), 12);
+        assert_eq!(feed.deleted("p", ip("10.0.0.1"), 11), Vec::new());
+        // The new object's own deletion does get through, with the revision it had.
+        assert_eq!(
+            feed.deleted("p", ip("10.0.0.1"), 13),
+            vec![Event::Deleted {
+                pool: "p".into(),
+                ip: ip("10.0.0.1"),
+                revision: 12,
+            }]
+        );
+    }
+
+    /// A delete event carries the revision the record had, not the deletion's.
+    #[test]
+    fn a_delete_carries_the_records_revision() {
+        let mut feed = Feed::default();
+        feed.applied(at("10.0.0.1", 10));
+        assert_eq!(
+            feed.deleted("p", ip("10.0.0.1"), 11),
+            vec![Event::Deleted {
+                pool: "p".into(),
+                ip: ip("10.0.0.1"),
+                revision: 10,
+            }]
+        );
+        // Never shown: the deletion's own revision (the subscriber has nothing newer).
+        assert_eq!(
+            feed.deleted("p", ip("10.0.0.2"), 20),
+            vec![Event::Deleted {
+                pool: "p".into(),
+                ip: ip("10.0.0.2"),
+                revision: 20,
+            }]
+        );
+    }
+
+    /// A late event of an older object does not lower what is known of the address.
+    #[test]
+    fn an_older_apply_does_not_replace_a_newer_record() {
+        let mut feed = Feed::default();
+        feed.remember(ip("10.0.0.1"), 12);
+        feed.applied(at("10.0.0.1", 10));
+        assert_eq!(feed.deleted("p", ip("10.0.0.1"), 11), Vec::new());
+    }
+
+    /// A re-list reports what it no longer finds (deleted while the watch was away, seen by
+    /// the watch or only by a read) as stale, once; what it finds is not.
+    #[test]
+    fn a_relist_reports_what_it_did_not_find() {
+        let mut feed = Feed::default();
+        feed.applied(at("10.0.0.1", 10));
+        feed.applied(at("10.0.0.2", 11));
+        feed.remember(ip("10.0.0.3"), 12);
+        feed.relist_started();
+        feed.applied(at("10.0.0.2", 11));
+        let mut stale = feed.relist_done();
+        stale.sort_by_key(|e| format!("{e:?}"));
+        assert_eq!(
+            stale,
+            vec![
+                Event::Stale { ip: ip("10.0.0.1") },
+                Event::Stale { ip: ip("10.0.0.3") },
+            ]
+        );
+        // Reported once: a second re-list that finds nothing has nothing left to report.
+        feed.relist_started();
+        assert_eq!(
+            feed.relist_done(),
+            vec![Event::Stale { ip: ip("10.0.0.2") }]
+        );
+        // No re-list in progress: nothing to report.
+        assert_eq!(feed.relist_done(), Vec::new());
     }
 }

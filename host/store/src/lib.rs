@@ -82,7 +82,8 @@ pub enum Event {
         revision: Revision,
     },
     /// The feed may have missed changes of this address (a watch re-listed after a gap and
-    /// no longer found it): read it again from the store.
+    /// no longer found it): read it again from the store. It may come when nothing was
+    /// missed (a write that raced the re-list): a needless re-read, never a wrong one.
     Stale {
         /// Address.
         ip: IpAddr,
