@@ -261,6 +261,46 @@ impl TestCluster {
             client,
         })
     }
+
+    /// Starts one without controllers for `test` (see [`TestCluster::start`]), with namespace
+    /// default's `default` ServiceAccount and the IPPool `pool` (YAML).
+    pub fn with_pool(test: &str, pool: &str) -> Option<TestCluster> {
+        let tc = Self::start(test, false)?;
+        tc.default_service_account();
+        tc.create_pool(pool);
+        Some(tc)
+    }
+
+    /// Makes namespace default's `default` ServiceAccount, which the ServiceAccount admission
+    /// wants and the controller-manager (not running without `controllers`) would make.
+    pub fn default_service_account(&self) {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let sa = ServiceAccount {
+            metadata: kube::api::ObjectMeta {
+                name: Some("default".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        self.rt
+            .block_on(
+                kube::Api::<ServiceAccount>::namespaced(self.client.clone(), "default")
+                    .create(&kube::api::PostParams::default(), &sa),
+            )
+            .expect("ServiceAccount");
+    }
+
+    /// Creates the IPPool `pool` (YAML).
+    pub fn create_pool(&self, pool: &str) {
+        use tether_kube::crd::IPPool;
+        let pool: IPPool = yaml_serde::from_str(pool).expect("IPPool YAML");
+        self.rt
+            .block_on(
+                kube::Api::<IPPool>::all(self.client.clone())
+                    .create(&kube::api::PostParams::default(), &pool),
+            )
+            .expect("IPPool");
+    }
 }
 
 /// Waits (60 s at most) until namespace `default` has its `default` ServiceAccount.

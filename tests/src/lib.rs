@@ -8,6 +8,7 @@
 #![allow(missing_docs)] // a test harness: the module docs say what each piece is for
 
 pub mod cluster;
+pub mod crash_model;
 pub mod kubelet;
 pub mod kubevirt;
 pub mod netns;

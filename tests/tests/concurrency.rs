@@ -10,12 +10,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod as KPod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::TestCluster;
 use tether_e2e::{CniOutcome, Daemon, Ipam, Pod};
-use tether_kube::crd::{IPAllocation, IPPool};
+use tether_kube::crd::IPAllocation;
 
 const STREAMS: usize = 64;
 /// tether's code for an exhausted pool.
@@ -270,23 +270,13 @@ fn sixty_four_streams_across_eight_nodes_share_a_small_pool() {
         cluster,
         rt,
         client,
-    }) = TestCluster::start(test, false)
+    }) = TestCluster::with_pool(
+        test,
+        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: small}\nspec: {subnet: 10.42.0.0/24, ips: [10.42.0.10-10.42.0.49]}\n",
+    )
     else {
         return;
     };
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-    rt.block_on(
-        Api::<ServiceAccount>::namespaced(client.clone(), "default")
-            .create(&PostParams::default(), &sa),
-    )
-    .expect("ServiceAccount");
-    let pool: IPPool = yaml_serde::from_str(
-        "apiVersion: ipam.tether.dev/v1alpha1\nkind: IPPool\nmetadata: {name: small}\nspec: {subnet: 10.42.0.0/24, ips: [10.42.0.10-10.42.0.49]}\n",
-    )
-    .expect("pool");
-    rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
-        .expect("IPPool");
     let kubeconfig = cluster.kubeconfig.display().to_string();
     let daemons: Vec<Daemon> = std::thread::scope(|s| {
         let started: Vec<_> = (0..NODES)

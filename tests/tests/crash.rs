@@ -9,12 +9,11 @@
 //! `TETHER_CRASH_ROUNDS` sets the number of kills (default 200); `TETHER_CRASH_SEED` replays a
 //! run's random choices (kill instants, operations; thread timing still varies).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tether_core::alloc::{Allocation, Owner};
+use tether_core::alloc::Allocation;
+use tether_e2e::crash_model::{Att, Kind, Model, Seen, Storm, Totals};
 use tether_e2e::{Daemon, Ipam, Pod, Rng, manifests};
 
 /// 128 addresses.
@@ -29,62 +28,6 @@ const KILL_AFTER_MS: (u64, u64) = (30, 500);
 /// short as the fast one often ends before anything was answered (a run with no DEL answered
 /// proves nothing about answered calls).
 const SLOW_KILL_AFTER_MS: (u64, u64) = (200, 1500);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
-    Ephemeral,
-    /// A StatefulSet pod: the identity keeps its address across pods.
-    Pinned(String),
-}
-
-/// One attachment the storm created and has not seen go.
-#[derive(Debug, Clone)]
-struct Att {
-    pod: Pod,
-    kind: Kind,
-    worker: usize,
-    /// `Some(ip)`: its ADD was answered `ip`, and no DEL was sent since. `None`: a call for it
-    /// was in flight at the kill (committed or not, the restarted daemon says which).
-    ip: Option<String>,
-}
-
-impl Att {
-    fn who(&self) -> String {
-        format!(
-            "pod {}/{} (container {})",
-            self.pod.namespace, self.pod.name, self.pod.container_id
-        )
-    }
-}
-
-fn pin_owner(identity: &str) -> String {
-    format!("the pin of {identity}")
-}
-
-/// What the test knows, carried from round to round.
-#[derive(Default)]
-struct Model {
-    /// By container id.
-    atts: BTreeMap<String, Att>,
-    /// Container ids whose DEL was answered, or seen free after a crash: never to hold again.
-    gone: HashSet<String>,
-    /// The addresses held right now, by whom (an attachment, or a pin). An ADD's address goes
-    /// in once it is answered and an ephemeral one comes out before its DEL is sent: a correct
-    /// daemon never answers an address that is in it.
-    held: Mutex<HashMap<String, String>>,
-    /// Pinned identity -> its address.
-    pins: Mutex<BTreeMap<String, String>>,
-}
-
-/// What one caller did in one storm.
-#[derive(Default)]
-struct Storm {
-    atts: Vec<Att>,
-    gone: Vec<String>,
-    adds: usize,
-    dels: usize,
-    failures: Vec<String>,
-}
 
 fn sts_pod(w: usize, container_id: String) -> Pod {
     Pod {
@@ -119,29 +62,25 @@ fn storm(
             match pinned {
                 Some(i) => Some(i),
                 None => {
-                    mine.push(Att {
-                        pod: sts_pod(w, format!("ctr-db-{w}-r{round}-{n}")),
-                        kind: Kind::Pinned(format!("default/db-{w}")),
-                        worker: w,
-                        ip: None,
-                    });
+                    mine.push(Att::new(
+                        sts_pod(w, format!("ctr-db-{w}-r{round}-{n}")),
+                        Kind::Pinned(format!("default/db-{w}")),
+                        0,
+                        w,
+                    ));
                     None
                 }
             }
         } else if ephemeral.len() < 2 || (ephemeral.len() < 6 && rng.below(2) == 0) {
             let name = format!("e{w}-r{round}-{n}");
-            mine.push(Att {
-                pod: Pod {
-                    namespace: "default".into(),
-                    uid: format!("uid-{name}"),
-                    container_id: format!("ctr-{name}"),
-                    name,
-                    ifname: "eth0".into(),
-                },
-                kind: Kind::Ephemeral,
-                worker: w,
-                ip: None,
-            });
+            let pod = Pod {
+                namespace: "default".into(),
+                uid: format!("uid-{name}"),
+                container_id: format!("ctr-{name}"),
+                name,
+                ifname: "eth0".into(),
+            };
+            mine.push(Att::new(pod, Kind::Ephemeral, 0, w));
             None
         } else {
             Some(ephemeral[rng.below(ephemeral.len() as u64) as usize])
@@ -150,53 +89,29 @@ fn storm(
             None => {
                 let a = mine.last_mut().expect("just pushed");
                 let o = ipam.add(&a.pod);
-                let Some(ip) = o.as_ref().ok().filter(|o| o.ok).and_then(|o| o.ip()) else {
-                    if !killed.load(Ordering::SeqCst) {
-                        out.failures
-                            .push(format!("ADD for {} failed before the kill: {o:?}", a.who()));
-                    }
+                let Some((ip, added)) = o
+                    .as_ref()
+                    .ok()
+                    .filter(|o| o.ok)
+                    .and_then(|o| Some((o.ip()?, o.out.clone())))
+                else {
+                    out.failed(
+                        killed.load(Ordering::SeqCst),
+                        format!("ADD for {} failed before the kill: {o:?}", a.who()),
+                    );
                     break; // in flight at the kill: a.ip stays None
                 };
-                out.adds += 1;
-                let owner = match &a.kind {
-                    Kind::Ephemeral => a.who(),
-                    Kind::Pinned(identity) => {
-                        let mut pins = model.pins.lock().expect("lock");
-                        let pin = pins.entry(identity.clone()).or_insert_with(|| ip.clone());
-                        if *pin != ip {
-                            out.failures.push(format!(
-                                "{identity}'s pin moved: {} was answered {ip}, the pin is {pin}",
-                                a.who()
-                            ));
-                        }
-                        pin_owner(identity)
-                    }
-                };
-                let other = model
-                    .held
-                    .lock()
-                    .expect("lock")
-                    .insert(ip.clone(), owner.clone());
-                if let Some(other) = other.filter(|o| *o != owner) {
-                    out.failures.push(format!(
-                        "{ip} handed out twice: answered to {} while {other} holds it",
-                        a.who()
-                    ));
-                }
-                a.ip = Some(ip);
+                model.answered(a, ip, added, &mut out);
             }
             Some(i) => {
                 let a = &mut mine[i];
-                let ip = a.ip.take().expect("a running pod has its address");
-                if a.kind == Kind::Ephemeral {
-                    model.held.lock().expect("lock").remove(&ip);
-                }
+                model.releasing(a);
                 let o = ipam.del(&a.pod);
                 if !o.as_ref().is_ok_and(|o| o.ok) {
-                    if !killed.load(Ordering::SeqCst) {
-                        out.failures
-                            .push(format!("DEL for {} failed before the kill: {o:?}", a.who()));
-                    }
+                    out.failed(
+                        killed.load(Ordering::SeqCst),
+                        format!("DEL for {} failed before the kill: {o:?}", a.who()),
+                    );
                     break; // in flight at the kill: a.ip stays None
                 }
                 out.dels += 1;
@@ -208,9 +123,10 @@ fn storm(
     out
 }
 
-/// Checks the restarted daemon against the model, then adopts what it says about the calls
-/// that were in flight at the kill. Returns the problems found, and how many attachments with a
-/// call in flight hold an address after the restart.
+/// Checks the restarted daemon against the model and adopts what it says about the calls in
+/// flight at the kill (see [`Model::check_and_adopt`]); then a retried ADD of a running pod
+/// must answer its address. Returns the problems found, and how many attachments with a call
+/// in flight hold an address after the restart.
 fn check_and_adopt(
     d: &Daemon,
     ipam: &Ipam,
@@ -221,135 +137,25 @@ fn check_and_adopt(
         .client()
         .get("/v1/allocations")
         .expect("allocations after restart");
-    let mut problems = Vec::new();
-    let mut by_ip: HashMap<String, &Allocation> = HashMap::new();
-    let mut holding: HashMap<String, String> = HashMap::new();
-    for a in &allocs {
-        let ip = a.ip.to_string();
-        if by_ip.insert(ip.clone(), a).is_some() {
-            problems.push(format!("{}/{ip} is in two allocations", a.pool));
-        }
-        if a.holders.is_empty() && a.owner == Owner::Ephemeral {
-            problems.push(format!("{ip}: an ephemeral allocation nobody holds: {a:?}"));
-        }
-        for h in &a.holders {
-            let ctr = &h.attachment.container_id;
-            if let Some(other) = holding.insert(ctr.clone(), ip.clone()) {
-                problems.push(format!("container {ctr} holds both {other} and {ip}"));
-            }
-            if !model.atts.contains_key(ctr) {
-                problems.push(if model.gone.contains(ctr) {
-                    format!("{ip} is held by container {ctr}, whose DEL was answered (or which was seen free) before")
-                } else {
-                    format!("{ip} is held by container {ctr}, which the storm never created")
-                });
-            }
-        }
-    }
-    let describe = |ip: &str| match by_ip.get(ip) {
-        None => "free".to_owned(),
-        Some(a) => format!("{:?} held by {:?}", a.owner, a.holders),
-    };
-    // Every answered ADD survived.
-    for a in model.atts.values() {
-        let Some(ip) = &a.ip else { continue };
-        let holds = by_ip.get(ip).is_some_and(|al| {
-            al.holders
+    let seen: Vec<Seen> = allocs
+        .iter()
+        .map(|a| Seen {
+            ip: a.ip.to_string(),
+            identity: a.identity().map(str::to_owned),
+            holders: a
+                .holders
                 .iter()
-                .any(|h| h.attachment.container_id == a.pod.container_id)
-        });
-        if !holds {
-            problems.push(format!(
-                "lost an answered ADD: {} was answered {ip} before the kill; after the restart {ip} is {}",
-                a.who(),
-                describe(ip)
-            ));
-        }
-    }
-    // Pins stay where they are.
-    for (identity, ip) in model.pins.lock().expect("lock").iter() {
-        let ok = by_ip
-            .get(ip)
-            .is_some_and(|al| al.identity() == Some(identity));
-        if !ok {
-            problems.push(format!(
-                "lost a pin: {identity} had {ip}; after the restart {ip} is {}",
-                describe(ip)
-            ));
-        }
-    }
-    // Adopt the calls in flight at the kill.
-    let held = model.held.get_mut().expect("lock");
-    let pins = model.pins.get_mut().expect("lock");
-    let uncertain: Vec<String> = model
-        .atts
-        .values()
-        .filter(|a| a.ip.is_none())
-        .map(|a| a.pod.container_id.clone())
+                .map(|h| h.attachment.container_id.clone())
+                .collect(),
+            describe: format!("{}/{} {:?} held by {:?}", a.pool, a.ip, a.owner, a.holders),
+        })
         .collect();
-    let mut committed = 0;
-    for ctr in uncertain {
-        let Some(ip) = holding.get(&ctr) else {
-            model.atts.remove(&ctr);
-            model.gone.insert(ctr);
-            continue;
-        };
-        let a = model.atts.get_mut(&ctr).expect("listed");
-        let owner = match &a.kind {
-            Kind::Ephemeral => a.who(),
-            Kind::Pinned(identity) => pin_owner(identity),
-        };
-        if let Some(other) = held
-            .insert(ip.clone(), owner.clone())
-            .filter(|o| *o != owner)
-        {
-            problems.push(format!(
-                "{ip} is held by {} (in flight at the kill) while {other} holds it",
-                a.who()
-            ));
-        }
-        a.ip = Some(ip.clone());
-        committed += 1;
-    }
-    for al in &allocs {
-        if let Some(identity) = al.identity() {
-            let ip = al.ip.to_string();
-            let pin = pins
-                .entry(identity.to_owned())
-                .or_insert_with(|| ip.clone());
-            if *pin != ip {
-                problems.push(format!("{identity} has two pins: {pin} and {ip}"));
-            }
-            held.entry(ip.clone())
-                .or_insert_with(|| pin_owner(identity));
-        }
-    }
-    // Now every allocated address is known, and nothing else.
-    let mut allocated: Vec<&String> = by_ip.keys().collect();
-    let mut known: Vec<&String> = held.keys().collect();
-    allocated.sort_unstable();
-    known.sort_unstable();
-    if allocated != known {
-        problems.push(format!(
-            "allocated after the restart: {allocated:?}; answered or adopted: {known:?}"
-        ));
-    }
-    // A retried ADD of a running pod answers its address.
-    let running: Vec<&Att> = model.atts.values().filter(|a| a.ip.is_some()).collect();
-    if !running.is_empty() {
-        let a = running[rng.below(running.len() as u64) as usize];
+    let mut checked = model.check_and_adopt(&seen);
+    if let Some(a) = model.any_running(rng) {
         let o = ipam.add(&a.pod).expect("retried ADD");
-        if o.ip() != a.ip {
-            problems.push(format!(
-                "a retried ADD for {} answered {:?}, not its {:?}: {}",
-                a.who(),
-                o.ip(),
-                a.ip,
-                o.out
-            ));
-        }
+        checked.problems.extend(Model::retried(a, &o));
     }
-    (problems, committed)
+    (checked.problems, checked.committed)
 }
 
 #[test]
@@ -419,13 +225,10 @@ fn storms_and_kills(rounds: usize, window: (u64, u64), wrapper: &[&str]) {
             .expect("pod");
     }
     let mut model = Model::default();
-    let (mut adds, mut dels, mut in_flight) = (0, 0, 0);
+    let mut total = Totals::default();
     for round in 0..rounds {
         let ipam = Ipam::new(&d.socket, "crash-net", "1.0.0", &["crash"]).expect("ipam");
-        let mut mine: Vec<Vec<Att>> = vec![Vec::new(); WORKERS];
-        for a in std::mem::take(&mut model.atts).into_values() {
-            mine[a.worker].push(a);
-        }
+        let mine = model.hand_out(WORKERS);
         let rngs: Vec<Rng> = (0..WORKERS).map(|_| Rng::new(rng.next_u64())).collect();
         let kill_after = Duration::from_millis(window.0 + rng.below(window.1 - window.0));
         let killed = AtomicBool::new(false);
@@ -448,29 +251,17 @@ fn storms_and_kills(rounds: usize, window: (u64, u64), wrapper: &[&str]) {
                 .collect();
             (dir, storms)
         });
-        let mut failures = Vec::new();
-        let (mut round_adds, mut round_dels, mut round_in_flight) = (0, 0, 0);
-        for st in storms {
-            round_adds += st.adds;
-            round_dels += st.dels;
-            round_in_flight += st.atts.iter().filter(|a| a.ip.is_none()).count();
-            failures.extend(st.failures);
-            model.gone.extend(st.gone);
-            for a in st.atts {
-                model.atts.insert(a.pod.container_id.clone(), a);
-            }
-        }
-        (adds, dels, in_flight) = (
-            adds + round_adds,
-            dels + round_dels,
-            in_flight + round_in_flight,
-        );
+        let (done, mut failures) = model.take(storms);
+        total += done;
         d = start(dir).expect("restart on the same state");
         let ipam = Ipam::new(&d.socket, "crash-net", "1.0.0", &["crash"]).expect("ipam");
         let (problems, committed) = check_and_adopt(&d, &ipam, &mut model, &mut rng);
         failures.extend(problems);
         eprintln!(
-            "round {round}: killed after {kill_after:?}: {round_adds} ADDs and {round_dels} DELs answered, {round_in_flight} unanswered ({committed} of them hold an address after the restart); {} attachments running",
+            "round {round}: killed after {kill_after:?}: {} ADDs and {} DELs answered, {} unanswered ({committed} of them hold an address after the restart); {} attachments running",
+            done.adds,
+            done.dels,
+            done.in_flight,
             model.atts.len()
         );
         assert!(
@@ -480,6 +271,12 @@ fn storms_and_kills(rounds: usize, window: (u64, u64), wrapper: &[&str]) {
             d.log()
         );
     }
+    let Totals {
+        adds,
+        dels,
+        in_flight,
+        ..
+    } = total;
     eprintln!(
         "{rounds} kills in {:?}: {adds} ADDs and {dels} DELs answered, {in_flight} in flight at a kill",
         started.elapsed()

@@ -20,19 +20,18 @@
 //! `TETHER_KUBE_CRASH_ROUNDS` sets the number of rounds (default 40); `TETHER_KUBE_CRASH_SEED`
 //! replays a run's random choices (thread timing still varies).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod as KPod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::{Cluster, TestCluster};
+use tether_e2e::crash_model::{Att, Kind, Model, Seen, Storm, Totals};
 use tether_e2e::{Daemon, Ipam, Pod, Rng};
-use tether_kube::crd::{IPAllocation, IPPool};
+use tether_kube::crd::IPAllocation;
 
 const NODES: usize = 4;
 /// Parallel callers; caller `w` runs its ephemeral pods on node `w % NODES` and owns the
@@ -56,67 +55,6 @@ const GC: &[&str] = &[
     "1",
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
-    Ephemeral,
-    /// A StatefulSet pod: the identity (`default/db-w`) keeps its address across pods.
-    Pinned(String),
-}
-
-/// One attachment the storm created and has not seen go.
-#[derive(Debug, Clone)]
-struct Att {
-    pod: Pod,
-    kind: Kind,
-    node: usize,
-    worker: usize,
-    /// `Some(ip)`: its ADD was answered `ip`, and no DEL was sent since. `None`: a call for it
-    /// was in flight at the kill (committed or not: the API server says which).
-    ip: Option<String>,
-    /// The ADD's answer, for a CHECK's prevResult (none for a call adopted after a kill).
-    added: Option<serde_json::Value>,
-}
-
-impl Att {
-    fn who(&self) -> String {
-        format!(
-            "pod {}/{} on node-{} (container {})",
-            self.pod.namespace, self.pod.name, self.node, self.pod.container_id
-        )
-    }
-
-    fn owner(&self) -> String {
-        match &self.kind {
-            Kind::Ephemeral => self.who(),
-            Kind::Pinned(identity) => format!("the pin of {identity}"),
-        }
-    }
-}
-
-/// What the test knows, carried from round to round.
-#[derive(Default)]
-struct Model {
-    atts: BTreeMap<String, Att>,
-    /// Container ids whose DEL was answered, or seen uncommitted after a kill.
-    gone: HashSet<String>,
-    /// The addresses held now, by whom; an ephemeral one leaves before its DEL is sent.
-    held: Mutex<HashMap<String, String>>,
-    /// Pinned identity -> its address.
-    pins: Mutex<BTreeMap<String, String>>,
-}
-
-#[derive(Default)]
-struct Storm {
-    atts: Vec<Att>,
-    gone: Vec<String>,
-    adds: usize,
-    dels: usize,
-    checks: usize,
-    /// Live migrations whose target's ADD and source's DEL were both answered.
-    migrations: usize,
-    failures: Vec<String>,
-}
-
 struct Env {
     cluster: Cluster,
     rt: tokio::runtime::Runtime,
@@ -130,17 +68,7 @@ impl Env {
             cluster,
             rt,
             client,
-        } = TestCluster::start(test, false)?;
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-        rt.block_on(
-            Api::<ServiceAccount>::namespaced(client.clone(), "default")
-                .create(&PostParams::default(), &sa),
-        )
-        .expect("ServiceAccount");
-        let pool: IPPool = yaml_serde::from_str(POOL).expect("pool");
-        rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
-            .expect("IPPool");
+        } = TestCluster::with_pool(test, POOL)?;
         let sts: StatefulSet = serde_json::from_value(json!({
             "apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": "db", "namespace": "default"},
@@ -321,14 +249,9 @@ fn storm(
                     // The StatefulSet pod comes back, a new pod on any node.
                     let node = rng.below(NODES as u64) as usize;
                     match env.create_pod(&format!("db-{w}"), node, true) {
-                        Ok(pod) => mine.push(Att {
-                            pod,
-                            kind: Kind::Pinned(sts_identity.clone()),
-                            node,
-                            worker: w,
-                            ip: None,
-                            added: None,
-                        }),
+                        Ok(pod) => {
+                            mine.push(Att::new(pod, Kind::Pinned(sts_identity.clone()), node, w))
+                        }
                         Err(e) => {
                             out.failures.push(format!("creating pod db-{w}: {e}"));
                             break;
@@ -340,14 +263,7 @@ fn storm(
         } else if ephemeral.len() < 2 || (ephemeral.len() < 4 && rng.below(2) == 0) {
             let node = w % NODES;
             match env.create_pod(&format!("e{w}-r{round}-{n}"), node, false) {
-                Ok(pod) => mine.push(Att {
-                    pod,
-                    kind: Kind::Ephemeral,
-                    node,
-                    worker: w,
-                    ip: None,
-                    added: None,
-                }),
+                Ok(pod) => mine.push(Att::new(pod, Kind::Ephemeral, node, w)),
                 Err(e) => {
                     out.failures.push(format!("creating a pod: {e}"));
                     break;
@@ -373,15 +289,11 @@ fn storm(
                     }
                     break; // in flight at the kill: a.ip stays None
                 };
-                answered(a, ip, added, model, &mut out);
+                model.answered(a, ip, added, &mut out);
             }
             Some(i) => {
                 let a = &mut mine[i];
-                let ip = a.ip.take().expect("a running pod has its address");
-                a.added = None;
-                if a.kind == Kind::Ephemeral {
-                    model.held.lock().expect("lock").remove(&ip);
-                }
+                model.releasing(a);
                 let o = ipams[a.node].del(&a.pod);
                 if !o.as_ref().is_ok_and(|o| o.ok) {
                     if !stopped() {
@@ -400,35 +312,6 @@ fn storm(
     }
     out.atts = mine;
     out
-}
-
-/// Books an answered ADD: the pin must not move and the address must not be another's.
-fn answered(a: &mut Att, ip: String, added: serde_json::Value, model: &Model, out: &mut Storm) {
-    out.adds += 1;
-    if let Kind::Pinned(identity) = &a.kind {
-        let mut pins = model.pins.lock().expect("lock");
-        let pin = pins.entry(identity.clone()).or_insert_with(|| ip.clone());
-        if *pin != ip {
-            out.failures.push(format!(
-                "{identity}'s pin moved: {} was answered {ip}, the pin is {pin}",
-                a.who()
-            ));
-        }
-    }
-    let owner = a.owner();
-    let other = model
-        .held
-        .lock()
-        .expect("lock")
-        .insert(ip.clone(), owner.clone());
-    if let Some(other) = other.filter(|o| *o != owner) {
-        out.failures.push(format!(
-            "{ip} handed out twice: answered to {} while {other} holds it",
-            a.who()
-        ));
-    }
-    a.ip = Some(ip);
-    a.added = Some(added);
 }
 
 /// One step of VM `vm-w`'s life: a launcher pod starts on a random node, restarts, or
@@ -460,8 +343,7 @@ fn vm_step(
     // DEL a launcher and delete its pod.
     let del = |i: usize, mine: &mut Vec<Att>, out: &mut Storm| -> Result<(), String> {
         let a = &mut mine[i];
-        a.ip = None;
-        a.added = None;
+        model.releasing(a);
         let o = ipams[a.node].del(&a.pod);
         if !o.as_ref().is_ok_and(|o| o.ok) {
             return Err(format!("DEL for {} failed before the kill: {o:?}", a.who()));
@@ -487,14 +369,7 @@ fn vm_step(
             ))
             .map_err(|e| format!("launching vm-{w}: {e:#}"))?;
         let pod = env.existing(&name).map_err(|e| format!("{name}: {e}"))?;
-        mine.push(Att {
-            pod,
-            kind: Kind::Pinned(identity.clone()),
-            node,
-            worker: w,
-            ip: None,
-            added: None,
-        });
+        mine.push(Att::new(pod, Kind::Pinned(identity.clone()), node, w));
         let a = mine.last_mut().expect("just pushed");
         let o = ipams[node].add(&a.pod);
         let Some((ip, added)) = o
@@ -505,7 +380,7 @@ fn vm_step(
         else {
             return Err(format!("ADD for {} failed before the kill: {o:?}", a.who()));
         };
-        answered(a, ip, added, model, out);
+        model.answered(a, ip, added, out);
         Ok(())
     };
     let r = match launchers[..] {
@@ -529,148 +404,43 @@ fn vm_step(
     r.or_else(|e| fail(out, e))
 }
 
-/// Checks the API server's allocations against the model, then adopts what they say about the
-/// calls in flight at the kill. Returns the problems found and how many such calls committed.
+/// Checks the API server's allocations against the model and adopts what they say about the
+/// calls in flight at the kill (see [`Model::check_and_adopt`]): the pod of one that did not
+/// commit is deleted, as the kubelet would after a failed ADD or a DEL that went through.
+/// Then a retried ADD of a running pod must answer its address. Returns the problems found
+/// and how many calls in flight committed.
 fn check_and_adopt(
     env: &Env,
     ipams: &[Ipam],
     model: &mut Model,
     rng: &mut Rng,
 ) -> (Vec<String>, usize) {
-    let objects = env.objects();
-    let mut problems = Vec::new();
-    let mut by_ip: HashMap<String, &IPAllocation> = HashMap::new();
-    let mut holding: HashMap<String, String> = HashMap::new();
-    let mut identities: HashMap<String, String> = HashMap::new();
-    for o in &objects {
-        let ip = o.spec.address.to_string();
-        if by_ip.insert(ip.clone(), o).is_some() {
-            problems.push(format!("{ip} is in two IPAllocation objects"));
-        }
-        let ephemeral = o.spec.owner.kind == "Ephemeral";
-        if ephemeral && o.spec.holders.is_empty() {
-            problems.push(format!(
-                "{ip}: an ephemeral address nobody holds: {:?}",
-                o.spec
-            ));
-        }
-        if !ephemeral && let Some(other) = identities.insert(o.spec.owner.name.clone(), ip.clone())
-        {
-            problems.push(format!(
-                "identity {} holds both {other} and {ip}",
-                o.spec.owner.name
-            ));
-        }
-        for h in &o.spec.holders {
-            let ctr = &h.container_id;
-            if let Some(other) = holding.insert(ctr.clone(), ip.clone()) {
-                problems.push(format!("container {ctr} holds both {other} and {ip}"));
-            }
-            if !model.atts.contains_key(ctr) {
-                problems.push(if model.gone.contains(ctr) {
-                    format!("{ip} is held by container {ctr}, whose DEL was answered (or which was seen uncommitted) before")
-                } else {
-                    format!("{ip} is held by container {ctr}, which the storm never created")
-                });
-            }
-        }
-    }
-    let describe = |ip: &str| match by_ip.get(ip) {
-        None => "free".to_owned(),
-        Some(o) => format!("{:?} held by {:?}", o.spec.owner, o.spec.holders),
-    };
-    for a in model.atts.values() {
-        let Some(ip) = &a.ip else { continue };
-        let holds = by_ip.get(ip).is_some_and(|o| {
-            o.spec
+    let seen: Vec<Seen> = env
+        .objects()
+        .iter()
+        .map(|o| Seen {
+            ip: o.spec.address.to_string(),
+            identity: (o.spec.owner.kind != "Ephemeral").then(|| o.spec.owner.name.clone()),
+            holders: o
+                .spec
                 .holders
                 .iter()
-                .any(|h| h.container_id == a.pod.container_id)
-        });
-        if !holds {
-            problems.push(format!(
-                "lost an answered ADD: {} was answered {ip}; after the restart {ip} is {}",
-                a.who(),
-                describe(ip)
-            ));
-        }
-    }
-    for (identity, ip) in model.pins.lock().expect("lock").iter() {
-        if identities.get(identity) != Some(ip) {
-            problems.push(format!(
-                "lost a pin: {identity} had {ip}; after the restart {ip} is {}, the identity has {:?}",
-                describe(ip),
-                identities.get(identity)
-            ));
-        }
-    }
-    // Adopt the calls in flight at the kill. One that did not commit leaves its pod to be
-    // deleted, as the kubelet would after a failed ADD or a DEL that went through.
-    let held = model.held.get_mut().expect("lock");
-    let pins = model.pins.get_mut().expect("lock");
-    let uncertain: Vec<String> = model
-        .atts
-        .values()
-        .filter(|a| a.ip.is_none())
-        .map(|a| a.pod.container_id.clone())
+                .map(|h| h.container_id.clone())
+                .collect(),
+            describe: format!("{:?} held by {:?}", o.spec.owner, o.spec.holders),
+        })
         .collect();
-    let mut committed = 0;
-    for ctr in uncertain {
-        let Some(ip) = holding.get(&ctr) else {
-            let a = model.atts.remove(&ctr).expect("listed");
-            if let Err(e) = env.delete_pod(&a.pod.name) {
-                problems.push(format!("deleting {}: {e}", a.who()));
-            }
-            model.gone.insert(ctr);
-            continue;
-        };
-        let a = model.atts.get_mut(&ctr).expect("listed");
-        let owner = a.owner();
-        if let Some(other) = held
-            .insert(ip.clone(), owner.clone())
-            .filter(|o| *o != owner)
-        {
-            problems.push(format!(
-                "{ip} is held by {} (in flight at the kill) while {other} holds it",
-                a.who()
-            ));
+    let mut checked = model.check_and_adopt(&seen);
+    for a in &checked.uncommitted {
+        if let Err(e) = env.delete_pod(&a.pod.name) {
+            checked.problems.push(format!("deleting {}: {e}", a.who()));
         }
-        a.ip = Some(ip.clone());
-        committed += 1;
     }
-    for (identity, ip) in &identities {
-        let pin = pins.entry(identity.clone()).or_insert_with(|| ip.clone());
-        if pin != ip {
-            problems.push(format!("{identity} has two pins: {pin} and {ip}"));
-        }
-        held.entry(ip.clone())
-            .or_insert_with(|| format!("the pin of {identity}"));
-    }
-    let mut allocated: Vec<&String> = by_ip.keys().collect();
-    let mut known: Vec<&String> = held.keys().collect();
-    allocated.sort_unstable();
-    known.sort_unstable();
-    if allocated != known {
-        problems.push(format!(
-            "allocated after the restart: {allocated:?}; answered or adopted: {known:?}"
-        ));
-    }
-    // A retried ADD of a running pod answers its address.
-    let running: Vec<&Att> = model.atts.values().filter(|a| a.ip.is_some()).collect();
-    if !running.is_empty() {
-        let a = running[rng.below(running.len() as u64) as usize];
+    if let Some(a) = model.any_running(rng) {
         let o = ipams[a.node].add(&a.pod).expect("retried ADD");
-        if o.ip() != a.ip {
-            problems.push(format!(
-                "a retried ADD for {} answered {:?}, not its {:?}: {}",
-                a.who(),
-                o.ip(),
-                a.ip,
-                o.out
-            ));
-        }
+        checked.problems.extend(Model::retried(a, &o));
     }
-    (problems, committed)
+    (checked.problems, checked.committed)
 }
 
 /// Which daemons a round kills.
@@ -733,14 +503,10 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
         })
         .collect();
     let mut model = Model::default();
-    let (mut adds, mut dels, mut checks, mut in_flight, mut kills, mut leader_kills) =
-        (0, 0, 0, 0, 0, 0);
-    let mut migrations = 0;
+    let mut total = Totals::default();
+    let (mut kills, mut leader_kills) = (0, 0);
     for round in 0..rounds {
-        let mut mine: Vec<Vec<Att>> = vec![Vec::new(); WORKERS];
-        for a in std::mem::take(&mut model.atts).into_values() {
-            mine[a.worker].push(a);
-        }
+        let mine = model.hand_out(WORKERS);
         let rngs: Vec<Rng> = (0..WORKERS).map(|_| Rng::new(rng.next_u64())).collect();
         let kill_after =
             Duration::from_millis(KILL_AFTER_MS.0 + rng.below(KILL_AFTER_MS.1 - KILL_AFTER_MS.0));
@@ -775,23 +541,8 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
         if leader.is_some_and(|l| victims.contains(&l)) {
             leader_kills += 1;
         }
-        let mut failures = Vec::new();
-        let (mut round_adds, mut round_dels, mut round_in_flight) = (0, 0, 0);
-        for st in storms {
-            round_adds += st.adds;
-            round_dels += st.dels;
-            checks += st.checks;
-            migrations += st.migrations;
-            round_in_flight += st.atts.iter().filter(|a| a.ip.is_none()).count();
-            failures.extend(st.failures);
-            model.gone.extend(st.gone);
-            for a in st.atts {
-                model.atts.insert(a.pod.container_id.clone(), a);
-            }
-        }
-        adds += round_adds;
-        dels += round_dels;
-        in_flight += round_in_flight;
+        let (done, mut failures) = model.take(storms);
+        total += done;
         std::thread::scope(|s| {
             let restarted: Vec<_> = victims
                 .iter()
@@ -809,7 +560,10 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
         let (problems, committed) = check_and_adopt(&env, &ipams, &mut model, &mut rng);
         failures.extend(problems);
         eprintln!(
-            "round {round}: killed {how} {victims:?} (leader {leader:?}) after {kill_after:?}: {round_adds} ADDs and {round_dels} DELs answered, {round_in_flight} unanswered ({committed} of them committed); {} attachments running",
+            "round {round}: killed {how} {victims:?} (leader {leader:?}) after {kill_after:?}: {} ADDs and {} DELs answered, {} unanswered ({committed} of them committed); {} attachments running",
+            done.adds,
+            done.dels,
+            done.in_flight,
             model.atts.len()
         );
         assert!(
@@ -824,6 +578,13 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
                 .join("\n---\n")
         );
     }
+    let Totals {
+        adds,
+        dels,
+        checks,
+        migrations,
+        in_flight,
+    } = total;
     eprintln!(
         "{rounds} rounds, {kills} daemons killed ({leader_kills} times the elected one) in {:?}: {adds} ADDs, {dels} DELs and {checks} CHECKs answered, {migrations} live migrations, {in_flight} calls in flight at a kill",
         started.elapsed()

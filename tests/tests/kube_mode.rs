@@ -31,19 +31,7 @@ impl Env {
             cluster,
             rt,
             client,
-        } = TestCluster::start(test, false)?;
-        // The ServiceAccount admission wants the namespace's `default` account, which the
-        // controller-manager (not running here) would create.
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-        rt.block_on(
-            Api::<ServiceAccount>::namespaced(client.clone(), "default")
-                .create(&PostParams::default(), &sa),
-        )
-        .expect("ServiceAccount");
-        let pool: IPPool = yaml_serde::from_str(SEED_POOL).expect("seed pool");
-        rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
-            .expect("IPPool");
+        } = TestCluster::with_pool(test, SEED_POOL)?;
         Some(Env {
             cluster,
             rt,

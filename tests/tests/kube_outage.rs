@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod as KPod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::{Cluster, TestCluster};
@@ -90,17 +90,7 @@ impl Env {
             cluster,
             rt,
             client,
-        } = TestCluster::start(test, false)?;
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-        rt.block_on(
-            Api::<ServiceAccount>::namespaced(client.clone(), "default")
-                .create(&PostParams::default(), &sa),
-        )
-        .expect("ServiceAccount");
-        let pool: IPPool = yaml_serde::from_str(POOL).expect("pool");
-        rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
-            .expect("IPPool");
+        } = TestCluster::with_pool(test, POOL)?;
         Some(Env {
             cluster,
             rt,

@@ -9,14 +9,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod as KPod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod as KPod};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tether_builtins::fixtures;
 use tether_e2e::cluster::{Cluster, TestCluster};
 use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
-use tether_kube::crd::IPPool;
 
 /// The namespace the daemons take their policies from.
 const NS: &str = "tether-system";
@@ -34,23 +33,11 @@ impl Env {
             cluster,
             rt,
             client,
-        } = TestCluster::start(test, false)?;
+        } = TestCluster::with_pool(test, SEED_POOL)?;
         let ns: Namespace =
             serde_json::from_value(json!({"metadata": {"name": NS}})).expect("namespace");
         rt.block_on(Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns))
             .expect("create namespace");
-        // The ServiceAccount admission wants the namespace's `default` account, which the
-        // controller-manager (not running here) would create.
-        let sa: ServiceAccount =
-            serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-        rt.block_on(
-            Api::<ServiceAccount>::namespaced(client.clone(), "default")
-                .create(&PostParams::default(), &sa),
-        )
-        .expect("ServiceAccount");
-        let pool: IPPool = yaml_serde::from_str(SEED_POOL).expect("seed pool");
-        rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
-            .expect("IPPool");
         Some(Env {
             cluster,
             rt,

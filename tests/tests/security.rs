@@ -11,12 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod as KPod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod as KPod};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
 use tether_e2e::cluster::{TestCluster, repo_root};
 use tether_e2e::{CniOutcome, Daemon, Ipam, Pod, SEED_POOL, is_root, skip_or_fail};
-use tether_kube::crd::IPPool;
 
 /// The unprivileged user the refused caller runs as (`nobody`).
 const NOBODY: u32 = 65534;
@@ -550,7 +549,7 @@ fn no_token_or_key_in_trace_logs() {
         cluster,
         rt,
         client,
-    }) = TestCluster::start(test, false)
+    }) = TestCluster::with_pool(test, SEED_POOL)
     else {
         return;
     };
@@ -558,16 +557,6 @@ fn no_token_or_key_in_trace_logs() {
     let nsobj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns");
     rt.block_on(Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &nsobj))
         .expect("namespace");
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "default"}})).expect("sa");
-    rt.block_on(
-        Api::<ServiceAccount>::namespaced(client.clone(), "default")
-            .create(&PostParams::default(), &sa),
-    )
-    .expect("ServiceAccount");
-    let pool: IPPool = yaml_serde::from_str(SEED_POOL).expect("seed pool");
-    rt.block_on(Api::<IPPool>::all(client.clone()).create(&PostParams::default(), &pool))
-        .expect("IPPool");
     let policy = tether_builtins::builtin("kubevirt").expect("kubevirt").wasm;
     let cm = ConfigMap {
         metadata: kube::api::ObjectMeta {
