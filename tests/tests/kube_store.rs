@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use tether_core::alloc::Change;
 use tether_e2e::cluster::TestCluster;
 use tether_kube::crd::{IPAllocation, crds};
 use tether_kube::store::KubeStore;
-use tether_store::{Store, contract};
+use tether_store::{Event, Store, contract};
 
 /// One function of the contract suite.
 type ContractFn = fn(&dyn Store);
@@ -148,6 +149,67 @@ fn the_kubernetes_store_keeps_the_store_contract() {
             .expect("answers")
             .is_empty(),
         "another kind of the same name is another identity"
+    );
+
+    // A re-file (the delete of the record under the old pool name, then its creation under
+    // the new one, as the planner writes it when a pool was renamed while a pod holds the
+    // address) is one write of one object: it never disappears, so no other daemon can claim
+    // the address in between.
+    let store = fresh();
+    let feed = store.subscribe();
+    let uid = |ip: &str| {
+        rt.block_on(
+            Api::<IPAllocation>::all(client.clone())
+                .get(&tether_kube::crd::allocation_name(ip.parse().expect("ip"))),
+        )
+        .expect("object")
+        .metadata
+        .uid
+        .expect("uid")
+    };
+    let mut a = pinned("10.6.168.110", "default/vm-c");
+    let out = store
+        .commit(&[vec![Change::Put(a.clone())]])
+        .expect("create");
+    a.revision = out[0].clone().expect("created")[0];
+    let before = uid("10.6.168.110");
+    let mut moved = a.clone();
+    moved.pool = "renamed".into();
+    moved.revision = 0;
+    let out = store
+        .commit(&[vec![Change::delete(&a), Change::Put(moved)]])
+        .expect("re-file");
+    let revs = out[0].clone().expect("re-filed");
+    assert_eq!(revs.len(), 2, "one revision per change: {revs:?}");
+    assert_eq!(revs[0], 0, "the delete's");
+    assert!(revs[1] > a.revision, "{revs:?}");
+    let now = store.get(a.ip).expect("get");
+    assert_eq!(now.len(), 1);
+    assert_eq!(
+        (now[0].pool.as_str(), now[0].revision),
+        ("renamed", revs[1])
+    );
+    assert_eq!(
+        uid("10.6.168.110"),
+        before,
+        "the object was deleted and made again"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut events = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(e) = feed.recv_timeout(std::time::Duration::from_millis(100)) {
+            events.push(e);
+        }
+    }
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Deleted { .. })),
+        "the watch saw the address freed: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Put(p) if p.pool == "renamed" && p.revision == revs[1])),
+        "the watch never showed the re-filed record: {events:?}"
     );
     drop(cluster);
 }

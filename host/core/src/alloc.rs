@@ -711,9 +711,19 @@ impl Ipam {
         req: &AddRequest<'_>,
         liveness: &dyn Fn(&Attachment) -> Liveness,
     ) -> Result<Plan, AllocError> {
-        // A retried ADD returns what the attachment already holds.
+        // A retried ADD returns what the attachment already holds, once it holds an address
+        // of every family its pools have. (A dual-stack ADD whose commit was cut short by a
+        // store outage may have kept one family: its retry plans the other.)
         let held = self.held_by(&req.attachment.container_id, &req.attachment.ifname);
-        if !held.is_empty() {
+        let held_family =
+            |family: Family| held.iter().copied().find(|a| Family::of(a.ip) == family);
+        if !held.is_empty()
+            && req
+                .pools
+                .iter()
+                .filter_map(|name| self.pools.get(name))
+                .all(|ps| held_family(ps.pool.family()).is_some())
+        {
             return Ok(Plan {
                 changes: vec![],
                 assigned: held.iter().map(|a| self.assigned(a)).collect(),
@@ -752,6 +762,10 @@ impl Ipam {
         };
         let mut plan = Plan::default();
         for family in families {
+            if let Some(a) = held_family(family) {
+                plan.assigned.push(self.assigned(a));
+                continue;
+            }
             let of_family: Vec<&PoolState> = candidates
                 .iter()
                 .copied()

@@ -466,6 +466,54 @@ fn dual_stack_gets_one_address_per_family() {
     assert!(ipam.usage().iter().all(|u| u.allocated == 0));
 }
 
+/// A dual-stack ADD whose commit was cut short (the Kubernetes store wrote the IPv4 object,
+/// then the API server stopped answering) leaves the attachment one family. The kubelet's
+/// retry must not be answered that alone: it plans the missing family and keeps the other.
+#[test]
+fn a_retried_add_holding_one_family_of_two_gets_the_other() {
+    let mut ipam = Ipam::new(
+        vec![pool("v4", "10.0.0.0/24", &[]), pool("v6", "fd00::/64", &[])],
+        vec![],
+    )
+    .expect("disjoint pools");
+    let first = add(
+        &mut ipam,
+        att("c1", "p1", "u1"),
+        &Decision::Ephemeral,
+        &["v4"],
+        &all_live,
+    )
+    .expect("IPv4 only")[0];
+    let retried = add(
+        &mut ipam,
+        att("c1", "p1", "u1"),
+        &Decision::Ephemeral,
+        &["v4", "v6"],
+        &all_live,
+    )
+    .expect("retry");
+    assert_eq!(retried.len(), 2, "{retried:?}");
+    assert_eq!(retried[0], first, "the IPv4 address is kept");
+    assert!(retried[1].is_ipv6(), "{retried:?}");
+    // Retried again: the same two, nothing new planned.
+    let req = AddRequest {
+        attachment: att("c1", "p1", "u1"),
+        network: "macvlan-net".into(),
+        decision: &Decision::Ephemeral,
+        pools: vec!["v4".into(), "v6".into()],
+        requested: vec![],
+        node: String::new(),
+        now: 1000,
+    };
+    let plan = ipam.plan_add(&req, &all_live).expect("plan");
+    assert!(plan.changes.is_empty(), "{:?}", plan.changes);
+    assert_eq!(
+        plan.assigned.iter().map(|a| a.ip).collect::<Vec<_>>(),
+        retried
+    );
+    assert_eq!(ipam.usage().iter().map(|u| u.allocated).sum::<u128>(), 2);
+}
+
 #[test]
 fn requested_addresses_and_unknown_pools() {
     let mut ipam = Ipam::new(vec![seed_pool()], vec![]).expect("disjoint pools");

@@ -704,41 +704,57 @@ impl Loop {
 
     /// Brings in what other writers committed (and the echo of this writer's own commits,
     /// which the state already holds).
-    fn absorb_events(&self, state: &mut Ipam) {
-        for e in self.events.try_iter() {
-            absorb(&*self.store, state, e);
-        }
+    fn absorb_events(&mut self, state: &mut Ipam) {
+        let events: Vec<Event> = self.events.try_iter().collect();
+        self.absorb_all(state, events);
     }
 
     /// While idle: applies what the change feed brought, if anything (the state's lock is
     /// taken only then).
-    fn absorb_idle(&self) {
+    fn absorb_idle(&mut self) {
         let Ok(first) = self.events.try_recv() else {
             return;
         };
-        let mut state = self
-            .ipam
+        let ipam = self.ipam.clone();
+        let mut state = ipam
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        absorb(&*self.store, &mut state, first);
-        self.absorb_events(&mut state);
+        let mut events = vec![first];
+        events.extend(self.events.try_iter());
+        self.absorb_all(&mut state, events);
+    }
+
+    /// Applies feed events; the state is stale (re-read whole before anything is planned on
+    /// it) when one could not be applied.
+    fn absorb_all(&mut self, state: &mut Ipam, events: Vec<Event>) {
+        for e in events {
+            if !absorb(&*self.store, state, e) && self.stale.is_none() {
+                self.stale = Some((Instant::now(), RESYNC_MIN));
+            }
+        }
     }
 }
 
 /// Applies one change-feed event unless the state already has it (or something newer); an
-/// address the feed may have missed changes of is read again from the store.
-fn absorb(store: &dyn Store, state: &mut Ipam, e: Event) {
+/// address the feed may have missed changes of is read again from the store. False when
+/// that read failed: the state may hold a record the store no longer has (a ghost, which a
+/// retried ADD would answer), and must be re-read before it is trusted again.
+fn absorb(store: &dyn Store, state: &mut Ipam, e: Event) -> bool {
     match e {
         Event::Stale { ip } => {
             if let Err(e) = refresh(store, state, ip) {
-                tracing::warn!(%ip, "re-reading an address the change feed lost track of: {e}; the next conflict on it re-reads it");
+                tracing::warn!(%ip, "re-reading an address the change feed lost track of: {e}; the whole state is re-read before anything is planned on it");
+                return false;
             }
         }
         Event::Put(a) => {
-            if state
-                .get(&a.pool, a.ip)
-                .is_none_or(|cur| cur.revision < a.revision)
-            {
+            // Every store holds one record per address: a newer one under another pool name
+            // (re-filed after a pool was renamed) replaces the old, whose deletion no event
+            // announces.
+            let known = state.at(a.ip);
+            if known.iter().all(|cur| cur.revision < a.revision) {
+                let old: Vec<Change> = known.into_iter().map(Change::delete).collect();
+                state.apply_foreign(&old);
                 state.apply_foreign(&[Change::Put(a)]);
             }
         }
@@ -751,6 +767,7 @@ fn absorb(store: &dyn Store, state: &mut Ipam, e: Event) {
             }
         }
     }
+    true
 }
 
 impl Planned {

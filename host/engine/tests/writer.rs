@@ -548,6 +548,19 @@ async fn callers_that_gave_up_get_nothing() {
 struct Fed {
     inner: Arc<dyn Store>,
     feed: Mutex<Option<Receiver<Event>>>,
+    /// Reads of one address fail (the API server not answering yet), snapshots do not.
+    fail_get: AtomicBool,
+}
+
+impl Fed {
+    /// Over `inner`, with `feed` as the change feed.
+    fn new(inner: Arc<dyn Store>, feed: Receiver<Event>) -> Arc<Fed> {
+        Arc::new(Fed {
+            inner,
+            feed: Mutex::new(Some(feed)),
+            fail_get: AtomicBool::new(false),
+        })
+    }
 }
 
 impl Store for Fed {
@@ -556,6 +569,9 @@ impl Store for Fed {
     }
 
     fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
+        if self.fail_get.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the test says so".into()));
+        }
         self.inner.get(ip)
     }
 
@@ -579,11 +595,7 @@ impl Store for Fed {
 async fn a_stale_address_is_read_again() {
     let (_dir, store) = embedded();
     let (tx, rx) = channel();
-    let fed = Arc::new(Fed {
-        inner: store.clone(),
-        feed: Mutex::new(Some(rx)),
-    });
-    let e = engine(fed, vec![pool("10.0.0.1-10.0.0.4")]);
+    let e = engine(Fed::new(store.clone(), rx), vec![pool("10.0.0.1-10.0.0.4")]);
     let ip = match e.writer.submit(add("c")).await {
         Ok(Outcome::Added(a)) => a[0].ip,
         other => panic!("{other:?}"),
@@ -610,4 +622,70 @@ async fn a_stale_address_is_read_again() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// When the re-read a `Stale` event asks for fails (the watch re-listed a moment before the
+/// API server was known up again), the event is spent: the whole state is re-read instead.
+/// Without that, the deleted address would stay in the state, a ghost a retried ADD would
+/// answer while another node hands it out.
+#[tokio::test]
+async fn a_stale_address_that_cannot_be_read_makes_the_state_re_read_whole() {
+    let (_dir, store) = embedded();
+    let (tx, rx) = channel();
+    let fed = Fed::new(store.clone(), rx);
+    let e = engine(fed.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    let ip = match e.writer.submit(add("c")).await {
+        Ok(Outcome::Added(a)) => a[0].ip,
+        other => panic!("{other:?}"),
+    };
+    let stored = store.get(ip).expect("get").remove(0);
+    let outcomes = store
+        .commit(&[vec![Change::delete(&stored)]])
+        .expect("delete");
+    assert!(outcomes[0].is_ok());
+    fed.fail_get.store(true, Ordering::SeqCst);
+    tx.send(Event::Stale { ip }).expect("feed");
+    let held = |e: &Engine| e.ipam.read().expect("state").allocations().count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held(&e) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted address stayed in the state after its re-read failed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every store keeps one record per address: a record re-filed under another pool name (a
+/// pool renamed while a pod held the address) arrives as one write, with no delete of the
+/// old record. The state replaces the old record; it does not keep both.
+#[tokio::test]
+async fn a_record_re_filed_under_another_pool_replaces_the_old_one() {
+    let (_dir, store) = embedded();
+    let (tx, rx) = channel();
+    let e = engine(Fed::new(store.clone(), rx), vec![pool("10.0.0.1-10.0.0.4")]);
+    let ip = match e.writer.submit(add("c")).await {
+        Ok(Outcome::Added(a)) => a[0].ip,
+        other => panic!("{other:?}"),
+    };
+    let mut moved = store.get(ip).expect("get").remove(0);
+    moved.pool = "renamed".into();
+    moved.revision += 100;
+    tx.send(Event::Put(moved)).expect("feed");
+    let pools = |e: &Engine| -> Vec<String> {
+        let state = e.ipam.read().expect("state");
+        state.at(ip).into_iter().map(|a| a.pool.clone()).collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pools(&e) != vec!["renamed".to_owned()] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ip} is recorded under {:?}",
+            pools(&e)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The old record is gone for good, not just hidden: one address, one allocation.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(e.ipam.read().expect("state").allocations().count(), 1);
 }

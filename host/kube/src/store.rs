@@ -12,7 +12,10 @@
 //! - the groups of one commit are written concurrently (they touch different addresses);
 //!   a group's changes are written one by one; when one conflicts, the ones already made are
 //!   undone (each undo itself conditional), then the conflict is reported. A failure of the
-//!   API (not a conflict) is a [`StoreError::Backend`]: re-read before trusting anything.
+//!   API (not a conflict) is a [`StoreError::Backend`] (or [`StoreError::Unavailable`]):
+//!   re-read before trusting anything;
+//! - a group's delete of an address followed by its create (a re-file under a renamed pool)
+//!   is one conditional replace of the object, so the address is never free in between.
 //! - the change feed is a watch of the objects.
 //!
 //! The trait is synchronous (the engine's writer is a plain thread); calls run on the tokio
@@ -310,37 +313,7 @@ impl KubeStore {
                     Err(e) => Err(self.failed("creating an address", e)),
                 }
             }
-            Change::Put(a) => {
-                let before = match self.current(a.ip).await? {
-                    Some(o) if revision_of(&o) == a.revision && o.spec.pool == a.pool => read(&o),
-                    _ => return Ok(Err(self.conflict(c).await?)),
-                };
-                let mut o = IPAllocation::from_allocation(a);
-                o.metadata.resource_version = Some(a.revision.to_string());
-                match self
-                    .timed(
-                        "updating an address",
-                        self.api.replace(&name, &PostParams::default(), &o),
-                    )
-                    .await?
-                {
-                    Ok(o) => {
-                        let r = revision_of(&o);
-                        self.remember_write(a, r);
-                        Ok(Ok((
-                            Done::Replaced {
-                                before,
-                                revision: r,
-                            },
-                            r,
-                        )))
-                    }
-                    Err(e) if matches!(status(&e), Some(409 | 404)) => {
-                        Ok(Err(self.conflict(c).await?))
-                    }
-                    Err(e) => Err(self.failed("updating an address", e)),
-                }
-            }
+            Change::Put(a) => self.replace(c, a, &a.pool, a.revision).await,
             Change::Delete { pool, ip, revision } => {
                 let before = match self.current(*ip).await? {
                     Some(o) if revision_of(&o) == *revision && &o.spec.pool == pool => read(&o),
@@ -364,6 +337,46 @@ impl KubeStore {
                     Err(e) => Err(self.failed("deleting an address", e)),
                 }
             }
+        }
+    }
+
+    /// Replaces the record of `a.ip`, which must be at `revision` in pool `pool`, with `a`
+    /// (`c` is the change, for its conflict). With another pool than `a.pool` it re-files the
+    /// address in one write: the object is named by the address alone.
+    async fn replace(
+        &self,
+        c: &Change,
+        a: &Allocation,
+        pool: &str,
+        revision: Revision,
+    ) -> Result<Result<(Done, Revision), Conflict>, StoreError> {
+        let before = match self.current(a.ip).await? {
+            Some(o) if revision_of(&o) == revision && o.spec.pool == pool => read(&o),
+            _ => return Ok(Err(self.conflict(c).await?)),
+        };
+        let mut o = IPAllocation::from_allocation(a);
+        o.metadata.resource_version = Some(revision.to_string());
+        match self
+            .timed(
+                "updating an address",
+                self.api
+                    .replace(&allocation_name(a.ip), &PostParams::default(), &o),
+            )
+            .await?
+        {
+            Ok(o) => {
+                let r = revision_of(&o);
+                self.remember_write(a, r);
+                Ok(Ok((
+                    Done::Replaced {
+                        before,
+                        revision: r,
+                    },
+                    r,
+                )))
+            }
+            Err(e) if matches!(status(&e), Some(409 | 404)) => Ok(Err(self.conflict(c).await?)),
+            Err(e) => Err(self.failed("updating an address", e)),
         }
     }
 
@@ -423,13 +436,32 @@ impl KubeStore {
     }
 
     /// One group: its changes in order; a conflict undoes what the group wrote.
+    ///
+    /// A re-file (the delete of an address's record followed by its creation under another
+    /// pool, as the planner writes it when a pool was renamed) is one conditional replace:
+    /// as two requests, the address would be free in between, for another daemon to claim
+    /// while a pod still holds it.
     async fn commit_group(&self, group: &[Change]) -> Result<GroupOutcome, StoreError> {
         let mut done = Vec::with_capacity(group.len());
         let mut revs = Vec::with_capacity(group.len());
-        for c in group {
-            let applied = self.apply(c).await;
+        let mut changes = group.iter().peekable();
+        while let Some(c) = changes.next() {
+            let refiled = match (c, changes.peek()) {
+                (Change::Delete { pool, ip, revision }, Some(Change::Put(a)))
+                    if a.ip == *ip && a.revision == 0 =>
+                {
+                    changes.next();
+                    Some((pool, *revision, a))
+                }
+                _ => None,
+            };
+            let applied = match refiled {
+                Some((pool, revision, a)) => self.replace(c, a, pool, revision).await,
+                None => self.apply(c).await,
+            };
             if let Some(m) = &self.metrics {
                 let verb = match c {
+                    _ if refiled.is_some() => "replace",
                     Change::Put(a) if a.revision == 0 => "create",
                     Change::Put(_) => "replace",
                     Change::Delete { .. } => "delete",
@@ -444,6 +476,10 @@ impl KubeStore {
             match applied? {
                 Ok((d, r)) => {
                     done.push(d);
+                    if refiled.is_some() {
+                        // The delete's outcome.
+                        revs.push(0);
+                    }
                     revs.push(r);
                 }
                 Err(x) => {
