@@ -191,6 +191,9 @@ fn killed_while_commits_are_slow_to_become_durable_keeps_every_answer() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    let trace = tempfile::tempdir().expect("tempdir");
+    let log = trace.path().join("fsync.trace");
+    let log_arg = log.display().to_string();
     storms_and_kills(
         rounds,
         SLOW_KILL_AFTER_MS,
@@ -198,8 +201,10 @@ fn killed_while_commits_are_slow_to_become_durable_keeps_every_answer() {
             "strace",
             "-f",
             "-qq",
+            // Every daemon's fsyncs, appended: the test checks they were made and delayed.
+            "-A",
             "-o",
-            "/dev/null",
+            &log_arg,
             "-e",
             "trace=fsync,fdatasync",
             "-e",
@@ -207,6 +212,21 @@ fn killed_while_commits_are_slow_to_become_durable_keeps_every_answer() {
             "--",
         ],
     );
+    // The delay only slows what the daemon does: a store that never synced would pass the
+    // storms above untouched. The trace shows the delayed syncs were made.
+    let trace = std::fs::read_to_string(&log).expect("the strace log");
+    let synced = trace
+        .lines()
+        .filter(|l| l.contains("fsync(") || l.contains("fdatasync("))
+        .count();
+    eprintln!("{synced} fsync/fdatasync calls, each delayed 150 ms");
+    if rounds >= 4 {
+        assert!(
+            synced >= rounds,
+            "only {synced} delayed fsync/fdatasync calls in {rounds} storms: the store does not sync its commits\n{}",
+            trace.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
+    }
 }
 
 /// `rounds` storms, each ended by a SIGKILL at a random instant of `window` (ms) and checked

@@ -58,6 +58,15 @@ fn bad_request_bodies_get_their_codes_and_change_nothing() {
         }
         b.to_string().into_bytes()
     };
+    // One address allocated first: a bad body that a lax decoder let through (a release with
+    // a misspelt field, say) would free it, and the check at the end would see that.
+    let (status, kept) = raw(
+        &d.socket,
+        "/v1/cni/add",
+        &add_body("c-keep").to_string().into_bytes(),
+    );
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!(kept["ips"][0]["address"], "10.6.168.101/16");
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     // Just over the 2 MB the daemon reads of a body.
     let huge = with(json!({"pools": vec!["p".repeat(1000); 2100]}));
@@ -164,18 +173,29 @@ fn bad_request_bodies_get_their_codes_and_change_nothing() {
     }
     assert_eq!(
         d.usage("test-ippool").expect("usage").0,
-        0,
-        "nothing allocated"
+        1,
+        "nothing allocated or freed: {:?}",
+        d.allocations()
     );
+    let (status, still) = raw(
+        &d.socket,
+        "/v1/cni/check",
+        &json!({"containerId": "c-keep", "ifname": "eth0", "netns": "/x", "network": "net",
+            "cniVersion": "1.1.0", "pools": ["test-ippool"], "prevIps": ["10.6.168.101/16"],
+            "args": [["K8S_POD_NAMESPACE", "default"], ["K8S_POD_NAME", "c-keep"]]})
+        .to_string()
+        .into_bytes(),
+    );
+    assert_eq!(status, 200, "c-keep lost its address: {still}");
     // Unknown fields of a CNI request are ignored (a newer plugin may send more): it is served.
     let (status, answer) = raw(&d.socket, "/v1/cni/add", &with(json!({"bogus": 1})));
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["ips"][0]["address"], "10.6.168.101/16");
+    assert_eq!(answer["ips"][0]["address"], "10.6.168.102/16");
     // And the daemon serves the plugin as before.
     let ipam = Ipam::new(&d.socket, "net", "1.1.0", &["test-ippool"]).expect("ipam");
     let o = ipam.add(&Pod::new("default", "after", 1)).expect("add");
     assert!(o.ok, "{}", o.out);
-    assert_eq!(d.usage("test-ippool").expect("usage").0, 2);
+    assert_eq!(d.usage("test-ippool").expect("usage").0, 3);
 }
 
 #[test]

@@ -187,6 +187,32 @@ impl Env {
     }
 }
 
+/// The end of a storm: set when the round's victims are about to be killed.
+struct Stop {
+    flag: AtomicBool,
+    victims: Vec<usize>,
+}
+
+impl Stop {
+    fn new(victims: Vec<usize>) -> Stop {
+        Stop {
+            flag: AtomicBool::new(false),
+            victims,
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Whether a failed call to `node`'s daemon is the kill's doing: only a victim's calls
+    /// may fail, and only once the kill is under way. A daemon that was not killed answers
+    /// every call.
+    fn excuses(&self, node: usize) -> bool {
+        self.is_set() && self.victims.contains(&node)
+    }
+}
+
 /// One caller's storm: ADDs, CHECKs and DELs until `stop`.
 #[allow(clippy::too_many_arguments)]
 fn storm(
@@ -197,13 +223,12 @@ fn storm(
     env: &Env,
     ipams: &[Ipam],
     model: &Model,
-    stop: &AtomicBool,
+    stop: &Stop,
     mut vm: Option<&mut tether_e2e::kubevirt::Vm>,
 ) -> Storm {
     let mut out = Storm::default();
     let mut n = 0u32;
-    let stopped = || stop.load(Ordering::SeqCst);
-    while !stopped() {
+    while !stop.is_set() {
         n += 1;
         let sts_identity = format!("default/db-{w}");
         let pinned = mine
@@ -231,11 +256,9 @@ fn storm(
             let a = &mine[checkable[rng.below(checkable.len() as u64) as usize]];
             let o = ipams[a.node].check(&a.pod, a.added.as_ref().expect("checkable"));
             if !o.as_ref().is_ok_and(|o| o.ok) {
-                if !stopped() {
-                    out.failures.push(format!(
-                        "CHECK for {} failed before the kill: {o:?}",
-                        a.who()
-                    ));
+                if !stop.excuses(a.node) {
+                    out.failures
+                        .push(format!("CHECK for {} failed (not killed): {o:?}", a.who()));
                 }
                 break;
             }
@@ -283,9 +306,9 @@ fn storm(
                     .filter(|o| o.ok)
                     .and_then(|o| Some((o.ip()?, o.out.clone())))
                 else {
-                    if !stopped() {
+                    if !stop.excuses(a.node) {
                         out.failures
-                            .push(format!("ADD for {} failed before the kill: {o:?}", a.who()));
+                            .push(format!("ADD for {} failed (not killed): {o:?}", a.who()));
                     }
                     break; // in flight at the kill: a.ip stays None
                 };
@@ -296,9 +319,9 @@ fn storm(
                 model.releasing(a);
                 let o = ipams[a.node].del(&a.pod);
                 if !o.as_ref().is_ok_and(|o| o.ok) {
-                    if !stopped() {
+                    if !stop.excuses(a.node) {
                         out.failures
-                            .push(format!("DEL for {} failed before the kill: {o:?}", a.who()));
+                            .push(format!("DEL for {} failed (not killed): {o:?}", a.who()));
                     }
                     break; // in flight at the kill: a.ip stays None
                 }
@@ -326,49 +349,55 @@ fn vm_step(
     env: &Env,
     ipams: &[Ipam],
     model: &Model,
-    stop: &AtomicBool,
+    stop: &Stop,
     out: &mut Storm,
 ) -> Result<(), ()> {
     let identity = format!("default/vm-{w}");
     let launchers: Vec<usize> = (0..mine.len())
         .filter(|&i| mine[i].kind == Kind::Pinned(identity.clone()))
         .collect();
-    let stopped = || stop.load(Ordering::SeqCst);
-    let fail = |out: &mut Storm, what: String| {
-        if !stopped() {
+    // A failure: of a call to a node's daemon (`Some(node)`), or of the API server.
+    let fail = |out: &mut Storm, (node, what): (Option<usize>, String)| {
+        if !node.is_some_and(|n| stop.excuses(n)) {
             out.failures.push(what);
         }
         Err(())
     };
     // DEL a launcher and delete its pod.
-    let del = |i: usize, mine: &mut Vec<Att>, out: &mut Storm| -> Result<(), String> {
-        let a = &mut mine[i];
-        model.releasing(a);
-        let o = ipams[a.node].del(&a.pod);
-        if !o.as_ref().is_ok_and(|o| o.ok) {
-            return Err(format!("DEL for {} failed before the kill: {o:?}", a.who()));
-        }
-        out.dels += 1;
-        env.delete_pod(&a.pod.name)
-            .map_err(|e| format!("deleting {}: {e}", a.who()))?;
-        out.gone.push(mine.remove(i).pod.container_id);
-        Ok(())
-    };
+    let del =
+        |i: usize, mine: &mut Vec<Att>, out: &mut Storm| -> Result<(), (Option<usize>, String)> {
+            let a = &mut mine[i];
+            model.releasing(a);
+            let o = ipams[a.node].del(&a.pod);
+            if !o.as_ref().is_ok_and(|o| o.ok) {
+                return Err((
+                    Some(a.node),
+                    format!("DEL for {} failed (not killed): {o:?}", a.who()),
+                ));
+            }
+            out.dels += 1;
+            env.delete_pod(&a.pod.name)
+                .map_err(|e| (None, format!("deleting {}: {e}", a.who())))?;
+            out.gone.push(mine.remove(i).pod.container_id);
+            Ok(())
+        };
     // Launch a pod (a migration target with `migration`) and ADD it.
     let launch = |vm: &mut tether_e2e::kubevirt::Vm,
                   node: usize,
                   migration: Option<(String, String)>,
                   mine: &mut Vec<Att>,
                   out: &mut Storm|
-     -> Result<(), String> {
+     -> Result<(), (Option<usize>, String)> {
         let name = env
             .rt
             .block_on(vm.launch(
                 &format!("node-{node}"),
                 migration.as_ref().map(|(n, u)| (n.as_str(), u.as_str())),
             ))
-            .map_err(|e| format!("launching vm-{w}: {e:#}"))?;
-        let pod = env.existing(&name).map_err(|e| format!("{name}: {e}"))?;
+            .map_err(|e| (None, format!("launching vm-{w}: {e:#}")))?;
+        let pod = env
+            .existing(&name)
+            .map_err(|e| (None, format!("{name}: {e}")))?;
         mine.push(Att::new(pod, Kind::Pinned(identity.clone()), node, w));
         let a = mine.last_mut().expect("just pushed");
         let o = ipams[node].add(&a.pod);
@@ -378,7 +407,10 @@ fn vm_step(
             .filter(|o| o.ok)
             .and_then(|o| Some((o.ip()?, o.out.clone())))
         else {
-            return Err(format!("ADD for {} failed before the kill: {o:?}", a.who()));
+            return Err((
+                Some(node),
+                format!("ADD for {} failed (not killed): {o:?}", a.who()),
+            ));
         };
         model.answered(a, ip, added, out);
         Ok(())
@@ -393,7 +425,7 @@ fn vm_step(
                 // Source and target both hold the address until a later step (or a
                 // later round: a kill may come in between) DELs the source.
                 Ok(m) => launch(vm, to, Some(m), mine, out),
-                Err(e) => Err(format!("migration of vm-{w}: {e:#}")),
+                Err(e) => Err((None, format!("migration of vm-{w}: {e:#}"))),
             }
         }
         // The launcher pod restarts (a new pod of the same VMI).
@@ -512,7 +544,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
             Duration::from_millis(KILL_AFTER_MS.0 + rng.below(KILL_AFTER_MS.1 - KILL_AFTER_MS.0));
         let (victims, how) = victims(&env, &mut rng);
         let leader = env.leader();
-        let stop = AtomicBool::new(false);
+        let stop = Stop::new(victims.clone());
         let mut dirs: Vec<Option<tempfile::TempDir>> = (0..NODES).map(|_| None).collect();
         let storms = std::thread::scope(|s| {
             let mut vm_of = vms.iter_mut();
@@ -527,7 +559,7 @@ fn daemons_killed_at_random_instants_keep_every_answer_in_the_api_server() {
                 })
                 .collect();
             std::thread::sleep(kill_after);
-            stop.store(true, Ordering::SeqCst);
+            stop.flag.store(true, Ordering::SeqCst);
             for &v in &victims {
                 let d = daemons[v].take().expect("running");
                 dirs[v] = Some(d.kill().expect("SIGKILL"));

@@ -13,6 +13,7 @@ use tether_api::{
     ReconcileResult, RouteConfig,
 };
 use tether_core::alloc::{AllocError, Assigned, Attachment, Change, Ipam, Liveness};
+use tether_core::net::Family;
 use tether_core::pool::Requester;
 use tether_core::pool::{Pool, PoolError};
 use tether_core::select::{PoolInputs, admit, select_pools};
@@ -356,11 +357,17 @@ impl Engine {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // A retried ADD answers from the state, without asking the policies again.
+        // A retried ADD answers from the state, without asking the policies again, once the
+        // attachment holds an address of every family the pools have. (One that holds one
+        // family of two, from a dual-stack commit a store outage cut short, is planned again:
+        // the writer keeps what it holds and adds the rest.)
         {
             let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
             let held = ipam.held_by(&attachment.container_id, &attachment.ifname);
-            if !held.is_empty() {
+            let complete = ipam
+                .pools()
+                .all(|p| held.iter().any(|a| Family::of(a.ip) == p.family()));
+            if !held.is_empty() && complete {
                 let assigned: Vec<Assigned> = held.iter().map(|a| ipam.assigned(a)).collect();
                 return Ok(render(&assigned));
             }

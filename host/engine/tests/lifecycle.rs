@@ -231,6 +231,10 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
+        Env::with_pools(vec![pool("p", "10.0.0.0/24", "10.0.0.1-10.0.0.9")])
+    }
+
+    fn with_pools(pools: Vec<Pool>) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
         let cluster = Cluster::default();
@@ -245,22 +249,13 @@ impl Env {
             };
             c.objects.insert(vmi);
         });
-        let pool = Pool::new(
-            "p",
-            &IpPoolSpec {
-                subnet: "10.0.0.0/24".into(),
-                ips: vec!["10.0.0.1-10.0.0.9".into()],
-                ..IpPoolSpec::default()
-            },
-        )
-        .expect("pool");
         let (engine, _thread) = Engine::start(
             Ports {
                 store,
                 workloads: (Arc::new(cluster.clone()), true),
                 policies: Arc::new(Policy),
             },
-            vec![pool],
+            pools,
             Arc::new(Metrics::new()),
         )
         .expect("engine");
@@ -345,6 +340,18 @@ impl Env {
             .identity()
             .map(str::to_owned)
     }
+}
+
+fn pool(name: &str, subnet: &str, ips: &str) -> Pool {
+    Pool::new(
+        name,
+        &IpPoolSpec {
+            subnet: subnet.into(),
+            ips: vec![ips.into()],
+            ..IpPoolSpec::default()
+        },
+    )
+    .expect("pool")
 }
 
 fn req(name: &str) -> CniRequest {
@@ -915,4 +922,33 @@ async fn a_deleted_claims_address_waits_the_vm_grace() {
         env.pass(300).await,
         vec![format!("p/{ip} released rule-fired")]
     );
+}
+
+/// A dual-stack ADD whose commit was cut short (the IPv4 record written, then the store
+/// stopped answering) leaves the attachment one family. The kubelet's retry is not answered
+/// that alone from the state: it gets the missing family too, and keeps the other.
+#[tokio::test]
+async fn a_retried_add_holding_one_family_of_two_gets_the_other() {
+    let env = Env::with_pools(vec![
+        pool("p", "10.0.0.0/24", "10.0.0.1-10.0.0.9"),
+        pool("p6", "fd00::/64", "fd00::1-fd00::9"),
+    ]);
+    env.cluster.add_pod("default", "x", "uid-x", None);
+    // What a cut-short commit leaves: the IPv4 address alone.
+    let first = env.engine.add(req("x")).await.expect("add");
+    assert_eq!(first.ips.len(), 1, "{first:?}");
+    let mut both = req("x");
+    both.pools = vec!["p".into(), "p6".into()];
+    let retried = env.engine.add(both.clone()).await.expect("retried add");
+    let addresses: Vec<&str> = retried.ips.iter().map(|i| i.address.as_str()).collect();
+    assert_eq!(addresses.len(), 2, "{addresses:?}");
+    assert_eq!(
+        addresses[0], first.ips[0].address,
+        "the IPv4 address is kept"
+    );
+    assert!(addresses[1].starts_with("fd00::"), "{addresses:?}");
+    // Retried again: the same two, from the state.
+    let again = env.engine.add(both).await.expect("add again");
+    assert_eq!(again.ips, retried.ips);
+    assert_eq!(env.engine.allocations().len(), 2);
 }
