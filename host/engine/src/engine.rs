@@ -1561,6 +1561,13 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner) = error;
     }
 
+    /// Whether the engine is alive: its writer's thread runs (a panic ends it, and only a
+    /// restart brings it back). What `/healthz` reports; a store outage or a failed commit
+    /// makes the engine unready, not dead.
+    pub fn alive(&self) -> bool {
+        self.writer.running()
+    }
+
     /// Whether the engine can serve: the writer can write, the workload source has synced
     /// and the policy chain is in force. What `/readyz` reports.
     pub fn ready(&self) -> bool {

@@ -149,6 +149,9 @@ struct Job {
 pub struct Writer {
     tx: Sender<Job>,
     healthy: Arc<AtomicBool>,
+    /// False once the writer's thread has ended (a panic included): nothing is served again
+    /// until the daemon restarts.
+    running: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -164,18 +167,22 @@ impl Writer {
     ) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = channel();
         let healthy = Arc::new(AtomicBool::new(true));
+        let running = Arc::new(AtomicBool::new(true));
         let h = healthy.clone();
+        let r = running.clone();
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
             .spawn(move || {
-                // However the loop ends (a panic included), the writer is no longer healthy.
-                struct Down(Arc<AtomicBool>);
+                // However the loop ends (a panic included), the writer is no longer healthy,
+                // nor running.
+                struct Down(Arc<AtomicBool>, Arc<AtomicBool>);
                 impl Drop for Down {
                     fn drop(&mut self) {
                         self.0.store(false, Ordering::SeqCst);
+                        self.1.store(false, Ordering::SeqCst);
                     }
                 }
-                let _down = Down(h.clone());
+                let _down = Down(h.clone(), r);
                 let mut w = Loop {
                     rx,
                     events,
@@ -190,7 +197,14 @@ impl Writer {
                 };
                 w.run();
             })?;
-        Ok((Writer { tx, healthy }, handle))
+        Ok((
+            Writer {
+                tx,
+                healthy,
+                running,
+            },
+            handle,
+        ))
     }
 
     /// Submits an operation and waits until it is durable.
@@ -209,6 +223,12 @@ impl Writer {
     /// Whether the writer runs and its last commit succeeded: what `/readyz` reports.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Whether the writer's thread still runs (a failed commit or a store outage leaves it
+    /// running; a panic does not): what `/healthz` reports.
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
     }
 }
 

@@ -433,6 +433,10 @@ async fn a_failed_commit_is_undone_and_fails_readiness() {
         !e.writer.healthy(),
         "readiness must fail while the store cannot write"
     );
+    assert!(
+        e.writer.running(),
+        "a failed commit is no reason to restart the daemon"
+    );
     // A retried ADD is not answered from memory with an address that is not on disk.
     let r = e.writer.submit(add("c1")).await;
     assert!(r.is_err());
@@ -500,6 +504,7 @@ async fn a_writer_that_panics_fails_readiness() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!e.writer.healthy(), "a dead writer still reports healthy");
+    assert!(!e.writer.running(), "a dead writer still reports running");
     assert!(matches!(
         e.writer.submit(add("c2")).await,
         Err(WriteError::Stopped)

@@ -63,14 +63,15 @@ pub fn is_outage(e: &kube::Error) -> bool {
     }
 }
 
-/// Whether a watcher's error says the API server cannot serve now; a watch that expired
-/// (410 Gone) is not an outage: the watcher re-lists.
+/// Whether a watcher's error says the API server cannot serve now: a list or a watch that
+/// cannot start, or an error status the server sends. A watch that expired (410 Gone) is not
+/// one (the watcher re-lists), nor is an established watch stream that broke (a proxy or load
+/// balancer closing an idle connection does that while the API server serves on): its
+/// restart says whether the API server answers.
 pub fn is_watch_outage(e: &kube::runtime::watcher::Error) -> bool {
     use kube::runtime::watcher::Error;
     match e {
-        Error::InitialListFailed(e) | Error::WatchStartFailed(e) | Error::WatchFailed(e) => {
-            is_outage(e)
-        }
+        Error::InitialListFailed(e) | Error::WatchStartFailed(e) => is_outage(e),
         Error::WatchError(s) => s.code >= 500 || s.code == 429,
         _ => false,
     }
@@ -234,5 +235,24 @@ mod tests {
         assert!(waits[7] >= RETRY_MAX - RETRY_MAX / 4, "{waits:?}");
         d.reset();
         assert!(d.next_delay() <= RETRY_MIN, "not reset");
+    }
+
+    fn status(code: u16) -> kube::core::Status {
+        kube::core::Status::failure("test", "Test").with_code(code)
+    }
+
+    /// One broken watch stream does not mark the API server down (every ADD would be refused
+    /// until the next probe); a watch that cannot start, or a 5xx, does.
+    #[test]
+    fn a_broken_watch_stream_is_no_outage_but_a_failed_start_is() {
+        use kube::runtime::watcher::Error;
+        let unavailable = || kube::Error::Api(Box::new(status(503)));
+        assert!(!is_watch_outage(&Error::WatchFailed(unavailable())));
+        assert!(is_watch_outage(&Error::WatchStartFailed(unavailable())));
+        assert!(is_watch_outage(&Error::InitialListFailed(unavailable())));
+        assert!(is_watch_outage(&Error::WatchError(Box::new(status(500)))));
+        assert!(!is_watch_outage(&Error::WatchError(Box::new(status(410)))));
+        assert!(is_expired(&Error::WatchError(Box::new(status(410)))));
+        assert!(!is_outage(&kube::Error::Api(Box::new(status(409)))));
     }
 }

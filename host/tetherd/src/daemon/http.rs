@@ -208,6 +208,19 @@ async fn ready(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value
     (status, Json(body))
 }
 
+/// Alive while the engine's writer thread runs: 503 once it has ended (a panic), so the
+/// kubelet's liveness probe restarts the daemon. A store outage only makes it unready.
+async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.alive() {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the writer has stopped (see the log); restart tetherd",
+        )
+    }
+}
+
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(
@@ -223,7 +236,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 pub fn public_router(s: AppState) -> Router {
     Router::new()
         .route("/readyz", get(ready))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(s)
 }
@@ -241,7 +254,7 @@ pub fn router(s: AppState) -> Router {
         .route("/v1/gc", get(gc_report))
         .route("/v1/allocations", get(allocations))
         .route("/readyz", get(ready))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(s)
 }
