@@ -337,11 +337,18 @@ pub fn parse(
             ));
         }
     };
-    let version = conf
-        .get("cniVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let version = match conf.get("cniVersion") {
+        Some(Value::String(v)) => v.clone(),
+        None => String::new(),
+        Some(other) => {
+            return Err(Output::error(
+                "",
+                codes::INVALID_CONFIG,
+                format!("cniVersion must be a string such as \"1.1.0\", not {other}"),
+                String::new(),
+            ));
+        }
+    };
     if !SUPPORTED.contains(&version.as_str()) {
         return Err(Output::error(
             "",
@@ -882,6 +889,11 @@ mod tests {
             ),
             (
                 r#"{"cniVersion":1,"name":"n","ipam":{"type":"tether"}}"#.to_owned(),
+                7,
+                r#"cniVersion must be a string such as "1.1.0", not 1"#,
+            ),
+            (
+                r#"{"name":"n","ipam":{"type":"tether"}}"#.to_owned(),
                 1,
                 r#"cniVersion "" is not supported"#,
             ),

@@ -284,7 +284,7 @@ const CALLS: &[(&str, &str, &str, &[&str], &str)] = &[
         "coordination.k8s.io",
         "leases",
         &["get", "create", "patch"],
-        "host/tetherd/src/daemon/kube.rs cluster_duties via kube-lease-manager 0.13 (LeaseState: get, create, strategic and apply patches)",
+        "host/tetherd/src/daemon/kube.rs cluster_duties via kube-lease-manager 0.13 (LeaseState: get, create, strategic and apply patches); holds_lease (get, every status round, to confirm the holder)",
     ),
     (
         RELEASE,

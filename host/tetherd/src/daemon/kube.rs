@@ -320,6 +320,41 @@ pub async fn watch_node(service: Arc<Engine>, client: kube::Client, node: String
 pub const RELEASER_LEASE: &str = "tether-releaser";
 /// How often the elected daemon looks at the pools' status.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+/// Every this many rounds the elected daemon writes every pool's status again, whatever it
+/// last wrote: another daemon (a leader that had not yet seen it lost the Lease) may have
+/// written over it.
+const STATUS_REASSERT_ROUNDS: u32 = 15;
+
+/// Whether the releasers' Lease, as the API server shows it now, names `identity` and was
+/// renewed within its duration. The lease manager's own flag lags behind: after an API server
+/// outage it kept saying "elected" for half a minute after the Lease had expired and another
+/// daemon had taken it. Both flags must agree before this daemon acts as the releaser; an API
+/// server that does not answer (within 4 s) confirms nothing.
+async fn holds_lease(client: &kube::Client, namespace: &str, identity: &str) -> bool {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let Ok(Ok(Some(lease))) =
+        tokio::time::timeout(Duration::from_secs(4), api.get_opt(RELEASER_LEASE)).await
+    else {
+        return false;
+    };
+    let Some(spec) = lease.spec else {
+        return false;
+    };
+    let (Some(holder), Some(renewed), Some(secs)) = (
+        spec.holder_identity,
+        spec.renew_time,
+        spec.lease_duration_seconds,
+    ) else {
+        return false;
+    };
+    let until = renewed
+        .0
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+            secs,
+        )));
+    holder == identity && until.is_ok_and(|u| k8s_openapi::jiff::Timestamp::now() < u)
+}
 
 /// Joins the election for [`RELEASER_LEASE`] in `namespace` as `identity`, makes the
 /// engine's reconciler wait for it, and while elected writes pool status and keeps the
@@ -350,10 +385,12 @@ pub async fn cluster_duties(
         }
     };
     let (elected, _task) = manager.watch().await;
-    let gate = elected.clone();
+    // The lease manager says elected and the Lease itself, read this round, agrees.
+    let confirmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = confirmed.clone();
     let lease = format!("{namespace}/{RELEASER_LEASE}");
     service.set_release_gate(Arc::new(move || {
-        if *gate.borrow() {
+        if gate.load(std::sync::atomic::Ordering::SeqCst) {
             Ok(())
         } else {
             Err(format!(
@@ -363,9 +400,12 @@ pub async fn cluster_duties(
     }));
     let mut written: BTreeMap<String, IPPoolStatus> = BTreeMap::new();
     let mut was_elected = false;
+    let mut rounds = 0u32;
     loop {
         tokio::time::sleep(STATUS_INTERVAL).await;
-        let now = *elected.borrow();
+        let flagged = *elected.borrow();
+        let now = flagged && holds_lease(&client, &namespace, &identity).await;
+        confirmed.store(now, std::sync::atomic::Ordering::SeqCst);
         if now != was_elected {
             tracing::info!(lease = %format!("{namespace}/{RELEASER_LEASE}"), elected = now, "releasers' election");
             was_elected = now;
@@ -377,6 +417,10 @@ pub async fn cluster_duties(
         }
         if !now {
             continue;
+        }
+        rounds = rounds.wrapping_add(1);
+        if rounds.is_multiple_of(STATUS_REASSERT_ROUNDS) {
+            written.clear();
         }
         write_status(&service, &client, &verdicts, &mut written).await;
         pins.reconcile(&service).await;
