@@ -86,15 +86,18 @@ else
   say "not root: not building the test control plane (the Kubernetes tests say so and skip)"
 fi
 # cargo-nextest (pinned, into /var/cache/tether/cargo-bin, which scripts/test.sh puts on PATH):
-# the test runner, whose per-test settings (.config/nextest.toml: the slow suites' threads and
-# timeouts) `cargo test` would ignore. Built from crates.io once (a few minutes).
+# the test runner, whose per-test settings (.config/nextest.toml) `cargo test` would ignore.
+# Built from crates.io once (a few minutes), in a build directory of its own.
 cargo_bin=${TETHER_CARGO_BIN:-/var/cache/tether/cargo-bin}
 NEXTEST_VERSION=0.9.143
 if ! PATH="$cargo_bin/bin:$PATH" cargo nextest --version 2>/dev/null | grep -q "^cargo-nextest $NEXTEST_VERSION"; then
   if mkdir -p "$cargo_bin" 2>/dev/null && [ -w "$cargo_bin" ]; then
     say "installing cargo-nextest $NEXTEST_VERSION into $cargo_bin"
+    nextest_build=$(mktemp -d)
     cargo install --quiet --locked cargo-nextest --version "$NEXTEST_VERSION" \
-      --no-default-features --features default-no-update --root "$cargo_bin"
+      --no-default-features --features default-no-update --root "$cargo_bin" \
+      --target-dir "$nextest_build"
+    rm -rf "$nextest_build"
   else
     say "cannot write $cargo_bin: not installing cargo-nextest (scripts/test.sh falls back to cargo test)"
   fi

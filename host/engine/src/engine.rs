@@ -362,10 +362,14 @@ impl Engine {
         // family of two, from a dual-stack commit a store outage cut short, is planned again:
         // the writer keeps what it holds and adds the rest.)
         {
+            self.fresh_state()?;
             let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
             let held = ipam.held_by(&attachment.container_id, &attachment.ifname);
+            // The families of the pools the network names (of every pool when it names none:
+            // annotations choose then).
             let complete = ipam
                 .pools()
+                .filter(|p| req.pools.is_empty() || req.pools.contains(&p.name))
                 .all(|p| held.iter().any(|a| Family::of(a.ip) == p.family()));
             if !held.is_empty() && complete {
                 let assigned: Vec<Assigned> = held.iter().map(|a| ipam.assigned(a)).collect();
@@ -780,6 +784,7 @@ impl Engine {
     /// of the runtime's prevResult (when it sent one).
     pub fn check(&self, req: &CniRequest) -> Result<(), EngineError> {
         let a = Self::attachment(req)?;
+        self.fresh_state()?;
         let ipam = self.ipam.read().unwrap_or_else(PoisonError::into_inner);
         let held = ipam.held_by(&a.container_id, &a.ifname);
         if held.is_empty() {
@@ -1559,6 +1564,20 @@ impl Engine {
             .reload_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    /// `Err` (code 11) while the writer's state may differ from the store: nothing is answered
+    /// from it then (a record the store no longer has would be a ghost address).
+    fn fresh_state(&self) -> Result<(), EngineError> {
+        if self.writer.stale() {
+            return Err(EngineError::Write(WriteError::Store(
+                tether_store::StoreError::Unavailable(
+                    "the state is being re-read from the store (it did not answer); try again"
+                        .into(),
+                ),
+            )));
+        }
+        Ok(())
     }
 
     /// Whether the engine is alive: its writer's thread runs (a panic ends it, and only a

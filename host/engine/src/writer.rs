@@ -152,6 +152,8 @@ pub struct Writer {
     /// False once the writer's thread has ended (a panic included): nothing is served again
     /// until the daemon restarts.
     running: Arc<AtomicBool>,
+    /// True while the state may differ from the store (see [`Writer::stale`]).
+    stale: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -168,8 +170,10 @@ impl Writer {
         let (tx, rx) = channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let running = Arc::new(AtomicBool::new(true));
+        let stale = Arc::new(AtomicBool::new(false));
         let h = healthy.clone();
         let r = running.clone();
+        let st = stale.clone();
         let handle = std::thread::Builder::new()
             .name("tether-writer".into())
             .spawn(move || {
@@ -190,6 +194,7 @@ impl Writer {
                     store,
                     metrics,
                     healthy: h,
+                    stale_flag: st,
                     carried: VecDeque::new(),
                     deferred: Vec::new(),
                     rng: seed(),
@@ -202,6 +207,7 @@ impl Writer {
                 tx,
                 healthy,
                 running,
+                stale,
             },
             handle,
         ))
@@ -223,6 +229,13 @@ impl Writer {
     /// Whether the writer runs and its last commit succeeded: what `/readyz` reports.
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Whether the state may differ from the store (a commit or a re-read failed and the
+    /// store has not been re-read since): nothing may be answered from it then, not even a
+    /// retried ADD or a CHECK; the writer answers every request code 11 until it re-reads.
+    pub fn stale(&self) -> bool {
+        self.stale.load(Ordering::SeqCst)
     }
 
     /// Whether the writer's thread still runs (a failed commit or a store outage leaves it
@@ -261,6 +274,8 @@ struct Loop {
     /// Set while the state may differ from the store (a commit failed, and so did re-reading
     /// the store): when an idle writer tries to re-read it next, and the wait after that.
     stale: Option<(Instant, std::time::Duration)>,
+    /// Mirrors `stale.is_some()` for [`Writer::stale`].
+    stale_flag: Arc<AtomicBool>,
 }
 
 /// The unit of a claim: an address, whatever pool names it.
@@ -529,7 +544,7 @@ impl Loop {
                         tracing::error!(
                             "re-reading the store failed too; nothing is planned until it can be re-read: {e2}"
                         );
-                        self.stale = Some((Instant::now() + RESYNC_MIN, RESYNC_MIN));
+                        self.set_stale(Some((Instant::now() + RESYNC_MIN, RESYNC_MIN)));
                         drop(state);
                         for p in planned {
                             let _ = p.job.reply.send(p.answer);
@@ -541,7 +556,7 @@ impl Loop {
         }
 
         if !self.roll_back_abandoned(&mut state, &mut planned) {
-            self.stale = Some((Instant::now() + RESYNC_MIN, RESYNC_MIN));
+            self.set_stale(Some((Instant::now() + RESYNC_MIN, RESYNC_MIN)));
             drop(state);
             for p in planned {
                 let _ = p.job.reply.send(p.answer);
@@ -687,12 +702,19 @@ impl Loop {
         true
     }
 
+    /// Marks the state stale (`Some`: when to re-read next, and the wait before that) or
+    /// fresh (`None`).
+    fn set_stale(&mut self, stale: Option<(Instant, std::time::Duration)>) {
+        self.stale_flag.store(stale.is_some(), Ordering::SeqCst);
+        self.stale = stale;
+    }
+
     /// Re-reads the store into a stale state; clears the staleness (and the writer is
     /// healthy again) when it could.
     fn resync_stale(&mut self, state: &mut Ipam) -> Result<(), StoreError> {
         match resync(&*self.store, state) {
             Ok(()) => {
-                self.stale = None;
+                self.set_stale(None);
                 self.healthy.store(true, Ordering::SeqCst);
                 tracing::info!("the store answers again; the state is re-read from it");
                 Ok(())
@@ -701,7 +723,7 @@ impl Loop {
                 let wait = self
                     .stale
                     .map_or(RESYNC_MIN, |(_, w)| (w * 2).min(RESYNC_MAX));
-                self.stale = Some((Instant::now() + wait, wait));
+                self.set_stale(Some((Instant::now() + wait, wait)));
                 Err(e)
             }
         }
@@ -749,7 +771,8 @@ impl Loop {
     fn absorb_all(&mut self, state: &mut Ipam, events: Vec<Event>) {
         for e in events {
             if !absorb(&*self.store, state, e) && self.stale.is_none() {
-                self.stale = Some((Instant::now(), RESYNC_MIN));
+                self.set_stale(Some((Instant::now(), RESYNC_MIN)));
+                self.healthy.store(false, Ordering::SeqCst);
             }
         }
     }
@@ -768,13 +791,10 @@ fn absorb(store: &dyn Store, state: &mut Ipam, e: Event) -> bool {
             }
         }
         Event::Put(a) => {
-            // Every store holds one record per address: a newer one under another pool name
-            // (re-filed after a pool was renamed) replaces the old, whose deletion no event
-            // announces.
-            let known = state.at(a.ip);
-            if known.iter().all(|cur| cur.revision < a.revision) {
-                let old: Vec<Change> = known.into_iter().map(Change::delete).collect();
-                state.apply_foreign(&old);
+            if state
+                .get(&a.pool, a.ip)
+                .is_none_or(|cur| cur.revision < a.revision)
+            {
                 state.apply_foreign(&[Change::Put(a)]);
             }
         }

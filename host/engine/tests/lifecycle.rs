@@ -28,6 +28,7 @@ use tether_engine::ports::{
 use tether_engine::{Engine, EngineError, GcSettings, Metrics, NodeInfo, Ports};
 use tether_policy::{ChainOutcome, PolicyError};
 use tether_store::embedded::EmbeddedStore;
+use tether_store::{Event, GroupOutcome, Snapshot, Store, StoreError};
 
 /// What the API server holds, and how the source fails.
 #[derive(Default)]
@@ -237,6 +238,10 @@ impl Env {
     fn with_pools(pools: Vec<Pool>) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"));
+        Env::with_store(dir, store, pools)
+    }
+
+    fn with_store(dir: tempfile::TempDir, store: Arc<dyn Store>, pools: Vec<Pool>) -> Env {
         let cluster = Cluster::default();
         cluster.with(|c| {
             let vmi = Object {
@@ -951,4 +956,97 @@ async fn a_retried_add_holding_one_family_of_two_gets_the_other() {
     let again = env.engine.add(both).await.expect("add again");
     assert_eq!(again.ips, retried.ips);
     assert_eq!(env.engine.allocations().len(), 2);
+}
+
+/// A store that stops answering on demand (every read and commit fails, as with the API
+/// server gone).
+struct Flaky {
+    inner: Arc<EmbeddedStore>,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the test took it down".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Store for Flaky {
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.check()?;
+        self.inner.snapshot()
+    }
+
+    fn get(&self, ip: IpAddr) -> Result<Vec<tether_core::alloc::Allocation>, StoreError> {
+        self.check()?;
+        self.inner.get(ip)
+    }
+
+    fn commit(
+        &self,
+        groups: &[Vec<tether_core::alloc::Change>],
+    ) -> Result<Vec<GroupOutcome>, StoreError> {
+        self.check()?;
+        self.inner.commit(groups)
+    }
+
+    fn subscribe(&self) -> std::sync::mpsc::Receiver<Event> {
+        self.inner.subscribe()
+    }
+}
+
+/// While the writer's state may differ from the store (a commit and the re-read after it
+/// failed), nothing is answered from memory: a retried ADD and a CHECK of a pod that held an
+/// address answer "try again" (code 11) instead of an address the store may no longer hold.
+#[tokio::test]
+async fn nothing_is_answered_from_a_stale_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flaky = Arc::new(Flaky {
+        inner: Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open")),
+        down: std::sync::atomic::AtomicBool::new(false),
+    });
+    let env = Env::with_store(
+        dir,
+        flaky.clone(),
+        vec![pool("p", "10.0.0.0/24", "10.0.0.1-10.0.0.9")],
+    );
+    env.cluster.add_pod("default", "x", "uid-x", None);
+    env.cluster.add_pod("default", "y", "uid-y", None);
+    let first = env.engine.add(req("x")).await.expect("add");
+    flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A commit fails and so does the re-read after it: the state is stale.
+    assert!(env.engine.add(req("y")).await.is_err());
+    let retried = env.engine.add(req("x")).await;
+    // "Try again later": code 11 at the socket API.
+    let try_again = |e: Option<&EngineError>| {
+        matches!(
+            e,
+            Some(EngineError::Write(
+                tether_engine::writer::WriteError::Store(StoreError::Unavailable(_))
+            ))
+        )
+    };
+    assert!(
+        try_again(retried.as_ref().err()),
+        "answered from a stale state: {retried:?}"
+    );
+    let mut check = req("x");
+    check.prev_ips = vec![first.ips[0].address.clone()];
+    assert!(try_again(env.engine.check(&check).as_ref().err()));
+    // The store answers again: so does the engine, after re-reading it.
+    flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match env.engine.add(req("x")).await {
+            Ok(r) => {
+                assert_eq!(r.ips, first.ips);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never served again: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

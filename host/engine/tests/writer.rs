@@ -553,8 +553,10 @@ async fn callers_that_gave_up_get_nothing() {
 struct Fed {
     inner: Arc<dyn Store>,
     feed: Mutex<Option<Receiver<Event>>>,
-    /// Reads of one address fail (the API server not answering yet), snapshots do not.
+    /// Reads of one address fail (the API server not answering yet).
     fail_get: AtomicBool,
+    /// Reads of the whole store fail too.
+    fail_snapshot: AtomicBool,
 }
 
 impl Fed {
@@ -564,12 +566,16 @@ impl Fed {
             inner,
             feed: Mutex::new(Some(feed)),
             fail_get: AtomicBool::new(false),
+            fail_snapshot: AtomicBool::new(false),
         })
     }
 }
 
 impl Store for Fed {
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        if self.fail_snapshot.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the test says so".into()));
+        }
         self.inner.snapshot()
     }
 
@@ -661,9 +667,9 @@ async fn a_stale_address_that_cannot_be_read_makes_the_state_re_read_whole() {
     }
 }
 
-/// Every store keeps one record per address: a record re-filed under another pool name (a
-/// pool renamed while a pod held the address) arrives as one write, with no delete of the
-/// old record. The state replaces the old record; it does not keep both.
+/// A record re-filed under another pool name (a pool renamed while a pod held the address)
+/// arrives as the old record's deletion, then the new record (the Kubernetes store's feed
+/// announces it so): the state ends with the new record alone.
 #[tokio::test]
 async fn a_record_re_filed_under_another_pool_replaces_the_old_one() {
     let (_dir, store) = embedded();
@@ -673,9 +679,16 @@ async fn a_record_re_filed_under_another_pool_replaces_the_old_one() {
         Ok(Outcome::Added(a)) => a[0].ip,
         other => panic!("{other:?}"),
     };
-    let mut moved = store.get(ip).expect("get").remove(0);
+    let old = store.get(ip).expect("get").remove(0);
+    let mut moved = old.clone();
     moved.pool = "renamed".into();
     moved.revision += 100;
+    tx.send(Event::Deleted {
+        pool: old.pool.clone(),
+        ip,
+        revision: old.revision,
+    })
+    .expect("feed");
     tx.send(Event::Put(moved)).expect("feed");
     let pools = |e: &Engine| -> Vec<String> {
         let state = e.ipam.read().expect("state");
@@ -693,4 +706,49 @@ async fn a_record_re_filed_under_another_pool_replaces_the_old_one() {
     // The old record is gone for good, not just hidden: one address, one allocation.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(e.ipam.read().expect("state").allocations().count(), 1);
+}
+
+/// While the state cannot be re-read after a failed `Stale` re-read, the writer says so
+/// (`stale`, which keeps the engine from answering retried ADDs and CHECKs from memory) and
+/// is not ready; once the store answers, the state is re-read and both clear.
+#[tokio::test]
+async fn a_state_that_cannot_be_re_read_is_flagged_stale_until_it_is() {
+    let (_dir, store) = embedded();
+    let (tx, rx) = channel();
+    let fed = Fed::new(store.clone(), rx);
+    let e = engine(fed.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
+    let ip = match e.writer.submit(add("c")).await {
+        Ok(Outcome::Added(a)) => a[0].ip,
+        other => panic!("{other:?}"),
+    };
+    assert!(!e.writer.stale());
+    let stored = store.get(ip).expect("get").remove(0);
+    assert!(
+        store
+            .commit(&[vec![Change::delete(&stored)]])
+            .expect("delete")[0]
+            .is_ok()
+    );
+    fed.fail_get.store(true, Ordering::SeqCst);
+    fed.fail_snapshot.store(true, Ordering::SeqCst);
+    tx.send(Event::Stale { ip }).expect("feed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !e.writer.stale() {
+        assert!(std::time::Instant::now() < deadline, "never flagged stale");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!e.writer.healthy(), "ready while the state is a guess");
+    // The ghost is still in memory; nothing may be answered from it.
+    assert_eq!(e.ipam.read().expect("state").allocations().count(), 1);
+    assert!(matches!(
+        e.writer.submit(add("d")).await,
+        Err(WriteError::Store(StoreError::Unavailable(_)))
+    ));
+    fed.fail_snapshot.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while e.writer.stale() || !e.writer.healthy() {
+        assert!(std::time::Instant::now() < deadline, "never re-read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(e.ipam.read().expect("state").allocations().count(), 0);
 }

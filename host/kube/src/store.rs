@@ -62,25 +62,28 @@ pub struct KubeStore {
 
 /// Turns the watch's events into the change feed's.
 ///
-/// It keeps every address the subscribers may hold a record of, with its revision (`known`):
-/// what the watch showed, and what the store's own writes made and reads returned (a re-read
-/// of the whole store while the watch is down shows objects the watch never did).
+/// It keeps every address the subscribers may hold a record of, with its pool and revision
+/// (`known`): what the watch showed, and what the store's own writes made and reads returned
+/// (a re-read of the whole store while the watch is down shows objects the watch never did).
+/// An object that shows up under another pool than known (re-filed after a pool was renamed:
+/// one object per address, replaced in place) is announced as the old record's deletion, then
+/// the new record.
 /// A re-list reports those it no longer finds as [`Event::Stale`], so that an object deleted
 /// while the watch was down leaves the subscribers' state even if only a read had shown it.
 /// (A write that lands after the re-list's snapshot is reported stale too: a needless re-read,
 /// never a lost one.)
 #[derive(Default)]
 struct Feed {
-    known: HashMap<IpAddr, Revision>,
+    known: HashMap<IpAddr, (String, Revision)>,
     /// While the watch re-lists: the addresses the list has shown so far.
     relisted: Option<HashSet<IpAddr>>,
 }
 
 impl Feed {
     /// Notes a record at `revision` unless a newer one of its address is known.
-    fn remember(&mut self, ip: IpAddr, revision: Revision) {
-        if self.known.get(&ip).is_none_or(|r| *r < revision) {
-            self.known.insert(ip, revision);
+    fn remember(&mut self, pool: &str, ip: IpAddr, revision: Revision) {
+        if self.known.get(&ip).is_none_or(|(_, r)| *r < revision) {
+            self.known.insert(ip, (pool.to_owned(), revision));
         }
     }
 
@@ -94,8 +97,26 @@ impl Feed {
         if let Some(seen) = self.relisted.as_mut() {
             seen.insert(a.ip);
         }
-        self.remember(a.ip, a.revision);
-        vec![Event::Put(a)]
+        let mut events = Vec::with_capacity(2);
+        // Older than what is known of the address (this daemon's own later write): stale,
+        // not passed on (a late one under a re-filed address's old pool name would put the
+        // old record back beside the new).
+        if self.known.get(&a.ip).is_some_and(|(_, r)| *r > a.revision) {
+            return events;
+        }
+        if let Some((pool, r)) = self.known.get(&a.ip)
+            && *pool != a.pool
+            && *r < a.revision
+        {
+            events.push(Event::Deleted {
+                pool: pool.clone(),
+                ip: a.ip,
+                revision: *r,
+            });
+        }
+        self.remember(&a.pool, a.ip, a.revision);
+        events.push(Event::Put(a));
+        events
     }
 
     /// The watch shows the deletion, at revision `deleted_at`, of the object of `ip`.
@@ -104,10 +125,10 @@ impl Feed {
             // A newer object already holds this address (created after this deletion, by
             // this daemon's own write): the event is of an older one and must not take the
             // newer one away.
-            Some(r) if *r > deleted_at => Vec::new(),
+            Some((_, r)) if *r > deleted_at => Vec::new(),
             _ => {
                 // The revision the record had (the delete event's own is newer).
-                let revision = self.known.remove(&ip).unwrap_or(deleted_at);
+                let revision = self.known.remove(&ip).map_or(deleted_at, |(_, r)| r);
                 vec![Event::Deleted {
                     pool: pool.to_owned(),
                     ip,
@@ -206,14 +227,14 @@ impl KubeStore {
 
     /// Notes what a write made (see [`Feed`]).
     fn remember_write(&self, a: &Allocation, revision: Revision) {
-        lock(&self.feed).remember(a.ip, revision);
+        lock(&self.feed).remember(&a.pool, a.ip, revision);
     }
 
     /// Notes what a read returned (see [`Feed`]).
     fn remember(&self, read: &[Allocation]) {
         let mut feed = lock(&self.feed);
         for a in read {
-            feed.remember(a.ip, a.revision);
+            feed.remember(&a.pool, a.ip, a.revision);
         }
     }
 
@@ -670,7 +691,7 @@ mod tests {
         let mut feed = Feed::default();
         feed.applied(at("10.0.0.1", 10));
         // This daemon deleted revision 10 (at 11) and created the new object at 12.
-        feed.remember(ip("10.0.0.1"), 12);
+        feed.remember("p", ip("10.0.0.1"), 12);
         assert_eq!(feed.deleted("p", ip("10.0.0.1"), 11), Vec::new());
         // The new object's own deletion does get through, with the revision it had.
         assert_eq!(
@@ -711,9 +732,35 @@ mod tests {
     #[test]
     fn an_older_apply_does_not_replace_a_newer_record() {
         let mut feed = Feed::default();
-        feed.remember(ip("10.0.0.1"), 12);
-        feed.applied(at("10.0.0.1", 10));
+        feed.remember("p", ip("10.0.0.1"), 12);
+        assert_eq!(feed.applied(at("10.0.0.1", 10)), Vec::new(), "passed on");
         assert_eq!(feed.deleted("p", ip("10.0.0.1"), 11), Vec::new());
+    }
+
+    /// An object re-filed under another pool (replaced in place: the watch shows no delete)
+    /// is announced as the old record's deletion, then the new record; this daemon's own
+    /// re-file (already known under the new pool) is just the new record.
+    #[test]
+    fn a_re_filed_object_deletes_the_old_record_first() {
+        let mut feed = Feed::default();
+        feed.applied(at("10.0.0.1", 10));
+        let mut moved = at("10.0.0.1", 14);
+        moved.pool = "renamed".into();
+        assert_eq!(
+            feed.applied(moved.clone()),
+            vec![
+                Event::Deleted {
+                    pool: "p".into(),
+                    ip: ip("10.0.0.1"),
+                    revision: 10,
+                },
+                Event::Put(moved.clone()),
+            ]
+        );
+        let mut mine = Feed::default();
+        mine.applied(at("10.0.0.1", 10));
+        mine.remember("renamed", ip("10.0.0.1"), 14);
+        assert_eq!(mine.applied(moved.clone()), vec![Event::Put(moved)]);
     }
 
     /// A re-list reports what it no longer finds (deleted while the watch was away, seen by
@@ -723,7 +770,7 @@ mod tests {
         let mut feed = Feed::default();
         feed.applied(at("10.0.0.1", 10));
         feed.applied(at("10.0.0.2", 11));
-        feed.remember(ip("10.0.0.3"), 12);
+        feed.remember("p", ip("10.0.0.3"), 12);
         feed.relist_started();
         feed.applied(at("10.0.0.2", 11));
         let mut stale = feed.relist_done();

@@ -325,35 +325,52 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 /// written over it.
 const STATUS_REASSERT_ROUNDS: u32 = 15;
 
-/// Whether the releasers' Lease, as the API server shows it now, names `identity` and was
-/// renewed within its duration. The lease manager's own flag lags behind: after an API server
-/// outage it kept saying "elected" for half a minute after the Lease had expired and another
-/// daemon had taken it. Both flags must agree before this daemon acts as the releaser; an API
-/// server that does not answer (within 4 s) confirms nothing.
-async fn holds_lease(client: &kube::Client, namespace: &str, identity: &str) -> bool {
+/// How long before its Lease expires (by the renewal time the API server shows) a releaser
+/// stops acting: room for clock skew between nodes and for a release in progress. (The lease
+/// manager renews 5 s before expiry, so a healthy holder never reaches it.)
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+/// The longest one round's status and PinnedIdentity work may take.
+const ROUND_BOUND: Duration = Duration::from_secs(8);
+
+/// Until when this daemon may act as the releaser: the releasers' Lease, as the API server
+/// shows it now, names `identity`, and expires (renewal time plus duration) after that
+/// instant plus [`LEASE_MARGIN`]. `None`: it does not, or the API server did not answer
+/// within 4 s. The lease manager's own flag lags behind: after an API server outage it kept
+/// saying "elected" for half a minute after the Lease had expired and another daemon had taken
+/// it. Both must agree before this daemon acts as the releaser.
+async fn lease_valid_until(
+    client: &kube::Client,
+    namespace: &str,
+    identity: &str,
+) -> Option<std::time::Instant> {
     use k8s_openapi::api::coordination::v1::Lease;
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let Ok(Ok(Some(lease))) =
         tokio::time::timeout(Duration::from_secs(4), api.get_opt(RELEASER_LEASE)).await
     else {
-        return false;
+        return None;
     };
-    let Some(spec) = lease.spec else {
-        return false;
-    };
-    let (Some(holder), Some(renewed), Some(secs)) = (
-        spec.holder_identity,
-        spec.renew_time,
-        spec.lease_duration_seconds,
-    ) else {
-        return false;
-    };
-    let until = renewed
+    let spec = lease.spec?;
+    let (holder, renewed, secs) = (
+        spec.holder_identity?,
+        spec.renew_time?,
+        spec.lease_duration_seconds?,
+    );
+    if holder != identity {
+        return None;
+    }
+    let expires = renewed
         .0
         .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
             secs,
-        )));
-    holder == identity && until.is_ok_and(|u| k8s_openapi::jiff::Timestamp::now() < u)
+        )))
+        .ok()?;
+    let margin = k8s_openapi::jiff::SignedDuration::try_from(LEASE_MARGIN).ok()?;
+    let left = k8s_openapi::jiff::Timestamp::now()
+        .duration_until(expires)
+        .checked_sub(margin)?;
+    let left = Duration::try_from(left).ok()?;
+    Some(std::time::Instant::now() + left)
 }
 
 /// Joins the election for [`RELEASER_LEASE`] in `namespace` as `identity`, makes the
@@ -385,12 +402,14 @@ pub async fn cluster_duties(
         }
     };
     let (elected, _task) = manager.watch().await;
-    // The lease manager says elected and the Lease itself, read this round, agrees.
-    let confirmed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The lease manager says elected and the Lease itself, read this round, agrees: until
+    // when this daemon may act as the releaser. Every release checks it at that moment.
+    let confirmed: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
     let gate = confirmed.clone();
     let lease = format!("{namespace}/{RELEASER_LEASE}");
     service.set_release_gate(Arc::new(move || {
-        if gate.load(std::sync::atomic::Ordering::SeqCst) {
+        let until = *gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if until.is_some_and(|u| std::time::Instant::now() < u) {
             Ok(())
         } else {
             Err(format!(
@@ -403,9 +422,17 @@ pub async fn cluster_duties(
     let mut rounds = 0u32;
     loop {
         tokio::time::sleep(STATUS_INTERVAL).await;
-        let flagged = *elected.borrow();
-        let now = flagged && holds_lease(&client, &namespace, &identity).await;
-        confirmed.store(now, std::sync::atomic::Ordering::SeqCst);
+        let until = if *elected.borrow() {
+            // A read that fails keeps what the last one confirmed, until it runs out.
+            match lease_valid_until(&client, &namespace, &identity).await {
+                Some(u) => Some(u),
+                None => *confirmed.lock().unwrap_or_else(PoisonError::into_inner),
+            }
+        } else {
+            None
+        };
+        *confirmed.lock().unwrap_or_else(PoisonError::into_inner) = until;
+        let now = until.is_some_and(|u| std::time::Instant::now() < u);
         if now != was_elected {
             tracing::info!(lease = %format!("{namespace}/{RELEASER_LEASE}"), elected = now, "releasers' election");
             was_elected = now;
@@ -419,20 +446,26 @@ pub async fn cluster_duties(
             continue;
         }
         rounds = rounds.wrapping_add(1);
-        if rounds.is_multiple_of(STATUS_REASSERT_ROUNDS) {
-            written.clear();
+        let reassert = rounds.is_multiple_of(STATUS_REASSERT_ROUNDS);
+        // Bounded, so that a stuck call cannot outlast the Lease this round relies on.
+        let work = async {
+            write_status(&service, &client, &verdicts, &mut written, reassert).await;
+            pins.reconcile(&service).await;
+        };
+        if tokio::time::timeout(ROUND_BOUND, work).await.is_err() {
+            tracing::warn!(bound = ?ROUND_BOUND, "pool status and PinnedIdentity round took too long; left for the next round");
         }
-        write_status(&service, &client, &verdicts, &mut written).await;
-        pins.reconcile(&service).await;
     }
 }
 
-/// Writes each IPPool's status where it changed since it was last written.
+/// Writes each IPPool's status where it changed since it was last written, or every one with
+/// `reassert` (another daemon may have written over it), keeping the transition times.
 async fn write_status(
     service: &Arc<Engine>,
     client: &kube::Client,
     verdicts: &Arc<Mutex<Verdicts>>,
     written: &mut BTreeMap<String, IPPoolStatus>,
+    reassert: bool,
 ) {
     let verdicts = verdicts
         .lock()
@@ -475,7 +508,7 @@ async fn write_status(
                     .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now())),
             }],
         };
-        if previous == Some(&desired) {
+        if previous == Some(&desired) && !reassert {
             continue;
         }
         let patch = serde_json::json!({ "status": desired });
