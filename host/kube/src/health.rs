@@ -64,14 +64,17 @@ pub fn is_outage(e: &kube::Error) -> bool {
 }
 
 /// Whether a watcher's error says the API server cannot serve now: a list or a watch that
-/// cannot start, or an error status the server sends. A watch that expired (410 Gone) is not
-/// one (the watcher re-lists), nor is an established watch stream that broke (a proxy or load
-/// balancer closing an idle connection does that while the API server serves on): its
-/// restart says whether the API server answers.
+/// cannot start or that broke, or an error status the server sends. A watch that expired
+/// (410 Gone) is not one: the watcher re-lists. (A broken stream counts: when etcd stops, the
+/// API server's watches break at once while its requests hang for their 4 s bound, and the
+/// ADDs in between are refused at once instead of waiting. The cost: a proxy that closes an
+/// idle watch makes ADDs answer 11 until the next probe, a second later.)
 pub fn is_watch_outage(e: &kube::runtime::watcher::Error) -> bool {
     use kube::runtime::watcher::Error;
     match e {
-        Error::InitialListFailed(e) | Error::WatchStartFailed(e) => is_outage(e),
+        Error::InitialListFailed(e) | Error::WatchStartFailed(e) | Error::WatchFailed(e) => {
+            is_outage(e)
+        }
         Error::WatchError(s) => s.code >= 500 || s.code == 429,
         _ => false,
     }
@@ -241,13 +244,13 @@ mod tests {
         kube::core::Status::failure("test", "Test").with_code(code)
     }
 
-    /// One broken watch stream does not mark the API server down (every ADD would be refused
-    /// until the next probe); a watch that cannot start, or a 5xx, does.
+    /// A watch that breaks, cannot start, or gets a 5xx says the API server is down; one that
+    /// expired (410) or a refused request (409) does not.
     #[test]
-    fn a_broken_watch_stream_is_no_outage_but_a_failed_start_is() {
+    fn which_watch_errors_are_an_outage() {
         use kube::runtime::watcher::Error;
         let unavailable = || kube::Error::Api(Box::new(status(503)));
-        assert!(!is_watch_outage(&Error::WatchFailed(unavailable())));
+        assert!(is_watch_outage(&Error::WatchFailed(unavailable())));
         assert!(is_watch_outage(&Error::WatchStartFailed(unavailable())));
         assert!(is_watch_outage(&Error::InitialListFailed(unavailable())));
         assert!(is_watch_outage(&Error::WatchError(Box::new(status(500)))));
