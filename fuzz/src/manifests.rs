@@ -6,27 +6,13 @@
 
 use std::net::IpAddr;
 
-use serde::Deserialize;
 use serde_json::Value;
 use tether_core::manifest::{ObjectIndex, object_from_value, workload_from_pod};
 use tether_core::pool::{Pool, PoolError, check_disjoint, from_manifest};
 
-/// tetherd's `read_documents`, on text instead of a path (the same reader and steps).
+/// tetherd's `read_documents`, on text instead of a path: the same function.
 pub fn documents(text: &str) -> Result<Vec<Value>, String> {
-    let mut out = Vec::new();
-    for doc in yaml_serde::Deserializer::from_str(text) {
-        let v = Value::deserialize(doc).map_err(|e| e.to_string())?;
-        match v {
-            Value::Null => {}
-            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
-                if let Some(items) = m.get("items").and_then(Value::as_array) {
-                    out.extend(items.iter().cloned());
-                }
-            }
-            other => out.push(other),
-        }
-    }
-    Ok(out)
+    tether_core::manifest::documents(text).map_err(|(index, e)| format!("document {index}: {e}"))
 }
 
 fn to_u128(ip: IpAddr) -> u128 {

@@ -8,6 +8,26 @@ use thiserror::Error;
 
 use crate::workload::{Object, OwnerReference, Pairs, Workload};
 
+/// Every non-empty document of a manifest file's text (a YAML stream; JSON is YAML), as JSON
+/// values; a `kind: List` is flattened into its items. `Err`: the index of the document that
+/// is not YAML, and why.
+pub fn documents(text: &str) -> Result<Vec<Value>, (usize, yaml_serde::Error)> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for (index, doc) in yaml_serde::Deserializer::from_str(text).enumerate() {
+        match Value::deserialize(doc).map_err(|e| (index, e))? {
+            Value::Null => {}
+            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                if let Some(items) = m.get("items").and_then(Value::as_array) {
+                    out.extend(items.iter().cloned());
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
 /// How far owner chains are followed (pod -> VMI -> VM is 2).
 pub const MAX_OWNER_DEPTH: usize = 8;
 

@@ -599,6 +599,37 @@ impl Store for Fed {
     }
 }
 
+/// ADDs container `c` and returns its address.
+async fn added_c(e: &Engine) -> IpAddr {
+    match e.writer.submit(add("c")).await {
+        Ok(Outcome::Added(a)) => a[0].ip,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Another writer deletes `ip`'s record; the feed says nothing of it.
+fn delete_behind_the_feed(store: &EmbeddedStore, ip: IpAddr) {
+    let stored = store.get(ip).expect("get").remove(0);
+    let outcomes = store
+        .commit(&[vec![Change::delete(&stored)]])
+        .expect("delete");
+    assert!(outcomes[0].is_ok());
+}
+
+/// Waits up to `secs` seconds for `done`; panics with `what` otherwise.
+async fn eventually(secs: u64, what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The number of allocations in the engine's state.
+fn held(e: &Engine) -> usize {
+    e.ipam.read().expect("state").allocations().count()
+}
+
 /// An address deleted while the feed was not looking (a watch that re-listed after a gap and
 /// no longer finds it, after a write it never showed) is read again on `Stale`: the state
 /// drops it. Without the event it would stay, a ghost, until a restart.
@@ -607,17 +638,8 @@ async fn a_stale_address_is_read_again() {
     let (_dir, store) = embedded();
     let (tx, rx) = channel();
     let e = engine(Fed::new(store.clone(), rx), vec![pool("10.0.0.1-10.0.0.4")]);
-    let ip = match e.writer.submit(add("c")).await {
-        Ok(Outcome::Added(a)) => a[0].ip,
-        other => panic!("{other:?}"),
-    };
-    // Another writer deletes it; this writer's feed says nothing of it.
-    let stored = store.get(ip).expect("get").remove(0);
-    let outcomes = store
-        .commit(&[vec![Change::delete(&stored)]])
-        .expect("delete");
-    assert!(outcomes[0].is_ok());
-    let held = |e: &Engine| e.ipam.read().expect("state").allocations().count();
+    let ip = added_c(&e).await;
+    delete_behind_the_feed(&store, ip);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         held(&e),
@@ -625,14 +647,10 @@ async fn a_stale_address_is_read_again() {
         "without word from the feed the state still has it"
     );
     tx.send(Event::Stale { ip }).expect("feed");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while held(&e) != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the stale address was never read again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(5, "the stale address was never read again", || {
+        held(&e) == 0
+    })
+    .await;
 }
 
 /// When the re-read a `Stale` event asks for fails (the watch re-listed a moment before the
@@ -645,26 +663,16 @@ async fn a_stale_address_that_cannot_be_read_makes_the_state_re_read_whole() {
     let (tx, rx) = channel();
     let fed = Fed::new(store.clone(), rx);
     let e = engine(fed.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
-    let ip = match e.writer.submit(add("c")).await {
-        Ok(Outcome::Added(a)) => a[0].ip,
-        other => panic!("{other:?}"),
-    };
-    let stored = store.get(ip).expect("get").remove(0);
-    let outcomes = store
-        .commit(&[vec![Change::delete(&stored)]])
-        .expect("delete");
-    assert!(outcomes[0].is_ok());
+    let ip = added_c(&e).await;
+    delete_behind_the_feed(&store, ip);
     fed.fail_get.store(true, Ordering::SeqCst);
     tx.send(Event::Stale { ip }).expect("feed");
-    let held = |e: &Engine| e.ipam.read().expect("state").allocations().count();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while held(&e) != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the deleted address stayed in the state after its re-read failed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        5,
+        "the deleted address stayed in the state after its re-read failed",
+        || held(&e) == 0,
+    )
+    .await;
 }
 
 /// A record re-filed under another pool name (a pool renamed while a pod held the address)
@@ -675,10 +683,7 @@ async fn a_record_re_filed_under_another_pool_replaces_the_old_one() {
     let (_dir, store) = embedded();
     let (tx, rx) = channel();
     let e = engine(Fed::new(store.clone(), rx), vec![pool("10.0.0.1-10.0.0.4")]);
-    let ip = match e.writer.submit(add("c")).await {
-        Ok(Outcome::Added(a)) => a[0].ip,
-        other => panic!("{other:?}"),
-    };
+    let ip = added_c(&e).await;
     let old = store.get(ip).expect("get").remove(0);
     let mut moved = old.clone();
     moved.pool = "renamed".into();
@@ -694,18 +699,15 @@ async fn a_record_re_filed_under_another_pool_replaces_the_old_one() {
         let state = e.ipam.read().expect("state");
         state.at(ip).into_iter().map(|a| a.pool.clone()).collect()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while pools(&e) != vec!["renamed".to_owned()] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{ip} is recorded under {:?}",
-            pools(&e)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        5,
+        &format!("{ip} is not recorded under `renamed` alone"),
+        || pools(&e) == vec!["renamed".to_owned()],
+    )
+    .await;
     // The old record is gone for good, not just hidden: one address, one allocation.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(e.ipam.read().expect("state").allocations().count(), 1);
+    assert_eq!(held(&e), 1);
 }
 
 /// While the state cannot be re-read after a failed `Stale` re-read, the writer says so
@@ -717,38 +719,24 @@ async fn a_state_that_cannot_be_re_read_is_flagged_stale_until_it_is() {
     let (tx, rx) = channel();
     let fed = Fed::new(store.clone(), rx);
     let e = engine(fed.clone(), vec![pool("10.0.0.1-10.0.0.4")]);
-    let ip = match e.writer.submit(add("c")).await {
-        Ok(Outcome::Added(a)) => a[0].ip,
-        other => panic!("{other:?}"),
-    };
+    let ip = added_c(&e).await;
     assert!(!e.writer.stale());
-    let stored = store.get(ip).expect("get").remove(0);
-    assert!(
-        store
-            .commit(&[vec![Change::delete(&stored)]])
-            .expect("delete")[0]
-            .is_ok()
-    );
+    delete_behind_the_feed(&store, ip);
     fed.fail_get.store(true, Ordering::SeqCst);
     fed.fail_snapshot.store(true, Ordering::SeqCst);
     tx.send(Event::Stale { ip }).expect("feed");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !e.writer.stale() {
-        assert!(std::time::Instant::now() < deadline, "never flagged stale");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(5, "never flagged stale", || e.writer.stale()).await;
     assert!(!e.writer.healthy(), "ready while the state is a guess");
     // The ghost is still in memory; nothing may be answered from it.
-    assert_eq!(e.ipam.read().expect("state").allocations().count(), 1);
+    assert_eq!(held(&e), 1);
     assert!(matches!(
         e.writer.submit(add("d")).await,
         Err(WriteError::Store(StoreError::Unavailable(_)))
     ));
     fed.fail_snapshot.store(false, Ordering::SeqCst);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while e.writer.stale() || !e.writer.healthy() {
-        assert!(std::time::Instant::now() < deadline, "never re-read");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(e.ipam.read().expect("state").allocations().count(), 0);
+    eventually(10, "never re-read", || {
+        !e.writer.stale() && e.writer.healthy()
+    })
+    .await;
+    assert_eq!(held(&e), 0);
 }

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -71,24 +70,11 @@ pub fn read_documents(path: &Path) -> Result<Vec<Value>, ManifestFileError> {
         path: path.to_owned(),
         source,
     })?;
-    let mut out = Vec::new();
-    for (index, doc) in yaml_serde::Deserializer::from_str(&text).enumerate() {
-        let v = Value::deserialize(doc).map_err(|source| ManifestFileError::Yaml {
-            path: path.to_owned(),
-            index,
-            source,
-        })?;
-        match v {
-            Value::Null => {}
-            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
-                if let Some(items) = m.get("items").and_then(Value::as_array) {
-                    out.extend(items.iter().cloned());
-                }
-            }
-            other => out.push(other),
-        }
-    }
-    Ok(out)
+    tether_core::manifest::documents(&text).map_err(|(index, source)| ManifestFileError::Yaml {
+        path: path.to_owned(),
+        index,
+        source,
+    })
 }
 
 /// The first Pod of a file.
