@@ -4,7 +4,7 @@
 
 use tether_cni::plugin;
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 fn main() -> std::process::ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -14,16 +14,9 @@ fn main() -> std::process::ExitCode {
         let _ = std::io::stderr().write_all(plugin::about().as_bytes());
         return std::process::ExitCode::SUCCESS;
     }
-    let mut stdin = Vec::new();
-    let read = std::io::stdin().read_to_end(&mut stdin);
-    let out = match read {
-        Ok(_) => plugin::run(&env, &stdin),
-        Err(e) => plugin::Output::error(
-            "",
-            tether_api::codes::IO_FAILURE,
-            format!("reading stdin: {e}"),
-            String::new(),
-        ),
+    let out = match plugin::read_config(std::io::stdin().lock()) {
+        Ok(stdin) => plugin::run(&env, &stdin),
+        Err(refused) => refused,
     };
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.stdout.as_bytes());

@@ -16,6 +16,33 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// and answers more with 413 while the plugin is still writing, which the plugin could only
 /// report as a broken pipe; a config that big is a mistake, refused here with a reason.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest network config read from stdin: 16 times what can be sent on (the main plugin's
+/// own fields are not forwarded), so no real config comes near it, while a runaway writer
+/// cannot grow the plugin without bound.
+pub const MAX_STDIN_BYTES: usize = 16 << 20;
+
+/// Reads the network config, at most [`MAX_STDIN_BYTES`] of it: `Err` is the error answer to
+/// print (7 when there is more, 5 when reading fails).
+pub fn read_config(r: impl std::io::Read) -> Result<Vec<u8>, Output> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let cap = u64::try_from(MAX_STDIN_BYTES + 1).unwrap_or(u64::MAX);
+    match r.take(cap).read_to_end(&mut buf) {
+        Err(e) => Err(Output::error(
+            "",
+            codes::IO_FAILURE,
+            format!("reading stdin: {e}"),
+            String::new(),
+        )),
+        Ok(_) if buf.len() > MAX_STDIN_BYTES => Err(Output::error(
+            "",
+            codes::INVALID_CONFIG,
+            format!("the network config on stdin is over the limit of {MAX_STDIN_BYTES} bytes"),
+            String::new(),
+        )),
+        Ok(_) => Ok(buf),
+    }
+}
 
 /// What `tether` says when run by hand (no CNI_COMMAND), on stderr, as the reference plugins do.
 pub fn about() -> String {
@@ -607,6 +634,34 @@ fn execute(env: &[(String, String)], stdin: &[u8], log_file: &mut Option<String>
 mod tests {
     use super::*;
     use tether_api::{IpConfig, RouteConfig};
+
+    /// A config over 16 MiB on stdin, or one that never ends, is refused with code 7 after
+    /// reading at most one byte past the limit; one of exactly the limit is read whole.
+    #[test]
+    fn stdin_is_read_up_to_its_limit() {
+        use std::io::Read;
+        let at_limit = std::io::repeat(b' ').take(MAX_STDIN_BYTES as u64);
+        assert_eq!(
+            read_config(at_limit).expect("at the limit").len(),
+            MAX_STDIN_BYTES
+        );
+        for over in [
+            Box::new(std::io::repeat(b' ').take(MAX_STDIN_BYTES as u64 + 1))
+                as Box<dyn std::io::Read>,
+            Box::new(std::io::repeat(b'{')),
+        ] {
+            let out = read_config(over).expect_err("over the limit");
+            assert_eq!(out.exit, 1);
+            let v: Value = serde_json::from_str(&out.stdout).expect("error JSON");
+            assert_eq!(v["code"], 7, "{v}");
+            assert!(
+                v["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("over the limit of 16777216 bytes")),
+                "{v}"
+            );
+        }
+    }
 
     #[test]
     fn versions_in_semver_order() {

@@ -46,7 +46,7 @@ fn the_kubernetes_store_keeps_the_store_contract() {
         });
         Arc::new(KubeStore::new(client.clone(), rt.handle().clone()))
     };
-    let steps: [(&str, ContractFn); 6] = [
+    let steps: [(&str, ContractFn); 7] = [
         ("starts_empty", contract::starts_empty),
         ("commit_round_trips", contract::commit_round_trips),
         ("create_is_a_claim", contract::create_is_a_claim),
@@ -61,6 +61,10 @@ fn the_kubernetes_store_keeps_the_store_contract() {
         (
             "groups_are_atomic_and_independent",
             contract::groups_are_atomic_and_independent,
+        ),
+        (
+            "refiles_are_conditional_and_undone",
+            contract::refiles_are_conditional_and_undone,
         ),
     ];
     for (name, step) in steps {

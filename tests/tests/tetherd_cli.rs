@@ -167,6 +167,35 @@ fn errors_are_printed_once_and_coloured_only_on_a_terminal() {
     assert!(!plain.contains("\x1b["), "NO_COLOR: {plain:?}");
 }
 
+/// A log filter that does not parse is not dropped in silence: the daemon says so, and logs
+/// with the default filter (its error is still printed).
+#[test]
+fn an_invalid_log_filter_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let o = tetherd()
+        .arg("run")
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--pools")
+        .arg(d.join("missing.yaml"))
+        .arg("--socket")
+        .arg(d.join("tether.sock"))
+        .args(["--log-level", "tether_engine=loud"])
+        .env_remove("TETHER_LOG")
+        .output()
+        .expect("tetherd run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("WARN")
+            && err.contains("the log filter")
+            && err.contains("tether_engine=loud"),
+        "the invalid filter was not reported: {err}"
+    );
+    assert!(err.contains("missing.yaml"), "{err}");
+}
+
 /// A `--socket` naming something that is not a socket (a mistyped path onto a file, a
 /// directory, a symbolic link) is refused, and what is there is left as it was.
 #[test]

@@ -367,11 +367,12 @@ impl Engine {
             let held = ipam.held_by(&attachment.container_id, &attachment.ifname);
             // The families of the pools the network names (of every pool when it names none:
             // annotations choose then).
-            let complete = ipam
-                .pools()
-                .filter(|p| req.pools.is_empty() || req.pools.contains(&p.name))
-                .all(|p| held.iter().any(|a| Family::of(a.ip) == p.family()));
-            if !held.is_empty() && complete {
+            let complete = !held.is_empty()
+                && ipam
+                    .pools()
+                    .filter(|p| req.pools.is_empty() || req.pools.contains(&p.name))
+                    .all(|p| held.iter().any(|a| Family::of(a.ip) == p.family()));
+            if complete {
                 let assigned: Vec<Assigned> = held.iter().map(|a| ipam.assigned(a)).collect();
                 return Ok(render(&assigned));
             }

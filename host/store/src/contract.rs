@@ -164,6 +164,68 @@ pub fn claims_are_per_address_across_pools(store: &dyn Store) {
     assert_eq!(store.snapshot().expect("snapshot").allocations, vec![moved]);
 }
 
+/// A move to a new pool name (a re-file) is conditional like any write: planned on an old
+/// revision it conflicts and the record stays as it is; in a group whose later change
+/// conflicts it is undone, and the record is back under its old pool name, held as before.
+/// Either way the address is never left without its record.
+pub fn refiles_are_conditional_and_undone(store: &dyn Store) {
+    let mut a = allocation("old", "10.0.0.1", "a");
+    a.revision = apply(store, put(&a))[0];
+    let mut newer = a.clone();
+    newer.idle_since = Some(7);
+    newer.revision = apply(store, put(&newer))[0];
+    let moved = |from: &Allocation| {
+        let mut m = from.clone();
+        m.pool = "new".into();
+        m.revision = 0;
+        m
+    };
+    // Planned on the first revision: refused, and the newer record stays.
+    let out = store
+        .commit(&[vec![Change::delete(&a), Change::Put(moved(&a))]])
+        .expect("commit");
+    assert!(
+        out[0].is_err(),
+        "a re-file on an old revision applied: {out:?}"
+    );
+    assert_eq!(store.get(a.ip).expect("get"), vec![newer.clone()]);
+    // On the current revision, but the group's next change claims a held address: the
+    // re-file is undone.
+    let mut other = allocation("p", "10.0.0.9", "b");
+    other.revision = apply(store, put(&other))[0];
+    let out = store
+        .commit(&[vec![
+            Change::delete(&newer),
+            Change::Put(moved(&newer)),
+            Change::Put(allocation("p", "10.0.0.9", "c")),
+        ]])
+        .expect("commit");
+    assert!(out[0].is_err(), "the conflicting group applied: {out:?}");
+    // Back as it was (an undo may be a write of its own, with a new revision).
+    let back = one(store.get(a.ip).expect("get"));
+    assert_eq!(
+        (
+            back.pool.as_str(),
+            &back.owner,
+            &back.holders,
+            back.idle_since
+        ),
+        ("old", &newer.owner, &newer.holders, newer.idle_since),
+        "the re-file was not undone"
+    );
+    assert_eq!(store.get(other.ip).expect("get"), vec![other.clone()]);
+    // What the store lists is what `get` says: one record of each address.
+    let listed = sorted(store.snapshot().expect("snapshot").allocations);
+    assert_eq!(listed, sorted(vec![back.clone(), other]));
+    // And the record can still be moved, from what the store holds now.
+    let revs = apply(
+        store,
+        vec![Change::delete(&back), Change::Put(moved(&back))],
+    );
+    let now = one(store.get(a.ip).expect("get"));
+    assert_eq!((now.pool.as_str(), now.revision), ("new", revs[1]));
+}
+
 /// An update or a delete planned on an old revision conflicts and changes nothing; so does
 /// one of a record that is gone.
 pub fn stale_revisions_conflict(store: &dyn Store) {

@@ -45,6 +45,11 @@ fn contract_claims_are_per_address_across_pools() {
 }
 
 #[test]
+fn contract_refiles_are_conditional_and_undone() {
+    contract::refiles_are_conditional_and_undone(&fresh().1);
+}
+
+#[test]
 fn contract_racing_claims_one_wins() {
     let (_dir, store) = fresh();
     contract::racing_claims_one_wins(Arc::new(store));

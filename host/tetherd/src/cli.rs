@@ -233,8 +233,12 @@ const DEFAULT_LOG: &str = "warn,tetherd::ready=info";
 /// Colours only on a terminal, and never when NO_COLOR is set (https://no-color.org).
 pub fn init_tracing(args: &LogArgs) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    // A filter that does not parse is not silently replaced: the default is used and the
+    // first thing logged says so.
+    let (filter, invalid) = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => (f, None),
+        Err(e) => (tracing_subscriber::EnvFilter::new(DEFAULT_LOG), Some(e)),
+    };
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -243,6 +247,9 @@ pub fn init_tracing(args: &LogArgs) {
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some(e) = invalid {
+        tracing::warn!(filter = %args.log_level, default = DEFAULT_LOG, error = %e, "the log filter (--log-level, TETHER_LOG) is not valid; logging with the default filter");
     }
 }
 

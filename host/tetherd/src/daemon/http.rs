@@ -258,3 +258,126 @@ pub fn router(s: AppState) -> Router {
         .route("/metrics", get(metrics))
         .with_state(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::Receiver;
+
+    use tether_core::alloc::{Allocation, Change};
+    use tether_core::decision::Decision;
+    use tether_core::pool::{IpPoolSpec, Pool};
+    use tether_core::workload::PolicyRequest;
+    use tether_engine::ports::{Decide, NoWorkloads};
+    use tether_engine::{Metrics, Ports};
+    use tether_policy::{ChainOutcome, PolicyError};
+    use tether_store::embedded::EmbeddedStore;
+    use tether_store::{Event, GroupOutcome, Snapshot, Store};
+
+    /// An embedded store whose commits panic once `broken` is set (a bug in a backend).
+    struct Panicking {
+        inner: EmbeddedStore,
+        broken: AtomicBool,
+    }
+
+    impl Store for Panicking {
+        fn snapshot(&self) -> Result<Snapshot, StoreError> {
+            self.inner.snapshot()
+        }
+        fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
+            self.inner.get(ip)
+        }
+        fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+            assert!(
+                !self.broken.load(Ordering::SeqCst),
+                "commit panics on purpose"
+            );
+            self.inner.commit(groups)
+        }
+        fn subscribe(&self) -> Receiver<Event> {
+            self.inner.subscribe()
+        }
+    }
+
+    struct Fresh;
+
+    impl Decide for Fresh {
+        fn decide(&self, _: &PolicyRequest) -> Result<ChainOutcome, PolicyError> {
+            Ok(ChainOutcome {
+                decision: Decision::Ephemeral,
+                decided_by: Some("fresh".into()),
+                steps: Vec::new(),
+            })
+        }
+        fn names(&self) -> Vec<String> {
+            vec!["fresh".into()]
+        }
+    }
+
+    fn add(container: &str) -> CniRequest {
+        CniRequest {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+            network: "net".into(),
+            cni_version: "1.1.0".into(),
+            pools: vec!["p".into()],
+            ..CniRequest::default()
+        }
+    }
+
+    /// `/healthz` answers 200 while the writer runs and 503 once its thread has died (so that
+    /// the kubelet restarts the daemon); `/readyz` fails with it.
+    #[tokio::test]
+    async fn healthz_fails_once_the_writer_has_died() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Panicking {
+            inner: EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"),
+            broken: AtomicBool::new(false),
+        });
+        let pool = Pool::new(
+            "p",
+            &IpPoolSpec {
+                subnet: "10.0.0.0/24".into(),
+                ips: vec!["10.0.0.1-10.0.0.9".into()],
+                ..IpPoolSpec::default()
+            },
+        )
+        .expect("pool");
+        let (engine, _thread) = Engine::start(
+            Ports {
+                store: store.clone(),
+                workloads: (Arc::new(NoWorkloads), false),
+                policies: Arc::new(Fresh),
+            },
+            vec![pool],
+            Arc::new(Metrics::new()),
+        )
+        .expect("engine");
+        let engine = Arc::new(engine);
+        engine.add(add("c1")).await.expect("an ADD while healthy");
+        assert_eq!(healthz(State(engine.clone())).await.0, StatusCode::OK);
+        assert_eq!(ready(State(engine.clone())).await.0, StatusCode::OK);
+
+        store.broken.store(true, Ordering::SeqCst);
+        assert!(engine.add(add("c2")).await.is_err());
+        let mut status = StatusCode::OK;
+        for _ in 0..200 {
+            status = healthz(State(engine.clone())).await.0;
+            if status != StatusCode::OK {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a dead writer still answers /healthz 200"
+        );
+        assert_eq!(
+            ready(State(engine.clone())).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

@@ -350,10 +350,21 @@ async fn lease_valid_until(
     else {
         return None;
     };
-    let spec = lease.spec?;
+    let left = lease_left(&lease.spec?, identity, k8s_openapi::jiff::Timestamp::now())?;
+    Some(std::time::Instant::now() + left)
+}
+
+/// How long from `now` a Lease with `spec` lets `identity` act: until [`LEASE_MARGIN`] before
+/// it expires by its last renewal. `None`: another holder, no renewal or duration, or
+/// expired (or within the margin).
+fn lease_left(
+    spec: &k8s_openapi::api::coordination::v1::LeaseSpec,
+    identity: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Option<Duration> {
     let (holder, renewed, secs) = (
-        spec.holder_identity?,
-        spec.renew_time?,
+        spec.holder_identity.as_deref()?,
+        spec.renew_time.as_ref()?,
         spec.lease_duration_seconds?,
     );
     if holder != identity {
@@ -366,11 +377,9 @@ async fn lease_valid_until(
         )))
         .ok()?;
     let margin = k8s_openapi::jiff::SignedDuration::try_from(LEASE_MARGIN).ok()?;
-    let left = k8s_openapi::jiff::Timestamp::now()
-        .duration_until(expires)
-        .checked_sub(margin)?;
-    let left = Duration::try_from(left).ok()?;
-    Some(std::time::Instant::now() + left)
+    let left = now.duration_until(expires).checked_sub(margin)?;
+    // Negative (expired, or inside the margin) does not convert.
+    Duration::try_from(left).ok().filter(|d| !d.is_zero())
 }
 
 /// Joins the election for [`RELEASER_LEASE`] in `namespace` as `identity`, makes the
@@ -847,5 +856,52 @@ mod claim_tests {
         assert_eq!(s["ownerPod"], json!({"name": "old"}));
         assert_eq!(s["conditions"][0]["status"], "False");
         assert_eq!(s["conditions"][0]["reason"], "SubnetExhausted");
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    fn spec(holder: &str, renewed: Timestamp, secs: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            renew_time: Some(MicroTime(renewed)),
+            lease_duration_seconds: Some(secs),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// A releaser acts only while the Lease, as read, names it and is more than the margin
+    /// from its expiry: a stale leader (another holder, or its own Lease run out, as after an
+    /// API server outage the lease manager did not notice) closes its gate.
+    #[test]
+    fn the_lease_read_decides_how_long_a_releaser_may_act() {
+        let now = Timestamp::from_second(1_800_000_000).expect("time");
+        let ago = |s: i64| now.checked_sub(SignedDuration::from_secs(s)).expect("time");
+        // Renewed 3 s ago for 15 s: 12 s to expiry, 10 s to act.
+        assert_eq!(
+            lease_left(&spec("me", ago(3), 15), "me", now),
+            Some(Duration::from_secs(10))
+        );
+        // Another daemon holds it: nothing, however fresh.
+        assert_eq!(lease_left(&spec("other", now, 15), "me", now), None);
+        // Its own, but expired, or inside the margin (1 s to expiry), or just at it.
+        assert_eq!(lease_left(&spec("me", ago(33), 15), "me", now), None);
+        assert_eq!(lease_left(&spec("me", ago(14), 15), "me", now), None);
+        assert_eq!(lease_left(&spec("me", ago(13), 15), "me", now), None);
+        // Fields missing: nothing.
+        let mut s = spec("me", now, 15);
+        s.renew_time = None;
+        assert_eq!(lease_left(&s, "me", now), None);
+        let mut s = spec("me", now, 15);
+        s.lease_duration_seconds = None;
+        assert_eq!(lease_left(&s, "me", now), None);
+        let mut s = spec("me", now, 15);
+        s.holder_identity = None;
+        assert_eq!(lease_left(&s, "me", now), None);
     }
 }
