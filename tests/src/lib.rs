@@ -12,6 +12,7 @@ pub mod crash_model;
 pub mod kubelet;
 pub mod kubevirt;
 pub mod netns;
+pub mod proxy;
 pub mod walkthrough;
 
 use std::path::{Path, PathBuf};

@@ -26,6 +26,11 @@
 //! daemons' apiserver returns, its watch cache starts at a newer revision than their watches
 //! resumed from, so those watches expire (410 Gone, read from the daemons' logs) and re-list,
 //! and what changed in the gap is seen.
+//!
+//! A partition is the third scenario: one node's daemon, the elected releaser, cut off from
+//! the API server (its traffic black-holed by a proxy) while the other node's daemon serves
+//! every call, takes the releasers' Lease over and applies a release rule; after the heal both
+//! converge.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +104,12 @@ impl Env {
     }
 
     fn daemon(&self, node: &str) -> Daemon {
-        let kubeconfig = self.cluster.kubeconfig.display().to_string();
+        self.daemon_via(node, &self.cluster.kubeconfig)
+    }
+
+    /// The daemon of `node`, reaching the API server through `kubeconfig`.
+    fn daemon_via(&self, node: &str, kubeconfig: &std::path::Path) -> Daemon {
+        let kubeconfig = kubeconfig.display().to_string();
         Daemon::start(
             "",
             &[
@@ -184,6 +194,8 @@ impl Env {
 #[derive(Debug, Clone)]
 struct Call {
     add: bool,
+    /// The node whose daemon was called.
+    node: usize,
     pod: String,
     container: String,
     started: Instant,
@@ -226,12 +238,13 @@ struct World {
     calls: Vec<Call>,
 }
 
-fn call(ipam: &Ipam, add: bool, pod: &Pod, pinned: bool) -> (Call, CniOutcome) {
+fn call(ipam: &Ipam, node: usize, add: bool, pod: &Pod, pinned: bool) -> (Call, CniOutcome) {
     let started = Instant::now();
     let out = if add { ipam.add(pod) } else { ipam.del(pod) }.expect("run the plugin");
     let took = started.elapsed();
     let c = Call {
         add,
+        node,
         pod: pod.name.clone(),
         container: pod.container_id.clone(),
         started,
@@ -256,7 +269,7 @@ fn worker(me: usize, ipams: Vec<Ipam>, world: Arc<Mutex<World>>, stop: Arc<Atomi
             let Some((pod, node)) = world.lock().expect("world").fresh.pop() else {
                 continue;
             };
-            let (c, out) = call(&ipams[node], true, &pod, false);
+            let (c, out) = call(&ipams[node], node, true, &pod, false);
             let mut w = world.lock().expect("world");
             match out.ip().filter(|_| out.ok) {
                 Some(ip) => {
@@ -283,7 +296,7 @@ fn worker(me: usize, ipams: Vec<Ipam>, world: Arc<Mutex<World>>, stop: Arc<Atomi
             let Some((pod, node, _)) = picked else {
                 continue;
             };
-            let (c, out) = call(&ipams[node], false, &pod, false);
+            let (c, out) = call(&ipams[node], node, false, &pod, false);
             let mut w = world.lock().expect("world");
             if out.ok {
                 w.deleted.push((pod.clone(), node));
@@ -299,7 +312,7 @@ fn worker(me: usize, ipams: Vec<Ipam>, world: Arc<Mutex<World>>, stop: Arc<Atomi
         } else {
             let mut s = world.lock().expect("world").sts[me].clone();
             if s.attached {
-                let (c, out) = call(&ipams[s.node], false, &s.pod, true);
+                let (c, out) = call(&ipams[s.node], s.node, false, &s.pod, true);
                 world.lock().expect("world").calls.push(c);
                 if out.ok {
                     s.attached = false;
@@ -312,7 +325,7 @@ fn worker(me: usize, ipams: Vec<Ipam>, world: Arc<Mutex<World>>, stop: Arc<Atomi
             }
             restarts += 1;
             s.pod.container_id = format!("ctr-{}-r{me}-{restarts}", s.pod.name);
-            let (c, out) = call(&ipams[s.node], true, &s.pod, true);
+            let (c, out) = call(&ipams[s.node], s.node, true, &s.pod, true);
             if out.ok {
                 assert_eq!(
                     out.ip().as_deref(),
@@ -382,13 +395,15 @@ struct Figures {
     converged: Duration,
 }
 
-/// The common part of both scenarios: churn, `outage` (which takes the control plane down,
-/// does what it wants meanwhile, and returns once it is back), retries, convergence and the
-/// invariants.
+/// The common part of the scenarios: churn, `outage` (which cuts the daemons of the nodes in
+/// `cut` off the control plane, does what it wants meanwhile, and returns once they reach it
+/// again), retries, convergence and the invariants. The other nodes' daemons must answer every
+/// call meanwhile as usual.
 fn churn_through_outage(
     env: &Env,
     daemons: &[Daemon],
     world: &Arc<Mutex<World>>,
+    cut: &[usize],
     outage: impl FnOnce(&Env, &Arc<Mutex<World>>) -> (Instant, Instant),
     after: impl FnOnce(&Env, &[Daemon]),
 ) -> Figures {
@@ -416,14 +431,25 @@ fn churn_through_outage(
     // During the outage: every ADD was refused, fast, with code 11 (but for those already
     // committing when the control plane went away: the store's failure, 104); every DEL
     // that had something to release failed; no call hung.
-    let during: Vec<Call> = world
+    let (during, beside): (Vec<Call>, Vec<Call>) = world
         .lock()
         .expect("world")
         .calls
         .iter()
         .filter(|c| c.started >= down && c.started < up)
         .cloned()
-        .collect();
+        .partition(|c| cut.contains(&c.node));
+    // The nodes still connected: served as usual, every call answered success.
+    for c in &beside {
+        assert!(
+            c.ok,
+            "{} of {} ({}) on connected node {} failed during another node's outage: {c:?}",
+            if c.add { "ADD" } else { "DEL" },
+            c.pod,
+            c.container,
+            NODES[c.node]
+        );
+    }
     let adds: Vec<&Call> = during.iter().filter(|c| c.add).collect();
     // No call that overlapped the outage hung, whenever it started.
     let overlapping: Vec<Call> = world
@@ -431,7 +457,7 @@ fn churn_through_outage(
         .expect("world")
         .calls
         .iter()
-        .filter(|c| c.started < up && c.started + c.took > down)
+        .filter(|c| cut.contains(&c.node) && c.started < up && c.started + c.took > down)
         .cloned()
         .collect();
     for c in &overlapping {
@@ -502,7 +528,7 @@ fn churn_through_outage(
         .expect("world")
         .calls
         .iter()
-        .filter(|c| c.add && c.ok && !c.pinned && c.started >= up)
+        .filter(|c| c.add && c.ok && !c.pinned && c.started >= up && cut.contains(&c.node))
         .map(|c| c.started + c.took - up)
         .min();
     for (i, (pod, node)) in refused.into_iter().enumerate() {
@@ -727,9 +753,14 @@ fn check_invariants(env: &Env, w: &World) {
     assert_eq!(found, expected, "leftover or missing addresses");
 }
 
-/// Sets up the daemons, the StatefulSet pods (ADDed once, so pinned) and the ephemeral pods.
-fn setup(env: &Env) -> (Vec<Daemon>, Arc<Mutex<World>>, serde_json::Value) {
-    let daemons: Vec<Daemon> = NODES.iter().map(|n| env.daemon(n)).collect();
+/// Sets up the StatefulSet pods (ADDed once, so pinned) and the ephemeral pods, on the
+/// daemons of [`NODES`] (started directly on the API server unless given).
+fn setup(
+    env: &Env,
+    daemons: Option<Vec<Daemon>>,
+) -> (Vec<Daemon>, Arc<Mutex<World>>, serde_json::Value) {
+    let daemons: Vec<Daemon> =
+        daemons.unwrap_or_else(|| NODES.iter().map(|n| env.daemon(n)).collect());
     let ipams: Vec<Ipam> = daemons
         .iter()
         .map(|d| Ipam::new(&d.socket, "net", "1.0.0", &["outage"]).expect("ipam"))
@@ -779,7 +810,7 @@ fn an_apiserver_outage_mid_churn_refuses_fast_and_loses_nothing() {
     let Some(env) = Env::start(test) else {
         return;
     };
-    let (daemons, world, _owner) = setup(&env);
+    let (daemons, world, _owner) = setup(&env, None);
     // A StatefulSet deleted while the daemons cannot see it: its pod's pinned address must
     // be released once they can.
     let gone_owner = env.statefulset("gone", 1);
@@ -797,6 +828,7 @@ fn an_apiserver_outage_mid_churn_refuses_fast_and_loses_nothing() {
         &env,
         &daemons,
         &world,
+        &[0, 1],
         |env, world| {
             env.cluster.stop_apiserver().expect("stop the apiserver");
             let down = Instant::now();
@@ -816,7 +848,7 @@ fn an_apiserver_outage_mid_churn_refuses_fast_and_loses_nothing() {
             let mut s = world.lock().expect("world").sts[WORKERS].clone();
             let ipam =
                 Ipam::new(&daemons[s.node].socket, "net", "1.0.0", &["outage"]).expect("ipam");
-            let (c, out) = call(&ipam, false, &s.pod, true);
+            let (c, out) = call(&ipam, s.node, false, &s.pod, true);
             world.lock().expect("world").calls.push(c);
             if !out.ok {
                 s.undeleted.push(s.pod.container_id.clone());
@@ -830,7 +862,7 @@ fn an_apiserver_outage_mid_churn_refuses_fast_and_loses_nothing() {
             "uid": owner.metadata.uid.expect("uid"), "controller": true});
             s.pod = env.pod_via(&b, &s.pod.name, NODES[s.node], Some(&owner));
             s.attached = false;
-            let (c, _) = call(&ipam, true, &s.pod, true);
+            let (c, _) = call(&ipam, s.node, true, &s.pod, true);
             world.lock().expect("world").calls.push(c);
             world.lock().expect("world").sts[WORKERS] = s;
             env.rt
@@ -907,11 +939,12 @@ fn an_etcd_restart_mid_churn_refuses_fast_and_loses_nothing() {
     let Some(env) = Env::start(test) else {
         return;
     };
-    let (daemons, world, _owner) = setup(&env);
+    let (daemons, world, _owner) = setup(&env, None);
     let figures = churn_through_outage(
         &env,
         &daemons,
         &world,
+        &[0, 1],
         |env, _| {
             env.cluster.stop_etcd().expect("stop etcd");
             let down = Instant::now();
@@ -928,4 +961,125 @@ fn an_etcd_restart_mid_churn_refuses_fast_and_loses_nothing() {
             eprintln!("==== daemon log\n{}", d.log());
         }
     }
+}
+
+/// The holder of the releasers' Lease, as the API server shows it.
+fn lease_holder(env: &Env) -> Option<String> {
+    env.rt
+        .block_on(
+            Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+                env.client.clone(),
+                "default",
+            )
+            .get_opt("tether-releaser"),
+        )
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// Waits up to `secs` for `ok`; panics with `what` after.
+fn wait_for(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {secs}s");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// One node cut off from the API server (its traffic black-holed, the others' untouched),
+/// and it is the elected releaser: its calls are refused fast with code 11 while the other
+/// node serves every call as usual; the other daemon takes the Lease over once it expires and
+/// applies a release rule the cut-off one cannot; after the partition heals, both converge
+/// with nothing lost or doubled, and the cut-off node's pods keep their addresses.
+#[test]
+fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
+    let test = "a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing";
+    let Some(env) = Env::start(test) else {
+        return;
+    };
+    // node-a reaches the API server through a proxy the test can cut.
+    let kubeconfig = std::fs::read_to_string(&env.cluster.kubeconfig).expect("kubeconfig");
+    let at = kubeconfig
+        .find("https://127.0.0.1:")
+        .expect("the API server's address")
+        + "https://127.0.0.1:".len();
+    let port: String = kubeconfig[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let proxy = tether_e2e::proxy::Proxy::start(port.parse().expect("port")).expect("proxy");
+    let proxied = env.cluster.kubeconfig.with_file_name("kubeconfig-node-a");
+    std::fs::write(
+        &proxied,
+        kubeconfig.replace(
+            &format!("https://127.0.0.1:{port}"),
+            &format!("https://127.0.0.1:{}", proxy.port),
+        ),
+    )
+    .expect("write node-a's kubeconfig");
+    // node-a is the releaser: started first, and holding the Lease before node-b starts.
+    let a = env.daemon_via(NODES[0], &proxied);
+    wait_for(30, "node-a elected", || {
+        lease_holder(&env).as_deref() == Some(NODES[0])
+    });
+    let b = env.daemon(NODES[1]);
+    let (daemons, world, _owner) = setup(&env, Some(vec![a, b]));
+    // A StatefulSet whose pod ran on node-a, deleted while node-a is cut off: its pinned
+    // address is for the releaser to free, and node-a cannot.
+    let gone_owner = env.statefulset("gone", 1);
+    let gone = env.pod_via(&env.client, "gone-0", NODES[0], Some(&gone_owner));
+    let ipam0 = Ipam::new(&daemons[0].socket, "net", "1.0.0", &["outage"]).expect("ipam");
+    let gone_ip = retry(&ipam0, true, &gone, 30).ip().expect("an address");
+    assert!(ipam0.del(&gone).expect("del").ok);
+    let gone_object = tether_kube::crd::allocation_name(gone_ip.parse().expect("ip"));
+
+    let mut took_over = Duration::ZERO;
+    let mut released = Duration::ZERO;
+    let figures = churn_through_outage(
+        &env,
+        &daemons,
+        &world,
+        &[0],
+        |env, _| {
+            proxy.cut();
+            let down = Instant::now();
+            env.rt
+                .block_on(
+                    Api::<StatefulSet>::namespaced(env.client.clone(), "default")
+                        .delete("gone", &DeleteParams::default()),
+                )
+                .expect("delete StatefulSet gone");
+            env.delete_pod_via(&env.client, "gone-0");
+            // The Lease lasts 15 s from node-a's last renewal: node-b takes it over after.
+            wait_for(40, "node-b took the releasers' Lease over", || {
+                lease_holder(env).as_deref() == Some(NODES[1])
+            });
+            took_over = down.elapsed();
+            // (Release rules run at each garbage collection pass, off here: a reconcile is
+            // one pass, asked of node-b.)
+            let want = format!("outage/{gone_ip}");
+            wait_for(30, "node-b released gone-0's address", || {
+                let by_b = daemons[1].reconcile().unwrap_or_default();
+                by_b.contains(&want)
+                    && env
+                        .rt
+                        .block_on(
+                            Api::<IPAllocation>::all(env.client.clone()).get_opt(&gone_object),
+                        )
+                        .expect("read gone-0's address object")
+                        .is_none()
+            });
+            released = down.elapsed();
+            let up = Instant::now();
+            proxy.heal();
+            (down, up)
+        },
+        |_, _| {},
+    );
+    report("node-a cut off", &figures);
+    eprintln!(
+        "FIGURES node-a cut off: node-b held the Lease {took_over:?} after the cut, and had released gone-0's address {released:?} after it"
+    );
 }
