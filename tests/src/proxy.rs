@@ -39,10 +39,17 @@ impl Proxy {
                     return;
                 }
                 let Ok(client) = client else { continue };
-                if s.cut.load(Ordering::SeqCst) {
-                    // Held open, never answered.
-                    keep(&s, &client);
-                    continue;
+                {
+                    // Read under the lock `heal` holds while it closes what was cut: a
+                    // connection is either closed by it or forwarded, never left silent.
+                    let mut conns = lock(&s);
+                    if s.cut.load(Ordering::SeqCst) {
+                        // Held open, never answered.
+                        if let Ok(c) = client.try_clone() {
+                            conns.push(c);
+                        }
+                        continue;
+                    }
                 }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
@@ -63,8 +70,8 @@ impl Proxy {
 
     /// Closes every connection that went silent and forwards again.
     pub fn heal(&self) {
-        let conns = std::mem::take(&mut *lock(&self.shared));
-        for c in conns {
+        let mut conns = lock(&self.shared);
+        for c in conns.drain(..) {
             let _ = c.shutdown(Shutdown::Both);
         }
         self.shared.cut.store(false, Ordering::SeqCst);

@@ -439,10 +439,14 @@ fn churn_through_outage(
         .filter(|c| c.started >= down && c.started < up)
         .cloned()
         .partition(|c| cut.contains(&c.node));
-    // The nodes still connected: served as usual, every call answered success.
+    // The nodes still connected: served as usual, every call answered success, in time.
+    assert!(
+        cut.len() == NODES.len() || beside.len() >= 4,
+        "too few calls to the connected nodes during the outage to judge: {beside:#?}"
+    );
     for c in &beside {
         assert!(
-            c.ok,
+            c.ok && c.took <= REFUSAL_BOUND,
             "{} of {} ({}) on connected node {} failed during another node's outage: {c:?}",
             if c.add { "ADD" } else { "DEL" },
             c.pod,
@@ -1035,6 +1039,7 @@ fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
     assert!(ipam0.del(&gone).expect("del").ok);
     let gone_object = tether_kube::crd::allocation_name(gone_ip.parse().expect("ip"));
 
+    let env_ref = &env;
     let mut took_over = Duration::ZERO;
     let mut released = Duration::ZERO;
     let figures = churn_through_outage(
@@ -1076,7 +1081,22 @@ fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
             proxy.heal();
             (down, up)
         },
-        |_, _| {},
+        |_, daemons| {
+            // node-a, back, does not act as the releaser: node-b holds the Lease.
+            wait_for(30, "node-a's daemon ready again", || {
+                daemons[0]
+                    .client()
+                    .get::<serde_json::Value>("/readyz")
+                    .is_ok()
+            });
+            assert_eq!(lease_holder(env_ref).as_deref(), Some(NODES[1]));
+            let r = daemons[0].reconcile();
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| format!("{e:#}").contains("releasers' Lease")),
+                "node-a acted as the releaser after the heal while node-b holds the Lease: {r:?}"
+            );
+        },
     );
     report("node-a cut off", &figures);
     eprintln!(

@@ -332,26 +332,51 @@ const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// The longest one round's status and PinnedIdentity work may take.
 const ROUND_BOUND: Duration = Duration::from_secs(8);
 
-/// Until when this daemon may act as the releaser: the releasers' Lease, as the API server
-/// shows it now, names `identity`, and expires (renewal time plus duration) after that
-/// instant plus [`LEASE_MARGIN`]. `None`: it does not, or the API server did not answer
-/// within 4 s. The lease manager's own flag lags behind: after an API server outage it kept
-/// saying "elected" for half a minute after the Lease had expired and another daemon had taken
-/// it. Both must agree before this daemon acts as the releaser.
-async fn lease_valid_until(
-    client: &kube::Client,
-    namespace: &str,
-    identity: &str,
-) -> Option<std::time::Instant> {
+/// What a read of the releasers' Lease says of this daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseRead {
+    /// It names this daemon, which may act until then.
+    Mine(std::time::Instant),
+    /// It names another daemon, none, or has expired (or is within [`LEASE_MARGIN`] of it):
+    /// this daemon must not act, whatever it confirmed before.
+    NotMine,
+    /// The API server did not answer within 4 s: what was confirmed before still holds,
+    /// until it runs out.
+    NoAnswer,
+}
+
+/// The releasers' Lease, as the API server shows it now: whether it names `identity`, and
+/// until when (its expiry by the last renewal less [`LEASE_MARGIN`]). The lease manager's own
+/// flag lags behind: after an API server outage it kept saying "elected" for half a minute
+/// after the Lease had expired and another daemon had taken it. Both must agree before this
+/// daemon acts as the releaser.
+async fn read_lease(client: &kube::Client, namespace: &str, identity: &str) -> LeaseRead {
     use k8s_openapi::api::coordination::v1::Lease;
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let Ok(Ok(Some(lease))) =
-        tokio::time::timeout(Duration::from_secs(4), api.get_opt(RELEASER_LEASE)).await
-    else {
-        return None;
-    };
-    let left = lease_left(&lease.spec?, identity, k8s_openapi::jiff::Timestamp::now())?;
-    Some(std::time::Instant::now() + left)
+    match tokio::time::timeout(Duration::from_secs(4), api.get_opt(RELEASER_LEASE)).await {
+        Ok(Ok(lease)) => lease
+            .and_then(|l| l.spec)
+            .and_then(|s| lease_left(&s, identity, k8s_openapi::jiff::Timestamp::now()))
+            .map_or(LeaseRead::NotMine, |left| {
+                LeaseRead::Mine(std::time::Instant::now() + left)
+            }),
+        Ok(Err(_)) | Err(_) => LeaseRead::NoAnswer,
+    }
+}
+
+/// Until when this daemon may act as the releaser, from what it confirmed `before` and what
+/// the lease manager (`elected`) and a read of the Lease (`read`, made only while elected)
+/// say now.
+fn releaser_until(
+    before: Option<std::time::Instant>,
+    elected: bool,
+    read: Option<LeaseRead>,
+) -> Option<std::time::Instant> {
+    match (elected, read) {
+        (true, Some(LeaseRead::Mine(until))) => Some(until),
+        (true, Some(LeaseRead::NoAnswer)) => before,
+        _ => None,
+    }
 }
 
 /// How long from `now` a Lease with `spec` lets `identity` act: until [`LEASE_MARGIN`] before
@@ -431,16 +456,17 @@ pub async fn cluster_duties(
     let mut rounds = 0u32;
     loop {
         tokio::time::sleep(STATUS_INTERVAL).await;
-        let until = if *elected.borrow() {
-            // A read that fails keeps what the last one confirmed, until it runs out.
-            match lease_valid_until(&client, &namespace, &identity).await {
-                Some(u) => Some(u),
-                None => *confirmed.lock().unwrap_or_else(PoisonError::into_inner),
-            }
+        let is_elected = *elected.borrow();
+        let read = if is_elected {
+            Some(read_lease(&client, &namespace, &identity).await)
         } else {
             None
         };
-        *confirmed.lock().unwrap_or_else(PoisonError::into_inner) = until;
+        let until = {
+            let mut last = confirmed.lock().unwrap_or_else(PoisonError::into_inner);
+            *last = releaser_until(*last, is_elected, read);
+            *last
+        };
         let now = until.is_some_and(|u| std::time::Instant::now() < u);
         if now != was_elected {
             tracing::info!(lease = %format!("{namespace}/{RELEASER_LEASE}"), elected = now, "releasers' election");
@@ -903,5 +929,29 @@ mod lease_tests {
         let mut s = spec("me", now, 15);
         s.holder_identity = None;
         assert_eq!(lease_left(&s, "me", now), None);
+    }
+
+    /// A Lease read that names another holder (or none, or has run out) closes the gate at
+    /// once, whatever was confirmed before; only an unanswered read keeps the last deadline;
+    /// and nothing opens it while the lease manager says "not elected".
+    #[test]
+    fn only_an_unanswered_read_keeps_the_last_deadline() {
+        let before = Some(std::time::Instant::now() + Duration::from_secs(10));
+        let later = std::time::Instant::now() + Duration::from_secs(12);
+        assert_eq!(
+            releaser_until(before, true, Some(LeaseRead::Mine(later))),
+            Some(later)
+        );
+        assert_eq!(releaser_until(before, true, Some(LeaseRead::NotMine)), None);
+        assert_eq!(
+            releaser_until(before, true, Some(LeaseRead::NoAnswer)),
+            before
+        );
+        assert_eq!(releaser_until(None, true, Some(LeaseRead::NoAnswer)), None);
+        assert_eq!(releaser_until(before, false, None), None);
+        assert_eq!(
+            releaser_until(before, false, Some(LeaseRead::Mine(later))),
+            None
+        );
     }
 }
