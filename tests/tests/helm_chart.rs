@@ -936,8 +936,14 @@ impl NodeDaemon {
 
     /// GET of the readiness probe: (status, body).
     fn readiness(&self) -> Option<(u16, String)> {
+        let path = self.probe.split_once('|')?.1;
+        self.get(path)
+    }
+
+    /// GET `path` on the probes' listener: the status and the body.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
         use std::io::{Read, Write};
-        let (addr, path) = self.probe.split_once('|')?;
+        let addr = self.probe.split_once('|')?.0;
         let mut s = std::net::TcpStream::connect(addr).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
@@ -1179,6 +1185,28 @@ fn helm_install_runs_tetherd_with_least_privilege_and_upgrade_keeps_addresses() 
     let job_pod_args = existing(&env.rt, &env.admin, "backup-x7k2p");
     let out = ipam.del(&job_pod_args).expect("del");
     assert!(out.ok, "DEL: {}", out.out);
+    // A new sandbox of the pod: the refusal to read Jobs is remembered, not asked again.
+    let mut again = job_pod_args.clone();
+    again.container_id = format!("{}-2", again.container_id);
+    add(&ipam, &again);
+    let out = ipam.del(&again).expect("del");
+    assert!(out.ok, "DEL: {}", out.out);
+    let (code, metrics) = daemon.get("/metrics").expect("the metrics");
+    assert_eq!(code, 200, "{metrics}");
+    let refused: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.contains("kube_api_calls_total{")
+                && l.contains(r#"verb="get""#)
+                && l.contains(r#"result="forbidden""#)
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "one counter of refused reads: {metrics}");
+    assert!(
+        refused[0].ends_with(" 1"),
+        "two ADDs of the Job's pod: one refused read of its Job, not one each: {}",
+        refused[0]
+    );
     assert!(
         objects()
             .iter()

@@ -151,7 +151,15 @@ struct Shared {
     resolved: Mutex<HashMap<(String, String), Resolved>>,
     /// The API server's health: not synced while it is down (see [`crate::health`]).
     health: ApiHealth,
+    /// Owner kinds no policy reads that the API server refused to let this daemon read, by
+    /// (group, kind), and when: for [`FORBIDDEN_MEMO`] their references stand for themselves
+    /// without asking again (a node running CronJobs would make one refused read per ADD).
+    forbidden: Mutex<HashMap<(String, String), std::time::Instant>>,
 }
+
+/// How long a refusal to read an owner kind is remembered: a grant added meanwhile (a chart
+/// upgrade) is used after at most this long.
+const FORBIDDEN_MEMO: Duration = Duration::from_secs(300);
 
 /// Workloads from the API server (see the module documentation).
 #[derive(Clone)]
@@ -182,6 +190,7 @@ impl KubeWorkloads {
             state: RwLock::default(),
             resolved: Mutex::default(),
             health: ApiHealth::new(client.clone(), rt.clone()),
+            forbidden: Mutex::default(),
         });
         for w in builtin_kinds() {
             spawn_watch(&shared, w);
@@ -371,6 +380,25 @@ impl Shared {
         if let Some(o) = cached.filter(same) {
             return Ok(Some(o));
         }
+        // The chain ends with the reference itself (see below).
+        let as_referenced = || Object {
+            api_version: r.api_version.clone(),
+            kind: r.kind.clone(),
+            namespace: namespace.to_owned(),
+            name: r.name.clone(),
+            uid: r.uid.clone(),
+            ..Object::default()
+        };
+        let kind = (api_group(&r.api_version).to_owned(), r.kind.clone());
+        let refused_lately = self
+            .forbidden
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&kind)
+            .is_some_and(|at| at.elapsed() < FORBIDDEN_MEMO);
+        if refused_lately {
+            return Ok(Some(as_referenced()));
+        }
         let o = match self.fetch(&r.api_version, &r.kind, namespace, &r.name) {
             Ok(Some(v)) => object_from_value(&v)
                 .map_err(|e| format!("owner {} {namespace}/{}: {e}", r.kind, r.name))?,
@@ -381,15 +409,12 @@ impl Shared {
             // for a kind the policies use fails closed below: its labels and its own owner
             // decide pins and release rules.
             Err(e) if e.forbidden && !is_policy_kind(&r.api_version, &r.kind) => {
-                tracing::debug!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner kind not readable (RBAC): the chain ends with the reference: {}", e.message);
-                return Ok(Some(Object {
-                    api_version: r.api_version.clone(),
-                    kind: r.kind.clone(),
-                    namespace: namespace.to_owned(),
-                    name: r.name.clone(),
-                    uid: r.uid.clone(),
-                    ..Object::default()
-                }));
+                tracing::debug!(owner = %format!("{} {namespace}/{}", r.kind, r.name), memo = ?FORBIDDEN_MEMO, "owner kind not readable (RBAC): the chain ends with the reference, and this kind is not asked for again for a while: {}", e.message);
+                self.forbidden
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(kind, std::time::Instant::now());
+                return Ok(Some(as_referenced()));
             }
             Err(e) => {
                 tracing::warn!(owner = %format!("{} {namespace}/{}", r.kind, r.name), "owner not in the caches and not readable: {}", e.message);
