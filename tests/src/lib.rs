@@ -50,6 +50,20 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
+/// Polls `done` every 200 ms until it holds; panics with `what` once `secs` have passed.
+/// Returns how long it took.
+pub fn within(secs: u64, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    start.elapsed()
+}
+
 /// For a test that cannot run its real setup here (no root, a tool missing): in CI it fails
 /// with `why`; elsewhere it prints `SKIPPED <test>: <why>` and the caller returns (a pass), so
 /// a developer without root can still run the rest.

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod as KPod, Secret, ServiceAccount}
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use tether_e2e::cluster::{Cluster, TestCluster, repo_root};
-use tether_e2e::{Ipam, Pod, bin_dir, skip_or_fail};
+use tether_e2e::{Ipam, Pod, bin_dir, skip_or_fail, within};
 use tether_kube::crd::{IPAllocation, IPPool, PinnedIdentity};
 
 const TESTENV: &str = "/var/cache/tether-testenv";
@@ -1002,14 +1002,6 @@ fn assert_not_refused(log: &str) {
         "tetherd was refused what it calls, with the chart's RBAC:\n{}",
         refused.join("\n")
     );
-}
-
-fn within(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The pod `default/name` as the plugin's caller sees it.

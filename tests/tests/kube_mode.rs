@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{Pod as KPod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::{Cluster, TestCluster};
-use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL};
+use tether_e2e::{Daemon, Ipam, Pod, SEED_POOL, within};
 use tether_kube::crd::{IPAllocation, IPPool, IPPoolStatus, PinnedIdentity, allocation_name};
 
 /// The apiserver, a runtime to talk to it, and a client.
@@ -757,19 +757,6 @@ fn existing(env: &Env, name: &str) -> Pod {
     pod.container_id = format!("ctr-{name}-{}", &uid[..8]);
     pod.uid = uid;
     pod
-}
-
-/// Polls `done` every 200 ms until it holds or `secs` pass; returns how long it took.
-fn within(secs: u64, what: &str, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what} within {secs}s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    start.elapsed()
 }
 
 impl Env {

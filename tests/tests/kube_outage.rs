@@ -42,7 +42,7 @@ use k8s_openapi::api::core::v1::Pod as KPod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 use tether_e2e::cluster::{Cluster, TestCluster};
-use tether_e2e::{CniOutcome, Daemon, Ipam, Pod, Rng};
+use tether_e2e::{CniOutcome, Daemon, Ipam, Pod, Rng, within};
 use tether_kube::crd::{IPAllocation, IPPool};
 
 /// The longest a refused ADD may take. The kubelet gives a sandbox's network set-up its
@@ -983,15 +983,6 @@ fn lease_holder(env: &Env) -> Option<String> {
         .and_then(|s| s.holder_identity)
 }
 
-/// Waits up to `secs` for `ok`; panics with `what` after.
-fn wait_for(secs: u64, what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} within {secs}s");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// One node cut off from the API server (its traffic black-holed, the others' untouched),
 /// and it is the elected releaser: its calls are refused fast with code 11 while the other
 /// node serves every call as usual; the other daemon takes the Lease over once it expires and
@@ -1025,7 +1016,7 @@ fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
     .expect("write node-a's kubeconfig");
     // node-a is the releaser: started first, and holding the Lease before node-b starts.
     let a = env.daemon_via(NODES[0], &proxied);
-    wait_for(30, "node-a elected", || {
+    within(30, "node-a elected", || {
         lease_holder(&env).as_deref() == Some(NODES[0])
     });
     let b = env.daemon(NODES[1]);
@@ -1039,7 +1030,6 @@ fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
     assert!(ipam0.del(&gone).expect("del").ok);
     let gone_object = tether_kube::crd::allocation_name(gone_ip.parse().expect("ip"));
 
-    let env_ref = &env;
     let mut took_over = Duration::ZERO;
     let mut released = Duration::ZERO;
     let figures = churn_through_outage(
@@ -1058,14 +1048,14 @@ fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
                 .expect("delete StatefulSet gone");
             env.delete_pod_via(&env.client, "gone-0");
             // The Lease lasts 15 s from node-a's last renewal: node-b takes it over after.
-            wait_for(40, "node-b took the releasers' Lease over", || {
+            within(40, "node-b took the releasers' Lease over", || {
                 lease_holder(env).as_deref() == Some(NODES[1])
             });
             took_over = down.elapsed();
             // (Release rules run at each garbage collection pass, off here: a reconcile is
             // one pass, asked of node-b.)
             let want = format!("outage/{gone_ip}");
-            wait_for(30, "node-b released gone-0's address", || {
+            within(30, "node-b released gone-0's address", || {
                 let by_b = daemons[1].reconcile().unwrap_or_default();
                 by_b.contains(&want)
                     && env
@@ -1081,15 +1071,15 @@ fn a_node_cut_off_from_the_apiserver_refuses_fast_and_loses_nothing() {
             proxy.heal();
             (down, up)
         },
-        |_, daemons| {
+        |env, daemons| {
             // node-a, back, does not act as the releaser: node-b holds the Lease.
-            wait_for(30, "node-a's daemon ready again", || {
+            within(30, "node-a's daemon ready again", || {
                 daemons[0]
                     .client()
                     .get::<serde_json::Value>("/readyz")
                     .is_ok()
             });
-            assert_eq!(lease_holder(env_ref).as_deref(), Some(NODES[1]));
+            assert_eq!(lease_holder(env).as_deref(), Some(NODES[1]));
             let r = daemons[0].reconcile();
             assert!(
                 r.as_ref()

@@ -27,8 +27,9 @@ use tether_engine::ports::{
 };
 use tether_engine::{Engine, EngineError, GcSettings, Metrics, NodeInfo, Ports};
 use tether_policy::{ChainOutcome, PolicyError};
+use tether_store::contract::Switched;
 use tether_store::embedded::EmbeddedStore;
-use tether_store::{Event, GroupOutcome, Snapshot, Store, StoreError};
+use tether_store::{Store, StoreError};
 
 /// What the API server holds, and how the source fails.
 #[derive(Default)]
@@ -958,56 +959,15 @@ async fn a_retried_add_holding_one_family_of_two_gets_the_other() {
     assert_eq!(env.engine.allocations().len(), 2);
 }
 
-/// A store that stops answering on demand (every read and commit fails, as with the API
-/// server gone).
-struct Flaky {
-    inner: Arc<EmbeddedStore>,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl Flaky {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("the test took it down".into()));
-        }
-        Ok(())
-    }
-}
-
-impl Store for Flaky {
-    fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.check()?;
-        self.inner.snapshot()
-    }
-
-    fn get(&self, ip: IpAddr) -> Result<Vec<tether_core::alloc::Allocation>, StoreError> {
-        self.check()?;
-        self.inner.get(ip)
-    }
-
-    fn commit(
-        &self,
-        groups: &[Vec<tether_core::alloc::Change>],
-    ) -> Result<Vec<GroupOutcome>, StoreError> {
-        self.check()?;
-        self.inner.commit(groups)
-    }
-
-    fn subscribe(&self) -> std::sync::mpsc::Receiver<Event> {
-        self.inner.subscribe()
-    }
-}
-
 /// While the writer's state may differ from the store (a commit and the re-read after it
 /// failed), nothing is answered from memory: a retried ADD and a CHECK of a pod that held an
 /// address answer "try again" (code 11) instead of an address the store may no longer hold.
 #[tokio::test]
 async fn nothing_is_answered_from_a_stale_state() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let flaky = Arc::new(Flaky {
-        inner: Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).expect("open")),
-        down: std::sync::atomic::AtomicBool::new(false),
-    });
+    let flaky = Arc::new(Switched::new(
+        EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"),
+    ));
     let env = Env::with_store(
         dir,
         flaky.clone(),

@@ -3,11 +3,68 @@
 //! empty stores.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Barrier};
 
 use tether_core::alloc::{Allocation, Attachment, Change, Holder, Owner};
 
-use crate::{Conflict, Event, Store};
+use crate::{Conflict, Event, GroupOutcome, Snapshot, Store, StoreError};
+
+/// A store that forwards to another, with switches a test flips: `down` makes every read and
+/// commit fail as a store that does not answer does (the API server gone); `panic_on_commit`
+/// makes commits panic (a bug in a backend: the writer's thread dies).
+pub struct Switched<S> {
+    /// The store forwarded to.
+    pub inner: S,
+    /// Every read and commit fails with [`StoreError::Unavailable`].
+    pub down: AtomicBool,
+    /// Every commit panics.
+    pub panic_on_commit: AtomicBool,
+}
+
+impl<S: Store> Switched<S> {
+    /// Forwards to `inner`, both switches off.
+    pub fn new(inner: S) -> Self {
+        Switched {
+            inner,
+            down: AtomicBool::new(false),
+            panic_on_commit: AtomicBool::new(false),
+        }
+    }
+
+    fn answers(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the test took it down".into()));
+        }
+        Ok(())
+    }
+}
+
+impl<S: Store> Store for Switched<S> {
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.answers()?;
+        self.inner.snapshot()
+    }
+
+    fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
+        self.answers()?;
+        self.inner.get(ip)
+    }
+
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
+        assert!(
+            !self.panic_on_commit.load(Ordering::SeqCst),
+            "commit panics on purpose"
+        );
+        self.answers()?;
+        self.inner.commit(groups)
+    }
+
+    fn subscribe(&self) -> Receiver<Event> {
+        self.inner.subscribe()
+    }
+}
 
 /// An ephemeral allocation for tests (revision 0: not stored).
 pub fn allocation(pool: &str, ip: &str, container: &str) -> Allocation {

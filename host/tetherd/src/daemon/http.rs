@@ -262,44 +262,16 @@ pub fn router(s: AppState) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::IpAddr;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::mpsc::Receiver;
+    use std::sync::atomic::Ordering;
 
-    use tether_core::alloc::{Allocation, Change};
     use tether_core::decision::Decision;
     use tether_core::pool::{IpPoolSpec, Pool};
     use tether_core::workload::PolicyRequest;
     use tether_engine::ports::{Decide, NoWorkloads};
     use tether_engine::{Metrics, Ports};
     use tether_policy::{ChainOutcome, PolicyError};
+    use tether_store::contract::Switched;
     use tether_store::embedded::EmbeddedStore;
-    use tether_store::{Event, GroupOutcome, Snapshot, Store};
-
-    /// An embedded store whose commits panic once `broken` is set (a bug in a backend).
-    struct Panicking {
-        inner: EmbeddedStore,
-        broken: AtomicBool,
-    }
-
-    impl Store for Panicking {
-        fn snapshot(&self) -> Result<Snapshot, StoreError> {
-            self.inner.snapshot()
-        }
-        fn get(&self, ip: IpAddr) -> Result<Vec<Allocation>, StoreError> {
-            self.inner.get(ip)
-        }
-        fn commit(&self, groups: &[Vec<Change>]) -> Result<Vec<GroupOutcome>, StoreError> {
-            assert!(
-                !self.broken.load(Ordering::SeqCst),
-                "commit panics on purpose"
-            );
-            self.inner.commit(groups)
-        }
-        fn subscribe(&self) -> Receiver<Event> {
-            self.inner.subscribe()
-        }
-    }
 
     struct Fresh;
 
@@ -332,10 +304,9 @@ mod tests {
     #[tokio::test]
     async fn healthz_fails_once_the_writer_has_died() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Arc::new(Panicking {
-            inner: EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"),
-            broken: AtomicBool::new(false),
-        });
+        let store = Arc::new(Switched::new(
+            EmbeddedStore::open(&dir.path().join("s.redb")).expect("open"),
+        ));
         let pool = Pool::new(
             "p",
             &IpPoolSpec {
@@ -360,7 +331,7 @@ mod tests {
         assert_eq!(healthz(State(engine.clone())).await.0, StatusCode::OK);
         assert_eq!(ready(State(engine.clone())).await.0, StatusCode::OK);
 
-        store.broken.store(true, Ordering::SeqCst);
+        store.panic_on_commit.store(true, Ordering::SeqCst);
         assert!(engine.add(add("c2")).await.is_err());
         let mut status = StatusCode::OK;
         for _ in 0..200 {

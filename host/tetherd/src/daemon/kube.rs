@@ -379,6 +379,11 @@ fn releaser_until(
     }
 }
 
+/// Whether a releaser confirmed `until` may act now.
+fn acting(until: Option<std::time::Instant>) -> bool {
+    until.is_some_and(|u| std::time::Instant::now() < u)
+}
+
 /// How long from `now` a Lease with `spec` lets `identity` act: until [`LEASE_MARGIN`] before
 /// it expires by its last renewal. `None`: another holder, no renewal or duration, or
 /// expired (or within the margin).
@@ -442,8 +447,7 @@ pub async fn cluster_duties(
     let gate = confirmed.clone();
     let lease = format!("{namespace}/{RELEASER_LEASE}");
     service.set_release_gate(Arc::new(move || {
-        let until = *gate.lock().unwrap_or_else(PoisonError::into_inner);
-        if until.is_some_and(|u| std::time::Instant::now() < u) {
+        if acting(*gate.lock().unwrap_or_else(PoisonError::into_inner)) {
             Ok(())
         } else {
             Err(format!(
@@ -467,7 +471,7 @@ pub async fn cluster_duties(
             *last = releaser_until(*last, is_elected, read);
             *last
         };
-        let now = until.is_some_and(|u| std::time::Instant::now() < u);
+        let now = acting(until);
         if now != was_elected {
             tracing::info!(lease = %format!("{namespace}/{RELEASER_LEASE}"), elected = now, "releasers' election");
             was_elected = now;
